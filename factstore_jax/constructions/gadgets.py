@@ -1,0 +1,139 @@
+"""Per-bucket window gadgets of the encoder (DESIGN §3).
+
+Keys are projected on a random unit direction ``g`` and sorted; the sorted
+order is cut into ``n`` consecutive buckets of at most ``b`` keys, each cut
+placed at the widest gap near its nominal position. Bucket ``j`` gets a window
+``T_j(t)`` of the projection ``t = <g, x>`` that is exactly 1 on its keys and
+exactly 0 on every other key, and an exact minimum-norm linear map
+``M_j (m, d)`` with ``M_j k_i = c_i`` on its keys. The encoder is
+``E(x) = sum_j T_j(<g, x>) M_j x``.
+
+Windows (``z = (t - a) / delta`` rises from 0 to 1 inside a gap; the ramp
+occupies the middle ``1 - 2 * slack`` of the gap, so float rounding of ``t``
+cannot move a key off a saturated value):
+
+* ``clipped`` (default): ``T = clip(z_L, 0, 1) - clip(z_R, 0, 1)``, 2 neurons.
+* ``relu``: ``T = relu(z_L) - relu(z_L - 1) - relu(z_R) + relu(z_R - 1)``,
+  4 neurons; the cancellation of far-right keys loses about
+  ``eps * |t - a| / delta`` per ramp in float32.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# Per activation: (neuron signs, shift of each neuron's pre-activation, which
+# ramp it belongs to: 0 = left gap, 1 = right gap).
+GADGETS = {
+    'clipped': ((1.0, -1.0), (0.0, 0.0), (0, 1)),
+    'relu': ((1.0, -1.0, -1.0, 1.0), (0.0, -1.0, 0.0, -1.0), (0, 0, 1, 1)),
+}
+
+
+def neurons_per_window(activation: str) -> int:
+  return len(GADGETS[activation][0])
+
+
+class Buckets(NamedTuple):
+  direction: Array   # (d,) unit projection direction g
+  index: Array       # (n, b) key indices of each bucket (padded)
+  valid: Array       # (n, b) bool, False on padding
+  ramp_start: Array  # (n, 2) a: where the left / right ramp starts
+  ramp_width: Array  # (n, 2) delta (> 0), 1 for the always-on/off ramps
+  ramp_fixed: Array  # (n, 2) bool: left ramp of bucket 0 / right of last
+  min_gap: Array     # () smallest gap used by a cut (0 means degenerate)
+
+
+def num_buckets(num_keys: int, bucket_size: int) -> int:
+  """Buckets used for ``num_keys`` keys at most ``bucket_size`` per bucket.
+
+  Nominal bucket size is ``3/4`` of the maximum, leaving room to move each cut
+  to the widest gap nearby.
+  """
+  if num_keys <= bucket_size:
+    return 1
+  stride = max(1, (3 * bucket_size) // 4)
+  return -(-num_keys // stride)
+
+
+def make_buckets(key: Array, keys: Array, bucket_size: int, *,
+                 slack: float = 0.25) -> Buckets:
+  """Buckets of ``keys (N, d)`` along a random direction (static N, b)."""
+  n_keys, dim = keys.shape
+  n = num_buckets(n_keys, bucket_size)
+  direction = jax.random.normal(key, (dim,), keys.dtype)
+  direction = direction / jnp.linalg.norm(direction)
+  proj = keys @ direction
+  order = jnp.argsort(proj)
+  t = proj[order]
+  if n > 1:
+    nominal = jnp.round(jnp.arange(1, n) * (n_keys / n)).astype(jnp.int32)
+    half = max(0, (bucket_size - -(-n_keys // n)) // 2)
+    offsets = jnp.arange(-half, half + 1)
+    window = jnp.clip(nominal[:, None] + offsets[None, :], 1, n_keys - 1)
+    gaps = t[window] - t[window - 1]
+    cuts = jnp.take_along_axis(window, jnp.argmax(gaps, 1)[:, None], 1)[:, 0]
+  else:
+    cuts = jnp.zeros((0,), jnp.int32)
+  starts = jnp.concatenate([jnp.array([0]), cuts, jnp.array([n_keys])])
+  pos = starts[:-1, None] + jnp.arange(bucket_size)[None, :]
+  valid = pos < starts[1:, None]
+  index = order[jnp.clip(pos, 0, n_keys - 1)]
+
+  lo, hi = t[jnp.maximum(cuts - 1, 0)], t[cuts]
+  gap = hi - lo
+  a = lo + slack * gap
+  width = (1.0 - 2.0 * slack) * gap
+  # Left ramp of bucket j sits in cut j-1, right ramp in cut j.
+  big = jnp.ones((1,), keys.dtype)
+  ramp_start = jnp.stack([jnp.concatenate([-big, a]),
+                          jnp.concatenate([a, big])], axis=1)
+  ramp_width = jnp.stack([jnp.concatenate([big, width]),
+                          jnp.concatenate([width, big])], axis=1)
+  fixed = jnp.zeros((n, 2), bool).at[0, 0].set(True).at[n - 1, 1].set(True)
+  ramp_width = jnp.where(fixed, 1.0, ramp_width)
+  min_gap = jnp.min(gap) if n > 1 else jnp.array(jnp.inf, keys.dtype)
+  return Buckets(direction, index, valid, ramp_start, ramp_width, fixed,
+                 min_gap)
+
+
+def solve_buckets(keys: Array, targets: Array, buckets: Buckets) -> Array:
+  """Exact minimum-norm maps: ``M_j k_i = targets_i`` for ``i`` in bucket j.
+
+  ``keys (N, d)``, ``targets (N, m)`` -> ``M (n, m, d)``. One QR of each
+  bucket's ``(d, b)`` key matrix, vmapped over buckets; padding columns sit
+  at the end, so they do not perturb the factorisation of the real keys.
+  """
+  def one(index, valid):
+    k_t = jnp.where(valid[None, :], keys[index].T, 0.0)        # (d, b)
+    c = jnp.where(valid[:, None], targets[index], 0.0)         # (b, m)
+    q, r = jnp.linalg.qr(k_t)                                  # (d,b),(b,b)
+    diag = jnp.where(valid, jnp.diagonal(r), 1.0)
+    r = r.at[jnp.diag_indices(r.shape[0])].set(diag)
+    y = jax.scipy.linalg.solve_triangular(r.T, c, lower=True)  # (b, m)
+    return (q @ y).T                                           # (m, d)
+  return jax.vmap(one)(buckets.index, buckets.valid)
+
+
+def window_gate_params(buckets: Buckets, activation: str):
+  """Gate scale and bias per (bucket, neuron): ``z = scale * t + bias``.
+
+  Returns ``scale (n, k)``, ``bias (n, k)``, ``sign (k,)`` with ``k`` neurons
+  per window (2 clipped, 4 relu); the window is ``sum_k sign_k act(z_k)``.
+  """
+  signs, shifts, ramp = GADGETS[activation]
+  ramp = jnp.array(ramp)
+  start = buckets.ramp_start[:, ramp]                  # (n, k)
+  width = buckets.ramp_width[:, ramp]
+  fixed = buckets.ramp_fixed[:, ramp]
+  scale = jnp.where(fixed, 0.0, 1.0 / width)
+  # Fixed ramps: the left one of bucket 0 is always on (z = 1), the right
+  # one of the last bucket always off (z = 0).
+  const = jnp.where(jnp.array([0, 1])[ramp] == 0, 1.0, 0.0)
+  bias = jnp.where(fixed, const, -start / width) + jnp.array(shifts)
+  return scale, bias, jnp.array(signs)

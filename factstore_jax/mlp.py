@@ -1,0 +1,128 @@
+"""Gated MLPs: params pytree, apply, parameter counting, and a Flax NNX module.
+
+A gated MLP maps ``x (..., d)`` to
+
+  ``g(x) = [(x @ w_up + b_up) * act(x @ w_gate + b_gate)] @ w_down + b_down``
+
+with ``w_gate, w_up (d, h)``, ``w_down (h, d_out)``; every bias is optional.
+
+Parameter-count rule (used everywhere in the project): the number of entries of
+every array the MLP holds, weights and biases, as built. Absent biases count 0.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from factstore_jax.errors import FactStoreError
+
+Array = jax.Array
+
+
+def clipped(z: Array) -> Array:
+  """The clipped gate ``min(max(z, 0), 1)``: saturates exactly at 0 and 1."""
+  return jnp.clip(z, 0.0, 1.0)
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    'clipped': clipped,
+    'relu': jax.nn.relu,
+    'silu': jax.nn.silu,
+    'identity': lambda z: z,
+}
+
+
+def get_activation(name: str) -> Callable[[Array], Array]:
+  if name not in ACTIVATIONS:
+    raise FactStoreError(
+        f'unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}')
+  return ACTIVATIONS[name]
+
+
+@flax.struct.dataclass
+class GatedMLP:
+  """Parameters of a gated MLP (a pytree; ``activation`` is static)."""
+  w_gate: Array            # (d, h)
+  w_up: Array              # (d, h)
+  w_down: Array            # (h, d_out)
+  b_gate: Array | None = None   # (h,)
+  b_up: Array | None = None     # (h,)
+  b_down: Array | None = None   # (d_out,)
+  activation: str = flax.struct.field(pytree_node=False, default='clipped')
+
+  @property
+  def hidden_dim(self) -> int:
+    return self.w_gate.shape[-1]
+
+
+def apply_mlp(params: GatedMLP, x: Array) -> Array:
+  """Applies a gated MLP. ``x (..., d) -> (..., d_out)``."""
+  act = get_activation(params.activation)
+  gate = x @ params.w_gate
+  if params.b_gate is not None:
+    gate = gate + params.b_gate
+  up = x @ params.w_up
+  if params.b_up is not None:
+    up = up + params.b_up
+  out = (up * act(gate)) @ params.w_down
+  if params.b_down is not None:
+    out = out + params.b_down
+  return out
+
+
+def num_params(tree) -> int:
+  """Number of parameters of any params pytree: the entries of all its arrays.
+
+  For a stacked (vmapped) pytree this counts the whole stack; use
+  ``num_params(jax.tree.map(lambda a: a[0], tree))`` for one member.
+  """
+  return int(sum(leaf.size for leaf in jax.tree.leaves(tree)))
+
+
+def init_mlp(key: Array, dim: int, hidden_dim: int, *, out_dim: int | None = None,
+             activation: str = 'relu', gate_bias: bool = True,
+             up_bias: bool = False, down_bias: bool = False,
+             dtype=jnp.float32) -> GatedMLP:
+  """Random (LeCun-normal) gated MLP params; biases start at zero."""
+  get_activation(activation)
+  out_dim = dim if out_dim is None else out_dim
+  init = jax.nn.initializers.lecun_normal()
+  k_gate, k_up, k_down = jax.random.split(key, 3)
+  zeros = lambda n, on: jnp.zeros((n,), dtype) if on else None
+  return GatedMLP(
+      w_gate=init(k_gate, (dim, hidden_dim), dtype),
+      w_up=init(k_up, (dim, hidden_dim), dtype),
+      w_down=init(k_down, (hidden_dim, out_dim), dtype),
+      b_gate=zeros(hidden_dim, gate_bias), b_up=zeros(hidden_dim, up_bias),
+      b_down=zeros(out_dim, down_bias), activation=activation)
+
+
+_FIELDS = ('w_gate', 'w_up', 'w_down', 'b_gate', 'b_up', 'b_down')
+
+
+class GatedMLPModule(nnx.Module):
+  """Thin Flax NNX wrapper: holds a :class:`GatedMLP` as ``nnx.Param`` s.
+
+  ``GatedMLPModule(params)`` wraps constructed weights;
+  ``GatedMLPModule(init_mlp(key, d, h))`` gives a trainable random one.
+  """
+
+  def __init__(self, params: GatedMLP):
+    self.activation = params.activation
+    for name in _FIELDS:
+      value = getattr(params, name)
+      setattr(self, name, None if value is None else nnx.Param(value))
+
+  def to_params(self) -> GatedMLP:
+    get = lambda p: None if p is None else p[...]
+    return GatedMLP(**{name: get(getattr(self, name)) for name in _FIELDS},
+                    activation=self.activation)
+
+  def __call__(self, x: Array) -> Array:
+    """``x (..., d) -> (..., d_out)``."""
+    return apply_mlp(self.to_params(), x)

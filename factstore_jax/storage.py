@@ -1,0 +1,81 @@
+"""Storage checks: logits, per-key margins, accuracy. Batched and jit-able.
+
+An MLP ``g`` stores a fact set iff for every key ``i``
+``argmax_j <g(k_i), v_j> = f(i)`` with a strict margin
+``gamma_i = <g(k_i), v_f(i)> - max_{j != f(i)} <g(k_i), v_j> > 0``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from factstore_jax.mlp import GatedMLP, apply_mlp
+
+Array = jax.Array
+
+
+class StorageReport(NamedTuple):
+  accuracy: Array            # () fraction of keys with margin > 0
+  min_margin: Array          # () min_i gamma_i
+  min_normalized_margin: Array  # () min_i gamma_i / ||g(k_i)||
+  margins: Array             # (N,)
+  normalized_margins: Array  # (N,)
+
+
+def logits(outputs: Array, values: Array) -> Array:
+  """``outputs (..., d)``, ``values (P, d)`` -> ``(..., P)``."""
+  return outputs @ values.T
+
+
+def margins(outputs: Array, values: Array, mapping: Array) -> Array:
+  """Per-key margins. ``outputs (N, d)``, ``values (P, d)``, ``mapping (N,)``.
+
+  Returns ``(N,)``; ``+inf`` when the table holds a single value.
+  """
+  scores = logits(outputs, values)
+  target = jnp.take_along_axis(scores, mapping[:, None], axis=1)[:, 0]
+  is_target = jnp.arange(values.shape[0])[None, :] == mapping[:, None]
+  rival = jnp.max(jnp.where(is_target, -jnp.inf, scores), axis=1)
+  return target - rival
+
+
+def _report(gamma: Array, norms: Array) -> StorageReport:
+  normalized = gamma / jnp.maximum(norms, jnp.finfo(norms.dtype).tiny)
+  return StorageReport(
+      accuracy=jnp.mean((gamma > 0).astype(jnp.float32)),
+      min_margin=jnp.min(gamma), min_normalized_margin=jnp.min(normalized),
+      margins=gamma, normalized_margins=normalized)
+
+
+def evaluate_outputs(outputs: Array, values: Array, mapping: Array, *,
+                     chunk_size: int = 2048) -> StorageReport:
+  """Storage report of given outputs ``(N, d)``; keys scored in chunks.
+
+  Memory is ``O(chunk_size * P)``, never ``O(N * P)``.
+  """
+  def one(args):
+    out, f = args
+    return margins(out[None], values, f[None])[0], jnp.linalg.norm(out)
+  gamma, norms = jax.lax.map(one, (outputs, mapping), batch_size=chunk_size)
+  return _report(gamma, norms)
+
+
+def evaluate_fn(fn: Callable[[Array], Array], keys: Array, values: Array,
+                mapping: Array, *, chunk_size: int = 2048) -> StorageReport:
+  """Storage report of any function ``fn: (d,) -> (d,)`` on a fact set."""
+  def one(args):
+    k, f = args
+    out = fn(k)
+    return margins(out[None], values, f[None])[0], jnp.linalg.norm(out)
+  gamma, norms = jax.lax.map(one, (keys, mapping), batch_size=chunk_size)
+  return _report(gamma, norms)
+
+
+def evaluate_mlp(params: GatedMLP, keys: Array, values: Array, mapping: Array,
+                 *, chunk_size: int = 2048) -> StorageReport:
+  """Storage report of a gated MLP on keys ``(N, d)`` / values ``(P, d)``."""
+  return evaluate_fn(lambda k: apply_mlp(params, k), keys, values, mapping,
+                     chunk_size=chunk_size)
