@@ -83,8 +83,8 @@ def _pairwise_frank_wolfe(q: Array, lam: Array, tol: float,
 
 
 def _solve_one(i: Array, values: Array, sqnorm: Array, mean: Array, *,
-               num_candidates: int, tol: float, atol: float, max_outer: int,
-               max_inner: int):
+               num_candidates: int, tol: float, atol: float, floor: float,
+               max_outer: int, max_inner: int):
   """Separator, primal and dual of value ``i`` (vmapped by the caller)."""
   num_values = values.shape[0]
   k = num_candidates
@@ -132,7 +132,7 @@ def _solve_one(i: Array, values: Array, sqnorm: Array, mean: Array, *,
     lam = _pairwise_frank_wolfe(w @ w.T, state.lam, tol / 4, max_inner)
     x, dual, s = certificate(state.cand, lam)
     primal = jnp.min(s) / jnp.maximum(dual, 1e-30)
-    done = (dual - primal <= tol) | (dual <= atol)
+    done = (dual - primal <= tol) | (dual <= max(atol, floor))
     # Replace inactive slots by the most violating competitors not yet held.
     held = jnp.zeros(num_values, bool).at[state.cand].set(lam > 0)
     new = jax.lax.top_k(-jnp.where(held, jnp.inf, s), k)[1]
@@ -157,18 +157,22 @@ def _solve_one(i: Array, values: Array, sqnorm: Array, mean: Array, *,
   return u, primal, dual
 
 
-def decodability(values: Array, *, num_candidates: int = 32,
+def decodability(values: Array, *, num_candidates: int | None = None,
                  tol: float = 1e-3, atol: float = 1e-6,
-                 chunk_size: int = 256, max_outer: int = 20,
-                 max_inner: int = 2000) -> Decodability:
+                 floor: float = 0.0, chunk_size: int = 256,
+                 max_outer: int = 20, max_inner: int = 2000) -> Decodability:
   """Per-value decodability ``rho_i`` with separators and certificates.
 
   Args:
     values: ``(P, d)`` value table (any scale; rho is translation and scale
       invariant, so values are centred and rescaled internally).
-    num_candidates: active-set size ``K`` (clipped to ``P - 1``).
+    num_candidates: active-set size ``K`` (clipped to ``P - 1``); default
+      ``clip(d, 32, 128)`` (the optimum's support has at most ``d + 1``
+      points, usually far fewer).
     tol: target certificate gap ``dual_bound - rho``.
     atol: a dual bound at or below this means "not decodable".
+    floor: stop refining a value once its dual bound is <= ``floor`` (its
+      rho is then known to be below the floor; its gap may exceed ``tol``).
     chunk_size: values solved at once (memory ``O(chunk * (P + K d))``).
     max_outer: active-set refreshes; ``max_inner``: Frank-Wolfe steps each.
 
@@ -180,23 +184,25 @@ def decodability(values: Array, *, num_candidates: int = 32,
     raise FactStoreError(
         f'values must have shape (P, d) with P >= 2, got {values.shape}')
   num_values = values.shape[0]
+  if num_candidates is None:
+    num_candidates = min(max(values.shape[1], 32), 128)
   k = max(1, min(num_candidates, num_values - 1))
   return _decodability(values, num_candidates=k, tol=tol, atol=atol,
-                       chunk_size=min(chunk_size, num_values),
+                       floor=floor, chunk_size=min(chunk_size, num_values),
                        max_outer=max_outer, max_inner=max_inner)
 
 
-@jax.jit(static_argnames=('num_candidates', 'tol', 'atol', 'chunk_size',
-                          'max_outer', 'max_inner'))
-def _decodability(values, *, num_candidates, tol, atol, chunk_size, max_outer,
-                  max_inner):
+@jax.jit(static_argnames=('num_candidates', 'tol', 'atol', 'floor',
+                          'chunk_size', 'max_outer', 'max_inner'))
+def _decodability(values, *, num_candidates, tol, atol, floor, chunk_size,
+                  max_outer, max_inner):
   values = values - jnp.mean(values, axis=0)
   values = values / jnp.maximum(jnp.max(jnp.abs(values)), 1e-30)
   sqnorm = jnp.sum(values**2, axis=1)
   mean = jnp.zeros(values.shape[1], values.dtype)
   solve = lambda i: _solve_one(
       i, values, sqnorm, mean, num_candidates=num_candidates, tol=tol,
-      atol=atol, max_outer=max_outer, max_inner=max_inner)
+      atol=atol, floor=floor, max_outer=max_outer, max_inner=max_inner)
   u, primal, dual = jax.lax.map(solve, jnp.arange(values.shape[0]),
                                 batch_size=chunk_size)
   return Decodability(rho=primal, separators=u, dual_bound=dual,

@@ -32,6 +32,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from factstore_jax import decodability as dec_lib
 from factstore_jax import storage
@@ -181,10 +182,11 @@ def build_encoder(key: Array, keys: Array, targets: Array, decoder: Array, *,
   return model, buckets
 
 
-def value_codes(values: Array, decoder: Array, *, tol: float = 1e-3):
+def value_codes(values: Array, decoder: Array, *, tol: float = 1e-3,
+                floor: float = 0.0):
   """Codes (separators of ``V D``) and their decodability ``(P,)``."""
   result = dec_lib.decodability(decoders.project_values(values, decoder),
-                                tol=tol)
+                                tol=tol, floor=floor)
   return result.separators, result.rho
 
 
@@ -281,9 +283,12 @@ def choose_code_dim(key: Array, values: Array, mapping, config:
   dims = _code_dims(config, dim)
   for m in dims:
     decoder = decoders.jl_decoder(k_dec, dim, m, values.dtype)
-    codes, rho = value_codes(values, decoder, tol=config.tol)
+    floor = config.min_rho if m < dim and config.code_dim is None else 0.0
+    t0 = time.perf_counter()
+    codes, rho = value_codes(values, decoder, tol=config.tol, floor=floor)
     rho_used = np.asarray(rho)[used]
-    floor = config.min_rho if m < dim else 0.0
+    logging.info('code_dim %d: min rho of used projected values %.4f (%.1fs)',
+                 m, rho_used.min(), time.perf_counter() - t0)
     if config.code_dim is not None or rho_used.min() > floor:
       break
   if np.asarray(rho)[used].min() <= 0:

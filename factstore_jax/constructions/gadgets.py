@@ -105,18 +105,29 @@ def make_buckets(key: Array, keys: Array, bucket_size: int, *,
 def solve_buckets(keys: Array, targets: Array, buckets: Buckets) -> Array:
   """Exact minimum-norm maps: ``M_j k_i = targets_i`` for ``i`` in bucket j.
 
-  ``keys (N, d)``, ``targets (N, m)`` -> ``M (n, m, d)``. One QR of each
-  bucket's ``(d, b)`` key matrix, vmapped over buckets; padding columns sit
-  at the end, so they do not perturb the factorisation of the real keys.
+  ``keys (N, d)``, ``targets (N, m)`` -> ``M (n, m, d)``, vmapped over
+  buckets. ``M_j^T = K_j^T alpha`` with ``(K_j K_j^T) alpha = C_j``, solved
+  through the triangular factor ``R`` of ``K_j^T = Q R`` plus one step of
+  iterative refinement (corrected semi-normal equations: QR accuracy without
+  forming ``Q``). Padding sits at the end of a bucket with a unit pivot, so
+  it never perturbs the real keys.
+
+  Only one LAPACK call is ever runnable at a time here: jaxlib's batched
+  LAPACK kernels can deadlock on a 2-thread CPU pool when two run
+  concurrently (seen with QR's ``orgqr`` beside ``trsm``).
   """
   def one(index, valid):
     k_t = jnp.where(valid[None, :], keys[index].T, 0.0)        # (d, b)
     c = jnp.where(valid[:, None], targets[index], 0.0)         # (b, m)
-    q, r = jnp.linalg.qr(k_t)                                  # (d,b),(b,b)
-    diag = jnp.where(valid, jnp.diagonal(r), 1.0)
-    r = r.at[jnp.diag_indices(r.shape[0])].set(diag)
-    y = jax.scipy.linalg.solve_triangular(r.T, c, lower=True)  # (b, m)
-    return (q @ y).T                                           # (m, d)
+    r = jnp.linalg.qr(k_t, mode='r')                           # (b, b)
+    r = jnp.where(jnp.diag(~valid), 1.0, r)
+    def gram_solve(rhs):  # (R^T R)^{-1} rhs
+      z = jax.scipy.linalg.solve_triangular(r, rhs, trans='T', lower=False)
+      return jax.scipy.linalg.solve_triangular(r, z, lower=False)
+    alpha = gram_solve(c)
+    residual = c - k_t.T @ (k_t @ alpha)
+    alpha = alpha + gram_solve(jnp.where(valid[:, None], residual, 0.0))
+    return (k_t @ alpha).T                                     # (m, d)
   return jax.vmap(one)(buckets.index, buckets.valid)
 
 
