@@ -160,7 +160,8 @@ def _solve_one(i: Array, values: Array, sqnorm: Array, mean: Array, *,
 def decodability(values: Array, *, num_candidates: int | None = None,
                  tol: float = 1e-3, atol: float = 1e-6,
                  floor: float = 0.0, chunk_size: int = 256,
-                 max_outer: int = 20, max_inner: int = 2000) -> Decodability:
+                 max_outer: int = 20, max_inner: int = 2000,
+                 indices=None) -> Decodability:
   """Per-value decodability ``rho_i`` with separators and certificates.
 
   Args:
@@ -175,6 +176,8 @@ def decodability(values: Array, *, num_candidates: int | None = None,
       rho is then known to be below the floor; its gap may exceed ``tol``).
     chunk_size: values solved at once (memory ``O(chunk * (P + K d))``).
     max_outer: active-set refreshes; ``max_inner``: Frank-Wolfe steps each.
+    indices: optional ``(S,)`` values to solve (against all competitors);
+      the result then has ``S`` rows instead of ``P``.
 
   Returns:
     :class:`Decodability` with ``(P,)`` fields and ``separators (P, d)``.
@@ -187,14 +190,18 @@ def decodability(values: Array, *, num_candidates: int | None = None,
   if num_candidates is None:
     num_candidates = min(max(values.shape[1], 32), 128)
   k = max(1, min(num_candidates, num_values - 1))
-  return _decodability(values, num_candidates=k, tol=tol, atol=atol,
-                       floor=floor, chunk_size=min(chunk_size, num_values),
+  if indices is None:
+    indices = jnp.arange(num_values)
+  indices = jnp.asarray(indices, jnp.int32)
+  return _decodability(values, indices, num_candidates=k, tol=tol, atol=atol,
+                       floor=floor,
+                       chunk_size=max(1, min(chunk_size, indices.shape[0])),
                        max_outer=max_outer, max_inner=max_inner)
 
 
 @jax.jit(static_argnames=('num_candidates', 'tol', 'atol', 'floor',
                           'chunk_size', 'max_outer', 'max_inner'))
-def _decodability(values, *, num_candidates, tol, atol, floor, chunk_size,
+def _decodability(values, indices, *, num_candidates, tol, atol, floor, chunk_size,
                   max_outer, max_inner):
   values = values - jnp.mean(values, axis=0)
   values = values / jnp.maximum(jnp.max(jnp.abs(values)), 1e-30)
@@ -203,8 +210,7 @@ def _decodability(values, *, num_candidates, tol, atol, floor, chunk_size,
   solve = lambda i: _solve_one(
       i, values, sqnorm, mean, num_candidates=num_candidates, tol=tol,
       atol=atol, floor=floor, max_outer=max_outer, max_inner=max_inner)
-  u, primal, dual = jax.lax.map(solve, jnp.arange(values.shape[0]),
-                                batch_size=chunk_size)
+  u, primal, dual = jax.lax.map(solve, indices, batch_size=chunk_size)
   return Decodability(rho=primal, separators=u, dual_bound=dual,
                       gap=dual - primal, decodable=primal > atol)
 

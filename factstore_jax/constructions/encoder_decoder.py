@@ -166,27 +166,52 @@ def assemble(direction: Array, maps: Array, scale: Array, bias: Array,
                         decoder=decoder, activation=activation)
 
 
-def build_encoder(key: Array, keys: Array, targets: Array, decoder: Array, *,
-                  bucket_size: int, activation: str = 'clipped',
-                  slack: float = 0.25):
-  """Encoder with ``E(k_i) = targets_i`` for ``keys (N, d)``, ``targets (N, m)``.
+class Gadgets(NamedTuple):
+  """The compact description the dense weights are assembled from."""
+  buckets: gadgets.Buckets
+  maps: Array    # (n, m, d) per-bucket exact maps M_j
+  scale: Array   # (n, k) gate scale of each window neuron
+  bias: Array    # (n, k) gate bias of each window neuron
+  sign: Array    # (k,) sign of each window neuron
 
-  Returns ``(EncoderDecoder, Buckets)``. Pure; static ``N, d, m, b``.
+
+def build_gadgets(key: Array, keys: Array, targets: Array, *, bucket_size: int,
+                  activation: str = 'clipped', slack: float = 0.25) -> Gadgets:
+  """Buckets, windows and exact maps with ``E(k_i) = targets_i``.
+
+  ``keys (N, d)``, ``targets (N, m)``. Pure; static ``N, d, m, b``.
   """
   buckets = gadgets.make_buckets(key, keys, bucket_size, slack=slack)
   maps = gadgets.solve_buckets(keys, targets, buckets)
   scale, bias, sign = gadgets.window_gate_params(buckets, activation)
-  model = assemble(buckets.direction, maps, scale.astype(keys.dtype),
-                   bias.astype(keys.dtype), sign.astype(keys.dtype), decoder,
-                   activation)
-  return model, buckets
+  dtype = keys.dtype
+  return Gadgets(buckets, maps, scale.astype(dtype), bias.astype(dtype),
+                 sign.astype(dtype))
+
+
+def assemble_gadgets(parts: Gadgets, decoder: Array,
+                     activation: str) -> EncoderDecoder:
+  return assemble(parts.buckets.direction, parts.maps, parts.scale, parts.bias,
+                  parts.sign, decoder, activation)
+
+
+def build_encoder(key: Array, keys: Array, targets: Array, decoder: Array, *,
+                  bucket_size: int, activation: str = 'clipped',
+                  slack: float = 0.25):
+  """Encoder-decoder with ``E(k_i) = targets_i``. Returns ``(model, Gadgets)``."""
+  parts = build_gadgets(key, keys, targets, bucket_size=bucket_size,
+                        activation=activation, slack=slack)
+  return assemble_gadgets(parts, decoder, activation), parts
 
 
 def value_codes(values: Array, decoder: Array, *, tol: float = 1e-3,
-                floor: float = 0.0):
-  """Codes (separators of ``V D``) and their decodability ``(P,)``."""
+                floor: float = 0.0, indices=None):
+  """Codes (separators of ``V D``) and their decodability ``(P,)``.
+
+  With ``indices (S,)`` only those values are solved (``(S, m)``, ``(S,)``).
+  """
   result = dec_lib.decodability(decoders.project_values(values, decoder),
-                                tol=tol, floor=floor)
+                                tol=tol, floor=floor, indices=indices)
   return result.separators, result.rho
 
 
@@ -203,18 +228,19 @@ def construct_fixed(key: Array, factset: FactSet, *, code_dim: int,
     code_dim: ``m``; ``m >= d`` uses the identity decoder (``m = d``).
 
   Returns:
-    ``(model, codes (P, m), rho (P,), buckets)``. Nothing is verified here:
-    use :func:`verify` (or :func:`construct`, which does).
+    ``(model, codes (P, m), rho (P,), Gadgets)``. Nothing is verified here:
+    use :func:`verify` (or :func:`construct` / :func:`construct_batched`,
+    which do).
   """
   keys, values, mapping = factset
   dim = keys.shape[1]
   k_dec, k_dir = jax.random.split(key)
   decoder = decoders.jl_decoder(k_dec, dim, code_dim, keys.dtype)
   codes, rho = value_codes(values, decoder, tol=tol)
-  model, buckets = build_encoder(k_dir, keys, codes[mapping], decoder,
-                                 bucket_size=bucket_size,
-                                 activation=activation, slack=slack)
-  return model, codes, rho, buckets
+  model, parts = build_encoder(k_dir, keys, codes[mapping], decoder,
+                               bucket_size=bucket_size, activation=activation,
+                               slack=slack)
+  return model, codes, rho, parts
 
 
 class Verification(NamedTuple):
@@ -235,6 +261,56 @@ def verify(model: EncoderDecoder, factset: FactSet, codes: Array,
     return gamma, jnp.linalg.norm(out), jnp.max(jnp.abs(code - codes[f]))
   gamma, norms, err = jax.lax.map(one, (keys, mapping), batch_size=chunk_size)
   return Verification(storage._report(gamma, norms), jnp.max(err))
+
+
+def bucket_of_key(buckets: gadgets.Buckets, num_keys: int) -> Array:
+  """``(N,)`` index of the bucket holding each key."""
+  owner = jnp.zeros(num_keys, jnp.int32)
+  rows = jnp.broadcast_to(jnp.arange(buckets.index.shape[0])[:, None],
+                          buckets.index.shape)
+  index = jnp.where(buckets.valid, buckets.index, num_keys)  # drop padding
+  return owner.at[index].set(rows, mode='drop')
+
+
+@functools.partial(jax.jit, static_argnames=('activation', 'chunk_size'))
+def verify_structured(parts: Gadgets, decoder: Array, factset: FactSet,
+                      codes: Array, activation: str = 'clipped',
+                      chunk_size: int = 2048):
+  """Fast exact check of a clipped-gate construction, ``O(N (n k + m) d)``.
+
+  Every window neuron's pre-activation is computed from the same gate column
+  the dense MLP holds (the dense ``w_gate`` repeats each one ``m`` times), so
+  the check sees the windows the dense MLP computes: each key's own window
+  must be exactly 1 and every other window exactly 0; the code is then its
+  bucket's map applied to the key. Returns ``(Verification, window_ok (N,),
+  gate_slack)`` where ``gate_slack`` is the smallest distance of a window
+  pre-activation from the open ramp ``(0, 1)`` (rounding below it cannot
+  change any window).
+  """
+  keys, values, mapping = factset
+  act = get_activation(activation)
+  n, k = parts.scale.shape
+  w_win = parts.buckets.direction[:, None, None] * parts.scale[None]  # (d,n,k)
+  w_win = w_win.reshape(-1, n * k)
+  owner = bucket_of_key(parts.buckets, keys.shape[0])
+
+  def one(args):
+    x, f, j = args
+    z = (x @ w_win + parts.bias.reshape(-1)).reshape(n, k)
+    windows = act(z) @ parts.sign                                  # (n,)
+    ok = (windows[j] == 1) & (jnp.sum(windows != 0) == 1)
+    slack = jnp.min(jnp.maximum(-z, z - 1))
+    code = windows[j] * (parts.maps[j] @ x)
+    out = decoder @ code
+    gamma = storage.margins(out[None], values, f[None])[0]
+    gamma = jnp.where(ok, gamma, -jnp.inf)
+    err = jnp.max(jnp.abs(code - codes[f]))
+    return gamma, jnp.linalg.norm(out), err, ok, slack
+
+  gamma, norms, err, ok, slack = jax.lax.map(
+      one, (keys, mapping, owner), batch_size=chunk_size)
+  return (Verification(storage._report(gamma, norms), jnp.max(err)), ok,
+          jnp.min(slack))
 
 
 # --------------------------------------------------------------------------
@@ -281,10 +357,19 @@ def choose_code_dim(key: Array, values: Array, mapping, config:
   used = dec_lib.used_values(mapping)
   k_dec, _ = jax.random.split(key)
   dims = _code_dims(config, dim)
+  probe = np.random.default_rng(0).permutation(used)[:256]
   for m in dims:
     decoder = decoders.jl_decoder(k_dec, dim, m, values.dtype)
     floor = config.min_rho if m < dim and config.code_dim is None else 0.0
     t0 = time.perf_counter()
+    if floor > 0 and len(probe) < len(used):
+      # A random sample of used values rejects a too-small m cheaply.
+      _, rho_probe = value_codes(values, decoder, tol=config.tol, floor=floor,
+                                 indices=probe)
+      if np.asarray(rho_probe).min() <= floor:
+        logging.info('code_dim %d rejected by a sample (%.1fs)', m,
+                     time.perf_counter() - t0)
+        continue
     codes, rho = value_codes(values, decoder, tol=config.tol, floor=floor)
     rho_used = np.asarray(rho)[used]
     logging.info('code_dim %d: min rho of used projected values %.4f (%.1fs)',
@@ -302,28 +387,24 @@ def choose_code_dim(key: Array, values: Array, mapping, config:
   return min(m, dim), codes, rho
 
 
-def _refit_buckets(model: EncoderDecoder, buckets, keys, targets, bad_buckets,
-                   k_neurons: int, sign) -> EncoderDecoder:
-  """Re-solves the given buckets in float64 (numpy lstsq, minimum norm)."""
+def _refit_buckets(parts: Gadgets, keys, targets, bad_buckets) -> Gadgets:
+  """Re-solves the given buckets' maps in float64 (numpy lstsq, min norm)."""
   keys64 = np.asarray(keys, np.float64)
   targets64 = np.asarray(targets, np.float64)
-  d, h = model.w_up.shape
-  m = model.code_dim
-  w_up = np.array(model.w_up).reshape(d, -1, m, k_neurons)
-  index, valid = np.asarray(buckets.index), np.asarray(buckets.valid)
+  maps = np.array(parts.maps)
+  index, valid = np.asarray(parts.buckets.index), np.asarray(parts.buckets.valid)
   for j in bad_buckets:
     rows = index[j][valid[j]]
-    sol = np.linalg.lstsq(keys64[rows], targets64[rows], rcond=None)[0]  # (d,m)
-    w_up[:, j, :, :] = sol[:, :, None] * np.asarray(sign)[None, None, :]
-  return model.replace(w_up=jnp.asarray(w_up.reshape(d, h), model.w_up.dtype))
+    maps[j] = np.linalg.lstsq(keys64[rows], targets64[rows], rcond=None)[0].T
+  return parts._replace(maps=jnp.asarray(maps, parts.maps.dtype))
 
 
-def _bucket_of_key(buckets, num_keys: int) -> np.ndarray:
-  index, valid = np.asarray(buckets.index), np.asarray(buckets.valid)
-  owner = np.empty(num_keys, np.int64)
-  rows = np.broadcast_to(np.arange(index.shape[0])[:, None], index.shape)
-  owner[index[valid]] = rows[valid]
-  return owner
+def _check(parts: Gadgets, decoder, factset, codes, activation):
+  """Verification of every fact, structured (clipped) or dense (relu)."""
+  if activation == 'clipped':
+    check, _, _ = verify_structured(parts, decoder, factset, codes)
+    return check
+  return verify(_assemble_jit(parts, decoder, activation), factset, codes)
 
 
 def construct(factset: FactSet, key: Array | int = 0,
@@ -363,22 +444,21 @@ def construct(factset: FactSet, key: Array | int = 0,
   k_dec, k_dir = jax.random.split(key)
   decoder = decoders.jl_decoder(k_dec, dim, code_dim, keys.dtype)
   targets = codes[mapping]
-  k_neurons = gadgets.neurons_per_window(config.activation)
 
   repaired, retries = 0, 0
   while True:
-    model, buckets = _build_encoder_jit(
-        k_dir, keys, targets, decoder, bucket_size=bucket_size,
-        activation=config.activation, slack=config.slack)
-    check = verify(model, factset, codes)
+    parts = _build_gadgets_jit(k_dir, keys, targets, bucket_size=bucket_size,
+                               activation=config.activation,
+                               slack=config.slack)
+    check = _check(parts, decoder, factset, codes, config.activation)
     if float(check.storage.min_margin) <= 0:
       failing = np.flatnonzero(np.asarray(check.storage.margins) <= 0)
-      bad = np.unique(_bucket_of_key(buckets, n_keys)[failing])
-      _, _, sign = gadgets.window_gate_params(buckets, config.activation)
-      model = _refit_buckets(model, buckets, keys, targets, bad, k_neurons,
-                             sign)
+      owner = np.asarray(bucket_of_key(parts.buckets, n_keys))
+      bad = np.unique(owner[failing])
+      logging.info('refitting %d bucket(s) in float64', len(bad))
+      parts = _refit_buckets(parts, keys, targets, bad)
       repaired += len(bad)
-      check = verify(model, factset, codes)
+      check = _check(parts, decoder, factset, codes, config.activation)
     if float(check.storage.min_margin) > 0:
       break
     if retries >= config.max_retries:
@@ -387,18 +467,21 @@ def construct(factset: FactSet, key: Array | int = 0,
           f'could not certify storage: {failing} of {n_keys} facts have '
           f'margin <= 0 (min margin {float(check.storage.min_margin):.3g}, '
           f'code error {float(check.code_error):.3g}, smallest projection '
-          f'gap {float(buckets.min_gap):.3g}) after {retries} rebuild(s); '
-          'try dtype float64, a smaller bucket_size or a larger code_dim')
+          f'gap {float(parts.buckets.min_gap):.3g}) after {retries} '
+          'rebuild(s); try dtype float64, a smaller bucket_size or a larger '
+          'code_dim')
     retries += 1
     k_dir = jax.random.fold_in(k_dir, retries)
     bucket_size = max(1, bucket_size // 2)
+    logging.info('rebuilding with a new direction, bucket_size %d', bucket_size)
 
+  model = _assemble_jit(parts, decoder, config.activation)
   used = dec_lib.used_values(mapping)
   n_params = num_params(model)
   n_values = values.shape[0]
   report = ConstructionReport(
       num_facts=n_keys, num_values=n_values, dim=dim, code_dim=code_dim,
-      bucket_size=bucket_size, num_buckets=int(buckets.index.shape[0]),
+      bucket_size=bucket_size, num_buckets=int(parts.maps.shape[0]),
       hidden_dim=int(model.w_gate.shape[1]), num_params=n_params,
       num_params_gated_mlp=num_params(model.as_mlp()),
       params_per_fact=n_params / n_keys,
@@ -408,10 +491,128 @@ def construct(factset: FactSet, key: Array | int = 0,
       min_normalized_margin=float(check.storage.min_normalized_margin),
       code_error=float(check.code_error),
       rho_projected=float(np.asarray(rho)[used].min()),
-      min_gap=float(buckets.min_gap), repaired_buckets=repaired,
+      min_gap=float(parts.buckets.min_gap), repaired_buckets=repaired,
       retries=retries, seconds=time.perf_counter() - start)
   return Construction(model=model, report=report, codes=codes, rho=rho)
 
 
-_build_encoder_jit = jax.jit(
-    build_encoder, static_argnames=('bucket_size', 'activation', 'slack'))
+_build_gadgets_jit = jax.jit(
+    build_gadgets, static_argnames=('bucket_size', 'activation', 'slack'))
+_assemble_jit = jax.jit(assemble_gadgets, static_argnames=('activation',))
+
+
+# --------------------------------------------------------------------------
+# Batched driver: many fact sets of the same shapes in one vmapped call.
+
+
+class BatchedConstruction(NamedTuple):
+  model: EncoderDecoder        # stacked, leading axis B
+  codes: Array                 # (B, P, m)
+  rho: Array                   # (B, P) decodability of projected values
+  accuracy: Array              # (B,)
+  min_margin: Array            # (B,)
+  code_error: Array            # (B,)
+  rho_projected: Array         # (B,) min over used values
+  code_dim: int
+  bucket_size: int
+  num_params: int              # per member (all members have the same)
+  repaired: list               # members whose buckets were refit in float64
+
+
+@functools.partial(jax.jit, static_argnames=('code_dim', 'floor', 'tol'))
+def _batched_rho(keys, values, *, code_dim, floor, tol):
+  def one(key, v):
+    decoder = decoders.jl_decoder(jax.random.split(key)[0], v.shape[1],
+                                  code_dim, v.dtype)
+    return value_codes(v, decoder, tol=tol, floor=floor)[1]
+  return jax.vmap(one)(keys, values)
+
+
+def construct_batched(factsets: FactSet, key: Array | int = 0,
+                      config: ConstructionConfig = ConstructionConfig(),
+                      **overrides) -> BatchedConstruction:
+  """Constructs MLPs for a stacked fact set ``(B, N, d), (B, P, d), (B, N)``.
+
+  One jitted ``vmap`` of :func:`construct_fixed` builds every member (member
+  ``b`` uses ``jax.random.split(key, B)[b]``, so it equals
+  ``construct_fixed(keys[b], factsets[b])``); all members are verified, and
+  failing buckets are refit in float64. ``code_dim=None`` picks the smallest
+  ``m`` of the search that suits every member.
+
+  Raises:
+    FactStoreError on bad input; InfeasibleFactSetError naming
+    ``(member, value)`` pairs; ConstructionError if a member cannot be
+    certified.
+  """
+  config = dataclasses.replace(config, **overrides)
+  _check_config(config)
+  validate_factset(*factsets, batched=True)
+  keys, values, mapping = (jnp.asarray(factsets[0]), jnp.asarray(factsets[1]),
+                           jnp.asarray(factsets[2], jnp.int32))
+  factsets = FactSet(keys, values, mapping)
+  if isinstance(key, int):
+    key = jax.random.key(key)
+  batch, n_keys, dim = keys.shape
+  member_keys = jax.random.split(key, batch)
+  bucket_size = _resolve_bucket_size(config, dim)
+  mapping_np = np.asarray(mapping)
+  used = np.zeros(values.shape[:2], bool)
+  np.put_along_axis(used, mapping_np, True, axis=1)
+
+  for m in _code_dims(config, dim):
+    floor = config.min_rho if m < dim and config.code_dim is None else 0.0
+    rho = np.asarray(_batched_rho(member_keys, values, code_dim=m,
+                                  floor=floor, tol=config.tol))
+    rho_used = np.where(used, rho, np.inf)
+    if config.code_dim is not None or rho_used.min() > floor:
+      break
+  bad = np.argwhere(rho_used <= 0)
+  if len(bad):
+    pairs = [(int(b), int(v)) for b, v in bad]
+    if m >= dim:
+      raise InfeasibleFactSetError(
+          [v for _, v in pairs],
+          f'{len(pairs)} used (member, value) pairs are not decodable '
+          f'(rho <= 0): {pairs[:20]}')
+    raise ConstructionError(
+        f'code_dim={m} leaves used values undecodable after projection, '
+        f'(member, value): {pairs[:20]}; use a larger code_dim')
+  code_dim = min(m, dim)
+
+  build = jax.jit(jax.vmap(functools.partial(
+      construct_fixed, code_dim=code_dim, bucket_size=bucket_size,
+      activation=config.activation, slack=config.slack, tol=config.tol)))
+  model, codes, rho, parts = build(member_keys, factsets)
+  check = jax.vmap(lambda p, dec, fs, c: _check(p, dec, fs, c,
+                                                config.activation))(
+                                                    parts, model.decoder,
+                                                    factsets, codes)
+  repaired = []
+  for b in np.flatnonzero(np.asarray(check.storage.min_margin) <= 0):
+    member = lambda tree: jax.tree.map(lambda a: a[b], tree)
+    part_b, fs_b, codes_b = member(parts), member(factsets), codes[b]
+    check_b = _check(part_b, model.decoder[b], fs_b, codes_b,
+                     config.activation)
+    failing = np.flatnonzero(np.asarray(check_b.storage.margins) <= 0)
+    owner = np.asarray(bucket_of_key(part_b.buckets, n_keys))
+    part_b = _refit_buckets(part_b, fs_b.keys, codes_b[fs_b.mapping],
+                            np.unique(owner[failing]))
+    check_b = _check(part_b, model.decoder[b], fs_b, codes_b,
+                     config.activation)
+    if float(check_b.storage.min_margin) <= 0:
+      raise ConstructionError(
+          f'member {b}: could not certify storage (min margin '
+          f'{float(check_b.storage.min_margin):.3g}) after a float64 refit')
+    model_b = _assemble_jit(part_b, model.decoder[b], config.activation)
+    model = jax.tree.map(lambda s, x: s.at[b].set(x), model, model_b)
+    check = jax.tree.map(lambda s, x: s.at[b].set(x), check, check_b)
+    repaired.append(int(b))
+
+  rho_min = np.where(used, np.asarray(rho), np.inf).min(axis=1)
+  return BatchedConstruction(
+      model=model, codes=codes, rho=rho,
+      accuracy=check.storage.accuracy, min_margin=check.storage.min_margin,
+      code_error=check.code_error, rho_projected=jnp.asarray(rho_min),
+      code_dim=code_dim, bucket_size=bucket_size,
+      num_params=num_params(jax.tree.map(lambda a: a[0], model)),
+      repaired=repaired)
