@@ -1,0 +1,116 @@
+"""Saving and loading constructed MLPs (``.safetensors`` or ``.npz``).
+
+A file holds the arrays of an :class:`EncoderDecoder` (``w_gate, b_gate, w_up,
+routing, decoder``) or a :class:`GatedMLP` (``w_gate, w_up, w_down`` and any
+biases), plus string metadata: ``format`` (``factstore_jax.mlp``),
+``format_version``, ``kind``, ``activation`` and an optional JSON ``report``.
+Writes are atomic: a temp file in the target folder, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+
+from factstore_jax.constructions.encoder_decoder import EncoderDecoder
+from factstore_jax.errors import FactStoreError
+from factstore_jax.mlp import GatedMLP
+
+FORMAT = 'factstore_jax.mlp'
+FORMAT_VERSION = 1
+_FIELDS = {
+    'encoder_decoder': ('w_gate', 'b_gate', 'w_up', 'routing', 'decoder'),
+    'gated_mlp': ('w_gate', 'w_up', 'w_down', 'b_gate', 'b_up', 'b_down'),
+}
+
+
+def _kind(model) -> str:
+  if isinstance(model, EncoderDecoder):
+    return 'encoder_decoder'
+  if isinstance(model, GatedMLP):
+    return 'gated_mlp'
+  raise FactStoreError(f'cannot save a {type(model).__name__}; expected an '
+                       'EncoderDecoder or a GatedMLP')
+
+
+def save_model(path: str | os.PathLike, model, report: dict | None = None):
+  """Writes ``model`` (and an optional JSON-able ``report``) atomically."""
+  path = os.fspath(path)
+  ext = os.path.splitext(path)[1]
+  if ext not in ('.safetensors', '.npz'):
+    raise FactStoreError(
+        f'{path}: unknown MLP file extension {ext!r}; use .safetensors or .npz')
+  kind = _kind(model)
+  arrays = {name: np.asarray(getattr(model, name)) for name in _FIELDS[kind]
+            if getattr(model, name) is not None}
+  metadata = {'format': FORMAT, 'format_version': str(FORMAT_VERSION),
+              'kind': kind, 'activation': model.activation,
+              'report': json.dumps(report or {})}
+  folder = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(folder):
+    raise FactStoreError(f'{path}: folder {folder} does not exist')
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix=ext)
+  os.close(fd)
+  try:
+    if ext == '.safetensors':
+      safetensors.numpy.save_file(arrays, tmp, metadata=metadata)
+    else:
+      with open(tmp, 'wb') as f:
+        np.savez(f, __metadata__=np.array(json.dumps(metadata)), **arrays)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def load_model(path: str | os.PathLike):
+  """Reads a model file. Returns ``(model, metadata dict)``.
+
+  Raises:
+    FactStoreError: missing/unreadable file, not a factstore MLP file, or a
+      format version this library does not read.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FactStoreError(f'{path}: no such MLP file')
+  ext = os.path.splitext(path)[1]
+  try:
+    if ext == '.safetensors':
+      with safetensors.safe_open(path, framework='numpy') as f:
+        metadata = dict(f.metadata() or {})
+        arrays = {k: f.get_tensor(k) for k in f.keys()}
+    elif ext == '.npz':
+      with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+      metadata = json.loads(str(arrays.pop('__metadata__', '{}')))
+    else:
+      raise FactStoreError(
+          f'{path}: unknown MLP file extension {ext!r}; use .safetensors or .npz')
+  except FactStoreError:
+    raise
+  except Exception as e:  # corrupt or foreign files
+    raise FactStoreError(f'{path}: cannot read MLP file ({e})') from e
+  if metadata.get('format') != FORMAT:
+    raise FactStoreError(f'{path}: not a factstore_jax MLP file')
+  version = int(metadata.get('format_version', -1))
+  if version != FORMAT_VERSION:
+    raise FactStoreError(
+        f'{path}: MLP file format version {version} is not supported by this '
+        f'library (reads version {FORMAT_VERSION})')
+  kind = metadata.get('kind')
+  if kind not in _FIELDS:
+    raise FactStoreError(f'{path}: unknown model kind {kind!r}')
+  fields = {k: jnp.asarray(v) for k, v in arrays.items()}
+  cls = EncoderDecoder if kind == 'encoder_decoder' else GatedMLP
+  try:
+    model = cls(**fields, activation=metadata['activation'])
+  except TypeError as e:
+    raise FactStoreError(f'{path}: arrays do not form a {kind} ({e})') from e
+  metadata['report'] = json.loads(metadata.get('report') or '{}')
+  return model, metadata
