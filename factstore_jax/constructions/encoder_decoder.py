@@ -40,7 +40,8 @@ from factstore_jax.constructions import decoders, gadgets
 from factstore_jax.errors import (ConstructionError, FactStoreError,
                                   InfeasibleFactSetError)
 from factstore_jax.factsets import FactSet, validate_factset
-from factstore_jax.mlp import GatedMLP, get_activation, num_params
+from factstore_jax.mlp import (GatedMLP, GatedMLPModule, get_activation,
+                               num_params)
 
 Array = jax.Array
 
@@ -138,7 +139,12 @@ class Construction(NamedTuple):
 
   @property
   def mlp(self) -> GatedMLP:
+    """The constructed function as a standard gated MLP params pytree."""
     return self.model.as_mlp()
+
+  def module(self) -> GatedMLPModule:
+    """The constructed MLP as a Flax NNX module."""
+    return GatedMLPModule(self.mlp)
 
 
 # --------------------------------------------------------------------------
