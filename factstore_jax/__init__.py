@@ -2,15 +2,15 @@
 
 Main entry points::
 
-  from factstore_jax import (FactSet, random_factset, decodability, construct,
+  from factstore_jax import (FactSet, random_factset, construct,
                              construct_batched, evaluate_mlp)
+  from factstore_jax.decodability import decodability
 """
 
 from factstore_jax.constructions.encoder_decoder import (
     BatchedConstruction, Construction, ConstructionConfig, ConstructionReport,
     EncoderDecoder, construct, construct_batched, construct_fixed)
-from factstore_jax.decodability import (Decodability, decodability,
-                                        undecodable_values)
+from factstore_jax.decodability import Decodability, undecodable_values
 from factstore_jax.errors import (ConstructionError, FactStoreError,
                                   InfeasibleFactSetError)
 from factstore_jax.factsets import (FactSet, load_factset, make_factset,

@@ -107,7 +107,8 @@ def _solve_one(i: Array, values: Array, sqnorm: Array, mean: Array, *,
   x0 = vi - mean
   x0 = x0 / jnp.maximum(jnp.linalg.norm(x0), 1e-30)
   near = jax.lax.top_k(-jnp.where(excluded, jnp.inf, dist), k - k // 2)[1]
-  best = jax.lax.top_k(-scores(x0), k // 2)[1]
+  taken = excluded.at[near].set(True)
+  best = jax.lax.top_k(-jnp.where(taken, jnp.inf, scores(x0)), k // 2)[1]
   cand0 = jnp.concatenate([near, best])
   w0, _ = differences(cand0)
   lam0 = jax.nn.one_hot(jnp.argmin(w0 @ x0), k, dtype=values.dtype)
@@ -134,7 +135,7 @@ def _solve_one(i: Array, values: Array, sqnorm: Array, mean: Array, *,
     primal = jnp.min(s) / jnp.maximum(dual, 1e-30)
     done = (dual - primal <= tol) | (dual <= max(atol, floor))
     # Replace inactive slots by the most violating competitors not yet held.
-    held = jnp.zeros(num_values, bool).at[state.cand].set(lam > 0)
+    held = jnp.zeros(num_values, bool).at[state.cand].max(lam > 0)
     new = jax.lax.top_k(-jnp.where(held, jnp.inf, s), k)[1]
     free = lam <= 0
     rank = jnp.clip(jnp.cumsum(free) - 1, 0, k - 1)

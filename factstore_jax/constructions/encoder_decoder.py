@@ -305,7 +305,8 @@ def verify_structured(parts: Gadgets, decoder: Array, factset: FactSet,
     z = (x @ w_win + parts.bias.reshape(-1)).reshape(n, k)
     windows = act(z) @ parts.sign                                  # (n,)
     ok = (windows[j] == 1) & (jnp.sum(windows != 0) == 1)
-    slack = jnp.min(jnp.maximum(-z, z - 1))
+    fixed = parts.buckets.ramp_fixed[:, jnp.array(gadgets.GADGETS[activation][2])]
+    slack = jnp.min(jnp.where(fixed, jnp.inf, jnp.maximum(-z, z - 1)))
     code = windows[j] * (parts.maps[j] @ x)
     out = decoder @ code
     gamma = storage.margins(out[None], values, f[None])[0]
@@ -321,6 +322,13 @@ def verify_structured(parts: Gadgets, decoder: Array, factset: FactSet,
 
 # --------------------------------------------------------------------------
 # Host-level driver.
+
+
+def as_key(key) -> Array:
+  """A PRNG key from a key or an integer seed (Python or numpy int)."""
+  if isinstance(key, (int, np.integer)):
+    return jax.random.key(int(key))
+  return key
 
 
 def _resolve_bucket_size(config: ConstructionConfig, dim: int) -> int:
@@ -441,8 +449,7 @@ def construct(factset: FactSet, key: Array | int = 0,
   validate_factset(keys, values, mapping)
   keys, values = jnp.asarray(keys), jnp.asarray(values)
   mapping = jnp.asarray(mapping, jnp.int32)
-  if isinstance(key, int):
-    key = jax.random.key(key)
+  key = as_key(key)
   n_keys, dim = keys.shape
   bucket_size = _resolve_bucket_size(config, dim)
   factset = FactSet(keys, values, mapping)
@@ -556,8 +563,7 @@ def construct_batched(factsets: FactSet, key: Array | int = 0,
   keys, values, mapping = (jnp.asarray(factsets[0]), jnp.asarray(factsets[1]),
                            jnp.asarray(factsets[2], jnp.int32))
   factsets = FactSet(keys, values, mapping)
-  if isinstance(key, int):
-    key = jax.random.key(key)
+  key = as_key(key)
   batch, n_keys, dim = keys.shape
   member_keys = jax.random.split(key, batch)
   bucket_size = _resolve_bucket_size(config, dim)

@@ -1,0 +1,583 @@
+"""Tests for the closed-form encoder-decoder construction (DESIGN §3).
+
+Every construction is checked twice: by the library's own report and by an
+independent dense evaluation of the folded gated MLP
+(``storage.evaluate_mlp(c.model.as_mlp(), ...)``).
+
+Sizes are small and shapes are shared between tests on purpose: on a 2-core
+CPU almost all the time goes to XLA compilation, which is cached per shape.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+from absl.testing import parameterized
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from factstore_jax import factsets as F
+from factstore_jax import mlp as M
+from factstore_jax import storage
+from factstore_jax.constructions import encoder_decoder as ed
+from factstore_jax.decodability import decodability
+from factstore_jax.errors import (ConstructionError, FactStoreError,
+                                  InfeasibleFactSetError)
+
+N, D = 256, 32          # main single-construction shapes
+NB, DB, B = 128, 16, 3  # batched / fixed-core shapes
+SEEDS = (0, 1, 2)
+
+_dense_eval = jax.jit(storage.evaluate_mlp)
+
+
+# ----------------------------------------------------------------------------
+# Fact sets and cached constructions.
+# ----------------------------------------------------------------------------
+
+
+def _gaussian_scale3(key):
+  keys = F.sample_gaussian(key, N, D, scale=3.0)
+  mapping = F.permutation_map(jax.random.fold_in(key, 1), N)
+  return F.FactSet(keys, keys, mapping)
+
+
+CASES = {
+    # name: (fact set from a PRNG key, construct overrides)
+    'sphere': (lambda k: F.random_factset(k, N, D), {}),
+    'spiked_1.5': (lambda k: F.random_factset(k, N, D, embedding='spiked',
+                                              beta=1.5), {}),
+    'spiked_3': (lambda k: F.random_factset(k, N, D, embedding='spiked',
+                                            beta=3.0), {}),
+    'gaussian_scale3': (_gaussian_scale3, {}),
+    'many_to_one_untied': (lambda k: F.random_factset(
+        k, N, D, 64, tied=False, mapping='many_to_one'), {}),
+    'clustered': (lambda k: F.random_factset(k, N, D, embedding='clustered'),
+                  {}),
+    'relu': (lambda k: F.random_factset(k, N, D), {'activation': 'relu'}),
+    'user_dims': (lambda k: F.random_factset(k, N, D),
+                  {'code_dim': 24, 'bucket_size': 12}),
+    'identity_decoder': (lambda k: F.random_factset(k, N, D),
+                         {'code_dim': 2 * D}),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _factset(case, seed):
+  return CASES[case][0](jax.random.PRNGKey(100 + seed))
+
+
+@functools.lru_cache(maxsize=None)
+def _construction(case, seed):
+  return ed.construct(_factset(case, seed), key=seed, **CASES[case][1])
+
+
+def _member(tree, b):
+  return jax.tree.map(lambda a: a[b], tree)
+
+
+@functools.lru_cache(maxsize=None)
+def _small_factsets():
+  return tuple(F.random_factset(jax.random.PRNGKey(200 + s), NB, DB)
+               for s in range(B))
+
+
+@functools.lru_cache(maxsize=None)
+def _batched():
+  return ed.construct_batched(F.stack_factsets(_small_factsets()), key=7)
+
+
+@functools.lru_cache(maxsize=None)
+def _fixed(b):
+  """``construct_fixed`` of small member b with the key construct_batched uses."""
+  bc = _batched()
+  key = jax.random.split(jax.random.key(7), B)[b]
+  return ed.construct_fixed(key, _small_factsets()[b], code_dim=bc.code_dim,
+                            bucket_size=bc.bucket_size)
+
+
+# ----------------------------------------------------------------------------
+# Exact storage.
+# ----------------------------------------------------------------------------
+
+
+class StorageTest(parameterized.TestCase):
+
+  @parameterized.product(case=tuple(CASES), seed=SEEDS)
+  def test_stores_every_fact(self, case, seed):
+    fs = _factset(case, seed)
+    c = _construction(case, seed)
+    report = c.report
+    self.assertEqual(report.accuracy, 1.0)
+    self.assertGreater(report.min_margin, 0.0)
+    self.assertGreater(report.min_normalized_margin, 0.0)
+    # Independent dense check of the folded gated MLP.
+    dense = _dense_eval(c.model.as_mlp(), *fs)
+    self.assertEqual(float(dense.accuracy), 1.0)
+    self.assertGreater(float(dense.min_margin), 0.0)
+    np.testing.assert_allclose(float(dense.min_margin), report.min_margin,
+                               rtol=1e-3, atol=1e-4)
+    # Code error: exact windows for the clipped gate; the relu ramps lose a
+    # little to cancellation in float32 (documented).
+    self.assertLess(report.code_error, 1e-4 if case != 'relu' else 1e-3)
+    # The margin guarantee: every margin >= rho(VD) * |vd_f(i) - vd_j| > 0.
+    self.assertGreater(report.rho_projected, 0.0)
+
+  def test_user_dims_are_used(self):
+    for seed in SEEDS:
+      c = _construction('user_dims', seed)
+      self.assertEqual(c.report.code_dim, 24)
+      self.assertEqual(c.model.code_dim, 24)
+      self.assertEqual(c.report.bucket_size, 12)
+      chex.assert_shape(c.codes, (N, 24))
+      chex.assert_shape(c.model.decoder, (D, 24))
+
+  def test_identity_decoder_path(self):
+    for seed in SEEDS:
+      c = _construction('identity_decoder', seed)
+      self.assertEqual(c.report.code_dim, D)
+      np.testing.assert_array_equal(c.model.decoder, np.eye(D))
+      # With D = I the codes are the separators of the raw value table.
+      rho = decodability(_factset('identity_decoder', seed).values).rho
+      np.testing.assert_allclose(c.rho, rho, atol=1e-5)
+
+  def test_many_to_one_shapes(self):
+    c = _construction('many_to_one_untied', 0)
+    self.assertEqual(c.report.num_values, 64)
+    self.assertEqual(c.report.num_facts, N)
+    chex.assert_shape(c.codes, (64, c.report.code_dim))
+    chex.assert_shape(c.rho, (64,))
+
+  def test_relu_uses_four_neurons_per_window(self):
+    c = _construction('relu', 0)
+    r = c.report
+    self.assertEqual(c.model.activation, 'relu')
+    self.assertEqual(r.hidden_dim, 4 * r.code_dim * r.num_buckets)
+
+
+class ReportTest(chex.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.fs = _factset('sphere', 0)
+    self.c = _construction('sphere', 0)
+
+  def test_parameter_counts(self):
+    r, model = self.c.report, self.c.model
+    self.assertEqual(r.num_params, M.num_params(model))
+    self.assertEqual(r.num_params_gated_mlp, M.num_params(model.as_mlp()))
+    self.assertEqual(r.num_params_gated_mlp, M.num_params(self.c.mlp))
+    self.assertAlmostEqual(r.params_per_fact, r.num_params / N)
+    self.assertAlmostEqual(r.bits_per_param, N * math.log2(N) / r.num_params)
+    m, h = r.code_dim, r.hidden_dim
+    # Factorised: w_gate, w_up (d, h), b_gate (h,), routing (h, m), D (d, m).
+    self.assertEqual(r.num_params, 2 * D * h + h + h * m + D * m)
+    # Folded: w_gate, w_up (d, h), b_gate (h,), w_down (h, d).
+    self.assertEqual(r.num_params_gated_mlp, 2 * D * h + h + h * D)
+
+  def test_report_fields(self):
+    r, model = self.c.report, self.c.model
+    self.assertEqual((r.num_facts, r.num_values, r.dim), (N, N, D))
+    self.assertEqual(r.hidden_dim, model.w_gate.shape[1])
+    self.assertEqual(r.hidden_dim, 2 * r.code_dim * r.num_buckets)
+    self.assertLessEqual(r.bucket_size, D)
+    self.assertGreaterEqual(r.num_buckets, math.ceil(N / r.bucket_size))
+    self.assertLess(r.code_error, 1e-4)
+    self.assertGreater(r.min_gap, 0.0)
+    used = np.unique(np.asarray(self.fs.mapping))
+    self.assertAlmostEqual(r.rho_projected,
+                           float(np.asarray(self.c.rho)[used].min()), places=6)
+    as_dict = r.as_dict()
+    self.assertEqual(as_dict['num_params'], r.num_params)
+    self.assertIsInstance(as_dict['accuracy'], float)
+    chex.assert_shape(self.c.codes, (N, r.code_dim))
+    chex.assert_shape(self.c.rho, (N,))
+    chex.assert_shape(model.decoder, (D, r.code_dim))
+    chex.assert_shape(model.routing, (r.hidden_dim, r.code_dim))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_call_equals_as_mlp(self):
+    model = self.c.model
+    keys = self.fs.keys
+    direct = self.variant(lambda mdl, x: mdl(x))(model, keys)
+    folded = self.variant(M.apply_mlp)(model.as_mlp(), keys)
+    chex.assert_shape(direct, (N, D))
+    chex.assert_trees_all_close(direct, folded, atol=1e-5, rtol=1e-5)
+    # Also off the keys (random inputs), where many windows are partial.
+    x = jax.random.normal(jax.random.PRNGKey(0), (64, D))
+    chex.assert_trees_all_close(self.variant(lambda mdl, x: mdl(x))(model, x),
+                                M.apply_mlp(model.as_mlp(), x), atol=1e-4,
+                                rtol=1e-4)
+
+  def test_encode_hits_codes(self):
+    codes = self.c.model.encode(self.fs.keys)
+    target = np.asarray(self.c.codes)[np.asarray(self.fs.mapping)]
+    np.testing.assert_allclose(codes, target, atol=1e-4)
+    # Codes are the unit separators of the projected table.
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(self.c.codes), axis=1),
+                               1.0, atol=1e-5)
+
+
+class DeterminismTest(parameterized.TestCase):
+
+  def test_same_key_same_weights(self):
+    fs = _factset('sphere', 0)
+    first = _construction('sphere', 0).model
+    again = ed.construct(fs, key=0).model
+    typed_key = ed.construct(fs, key=jax.random.key(0)).model
+    for other in (again, typed_key):
+      chex.assert_trees_all_equal_structs(first, other)
+      for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(other)):
+        np.testing.assert_array_equal(a, b)
+
+  def test_different_key_different_weights(self):
+    fs = _factset('sphere', 0)
+    first = _construction('sphere', 0)
+    other = ed.construct(fs, key=1)
+    self.assertFalse(np.array_equal(first.model.decoder, other.model.decoder))
+    if first.model.w_gate.shape == other.model.w_gate.shape:
+      self.assertFalse(np.array_equal(first.model.w_gate, other.model.w_gate))
+    self.assertEqual(other.report.accuracy, 1.0)
+
+  def test_config_object_equals_overrides(self):
+    fs = _factset('sphere', 0)
+    by_config = ed.construct(fs, 0, ed.ConstructionConfig(code_dim=24,
+                                                          bucket_size=12))
+    by_overrides = _construction('user_dims', 0)
+    # Same fact set? ('user_dims' and 'sphere' use the same generator.)
+    np.testing.assert_array_equal(_factset('user_dims', 0).keys, fs.keys)
+    for a, b in zip(jax.tree.leaves(by_config.model),
+                    jax.tree.leaves(by_overrides.model)):
+      np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------
+# Gadget structure, verification.
+# ----------------------------------------------------------------------------
+
+
+class WindowTest(parameterized.TestCase):
+
+  @parameterized.parameters(0, 1, 2)
+  def test_window_silence(self, b):
+    model, _, _, parts = _fixed(b)
+    fs = _small_factsets()[b]
+    self.assertEqual(model.activation, 'clipped')
+    n, m = parts.maps.shape[:2]
+    np.testing.assert_array_equal(parts.sign, [1.0, -1.0])
+    owner = np.asarray(ed.bucket_of_key(parts.buckets, NB))
+    # Buckets partition the keys: each key sits in exactly one bucket.
+    members = np.asarray(parts.buckets.index)[np.asarray(parts.buckets.valid)]
+    np.testing.assert_array_equal(np.sort(members), np.arange(NB))
+    # Dense hidden activations at every key, ordered (bucket, coordinate,
+    # window neuron) as the construction lays them out.
+    x = fs.keys
+    gate = np.asarray(M.clipped(x @ model.w_gate + model.b_gate))
+    hidden = np.asarray((x @ model.w_up)) * gate
+    gate = gate.reshape(NB, n, m, 2)
+    hidden = hidden.reshape(NB, n, m, 2)
+    window = gate[..., 0] - gate[..., 1]            # T_j(<g, x>), (N, n, m)
+    per_bucket = hidden.sum(axis=-1)                # bucket j's contribution
+    own = np.zeros((NB, n), bool)
+    own[np.arange(NB), owner] = True
+    # Exactly 1 on the key's own bucket, exactly 0 (bitwise) elsewhere.
+    np.testing.assert_array_equal(window[own], 1.0)
+    np.testing.assert_array_equal(window[~own], 0.0)
+    # Only the own bucket contributes. Individual neurons of other buckets
+    # are not all zero: for a bucket left of the key both gates saturate at 1
+    # and its pair outputs (+M x, -M x); right of the key both are 0. Either
+    # way the pair cancels exactly in floating point.
+    pairs = gate[~own]                               # (rows, m, 2)
+    both_off = (pairs[..., 0] == 0) & (pairs[..., 1] == 0)
+    both_on = (pairs[..., 0] == 1) & (pairs[..., 1] == 1)
+    self.assertTrue(np.all(both_off | both_on))
+    others = hidden[~own]
+    np.testing.assert_array_equal(others[both_off], 0.0)
+    np.testing.assert_array_equal(others[both_on][:, 0],
+                                  -others[both_on][:, 1])
+    np.testing.assert_array_equal(per_bucket[~own], 0.0)
+    self.assertTrue(np.all(np.abs(per_bucket[own]).max(axis=-1) > 0))
+
+  def test_window_silence_of_construct(self):
+    # Same check on a model from construct(): exactly one window is on.
+    c = _construction('sphere', 1)
+    r = c.report
+    gate = np.asarray(M.clipped(_factset('sphere', 1).keys @ c.model.w_gate +
+                                c.model.b_gate))
+    gate = gate.reshape(N, r.num_buckets, r.code_dim, 2)
+    window = gate[..., 0] - gate[..., 1]
+    on = np.all(window == 1.0, axis=-1)
+    self.assertTrue(np.all(on.sum(axis=1) == 1))
+    self.assertTrue(np.all((window == 1.0) | (window == 0.0)))
+
+  @parameterized.parameters(0, 1, 2)
+  def test_verify_dense_vs_structured(self, b):
+    model, codes, _, parts = _fixed(b)
+    fs = _small_factsets()[b]
+    dense = ed.verify(model, fs, codes)
+    fast, window_ok, slack = ed.verify_structured(parts, model.decoder, fs,
+                                                  codes)
+    self.assertTrue(bool(np.all(np.asarray(window_ok))))
+    # Ramps fill the middle half of each gap: keys sit >= 0.5 from (0, 1).
+    self.assertGreater(float(slack), 0.45)
+    self.assertLess(float(slack), 0.55)
+    self.assertEqual(float(dense.storage.accuracy), 1.0)
+    self.assertEqual(float(fast.storage.accuracy), 1.0)
+    self.assertGreater(float(fast.storage.min_margin), 0.0)
+    np.testing.assert_allclose(dense.storage.margins, fast.storage.margins,
+                               atol=1e-4)
+    np.testing.assert_allclose(dense.storage.normalized_margins,
+                               fast.storage.normalized_margins, atol=1e-4)
+    self.assertLess(float(dense.code_error), 1e-4)
+    self.assertLess(float(fast.code_error), 1e-4)
+
+  def test_assemble_gadgets_round_trip(self):
+    model, _, _, parts = _fixed(0)
+    again = ed.assemble_gadgets(parts, model.decoder, 'clipped')
+    for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(again)):
+      np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------
+# Infeasible and bad inputs.
+# ----------------------------------------------------------------------------
+
+
+def _midpoint_factset(use_midpoint=True):
+  """Untied sphere values where value 2 = mean(values 0, 1)."""
+  fs = F.random_factset(jax.random.PRNGKey(300), N, D, tied=False)
+  values = np.array(fs.values)
+  values[2] = 0.5 * (values[0] + values[1])
+  mapping = np.array(fs.mapping)
+  if use_midpoint:
+    assert 2 in mapping
+  else:
+    mapping[mapping == 2] = 3   # value 2 unused
+  return F.FactSet(fs.keys, jnp.asarray(values), jnp.asarray(mapping))
+
+
+class InfeasibleTest(parameterized.TestCase):
+
+  def test_midpoint_value_raises(self):
+    with pytest.raises(InfeasibleFactSetError, match=r'\[2\]') as info:
+      ed.construct(_midpoint_factset(), key=0)
+    self.assertIn(2, info.value.undecodable)
+    self.assertEqual(info.value.undecodable, [2])
+    self.assertIsInstance(info.value, FactStoreError)
+    self.assertIsInstance(info.value, ValueError)
+
+  def test_unused_midpoint_is_fine(self):
+    # Only the values the map uses need to be decodable.
+    fs = _midpoint_factset(use_midpoint=False)
+    c = ed.construct(fs, key=0)
+    self.assertEqual(c.report.accuracy, 1.0)
+    dense = _dense_eval(c.model.as_mlp(), *fs)
+    self.assertEqual(float(dense.accuracy), 1.0)
+    self.assertGreater(float(dense.min_margin), 0.0)
+
+
+def _tiny():
+  rng = np.random.default_rng(0)
+  keys = rng.normal(size=(6, 4)).astype(np.float32)
+  values = rng.normal(size=(5, 4)).astype(np.float32)
+  mapping = np.array([0, 1, 2, 3, 4, 0], np.int32)
+  return keys, values, mapping
+
+
+class BadInputTest(parameterized.TestCase):
+
+  def test_nan_key(self):
+    keys, values, mapping = _tiny()
+    keys[3, 1] = np.nan
+    with pytest.raises(FactStoreError, match='keys contain a non-finite'):
+      ed.construct(F.FactSet(keys, values, mapping))
+
+  def test_inf_value(self):
+    keys, values, mapping = _tiny()
+    values[2, 0] = np.inf
+    with pytest.raises(FactStoreError, match='values contain a non-finite'):
+      ed.construct(F.FactSet(keys, values, mapping))
+
+  def test_dimension_mismatch(self):
+    keys, values, mapping = _tiny()
+    with pytest.raises(FactStoreError, match='dimension'):
+      ed.construct(F.FactSet(keys, values[:, :3], mapping))
+
+  def test_mapping_length_mismatch(self):
+    keys, values, mapping = _tiny()
+    with pytest.raises(FactStoreError, match='mapping has length 5'):
+      ed.construct(F.FactSet(keys, values, mapping[:5]))
+
+  def test_mapping_out_of_range(self):
+    keys, values, mapping = _tiny()
+    mapping[4] = 5
+    with pytest.raises(FactStoreError, match=r'mapping\[4\] = 5 is out of range'):
+      ed.construct(F.FactSet(keys, values, mapping))
+
+  def test_negative_mapping(self):
+    keys, values, mapping = _tiny()
+    mapping[0] = -1
+    with pytest.raises(FactStoreError, match='out of range'):
+      ed.construct(F.FactSet(keys, values, mapping))
+
+  def test_duplicate_key_two_values(self):
+    keys, values, mapping = _tiny()
+    keys[5] = keys[1]      # mapping[5] = 0 but mapping[1] = 1
+    with pytest.raises(FactStoreError,
+                       match='identical but map to different values'):
+      ed.construct(F.FactSet(keys, values, mapping))
+
+  def test_empty_keys(self):
+    _, values, _ = _tiny()
+    with pytest.raises(FactStoreError, match='empty'):
+      ed.construct(F.FactSet(np.zeros((0, 4), np.float32), values,
+                             np.zeros((0,), np.int32)))
+
+  def test_empty_values(self):
+    keys, _, mapping = _tiny()
+    with pytest.raises(FactStoreError, match='empty'):
+      ed.construct(F.FactSet(keys, np.zeros((0, 4), np.float32), mapping))
+
+  def test_bucket_size_larger_than_dim(self):
+    with pytest.raises(FactStoreError, match='bucket_size'):
+      ed.construct(F.FactSet(*_tiny()), bucket_size=5)
+
+  def test_bucket_size_zero(self):
+    with pytest.raises(FactStoreError, match='bucket_size'):
+      ed.construct(F.FactSet(*_tiny()), bucket_size=0)
+
+  def test_bad_activation(self):
+    with pytest.raises(FactStoreError, match="activation.*'silu'"):
+      ed.construct(F.FactSet(*_tiny()), activation='silu')
+
+  def test_code_dim_below_one(self):
+    with pytest.raises(FactStoreError, match='code_dim must be >= 1'):
+      ed.construct(F.FactSet(*_tiny()), code_dim=0)
+
+  def test_bad_slack(self):
+    with pytest.raises(FactStoreError, match='slack'):
+      ed.construct(F.FactSet(*_tiny()), slack=0.5)
+
+  def test_unknown_override(self):
+    with pytest.raises(TypeError):
+      ed.construct(F.FactSet(*_tiny()), no_such_field=1)
+
+  def test_batched_bad_member(self):
+    keys, values, mapping = _tiny()
+    bad = keys.copy()
+    bad[0, 0] = np.nan
+    stacked = F.FactSet(np.stack([keys, bad]), np.stack([values, values]),
+                        np.stack([mapping, mapping]))
+    with pytest.raises(FactStoreError, match='factset 1: keys contain'):
+      ed.construct_batched(stacked)
+
+  def test_errors_hierarchy(self):
+    self.assertTrue(issubclass(InfeasibleFactSetError, FactStoreError))
+    self.assertTrue(issubclass(ConstructionError, FactStoreError))
+    self.assertTrue(issubclass(FactStoreError, ValueError))
+    err = InfeasibleFactSetError(range(25))
+    self.assertEqual(err.undecodable, list(range(25)))
+    self.assertIn('+5 more', str(err))
+
+
+# ----------------------------------------------------------------------------
+# Batched construction: vmapped vs looped.
+# ----------------------------------------------------------------------------
+
+
+class BatchedTest(chex.TestCase):
+
+  def test_every_member_stores(self):
+    bc = _batched()
+    chex.assert_shape((bc.accuracy, bc.min_margin, bc.code_error,
+                       bc.rho_projected), [(B,)] * 4)
+    np.testing.assert_array_equal(bc.accuracy, 1.0)
+    self.assertTrue(np.all(np.asarray(bc.min_margin) > 0))
+    self.assertTrue(np.all(np.asarray(bc.code_error) < 1e-4))
+    self.assertTrue(np.all(np.asarray(bc.rho_projected) > 0))
+    chex.assert_shape(bc.codes, (B, NB, bc.code_dim))
+    chex.assert_shape(bc.model.decoder, (B, DB, bc.code_dim))
+    self.assertEqual(bc.num_params, M.num_params(_member(bc.model, 0)))
+    self.assertEqual(B * bc.num_params, M.num_params(bc.model))
+    for b, fs in enumerate(_small_factsets()):
+      dense = _dense_eval(_member(bc.model, b).as_mlp(), *fs)
+      self.assertEqual(float(dense.accuracy), 1.0)
+      self.assertGreater(float(dense.min_margin), 0.0)
+
+  def test_vmapped_gadgets_match_loop(self):
+    # Deterministic linear algebra (sort, QR, triangular solves): vmapped and
+    # looped builds agree to rounding.
+    bc = _batched()
+    fss = _small_factsets()
+    keys = jnp.stack([fs.keys for fs in fss])
+    targets = jnp.stack([bc.codes[b][fs.mapping] for b, fs in enumerate(fss)])
+    dir_keys = jax.random.split(jax.random.PRNGKey(11), B)
+    build = functools.partial(ed.build_gadgets, bucket_size=bc.bucket_size)
+    batched = jax.vmap(build)(dir_keys, keys, targets)
+    for b in range(B):
+      single = build(dir_keys[b], keys[b], targets[b])
+      np.testing.assert_array_equal(batched.buckets.index[b],
+                                    single.buckets.index)
+      np.testing.assert_array_equal(batched.buckets.valid[b],
+                                    single.buckets.valid)
+      np.testing.assert_allclose(batched.buckets.direction[b],
+                                 single.buckets.direction, atol=1e-6)
+      np.testing.assert_allclose(batched.maps[b], single.maps, atol=1e-5,
+                                 rtol=1e-5)
+      np.testing.assert_allclose(batched.scale[b], single.scale, atol=1e-5,
+                                 rtol=1e-5)
+      np.testing.assert_allclose(batched.bias[b], single.bias, atol=1e-5,
+                                 rtol=1e-5)
+      np.testing.assert_array_equal(batched.sign[b], single.sign)
+      # The looped gadget is exact on its own keys.
+      model = ed.assemble_gadgets(single, jnp.eye(bc.code_dim, DB).T,
+                                  'clipped')
+      np.testing.assert_allclose(model.encode(keys[b]), targets[b], atol=1e-4)
+
+  def test_members_match_construct_fixed(self):
+    # Member b of construct_batched is construct_fixed(split(key, B)[b], fs_b).
+    # The codes come from an iterative solver (active set + Frank-Wolfe) whose
+    # path can differ by rounding between batched and unbatched execution, so
+    # the two agree in function values to ~1e-3, not bitwise; both must store
+    # every fact.
+    bc = _batched()
+    for b, fs in enumerate(_small_factsets()):
+      model, codes, rho, _ = _fixed(b)
+      batched_model = _member(bc.model, b)
+      np.testing.assert_array_equal(batched_model.decoder, model.decoder)
+      np.testing.assert_allclose(batched_model(fs.keys), model(fs.keys),
+                                 atol=1e-2)
+      np.testing.assert_allclose(bc.codes[b], codes, atol=1e-2)
+      np.testing.assert_allclose(bc.rho[b], rho, atol=2e-3)
+      for m in (model, batched_model):
+        dense = _dense_eval(m.as_mlp(), *fs)
+        self.assertEqual(float(dense.accuracy), 1.0)
+        self.assertGreater(float(dense.min_margin), 0.0)
+
+  def test_projected_rho_vmapped_vs_looped(self):
+    # bc.rho was computed inside one vmapped program; recompute each member's
+    # projected decodability on its own.
+    bc = _batched()
+    for b, fs in enumerate(_small_factsets()):
+      looped = decodability(fs.values @ bc.model.decoder[b]).rho
+      np.testing.assert_allclose(bc.rho[b], looped, atol=2e-3)
+
+
+@pytest.mark.slow
+class LargeTest(parameterized.TestCase):
+  """Larger fact sets (run with --runslow)."""
+
+  @parameterized.parameters('clipped', 'relu')
+  def test_large_sphere(self, activation):
+    fs = F.random_factset(jax.random.PRNGKey(400), 2048, 64)
+    c = ed.construct(fs, key=0, activation=activation)
+    self.assertEqual(c.report.accuracy, 1.0)
+    self.assertGreater(c.report.min_margin, 0.0)
+    dense = _dense_eval(c.model.as_mlp(), *fs)
+    self.assertEqual(float(dense.accuracy), 1.0)
+    self.assertGreater(float(dense.min_margin), 0.0)
+    self.assertEqual(c.report.num_params, M.num_params(c.model))
