@@ -14,9 +14,9 @@ untied, with a random many-to-one map that uses every value at least once):
   ``P``, ``d`` and the code dimension. The first call at a size
   (``seconds_cold``) still recompiles everything whose shapes depend on ``N``
   (bucket solves, verification, assembly); the second call
-  (``seconds_warm``, another PRNG key) reuses those compilations. ``construct``'s
-  own ``report.seconds`` is recorded too (it stops before the final assembled
-  model is ready).
+  (``seconds_warm``, another PRNG key) reuses those compilations.
+  ``construct``'s own ``report.seconds`` is recorded too (it stops before the
+  final assembled model is ready).
 * ``peak_rss_mib``: peak resident memory (``ru_maxrss`` of the process) after
   the construct calls. ``ru_maxrss`` only grows, so every size runs in a fresh
   subprocess (``--single_size=N``, which prints one JSON line on stdout) and
@@ -36,6 +36,11 @@ untied, with a random many-to-one map that uses every value at least once):
   such as the QR are typically not counted by XLA on CPU).
 * The machine's matmul peak: a jitted 2048 x 2048 float32 matmul, best of 5
   (``2 * 2048^3`` FLOPs), and the fraction of it the solves achieve.
+* ``foreign_cpu``: CPU time other processes used during each timed block
+  (``/proc/stat`` busy time minus this process's own). On a shared 2-core
+  machine the batched LAPACK bucket solves slow down 10-100x under
+  contention, so the table flags (``other%``) timings taken while the machine
+  was not quiet.
 
 Usage::
 
@@ -97,6 +102,53 @@ _MIB = 1024.0  # ru_maxrss is in KiB on Linux.
 
 def _rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / _MIB
+
+
+class ForeignCpu:
+  """CPU time other processes used on this machine while the block ran.
+
+  Busy time of all cores (``/proc/stat``) minus this process's own CPU time
+  (``getrusage``). The per-bucket solves are jaxlib batched LAPACK calls
+  (QR, triangular solves) that slow down by 10-100x when another process
+  competes for the cores, so timings with a large ``foreign_fraction`` (share
+  of the block's core-seconds taken by other processes) are not
+  representative. ``None`` where ``/proc/stat`` is unavailable.
+  """
+
+  def __enter__(self):
+    self._busy0, self._own0 = self._busy(), self._own()
+    self._t0 = time.perf_counter()
+    self.seconds = self.fraction = None
+    return self
+
+  def __exit__(self, *exc):
+    wall = time.perf_counter() - self._t0
+    busy = self._busy()
+    if busy is not None and self._busy0 is not None:
+      self.seconds = max(0.0, (busy - self._busy0) - (self._own() - self._own0))
+      cores = len(os.sched_getaffinity(0)) if hasattr(
+          os, 'sched_getaffinity') else os.cpu_count()
+      self.fraction = self.seconds / max(wall * cores, 1e-9)
+    return False
+
+  @staticmethod
+  def _busy() -> float | None:
+    try:
+      with open('/proc/stat') as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+      return None
+    # user nice system idle iowait irq softirq steal (guest is in user).
+    busy = sum(fields[:3]) + sum(fields[5:8])
+    return busy / os.sysconf('SC_CLK_TCK')
+
+  @staticmethod
+  def _own() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+  def as_dict(self) -> dict:
+    return {'seconds': self.seconds, 'fraction': self.fraction}
 
 
 def make_factset(key: jax.Array, n: int, d: int, p: int) -> FactSet:
@@ -202,9 +254,11 @@ def run_single(n: int) -> dict:
   rss_baseline = _rss_mib()
   logging.info('N=%d: warm-up %.1fs', n, warmup_seconds)
 
-  cold, seconds_cold = _timed_construct(factset, seed)
+  with ForeignCpu() as foreign_cold:
+    cold, seconds_cold = _timed_construct(factset, seed)
   logging.info('N=%d: cold %.1fs', n, seconds_cold)
-  warm, seconds_warm = _timed_construct(factset, seed + 1)
+  with ForeignCpu() as foreign_warm:
+    warm, seconds_warm = _timed_construct(factset, seed + 1)
   logging.info('N=%d: warm %.1fs', n, seconds_warm)
   rss_construct = _rss_mib()
 
@@ -218,8 +272,9 @@ def run_single(n: int) -> dict:
   gad_compiled = gad_jit.lower(gkey, factset.keys, targets,
                                bucket_size=rep.bucket_size).compile()
   gad_compile_s = time.perf_counter() - t0
-  gad_times = _time_compiled(gad_compiled, (gkey, factset.keys, targets),
-                             FLAGS.repeats)
+  with ForeignCpu() as foreign_gad:
+    gad_times = _time_compiled(gad_compiled, (gkey, factset.keys, targets),
+                               FLAGS.repeats)
   parts = gad_compiled(gkey, factset.keys, targets)
   solve_compiled = jax.jit(gadgets.solve_buckets).lower(
       factset.keys, targets, parts.buckets).compile()
@@ -247,6 +302,8 @@ def run_single(n: int) -> dict:
       # Other processes on this machine skew the timings; recorded to tell.
       'loadavg_start': load_start,
       'loadavg_end': os.getloadavg(),
+      'foreign_cpu_cold': foreign_cold.as_dict(),
+      'foreign_cpu_warm': foreign_warm.as_dict(),
       'params_per_fact': rep.params_per_fact,
       'num_params': rep.num_params,
       'num_params_gated_mlp': rep.num_params_gated_mlp,
@@ -271,6 +328,9 @@ def run_single(n: int) -> dict:
           'flops_analytic': flops,
           'gflops_per_s': flops['total'] / gad_s / 1e9,
           'gflops_per_s_solve_only': flops['total'] / solve_s / 1e9,
+          'min_seconds': min(gad_times),
+          'gflops_per_s_best': flops['total'] / min(gad_times) / 1e9,
+          'foreign_cpu': foreign_gad.as_dict(),
           'xla_flops_build_gadgets': _xla_flops(gad_compiled),
           'xla_flops_solve_buckets': _xla_flops(solve_compiled),
       },
@@ -330,11 +390,24 @@ def _run_child(n: int) -> dict:
   return result
 
 
+def _max_foreign(r: dict) -> float | None:
+  fracs = [f['fraction'] for f in (r.get('foreign_cpu_cold'),
+                                   r.get('foreign_cpu_warm'),
+                                   r.get('gadgets', {}).get('foreign_cpu'))
+           if f and f['fraction'] is not None]
+  return max(fracs) if fracs else None
+
+
+def _foreign_cell(r: dict) -> str:
+  frac = _max_foreign(r)
+  return 'n/a' if frac is None else f'{100 * frac:.0f}'
+
+
 def _table(results: list[dict], peak: dict) -> str:
   """Readable fixed-width table of the per-size results."""
   head = ['N', 'cold s', 'warm s', 'peak MiB', 'par/fact', 'gMLP/fact',
           'min marg', 'acc', 'm', 'b', 'bkts', 'gadg ms', 'GFLOP', 'GFLOP/s',
-          '%peak', 'XLA GFLOP']
+          '%peak', 'XLA GFLOP', 'other%']
   rows = []
   for r in results:
     if 'error' in r:
@@ -352,8 +425,10 @@ def _table(results: list[dict], peak: dict) -> str:
         f"{g['flops_analytic']['total'] / 1e9:.2f}",
         f"{g['gflops_per_s']:.1f}",
         f"{100 * g['gflops_per_s'] / peak['gflops']:.1f}",
-        'n/a' if xla is None else f'{xla / 1e9:.2f}'])
-  widths = [max([len(h)] + [len(row[i]) for row in rows if len(row) == len(head)])
+        'n/a' if xla is None else f'{xla / 1e9:.2f}',
+        _foreign_cell(r)])
+  full = [row for row in rows if len(row) == len(head)]
+  widths = [max([len(h)] + [len(row[i]) for row in full])
             for i, h in enumerate(head)]
   lines = ['  '.join(h.rjust(w) for h, w in zip(head, widths))]
   for row in rows:
@@ -361,7 +436,13 @@ def _table(results: list[dict], peak: dict) -> str:
   lines.append(f"matmul peak ({peak['size']}x{peak['size']} f32, best of "
                f"{len(peak['seconds'])}): {peak['gflops']:.1f} GFLOP/s; "
                'gadg ms = jit(build_gadgets) warm median; GFLOP = analytic '
-               'count of the per-bucket solves')
+               'count of the per-bucket solves; other% = largest share of '
+               'core-seconds used by other processes during a timed block')
+  if any((_max_foreign(r) or 0) > 0.1 for r in results):
+    lines.append('WARNING: other processes used > 10% of the CPU during some '
+                 'timed blocks; those timings are not representative (the '
+                 'batched LAPACK bucket solves degrade 10-100x under '
+                 'contention).')
   return '\n'.join(lines)
 
 
@@ -391,7 +472,9 @@ def main(argv):
 
   sizes = [int(s) for s in FLAGS.sizes]
   load_start = os.getloadavg()
-  peak = matmul_peak(FLAGS.matmul_size, FLAGS.matmul_repeats)
+  with ForeignCpu() as foreign_peak:
+    peak = matmul_peak(FLAGS.matmul_size, FLAGS.matmul_repeats)
+  peak['foreign_cpu'] = foreign_peak.as_dict()
   logging.info('matmul peak %.1f GFLOP/s', peak['gflops'])
   results = []
   for n in sizes:

@@ -40,6 +40,7 @@ from factstore_jax.constructions import decoders, gadgets
 from factstore_jax.errors import (ConstructionError, FactStoreError,
                                   InfeasibleFactSetError)
 from factstore_jax.factsets import FactSet, validate_factset
+from factstore_jax.threads import single_threaded_blas
 from factstore_jax.mlp import (GatedMLP, GatedMLPModule, get_activation,
                                num_params)
 
@@ -460,9 +461,10 @@ def construct(factset: FactSet, key: Array | int = 0,
 
   repaired, retries = 0, 0
   while True:
-    parts = _build_gadgets_jit(k_dir, keys, targets, bucket_size=bucket_size,
-                               activation=config.activation,
-                               slack=config.slack)
+    with single_threaded_blas():
+      parts = jax.block_until_ready(_build_gadgets_jit(
+          k_dir, keys, targets, bucket_size=bucket_size,
+          activation=config.activation, slack=config.slack))
     check = _check(parts, decoder, factset, codes, config.activation)
     if float(check.storage.min_margin) <= 0:
       failing = np.flatnonzero(np.asarray(check.storage.margins) <= 0)
@@ -594,7 +596,9 @@ def construct_batched(factsets: FactSet, key: Array | int = 0,
   build = jax.jit(jax.vmap(functools.partial(
       construct_fixed, code_dim=code_dim, bucket_size=bucket_size,
       activation=config.activation, slack=config.slack, tol=config.tol)))
-  model, codes, rho, parts = build(member_keys, factsets)
+  with single_threaded_blas():
+    model, codes, rho, parts = jax.block_until_ready(
+        build(member_keys, factsets))
   check = jax.vmap(lambda p, dec, fs, c: _check(p, dec, fs, c,
                                                 config.activation))(
                                                     parts, model.decoder,
