@@ -39,7 +39,9 @@ untied, with a random many-to-one map that uses every value at least once):
 * ``foreign_cpu``: CPU time other processes used during each timed block
   (``/proc/stat`` busy time minus this process's own). On a shared 2-core
   machine the batched LAPACK bucket solves slow down 10-100x under
-  contention, so the table flags (``other%``) timings taken while the machine
+  contention (and 100x when OpenBLAS is left multi-threaded inside them,
+  which ``construct`` prevents with ``single_threaded_blas``), so the table
+  flags (``other%``) timings taken while the machine
   was not quiet.
 
 Usage::
@@ -76,6 +78,7 @@ from factstore_jax.constructions.encoder_decoder import (ConstructionConfig,
                                                          build_gadgets,
                                                          construct)
 from factstore_jax.factsets import FactSet, many_to_one_map, sample_sphere
+from factstore_jax.threads import single_threaded_blas
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('sizes', ['4096', '16384', '65536'],
@@ -272,15 +275,18 @@ def run_single(n: int) -> dict:
   gad_compiled = gad_jit.lower(gkey, factset.keys, targets,
                                bucket_size=rep.bucket_size).compile()
   gad_compile_s = time.perf_counter() - t0
-  with ForeignCpu() as foreign_gad:
+  # As construct() does: one-thread OpenBLAS inside jaxlib's batched LAPACK.
+  with ForeignCpu() as foreign_gad, single_threaded_blas():
     gad_times = _time_compiled(gad_compiled, (gkey, factset.keys, targets),
                                FLAGS.repeats)
-  parts = gad_compiled(gkey, factset.keys, targets)
+  with single_threaded_blas():
+    parts = jax.block_until_ready(gad_compiled(gkey, factset.keys, targets))
   solve_compiled = jax.jit(gadgets.solve_buckets).lower(
       factset.keys, targets, parts.buckets).compile()
-  solve_times = _time_compiled(solve_compiled,
-                               (factset.keys, targets, parts.buckets),
-                               FLAGS.repeats)
+  with single_threaded_blas():
+    solve_times = _time_compiled(solve_compiled,
+                                 (factset.keys, targets, parts.buckets),
+                                 FLAGS.repeats)
   num_buckets = int(parts.maps.shape[0])
   flops = bucket_solve_flops(num_buckets, d, rep.bucket_size, rep.code_dim)
   gad_s = statistics.median(gad_times)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 
 import jax
 import numpy as np
@@ -22,6 +21,7 @@ from absl import app, flags
 from tqdm import tqdm
 
 from factstore_jax import factsets
+from factstore_jax.atomic import atomic_output
 from factstore_jax.constructions.encoder_decoder import construct
 
 flags.DEFINE_integer('dim', 64, 'Embedding dimension d.')
@@ -38,10 +38,8 @@ FIELDS = ('num_facts', 'seed', 'dim', 'num_values', 'code_dim', 'bucket_size',
 
 
 def _atomic_write(path: str, text: str):
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.tmp-')
-  with os.fdopen(fd, 'w') as f:
+  with atomic_output(path) as tmp, open(tmp, 'w') as f:
     f.write(text)
-  os.replace(tmp, path)
 
 
 def read_rows(path: str) -> list[dict]:
@@ -77,11 +75,9 @@ def plot(rows: list[dict], path: str):
   ax.set_title(f'closed-form construction, d = {rows[0]["dim"]}, '
                f'P = {rows[0]["num_values"]} (mean ± std over seeds)')
   fig.tight_layout()
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.png')
-  os.close(fd)
-  fig.savefig(tmp, dpi=120)
+  with atomic_output(path, suffix='.png') as tmp:
+    fig.savefig(tmp, dpi=120)
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 def summary(rows: list[dict]) -> str:

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from factstore_jax import decodability as dec_lib
+from factstore_jax.atomic import atomic_output
 from factstore_jax import factsets, storage
 from factstore_jax.constructions.encoder_decoder import construct
 
@@ -19,8 +20,6 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 def plot_margins(margins: np.ndarray, path: str, title: str):
   """Histogram of normalised margins, written atomically as a PNG."""
-  import os
-  import tempfile
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -32,16 +31,9 @@ def plot_margins(margins: np.ndarray, path: str, title: str):
   ax.set_title(title)
   ax.legend()
   fig.tight_layout()
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix='.png')
-  os.close(fd)
-  try:
+  with atomic_output(path, suffix='.png') as tmp:
     fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-  finally:
-    plt.close(fig)
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  plt.close(fig)
 
 
 def run_demo(num_facts: int = 16384, dim: int = 128, num_values: int = 1024,

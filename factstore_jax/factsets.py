@@ -13,7 +13,6 @@ and raise :class:`~factstore_jax.errors.FactStoreError` naming what is wrong.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -22,6 +21,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from factstore_jax.atomic import atomic_output
 from factstore_jax.errors import FactStoreError
 
 Array = jax.Array
@@ -665,28 +665,15 @@ def save_factset(path: PathLike, fs: FactSet) -> None:
   arrays = {'keys': np.ascontiguousarray(keys),
             'values': np.ascontiguousarray(values),
             'mapping': np.ascontiguousarray(mapping)}
-  directory = os.path.dirname(os.path.abspath(p))
-  if not os.path.isdir(directory):
-    raise FactStoreError(f'{p}: directory {directory} does not exist')
-  tmp = None
   try:
-    fd, tmp = tempfile.mkstemp(
-        dir=directory, prefix=f'.{os.path.basename(p)}.', suffix='.tmp')
-    with os.fdopen(fd, 'wb') as f:
+    with atomic_output(p) as tmp, open(tmp, 'wb') as f:
       if ext == '.npz':
         np.savez(f, **arrays)
       else:
         f.write(safetensors.numpy.save(arrays))
       f.flush()
       os.fsync(f.fileno())
-    mode = os.stat(p).st_mode & 0o777 if os.path.exists(p) else 0o644
-    os.chmod(tmp, mode)
-    os.replace(tmp, p)
-    tmp = None
+  except FactStoreError:
+    raise
   except Exception as e:  # pylint: disable=broad-except
-    if isinstance(e, FactStoreError):
-      raise
     raise FactStoreError(f'{p}: could not write {ext} file: {e}') from e
-  finally:
-    if tmp is not None and os.path.exists(tmp):
-      os.unlink(tmp)

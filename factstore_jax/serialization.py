@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
+from factstore_jax.atomic import atomic_output
 from factstore_jax.constructions.encoder_decoder import EncoderDecoder
 from factstore_jax.errors import FactStoreError
 from factstore_jax.mlp import GatedMLP
@@ -51,22 +51,12 @@ def save_model(path: str | os.PathLike, model, report: dict | None = None):
   metadata = {'format': FORMAT, 'format_version': str(FORMAT_VERSION),
               'kind': kind, 'activation': model.activation,
               'report': json.dumps(report or {})}
-  folder = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(folder):
-    raise FactStoreError(f'{path}: folder {folder} does not exist')
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix=ext)
-  os.close(fd)
-  try:
+  with atomic_output(path, suffix=ext) as tmp:
     if ext == '.safetensors':
       safetensors.numpy.save_file(arrays, tmp, metadata=metadata)
     else:
       with open(tmp, 'wb') as f:
         np.savez(f, __metadata__=np.array(json.dumps(metadata)), **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def load_model(path: str | os.PathLike):
