@@ -104,6 +104,10 @@ flags.DEFINE_integer('max_attempts', 3,
 flags.DEFINE_float('max_foreign', 0.1,
                    'Largest share of core-seconds other processes may use '
                    'during a timed block before the size is rerun.')
+flags.DEFINE_float('quiet_wait_s', 180.0,
+                   'Before each size attempt, wait up to this long for the '
+                   'machine to be quiet (other processes below '
+                   '--max_foreign of the CPU over a 3 s sample).')
 flags.DEFINE_integer('matmul_size', 2048, 'Size of the peak-matmul probe.')
 flags.DEFINE_integer('matmul_repeats', 5, 'Timed runs of the matmul (best).')
 
@@ -386,6 +390,23 @@ def machine_info() -> dict:
   }
 
 
+def _wait_for_quiet(max_wait: float) -> float | None:
+  """Waits until other processes use < --max_foreign of the CPU (3 s sample).
+
+  Returns the last sampled share (``None`` without ``/proc/stat``).
+  """
+  deadline = time.perf_counter() + max_wait
+  while True:
+    with ForeignCpu() as sample:
+      time.sleep(3.0)
+    if (sample.fraction is None or sample.fraction <= FLAGS.max_foreign or
+        time.perf_counter() >= deadline):
+      return sample.fraction
+    logging.info('machine busy (%.0f%% used by other processes); waiting',
+                 100 * sample.fraction)
+    time.sleep(7.0)
+
+
 def _run_child(n: int) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), f'--single_size={n}',
          f'--dim={FLAGS.dim}', f'--num_values={FLAGS.num_values}',
@@ -493,6 +514,7 @@ def main(argv):
 
   sizes = [int(s) for s in FLAGS.sizes]
   load_start = os.getloadavg()
+  _wait_for_quiet(FLAGS.quiet_wait_s)
   with ForeignCpu() as foreign_peak:
     peak = matmul_peak(FLAGS.matmul_size, FLAGS.matmul_repeats)
   peak['foreign_cpu'] = foreign_peak.as_dict()
@@ -503,8 +525,10 @@ def main(argv):
     for attempt in range(max(1, FLAGS.max_attempts)):
       logging.info('benchmarking N=%d in a fresh subprocess (attempt %d)', n,
                    attempt + 1)
+      before = _wait_for_quiet(FLAGS.quiet_wait_s)
       t0 = time.perf_counter()
       r = _run_child(n)
+      r['foreign_fraction_before'] = before
       r['child_wall_seconds'] = time.perf_counter() - t0
       attempts.append(r)
       foreign = _max_foreign(r)
