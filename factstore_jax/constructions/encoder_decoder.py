@@ -543,14 +543,46 @@ def _batched_rho(keys, values, *, code_dim, floor, tol):
   return jax.vmap(one)(keys, values)
 
 
+@functools.partial(jax.jit, static_argnames=('code_dim', 'bucket_size',
+                                             'activation', 'slack', 'tol'))
+def _build_members(member_keys, factsets, *, code_dim, bucket_size,
+                   activation, slack, tol):
+  """:func:`construct_fixed` over a stack of fact sets, in one jitted call.
+
+  The codes come from an iterative solver whose path follows rounding, so
+  they are computed member by member (``lax.map``: each member runs the
+  very program :func:`construct_fixed` runs); the bucket solves are vmapped.
+  """
+  dim = factsets.keys.shape[-1]
+
+  def codes_of(args):
+    key, values = args
+    decoder = decoders.jl_decoder(jax.random.split(key)[0], dim, code_dim,
+                                  values.dtype)
+    return value_codes(values, decoder, tol=tol)
+
+  codes, rho = jax.lax.map(codes_of, (member_keys, factsets.values))
+
+  def encoder(key, fs, codes_b):
+    k_dec, k_dir = jax.random.split(key)
+    decoder = decoders.jl_decoder(k_dec, dim, code_dim, fs.keys.dtype)
+    return build_encoder(k_dir, fs.keys, codes_b[fs.mapping], decoder,
+                         bucket_size=bucket_size, activation=activation,
+                         slack=slack)
+
+  model, parts = jax.vmap(encoder)(member_keys, factsets, codes)
+  return model, codes, rho, parts
+
+
 def construct_batched(factsets: FactSet, key: Array | int = 0,
                       config: ConstructionConfig = ConstructionConfig(),
                       **overrides) -> BatchedConstruction:
   """Constructs MLPs for a stacked fact set ``(B, N, d), (B, P, d), (B, N)``.
 
-  One jitted ``vmap`` of :func:`construct_fixed` builds every member (member
-  ``b`` uses ``jax.random.split(key, B)[b]``, so it equals
-  ``construct_fixed(keys[b], factsets[b])``); all members are verified, and
+  One jitted call builds every member (member ``b`` uses
+  ``jax.random.split(key, B)[b]`` and equals ``construct_fixed(keys[b],
+  factsets[b])`` to float tolerance; the bucket solves are vmapped, the
+  value codes solved member by member); all members are verified, and
   failing buckets are refit in float64. ``code_dim=None`` picks the smallest
   ``m`` of the search that suits every member.
 
@@ -593,9 +625,9 @@ def construct_batched(factsets: FactSet, key: Array | int = 0,
         f'(member, value): {pairs[:20]}; use a larger code_dim')
   code_dim = min(m, dim)
 
-  build = jax.jit(jax.vmap(functools.partial(
-      construct_fixed, code_dim=code_dim, bucket_size=bucket_size,
-      activation=config.activation, slack=config.slack, tol=config.tol)))
+  build = functools.partial(
+      _build_members, code_dim=code_dim, bucket_size=bucket_size,
+      activation=config.activation, slack=config.slack, tol=config.tol)
   with single_threaded_blas():
     model, codes, rho, parts = jax.block_until_ready(
         build(member_keys, factsets))
