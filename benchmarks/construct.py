@@ -38,11 +38,12 @@ untied, with a random many-to-one map that uses every value at least once):
   (``2 * 2048^3`` FLOPs), and the fraction of it the solves achieve.
 * ``foreign_cpu``: CPU time other processes used during each timed block
   (``/proc/stat`` busy time minus this process's own). On a shared 2-core
-  machine the batched LAPACK bucket solves slow down 10-100x under
-  contention (and 100x when OpenBLAS is left multi-threaded inside them,
-  which ``construct`` prevents with ``single_threaded_blas``), so the table
-  flags (``other%``) timings taken while the machine
-  was not quiet.
+  machine a busy neighbour about halves the throughput of the batched LAPACK
+  bucket solves (and stalls them 10-100x when OpenBLAS is left
+  multi-threaded inside them, which ``construct`` prevents with
+  ``single_threaded_blas``), so the table flags (``other%``) timings taken
+  while the machine was not quiet; sizes are rerun (``--max_attempts``)
+  after waiting for a quiet machine (``--quiet_wait_s``).
 
 Usage::
 
@@ -122,11 +123,12 @@ class ForeignCpu:
   """CPU time other processes used on this machine while the block ran.
 
   Busy time of all cores (``/proc/stat``) minus this process's own CPU time
-  (``getrusage``). The per-bucket solves are jaxlib batched LAPACK calls
-  (QR, triangular solves) that slow down by 10-100x when another process
-  competes for the cores, so timings with a large ``foreign_fraction`` (share
-  of the block's core-seconds taken by other processes) are not
-  representative. ``None`` where ``/proc/stat`` is unavailable.
+  (``getrusage``). On 2 cores one busy neighbour roughly halves throughput
+  (measured: ``build_gadgets`` at N = 4096 went from 0.05 s to 0.11 s with
+  one-thread BLAS, and stalled for ~20 s per call with OpenBLAS left
+  multi-threaded), so timings with a large ``fraction`` (share of the block's
+  core-seconds taken by other processes) are not representative. ``None``
+  where ``/proc/stat`` is unavailable.
   """
 
   def __enter__(self):
@@ -482,9 +484,7 @@ def _table(results: list[dict], peak: dict) -> str:
     lines.append(f'WARNING: other processes used > {100 * limit:.0f}% of the '
                  'CPU during some timed blocks (after '
                  f'--max_attempts={FLAGS.max_attempts}); those timings are '
-                 'not representative (the '
-                 'batched LAPACK bucket solves degrade 10-100x under '
-                 'contention).')
+                 'not representative.')
   return '\n'.join(lines)
 
 
