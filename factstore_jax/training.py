@@ -1,0 +1,493 @@
+"""Gradient-descent training of fact-storing MLPs (Optax, jitted, vmappable).
+
+Loss: cross-entropy over the whole value table on logits ``g(k) V^T`` (or MSE
+to ``v_f(i)``); Adam with cosine decay (reference point ``1e-3 -> 1e-6`` over
+``max_steps``). The loop is one jitted program: a ``lax.while_loop`` over
+chunks of ``lax.scan`` steps that stops at the target accuracy, at
+``loss <= loss_tol`` or on a plateau (best accuracy unchanged for
+``patience`` steps). Parameters freeze at the first step that meets the
+target, so the result is the first MLP that stores the facts. Everything is a
+pure function of its inputs: ``vmap`` over seeds and stacked fact sets works,
+and under ``vmap`` finished members stop updating while others go on.
+
+Models trained (both are pytrees of named arrays; ``trainable`` names the
+fields that get gradients, the value table is never trained):
+
+* :class:`~factstore_jax.mlp.GatedMLP` ``[(x U + b_u) * act(x G + b_g)] W + b``;
+* :class:`~factstore_jax.constructions.encoder_decoder.EncoderDecoder`
+  ``D [((x U) * act(x G + b_g)) A]`` (encoder ``w_gate, b_gate, w_up,
+  routing``; decoder ``decoder``).
+
+Logits are computed in the cheaper association: with hidden features
+``z (N, h)`` and read-out ``R (h, d)``, ``z (R V^T)`` when ``h < d``, else
+``(z R) V^T`` (:func:`step_flops` counts the matmul FLOPs of that choice).
+
+Widths sweep in one compiled program: ``hidden_mask (h,)`` zeroes hidden units,
+and :func:`init_gated_mlp` draws weights at the largest width with the scale
+of the active width, so a masked run equals a run at the sliced width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from factstore_jax import storage
+from factstore_jax.constructions import decoders
+from factstore_jax.constructions.encoder_decoder import EncoderDecoder
+from factstore_jax.errors import FactStoreError
+from factstore_jax.factsets import FactSet
+from factstore_jax.mlp import GatedMLP, GatedMLPModule, get_activation
+
+Array = jax.Array
+Model = Any  # GatedMLP | EncoderDecoder
+
+# Why a run stopped (``TrainResult.stop_reason``).
+MAX_STEPS, TARGET_REACHED, LOSS_TOL, PLATEAU = 0, 1, 2, 3
+STOP_REASONS = ('max_steps', 'target_reached', 'loss_tol', 'plateau')
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Static training settings.
+
+  Attributes:
+    learning_rate, final_learning_rate: cosine decay from the first to the
+      second over ``max_steps`` (Adam).
+    max_steps: step budget.
+    chunk_steps: steps per ``lax.scan`` chunk (stop checks run every step;
+      the loop exits at the end of the chunk).
+    loss: ``'xent'`` (cross-entropy over the value table) or ``'mse'``.
+    batch_size: keys per step; ``None`` is full batch.
+    target_accuracy: stop once storage accuracy reaches this.
+    loss_tol: stop once the loss is at or below this.
+    patience: stop when the best accuracy has not improved for this many
+      steps (a hopeless run); ``None`` never stops early for a plateau.
+  """
+  learning_rate: float = 1e-3
+  final_learning_rate: float = 1e-6
+  max_steps: int = 10_000
+  chunk_steps: int = 100
+  loss: str = 'xent'
+  batch_size: int | None = None
+  target_accuracy: float = 1.0
+  loss_tol: float = 1e-7
+  patience: int | None = 2_000
+
+  def validate(self) -> 'TrainConfig':
+    if not self.learning_rate > 0 or not self.final_learning_rate >= 0:
+      raise FactStoreError(
+          f'learning rates must be positive, got {self.learning_rate} -> '
+          f'{self.final_learning_rate}')
+    for name in ('max_steps', 'chunk_steps'):
+      if getattr(self, name) < 1:
+        raise FactStoreError(f'{name} must be >= 1, got {getattr(self, name)}')
+    if self.loss not in ('xent', 'mse'):
+      raise FactStoreError(f"loss must be 'xent' or 'mse', got {self.loss!r}")
+    if self.batch_size is not None and self.batch_size < 1:
+      raise FactStoreError(f'batch_size must be >= 1, got {self.batch_size}')
+    if not 0 < self.target_accuracy <= 1:
+      raise FactStoreError(
+          f'target_accuracy must be in (0, 1], got {self.target_accuracy}')
+    if self.patience is not None and self.patience < 1:
+      raise FactStoreError(f'patience must be >= 1, got {self.patience}')
+    return self
+
+
+class TrainResult(NamedTuple):
+  params: Model        # the trained model (same type as the initial one)
+  steps: Array         # () int, optimiser steps taken
+  accuracy: Array      # () storage accuracy of ``params`` on all keys
+  min_margin: Array    # () minimum margin of ``params``
+  loss: Array          # () training loss at the last step taken
+  stop_reason: Array   # () int, index into ``STOP_REASONS``
+
+
+class _State(NamedTuple):
+  trainable: dict
+  opt_state: Any
+  step: Array
+  best_accuracy: Array
+  best_step: Array
+  done: Array
+  reason: Array
+  loss: Array
+
+
+# --------------------------------------------------------------------------
+# Models: hidden features and read-out.
+
+
+def _features(model: Model, x: Array, hidden_mask: Array | None):
+  """``(z (N, h'), readout (h', d), bias (d,) | None)`` with output ``z R + b``."""
+  act = get_activation(model.activation)
+  gate = x @ model.w_gate
+  if model.b_gate is not None:
+    gate = gate + model.b_gate
+  up = x @ model.w_up
+  if isinstance(model, GatedMLP) and model.b_up is not None:
+    up = up + model.b_up
+  hidden = up * act(gate)
+  if hidden_mask is not None:
+    hidden = hidden * hidden_mask
+  if isinstance(model, EncoderDecoder):
+    return hidden @ model.routing, model.decoder.T, None
+  return hidden, model.w_down, model.b_down
+
+
+def _logits(model: Model, x: Array, values: Array,
+            hidden_mask: Array | None) -> Array:
+  """``(N, P)`` logits in the cheaper association."""
+  z, readout, bias = _features(model, x, hidden_mask)
+  if z.shape[-1] < readout.shape[-1]:
+    out = z @ (readout @ values.T)
+  else:
+    out = (z @ readout) @ values.T
+  if bias is not None:
+    out = out + values @ bias
+  return out
+
+
+def model_outputs(model: Model, x: Array,
+                  hidden_mask: Array | None = None) -> Array:
+  """Outputs ``g(x) (N, d)`` of a GatedMLP or EncoderDecoder."""
+  z, readout, bias = _features(model, x, hidden_mask)
+  out = z @ readout
+  return out if bias is None else out + bias
+
+
+def step_flops(num_keys: int, dim: int, hidden_dim: int, num_values: int, *,
+               code_dim: int | None = None) -> int:
+  """Matmul FLOPs of one training step (forward + backward, no input grad).
+
+  Counts only what the step needs: the value table is fixed (no gradient),
+  keys need no gradient, logits in the cheaper association. ``code_dim``
+  set means the encoder-decoder (read-out ``h -> m -> d``).
+  """
+  n, d, h, p = num_keys, dim, hidden_dim, num_values
+  first = 2 * (2 * n * d * h)          # gate and up
+  first_bwd = 2 * (2 * n * d * h)      # their weight gradients
+  if code_dim is not None:
+    m = code_dim
+    mid = 2 * n * h * m * 2            # routing fwd + weight grad
+    mid += 2 * n * h * m               # grad into hidden
+    r, z_dim = m, m
+  else:
+    mid, r, z_dim = 0, h, h
+  if z_dim < d:  # z (R V^T): table product, logits, two grads, R grad.
+    head = 2 * r * d * p + 3 * (2 * n * z_dim * p) + 2 * r * p * d
+  else:          # (z R) V^T
+    head = 2 * (2 * n * z_dim * d) + 2 * (2 * n * d * p) + 2 * n * z_dim * d
+  return first + first_bwd + mid + head
+
+
+def _loss_and_accuracy(model, x, values, target, loss, mask):
+  lg = _logits(model, x, values, mask)
+  if loss == 'xent':
+    value = optax.softmax_cross_entropy_with_integer_labels(lg, target).mean()
+  else:
+    out = model_outputs(model, x, mask)
+    value = jnp.mean(jnp.sum((out - values[target]) ** 2, axis=-1))
+  correct = jnp.argmax(lg, axis=-1) == target
+  return value, jnp.mean(correct.astype(jnp.float32))
+
+
+def storage_loss(model: Model, factset: FactSet, *, loss: str = 'xent',
+                 hidden_mask: Array | None = None) -> Array:
+  """Training loss of ``model`` on ``factset``: ``()``.
+
+  ``'xent'``: mean cross-entropy of logits ``g(k_i) V^T`` against ``f(i)``;
+  ``'mse'``: mean ``||g(k_i) - v_f(i)||^2``.
+  """
+  keys, values, mapping = factset
+  return _loss_and_accuracy(model, keys, values.astype(keys.dtype), mapping,
+                            loss, hidden_mask)[0]
+
+
+# --------------------------------------------------------------------------
+# Initialisation.
+
+
+def init_gated_mlp(key: Array, dim: int, hidden_dim: int, *,
+                   width: int | Array | None = None,
+                   activation: str = 'identity', gate_bias: bool = False,
+                   up_bias: bool = False, down_bias: bool = False,
+                   dtype=jnp.float32) -> GatedMLP:
+  """Random gated MLP drawn at ``hidden_dim``, scaled for active ``width``.
+
+  ``w_gate, w_up ~ N(0, 1/d)``, ``w_down ~ N(0, 1/width)``, biases zero.
+  Draws are nested: the first ``w`` units are the same for every
+  ``hidden_dim >= w``, so width sweeps compare like with like. ``width`` may be
+  traced; units ``>= width`` are zeroed.
+  """
+  get_activation(activation)
+  width = hidden_dim if width is None else width
+  k_gate, k_up, k_down = jax.random.split(key, 3)
+  normal = lambda k, shape: jax.random.normal(k, shape, dtype)
+  mask = hidden_mask(hidden_dim, width, dtype)
+  zeros = lambda n, on: jnp.zeros((n,), dtype) if on else None
+  scale_in = 1 / jnp.sqrt(jnp.asarray(dim, dtype))
+  scale_out = 1 / jnp.sqrt(jnp.asarray(width, dtype))
+  return GatedMLP(
+      w_gate=normal(k_gate, (hidden_dim, dim)).T * scale_in * mask,
+      w_up=normal(k_up, (hidden_dim, dim)).T * scale_in * mask,
+      w_down=normal(k_down, (hidden_dim, dim)) * scale_out * mask[:, None],
+      b_gate=zeros(hidden_dim, gate_bias), b_up=zeros(hidden_dim, up_bias),
+      b_down=zeros(dim, down_bias), activation=activation)
+
+
+def hidden_mask(hidden_dim: int, width: int | Array, dtype=jnp.float32) -> Array:
+  """``(hidden_dim,)`` mask, 1 on the first ``width`` units."""
+  return (jnp.arange(hidden_dim) < width).astype(dtype)
+
+
+def init_encoder_decoder(key: Array, dim: int, hidden_dim: int, code_dim: int,
+                         *, width: int | Array | None = None,
+                         activation: str = 'identity',
+                         dtype=jnp.float32) -> EncoderDecoder:
+  """Random encoder ``d -> h -> m`` and JL decoder ``D (d, m)``.
+
+  Same nesting and width rule as :func:`init_gated_mlp`; the decoder is
+  :func:`~factstore_jax.constructions.decoders.jl_decoder`.
+  """
+  k_mlp, k_dec = jax.random.split(key)
+  mlp = init_gated_mlp(k_mlp, dim, hidden_dim, width=width,
+                       activation=activation, gate_bias=True, dtype=dtype)
+  k_route = jax.random.fold_in(k_mlp, 1)
+  width = hidden_dim if width is None else width
+  routing = (jax.random.normal(k_route, (hidden_dim, code_dim), dtype)
+             / jnp.sqrt(jnp.asarray(width, dtype))
+             * hidden_mask(hidden_dim, width, dtype)[:, None])
+  return EncoderDecoder(
+      w_gate=mlp.w_gate, b_gate=mlp.b_gate, w_up=mlp.w_up, routing=routing,
+      decoder=decoders.jl_decoder(k_dec, dim, code_dim, dtype),
+      activation=activation)
+
+
+# --------------------------------------------------------------------------
+# The loop.
+
+
+def _check_fit_args(model, factset, trainable, config):
+  config.validate()
+  if not isinstance(model, (GatedMLP, EncoderDecoder)):
+    raise FactStoreError(
+        f'model must be a GatedMLP or EncoderDecoder, got {type(model).__name__}')
+  fields = [f.name for f in dataclasses.fields(model) if f.name != 'activation']
+  if not trainable:
+    raise FactStoreError('trainable names no field; nothing would train')
+  for name in trainable:
+    if name not in fields:
+      raise FactStoreError(
+          f'trainable field {name!r} is not one of {fields}')
+    if getattr(model, name) is None:
+      raise FactStoreError(f'trainable field {name!r} is None in this model')
+  keys, values, mapping = factset
+  if keys.ndim != 2 or values.ndim != 2 or mapping.ndim != 1:
+    raise FactStoreError(
+        'fit takes one fact set: keys (N, d), values (P, d), mapping (N,); '
+        f'got {keys.shape}, {values.shape}, {mapping.shape} (vmap over '
+        'stacked fact sets instead)')
+  if keys.shape[1] != model.w_gate.shape[0]:
+    raise FactStoreError(
+        f'keys have dim {keys.shape[1]} but the model takes '
+        f'{model.w_gate.shape[0]}')
+  if config.batch_size is not None and config.batch_size > keys.shape[0]:
+    raise FactStoreError(
+        f'batch_size {config.batch_size} exceeds the {keys.shape[0]} keys')
+
+
+def optimizer(config: TrainConfig) -> optax.GradientTransformation:
+  """Adam with cosine decay ``learning_rate -> final_learning_rate``."""
+  schedule = optax.cosine_decay_schedule(
+      config.learning_rate, config.max_steps,
+      alpha=config.final_learning_rate / config.learning_rate)
+  return optax.adam(schedule)
+
+
+def fit(model: Model, factset: FactSet, *,
+        trainable: Sequence[str] | None = None,
+        config: TrainConfig = TrainConfig(),
+        hidden_mask: Array | None = None,
+        key: Array | None = None) -> TrainResult:
+  """Trains ``model`` to store ``factset`` (one fact set; ``vmap`` for more).
+
+  Args:
+    model: a GatedMLP or EncoderDecoder (its initial weights).
+    factset: keys ``(N, d)``, values ``(P, d)``, mapping ``(N,)``.
+    trainable: fields to train; default every weight and bias of a GatedMLP,
+      the encoder of an EncoderDecoder.
+    config: :class:`TrainConfig` (static).
+    hidden_mask: optional ``(h,)`` 0/1 mask of active hidden units.
+    key: PRNG key for minibatches (required when ``config.batch_size``).
+
+  Returns:
+    :class:`TrainResult`; ``params`` is the model at the stopping step.
+  """
+  if trainable is None:
+    if isinstance(model, EncoderDecoder):
+      trainable = ('w_gate', 'b_gate', 'w_up', 'routing')
+    else:
+      trainable = tuple(n for n in ('w_gate', 'w_up', 'w_down', 'b_gate',
+                                    'b_up', 'b_down')
+                        if getattr(model, n, None) is not None)
+  trainable = tuple(trainable)
+  _check_fit_args(model, factset, trainable, config)
+  if config.batch_size is not None and key is None:
+    raise FactStoreError('minibatch training (batch_size set) needs a key')
+  if key is None:
+    key = jax.random.key(0)
+  return _fit(model, factset, hidden_mask, key, trainable=trainable,
+              config=config)
+
+
+@jax.jit(static_argnames=('trainable', 'config'))
+def _fit(model, factset, mask, key, *, trainable, config):
+  keys, values, mapping = factset
+  values = values.astype(keys.dtype)
+  opt = optimizer(config)
+  params0 = {n: getattr(model, n) for n in trainable}
+
+  def loss_fn(params, x, target):
+    return _loss_and_accuracy(model.replace(**params), x, values, target,
+                              config.loss, mask)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  full_accuracy = lambda params: loss_fn(params, keys, mapping)[1]
+
+  def step(state: _State, step_key):
+    if config.batch_size is None:
+      (loss, accuracy), grads = grad_fn(state.trainable, keys, mapping)
+    else:
+      idx = jax.random.choice(step_key, keys.shape[0], (config.batch_size,),
+                              replace=False)
+      (loss, _), grads = grad_fn(state.trainable, keys[idx], mapping[idx])
+      accuracy = full_accuracy(state.trainable)
+    reached = accuracy >= config.target_accuracy
+    small_loss = loss <= config.loss_tol
+    improved = accuracy > state.best_accuracy
+    best_step = jnp.where(improved, state.step, state.best_step)
+    plateau = (jnp.asarray(False) if config.patience is None
+               else state.step - best_step >= config.patience)
+    out_of_steps = state.step >= config.max_steps
+    stop = reached | small_loss | plateau | out_of_steps
+    reason = jnp.select([reached, small_loss, plateau],
+                        [TARGET_REACHED, LOSS_TOL, PLATEAU], MAX_STEPS)
+    updates, opt_state = opt.update(grads, state.opt_state, state.trainable)
+    new = _State(
+        trainable=optax.apply_updates(state.trainable, updates),
+        opt_state=opt_state, step=state.step + 1,
+        best_accuracy=jnp.maximum(accuracy, state.best_accuracy),
+        best_step=best_step, done=stop, reason=reason, loss=loss)
+    frozen = state._replace(done=jnp.asarray(True))
+    halt = state.done | stop
+    frozen = frozen._replace(
+        reason=jnp.where(state.done, state.reason, reason),
+        loss=jnp.where(state.done, state.loss, loss))
+    return jax.tree.map(lambda a, b: jnp.where(halt, a, b), frozen, new), None
+
+  def chunk(carry):
+    state, key = carry
+    key, sub = jax.random.split(key)
+    state, _ = jax.lax.scan(step, state,
+                            jax.random.split(sub, config.chunk_steps))
+    return state, key
+
+  state = _State(
+      trainable=params0, opt_state=opt.init(params0),
+      step=jnp.asarray(0, jnp.int32), best_accuracy=jnp.asarray(-1.0),
+      best_step=jnp.asarray(0, jnp.int32), done=jnp.asarray(False),
+      reason=jnp.asarray(MAX_STEPS, jnp.int32),
+      loss=jnp.asarray(jnp.inf, keys.dtype))
+  state, _ = jax.lax.while_loop(lambda c: ~c[0].done, chunk, (state, key))
+  trained = model.replace(**state.trainable)
+  gamma = storage.margins(model_outputs(trained, keys, mask), values, mapping)
+  return TrainResult(
+      params=trained, steps=state.step,
+      accuracy=jnp.mean((gamma > 0).astype(jnp.float32)),
+      min_margin=jnp.min(gamma), loss=state.loss, stop_reason=state.reason)
+
+
+# --------------------------------------------------------------------------
+# Entry points.
+
+
+def train_mlp(key: Array, factset: FactSet, hidden_dim: int, *,
+              width: int | Array | None = None,
+              config: TrainConfig = TrainConfig(),
+              activation: str = 'identity', gate_bias: bool = False,
+              up_bias: bool = False, down_bias: bool = False) -> TrainResult:
+  """Trains a random gated MLP of hidden width ``hidden_dim`` (or the first
+  ``width`` units of it; ``width`` may be traced) on ``factset``.
+
+  The reference setting is ``activation='identity'`` (a bilinear MLP) with no
+  biases. ``jax.vmap`` over ``key`` (seeds), ``factset`` (stacked) or
+  ``width`` runs many trainings in one compiled program.
+  """
+  keys = factset.keys
+  k_init, k_batch = jax.random.split(key)
+  model = init_gated_mlp(k_init, keys.shape[-1], hidden_dim, width=width,
+                         activation=activation, gate_bias=gate_bias,
+                         up_bias=up_bias, down_bias=down_bias,
+                         dtype=keys.dtype)
+  mask = None if width is None else hidden_mask(hidden_dim, width, keys.dtype)
+  return fit(model, factset, config=config, hidden_mask=mask, key=k_batch)
+
+
+def train_encoder_decoder(key: Array, factset: FactSet, hidden_dim: int,
+                          code_dim: int, *, width: int | Array | None = None,
+                          train: str = 'encoder',
+                          config: TrainConfig = TrainConfig(),
+                          activation: str = 'identity') -> TrainResult:
+  """GD on the encoder-decoder architecture from random initialisation.
+
+  ``train`` in ``{'encoder', 'decoder', 'both'}``; the JL decoder stays fixed
+  unless trained.
+  """
+  keys = factset.keys
+  k_init, k_batch = jax.random.split(key)
+  model = init_encoder_decoder(k_init, keys.shape[-1], hidden_dim, code_dim,
+                               width=width, activation=activation,
+                               dtype=keys.dtype)
+  mask = None if width is None else hidden_mask(hidden_dim, width, keys.dtype)
+  return fit(model, factset, trainable=encoder_decoder_fields(train),
+             config=config, hidden_mask=mask, key=k_batch)
+
+
+def encoder_decoder_fields(train: str) -> tuple[str, ...]:
+  """Fields of an EncoderDecoder that ``train`` names."""
+  encoder = ('w_gate', 'b_gate', 'w_up', 'routing')
+  choices = {'encoder': encoder, 'decoder': ('decoder',),
+             'both': encoder + ('decoder',)}
+  if train not in choices:
+    raise FactStoreError(
+        f'train must be one of {sorted(choices)}, got {train!r}')
+  return choices[train]
+
+
+def finetune(model: EncoderDecoder, factset: FactSet, *, train: str = 'both',
+             config: TrainConfig = TrainConfig()) -> TrainResult:
+  """GD from a constructed encoder-decoder (e.g. ``construct(...).model``).
+
+  The clipped gate has zero gradient where it saturates, so gate rows move
+  only for keys inside a window's ramps; routing and decoder always move.
+  """
+  return fit(model, factset, trainable=encoder_decoder_fields(train),
+             config=config)
+
+
+def fit_module(module: GatedMLPModule, factset: FactSet, *,
+               config: TrainConfig = TrainConfig(),
+               key: Array | None = None) -> TrainResult:
+  """Trains a :class:`GatedMLPModule` in place; returns the result."""
+  result = fit(module.to_params(), factset, config=config, key=key)
+  trained = result.params
+  for name in ('w_gate', 'w_up', 'w_down', 'b_gate', 'b_up', 'b_down'):
+    param = getattr(module, name)
+    if param is not None:
+      param[...] = getattr(trained, name)
+  return result

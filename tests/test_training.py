@@ -1,0 +1,224 @@
+"""Tests for GD training (factstore_jax.training)."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from factstore_jax import factsets, training
+from factstore_jax.constructions.encoder_decoder import construct
+from factstore_jax.errors import FactStoreError
+from factstore_jax.mlp import GatedMLPModule
+
+FAST = training.TrainConfig(max_steps=3_000, chunk_steps=50,
+                            learning_rate=1e-2, final_learning_rate=1e-4)
+
+
+@pytest.fixture(scope='module')
+def small():
+  return factsets.random_factset(jax.random.key(0), 64, 32, tied=True)
+
+
+def test_stores_small_factset(small):
+  result = training.train_mlp(jax.random.key(1), small, 32, config=FAST)
+  assert float(result.accuracy) == 1.0
+  assert float(result.min_margin) > 0
+  assert training.STOP_REASONS[int(result.stop_reason)] == 'target_reached'
+  assert 0 < int(result.steps) < FAST.max_steps
+  chex.assert_shape(result.params.w_gate, (32, 32))
+  chex.assert_shape(result.params.w_down, (32, 32))
+
+
+def test_stops_at_first_perfect_step(small):
+  # Rerunning with the step budget the first run used gives the same params.
+  first = training.train_mlp(jax.random.key(1), small, 32, config=FAST)
+  steps = int(first.steps)
+  capped = training.TrainConfig(
+      max_steps=FAST.max_steps, chunk_steps=steps, learning_rate=1e-2,
+      final_learning_rate=1e-4)
+  again = training.train_mlp(jax.random.key(1), small, 32, config=capped)
+  assert int(again.steps) == steps
+  chex.assert_trees_all_close(first.params, again.params, rtol=1e-5, atol=1e-6)
+
+
+def test_deterministic(small):
+  a = training.train_mlp(jax.random.key(3), small, 16, config=FAST)
+  b = training.train_mlp(jax.random.key(3), small, 16, config=FAST)
+  chex.assert_trees_all_equal(a, b)
+
+
+def test_vmap_over_seeds_equals_loop(small):
+  cfg = training.TrainConfig(max_steps=200, chunk_steps=50, learning_rate=1e-2)
+  seeds = jax.random.split(jax.random.key(4), 3)
+  batched = jax.vmap(lambda k: training.train_mlp(k, small, 16, config=cfg))(
+      seeds)
+  for i in range(3):
+    one = training.train_mlp(seeds[i], small, 16, config=cfg)
+    member = jax.tree.map(lambda x: x[i], batched)
+    assert int(member.steps) == int(one.steps)
+    chex.assert_trees_all_close(member.params, one.params, rtol=1e-4,
+                                atol=1e-5)
+
+
+def test_masked_width_equals_sliced_width(small):
+  # Nested draws: the first 10 units at hidden width 24 (active width 10)
+  # equal a width-10 init; the rest are zero.
+  init24 = training.init_gated_mlp(jax.random.key(0), 32, 24, width=10)
+  init10 = training.init_gated_mlp(jax.random.key(0), 32, 10)
+  np.testing.assert_allclose(init24.w_gate[:, :10], init10.w_gate, rtol=1e-6)
+  np.testing.assert_allclose(init24.w_down[:10], init10.w_down, rtol=1e-6)
+  assert float(jnp.abs(init24.w_down[10:]).max()) == 0.0
+  # Training with the mask matches training the narrow model.
+  cfg = training.TrainConfig(max_steps=100, chunk_steps=50, patience=None,
+                             learning_rate=1e-2)
+  masked = training.train_mlp(jax.random.key(5), small, 24, width=10,
+                              config=cfg)
+  narrow = training.train_mlp(jax.random.key(5), small, 10, config=cfg)
+  assert float(jnp.abs(masked.params.w_up[:, 10:]).max()) == 0.0
+  assert float(jnp.abs(masked.params.w_down[10:]).max()) == 0.0
+  np.testing.assert_allclose(masked.params.w_up[:, :10], narrow.params.w_up,
+                             rtol=1e-3, atol=1e-4)
+  np.testing.assert_allclose(masked.loss, narrow.loss, rtol=1e-4)
+
+
+def test_vmap_over_widths(small):
+  cfg = training.TrainConfig(max_steps=100, chunk_steps=50, patience=None,
+                             learning_rate=1e-2)
+  widths = jnp.array([4, 8, 16])
+  run = lambda w: training.train_mlp(jax.random.key(6), small, 16, width=w,
+                                     config=cfg)
+  batched = jax.vmap(run)(widths)
+  for i, w in enumerate([4, 8, 16]):
+    one = run(w)
+    np.testing.assert_allclose(batched.accuracy[i], one.accuracy, atol=1e-6)
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda x: x[i], batched.params), one.params, rtol=1e-4,
+        atol=1e-5)
+
+
+def test_plateau_stops_hopeless_run(small):
+  cfg = training.TrainConfig(max_steps=5_000, chunk_steps=50, patience=100)
+  result = training.train_mlp(jax.random.key(7), small, 1, config=cfg)
+  assert training.STOP_REASONS[int(result.stop_reason)] == 'plateau'
+  assert int(result.steps) < 5_000
+  assert float(result.accuracy) < 1.0
+
+
+def test_max_steps_reason(small):
+  cfg = training.TrainConfig(max_steps=10, chunk_steps=3, patience=None)
+  result = training.train_mlp(jax.random.key(7), small, 2, config=cfg)
+  assert int(result.steps) == 10
+  assert training.STOP_REASONS[int(result.stop_reason)] == 'max_steps'
+
+
+@pytest.mark.parametrize('activation', ['identity', 'relu', 'silu'])
+def test_activations_and_biases(small, activation):
+  result = training.train_mlp(
+      jax.random.key(8), small, 48, config=FAST, activation=activation,
+      gate_bias=True, up_bias=True, down_bias=True)
+  assert float(result.accuracy) == 1.0
+  assert result.params.b_down is not None
+
+
+def test_mse_and_minibatch(small):
+  mse = training.TrainConfig(max_steps=3_000, chunk_steps=100, loss='mse',
+                             learning_rate=1e-2, final_learning_rate=1e-4)
+  result = training.train_mlp(jax.random.key(9), small, 48, config=mse)
+  assert float(result.accuracy) == 1.0
+  mini = training.TrainConfig(max_steps=3_000, chunk_steps=100, batch_size=16,
+                              learning_rate=1e-2, final_learning_rate=1e-4)
+  result = training.train_mlp(jax.random.key(9), small, 32, config=mini)
+  assert float(result.accuracy) == 1.0
+
+
+def test_encoder_decoder_gd_trains_only_named_fields(small):
+  result = training.train_encoder_decoder(
+      jax.random.key(10), small, 48, 16, config=FAST, train='encoder')
+  init = training.init_encoder_decoder(
+      jax.random.split(jax.random.key(10))[0], 32, 48, 16)
+  np.testing.assert_array_equal(result.params.decoder, init.decoder)
+  assert not np.allclose(result.params.routing, init.routing)
+  assert float(result.accuracy) == 1.0
+  dec = training.train_encoder_decoder(
+      jax.random.key(10), small, 48, 16, config=training.TrainConfig(
+          max_steps=20, chunk_steps=10), train='decoder')
+  np.testing.assert_array_equal(dec.params.w_up, init.w_up)
+
+
+def test_finetune_from_construction_keeps_storage():
+  fs = factsets.random_factset(jax.random.key(11), 256, 32, tied=True)
+  built = construct(fs, key=0)
+  result = training.finetune(built.model, fs, train='both', config=FAST)
+  assert float(result.accuracy) == 1.0
+  assert int(result.steps) == 0  # already stores every fact
+
+
+def test_fit_module_updates_in_place(small):
+  module = GatedMLPModule(training.init_gated_mlp(jax.random.key(12), 32, 32))
+  result = training.fit_module(module, small, config=FAST)
+  chex.assert_trees_all_close(module.to_params(), result.params)
+  assert float(result.accuracy) == 1.0
+
+
+def test_loss_gradients():
+  with jax.enable_x64(True):
+    fs = factsets.random_factset(jax.random.key(13), 16, 8, tied=True,
+                                 dtype=jnp.float64)
+    model = training.init_gated_mlp(jax.random.key(14), 8, 6,
+                                    activation='silu', gate_bias=True,
+                                    dtype=jnp.float64)
+    for loss in ('xent', 'mse'):
+      fn = lambda w_up, w_down: training.storage_loss(
+          model.replace(w_up=w_up, w_down=w_down), fs, loss=loss)
+      check_grads(fn, (model.w_up, model.w_down), order=1, modes=['rev'])
+
+
+def test_step_flops_association():
+  # h < d: z (R V^T) path; h >= d: (z R) V^T path.
+  n, d, p = 100, 16, 50
+  assert training.step_flops(n, d, 8, p) == (
+      8 * n * d * 8 + 2 * 8 * d * p + 6 * n * 8 * p + 2 * 8 * p * d)
+  assert training.step_flops(n, d, 32, p) == (
+      8 * n * d * 32 + 4 * n * 32 * d + 4 * n * d * p + 2 * n * 32 * d)
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(max_steps=0), 'max_steps'),
+    (dict(chunk_steps=0), 'chunk_steps'),
+    (dict(loss='hinge'), 'loss'),
+    (dict(learning_rate=0.0), 'learning rate'),
+    (dict(target_accuracy=0.0), 'target_accuracy'),
+    (dict(patience=0), 'patience'),
+    (dict(batch_size=0), 'batch_size'),
+])
+def test_config_errors(small, kwargs, match):
+  with pytest.raises(FactStoreError, match=match):
+    training.train_mlp(jax.random.key(0), small, 4,
+                       config=training.TrainConfig(**kwargs))
+
+
+def test_fit_errors(small):
+  model = training.init_gated_mlp(jax.random.key(0), 32, 4)
+  with pytest.raises(FactStoreError, match='not one of'):
+    training.fit(model, small, trainable=('w_nope',))
+  with pytest.raises(FactStoreError, match='is None'):
+    training.fit(model, small, trainable=('b_gate',))
+  with pytest.raises(FactStoreError, match='nothing would train'):
+    training.fit(model, small, trainable=())
+  with pytest.raises(FactStoreError, match='needs a key'):
+    training.fit(model, small, config=training.TrainConfig(batch_size=8))
+  with pytest.raises(FactStoreError, match='exceeds'):
+    training.fit(model, small, key=jax.random.key(0),
+                 config=training.TrainConfig(batch_size=1000))
+  with pytest.raises(FactStoreError, match='dim'):
+    other = factsets.random_factset(jax.random.key(0), 16, 8)
+    training.fit(model, other)
+  with pytest.raises(FactStoreError, match='train must be'):
+    training.train_encoder_decoder(jax.random.key(0), small, 8, 4,
+                                   train='all')
+  with pytest.raises(FactStoreError, match='GatedMLP or EncoderDecoder'):
+    training.fit({'w': 1}, small)
