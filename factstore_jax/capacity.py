@@ -17,7 +17,7 @@ Fits: :func:`loglog_slope` (``W ~ N^s``) and :func:`fit_n_log_n`
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Generator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -30,11 +30,74 @@ class WidthSearch(NamedTuple):
   rounds: int                # calls of ``evaluate``
 
 
+def _check_search(start, max_width, min_width, batch, growth, rel_tol):
+  if not 1 <= min_width <= max_width:
+    raise FactStoreError(
+        f'need 1 <= min_width <= max_width, got {min_width}, {max_width}')
+  if not min_width <= start <= max_width:
+    raise FactStoreError(
+        f'start {start} is outside [{min_width}, {max_width}]')
+  if batch < 1 or growth <= 1 or rel_tol < 0:
+    raise FactStoreError(
+        f'need batch >= 1, growth > 1, rel_tol >= 0; got {batch}, {growth}, '
+        f'{rel_tol}')
+
+
+def _search(*, start, max_width, min_width, threshold, batch, rel_tol,
+            growth) -> Generator[list[int], list[float], WidthSearch]:
+  """The search as a generator: yields widths, receives their accuracies."""
+  tested: dict[int, float] = {}
+  rounds = 0
+
+  def run(widths):
+    nonlocal rounds
+    widths = sorted({int(w) for w in widths} - set(tested))
+    if not widths:
+      return
+    accs = yield widths
+    if len(accs) != len(widths):
+      raise FactStoreError(
+          f'evaluate returned {len(accs)} accuracies for {len(widths)} widths')
+    tested.update({w: float(a) for w, a in zip(widths, accs)})
+    rounds += 1
+
+  def bounds():
+    passed = [w for w, a in tested.items() if a >= threshold]
+    hi = min(passed) if passed else None
+    failed = [w for w, a in tested.items()
+              if a < threshold and (hi is None or w < hi)]
+    return (max(failed) if failed else None), hi
+
+  yield from run([start])
+  lo, hi = bounds()
+  # Grow (or shrink) geometrically until the answer is bracketed.
+  while hi is None and max(tested) < max_width:
+    top = max(tested)
+    yield from run([min(max_width, math.ceil(top * growth ** (i + 1)))
+                    for i in range(batch)])
+    lo, hi = bounds()
+  if hi is None:
+    return WidthSearch(None, tested, rounds)
+  while lo is None and min(tested) > min_width:
+    bottom = min(tested)
+    yield from run([max(min_width, math.floor(bottom / growth ** (i + 1)))
+                    for i in range(batch)])
+    lo, hi = bounds()
+  lo = min_width - 1 if lo is None else lo
+  # Split the bracket (lo, hi) into batch + 1 parts until adjacent.
+  while hi - lo > 1 and hi - lo > rel_tol * hi:
+    step = (hi - lo) / (batch + 1)
+    yield from run({min(hi - 1, max(lo + 1, round(lo + step * (i + 1))))
+                    for i in range(batch)})
+    new_lo, hi = bounds()
+    lo = lo if new_lo is None else max(lo, new_lo)
+  return WidthSearch(hi, tested, rounds)
+
+
 def search_width(evaluate: Callable[[Sequence[int]], Sequence[float]], *,
                  start: int, max_width: int, min_width: int = 1,
                  threshold: float = 1.0, batch: int = 1,
-                 rel_tol: float = 0.0,
-                 growth: float = 2.0) -> WidthSearch:
+                 rel_tol: float = 0.0, growth: float = 2.0) -> WidthSearch:
   """Smallest integer width in ``[min_width, max_width]`` meeting ``threshold``.
 
   Args:
@@ -50,64 +113,48 @@ def search_width(evaluate: Callable[[Sequence[int]], Sequence[float]], *,
   Returns:
     :class:`WidthSearch`.
   """
-  if not 1 <= min_width <= max_width:
-    raise FactStoreError(
-        f'need 1 <= min_width <= max_width, got {min_width}, {max_width}')
-  if not min_width <= start <= max_width:
-    raise FactStoreError(
-        f'start {start} is outside [{min_width}, {max_width}]')
-  if batch < 1 or growth <= 1 or rel_tol < 0:
-    raise FactStoreError(
-        f'need batch >= 1, growth > 1, rel_tol >= 0; got {batch}, {growth}, '
-        f'{rel_tol}')
-  tested: dict[int, float] = {}
-  rounds = 0
+  return search_widths(lambda members, widths: evaluate(widths), [start],
+                       max_width=max_width, min_width=min_width,
+                       threshold=threshold, batch=batch, rel_tol=rel_tol,
+                       growth=growth)[0]
 
-  def run(widths):
-    nonlocal rounds
-    widths = sorted({int(w) for w in widths} - set(tested))
-    if not widths:
-      return
-    accs = evaluate(widths)
+
+def search_widths(evaluate: Callable[[Sequence[int], Sequence[int]],
+                                     Sequence[float]],
+                  starts: Sequence[int], **kwargs) -> list[WidthSearch]:
+  """Several searches (e.g. one per seed) run in lockstep.
+
+  Each round gathers every unfinished search's widths into one call
+  ``evaluate(members, widths)`` (parallel lists: member ``members[j]`` at
+  width ``widths[j]``), so a method can train them all in one vmapped,
+  masked program. Keyword arguments as :func:`search_width`.
+  """
+  kwargs = dict(dict(min_width=1, threshold=1.0, batch=1, rel_tol=0.0,
+                     growth=2.0), **kwargs)
+  for start in starts:
+    _check_search(start, kwargs['max_width'], kwargs['min_width'],
+                  kwargs['batch'], kwargs['growth'], kwargs['rel_tol'])
+  searches = [_search(start=s, **kwargs) for s in starts]
+  results: list[WidthSearch | None] = [None] * len(starts)
+  pending = {}
+  for i, gen in enumerate(searches):
+    pending[i] = next(gen)
+  while pending:
+    members = [i for i, ws in pending.items() for _ in ws]
+    widths = [w for ws in pending.values() for w in ws]
+    accs = list(evaluate(members, widths))
     if len(accs) != len(widths):
       raise FactStoreError(
           f'evaluate returned {len(accs)} accuracies for {len(widths)} widths')
-    tested.update({w: float(a) for w, a in zip(widths, accs)})
-    rounds += 1
-
-  def bounds():
-    passed = [w for w, a in tested.items() if a >= threshold]
-    hi = min(passed) if passed else None
-    failed = [w for w, a in tested.items()
-              if a < threshold and (hi is None or w < hi)]
-    lo = max(failed) if failed else None
-    return lo, hi
-
-  run([start])
-  lo, hi = bounds()
-  # Grow (or shrink) geometrically until the answer is bracketed.
-  while hi is None and max(tested) < max_width:
-    top = max(tested)
-    run([min(max_width, math.ceil(top * growth ** (i + 1)))
-         for i in range(batch)])
-    lo, hi = bounds()
-  if hi is None:
-    return WidthSearch(None, tested, rounds)
-  while lo is None and min(tested) > min_width:
-    bottom = min(tested)
-    run([max(min_width, math.floor(bottom / growth ** (i + 1)))
-         for i in range(batch)])
-    lo, hi = bounds()
-  lo = min_width - 1 if lo is None else lo
-  # Split the bracket (lo, hi) into batch + 1 parts until adjacent.
-  while hi - lo > 1 and hi - lo > rel_tol * hi:
-    step = (hi - lo) / (batch + 1)
-    widths = {min(hi - 1, max(lo + 1, round(lo + step * (i + 1))))
-              for i in range(batch)}
-    run(widths)
-    new_lo, hi = bounds()
-    lo = lo if new_lo is None else max(lo, new_lo)
-  return WidthSearch(hi, tested, rounds)
+    offset, nxt = 0, {}
+    for i, ws in pending.items():
+      try:
+        nxt[i] = searches[i].send(accs[offset:offset + len(ws)])
+      except StopIteration as stop:
+        results[i] = stop.value
+      offset += len(ws)
+    pending = nxt
+  return results
 
 
 # --------------------------------------------------------------------------

@@ -93,3 +93,21 @@ def test_fits_recover_known_laws():
   with pytest.raises(FactStoreError, match='distinct'):
     capacity.loglog_slope([4, 4], [1, 2])
   assert capacity.info_floor(1024, 1024) == pytest.approx(1024 * 10 / 32)
+
+
+def test_lockstep_searches_match_single_searches():
+  truths = [5, 40, 77]
+  calls = []
+
+  def evaluate(members, widths):
+    calls.append(len(widths))
+    return [1.0 if w >= truths[m] else 0.0 for m, w in zip(members, widths)]
+
+  results = capacity.search_widths(evaluate, [16, 16, 16], max_width=128,
+                                   batch=2)
+  assert [r.width for r in results] == truths
+  for truth, result in zip(truths, results):
+    single = capacity.search_width(step_oracle(truth, []), start=16,
+                                   max_width=128, batch=2)
+    assert set(single.tested) == set(result.tested)
+  assert len(calls) == max(r.rounds for r in results)
