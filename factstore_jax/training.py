@@ -139,17 +139,68 @@ def _features(model: Model, x: Array, hidden_mask: Array | None):
   return hidden, model.w_down, model.b_down
 
 
+def _head(model: Model, x: Array, values: Array, hidden_mask: Array | None):
+  """``(z (N, r), table (r, P), offset (P,) | None)``: logits ``z table + o``.
+
+  Picks the cheaper association: ``z (R V^T)`` when ``h < d``, else
+  ``(z R) V^T``.
+  """
+  z, readout, bias = _features(model, x, hidden_mask)
+  if z.shape[-1] < readout.shape[-1]:
+    table = readout @ values.T
+  else:
+    z, table = z @ readout, values.T
+  return z, table, None if bias is None else values @ bias
+
+
 def _logits(model: Model, x: Array, values: Array,
             hidden_mask: Array | None) -> Array:
   """``(N, P)`` logits in the cheaper association."""
-  z, readout, bias = _features(model, x, hidden_mask)
-  if z.shape[-1] < readout.shape[-1]:
-    out = z @ (readout @ values.T)
-  else:
-    out = (z @ readout) @ values.T
-  if bias is not None:
-    out = out + values @ bias
-  return out
+  z, table, offset = _head(model, x, values, hidden_mask)
+  out = z @ table
+  return out if offset is None else out + offset
+
+
+@jax.custom_vjp
+def _xent_head(z: Array, table: Array, offset: Array | None, target: Array):
+  """Mean cross-entropy and accuracy of logits ``z table + offset``.
+
+  A custom VJP keeps the ``(N, P)`` work to one logits matmul, one
+  max/sum pass, one fused pass writing ``softmax - onehot``, and two
+  plain matmuls (XLA's own derivative used a scatter and a transposed-operand
+  matmul, twice as slow on CPU). Accuracy counts strict wins over every
+  other value (ties fail).
+  """
+  return _xent_head_fwd(z, table, offset, target)[0]
+
+
+def _xent_head_fwd(z, table, offset, target):
+  logits = z @ table
+  if offset is not None:
+    logits = logits + offset
+  onehot = jnp.arange(table.shape[-1])[None, :] == target[:, None]
+  correct_logit = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1,
+                          keepdims=True)
+  rival = jnp.max(jnp.where(onehot, -jnp.inf, logits), axis=-1, keepdims=True)
+  row_max = jnp.maximum(rival, correct_logit)
+  exp = jnp.exp(logits - row_max)
+  exp_sum = jnp.sum(exp, axis=-1, keepdims=True)
+  loss = jnp.mean(jnp.log(exp_sum) + row_max - correct_logit)
+  accuracy = jnp.mean((correct_logit > rival).astype(jnp.float32))
+  grad_logits = (exp / exp_sum - onehot) / z.shape[0]
+  return (loss, accuracy), (z, table, offset, grad_logits)
+
+
+def _xent_head_bwd(res, cotangents):
+  z, table, offset, grad_logits = res
+  g = cotangents[0]  # scales the small results, not the (N, P) matrix
+  # A materialised transpose keeps the matmul in the fast plain layout.
+  z_t = jax.lax.optimization_barrier(z.T)
+  d_offset = None if offset is None else jnp.sum(grad_logits, axis=0) * g
+  return (grad_logits @ table.T) * g, (z_t @ grad_logits) * g, d_offset, None
+
+
+_xent_head.defvjp(_xent_head_fwd, _xent_head_bwd)
 
 
 def model_outputs(model: Model, x: Array,
@@ -186,13 +237,11 @@ def step_flops(num_keys: int, dim: int, hidden_dim: int, num_values: int, *,
 
 
 def _loss_and_accuracy(model, x, values, target, loss, mask):
-  lg = _logits(model, x, values, mask)
   if loss == 'xent':
-    value = optax.softmax_cross_entropy_with_integer_labels(lg, target).mean()
-  else:
-    out = model_outputs(model, x, mask)
-    value = jnp.mean(jnp.sum((out - values[target]) ** 2, axis=-1))
-  correct = jnp.argmax(lg, axis=-1) == target
+    return _xent_head(*_head(model, x, values, mask), target)
+  out = model_outputs(model, x, mask)
+  value = jnp.mean(jnp.sum((out - values[target]) ** 2, axis=-1))
+  correct = storage.margins(out, values, target) > 0
   return value, jnp.mean(correct.astype(jnp.float32))
 
 
@@ -359,7 +408,7 @@ def _fit(model, factset, mask, key, *, trainable, config):
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   full_accuracy = lambda params: loss_fn(params, keys, mapping)[1]
 
-  def step(state: _State, step_key):
+  def live_step(state: _State, step_key) -> _State:
     if config.batch_size is None:
       (loss, accuracy), grads = grad_fn(state.trainable, keys, mapping)
     else:
@@ -367,28 +416,30 @@ def _fit(model, factset, mask, key, *, trainable, config):
                               replace=False)
       (loss, _), grads = grad_fn(state.trainable, keys[idx], mapping[idx])
       accuracy = full_accuracy(state.trainable)
+    # Checks on the current params: stop before updating them.
     reached = accuracy >= config.target_accuracy
     small_loss = loss <= config.loss_tol
     improved = accuracy > state.best_accuracy
     best_step = jnp.where(improved, state.step, state.best_step)
     plateau = (jnp.asarray(False) if config.patience is None
                else state.step - best_step >= config.patience)
-    out_of_steps = state.step >= config.max_steps
-    stop = reached | small_loss | plateau | out_of_steps
+    stop = reached | small_loss | plateau
     reason = jnp.select([reached, small_loss, plateau],
                         [TARGET_REACHED, LOSS_TOL, PLATEAU], MAX_STEPS)
     updates, opt_state = opt.update(grads, state.opt_state, state.trainable)
-    new = _State(
+    updated = _State(
         trainable=optax.apply_updates(state.trainable, updates),
         opt_state=opt_state, step=state.step + 1,
         best_accuracy=jnp.maximum(accuracy, state.best_accuracy),
-        best_step=best_step, done=stop, reason=reason, loss=loss)
-    frozen = state._replace(done=jnp.asarray(True))
-    halt = state.done | stop
-    frozen = frozen._replace(
-        reason=jnp.where(state.done, state.reason, reason),
-        loss=jnp.where(state.done, state.loss, loss))
-    return jax.tree.map(lambda a, b: jnp.where(halt, a, b), frozen, new), None
+        best_step=best_step, done=state.step + 1 >= config.max_steps,
+        reason=jnp.asarray(MAX_STEPS, jnp.int32), loss=loss)
+    stopped = state._replace(done=jnp.asarray(True), reason=reason, loss=loss)
+    return jax.tree.map(lambda a, b: jnp.where(stop, a, b), stopped, updated)
+
+  def step(state: _State, step_key):
+    # Finished (e.g. in the last chunk): skip the work (a select under vmap).
+    return jax.lax.cond(state.done, lambda s, k: s, live_step, state,
+                        step_key), None
 
   def chunk(carry):
     state, key = carry

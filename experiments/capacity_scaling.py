@@ -1,0 +1,201 @@
+"""Facts-per-parameter scaling: W* vs N for every method (DESIGN §5).
+
+For each geometry (isotropic: tied spherical keys/values; anisotropic: a
+rank-1 spike of strength ``beta`` on keys and values), dimension d, size
+N = alpha d^2 and method, finds W* (the smallest parameter count storing every
+fact) on ``len(seeds)`` random fact sets with a random permutation map. Seeds
+of one cell are searched in lockstep (one vmapped, device-sharded program per
+round for the batched methods). Rows are appended atomically to ``rows.csv``
+and skipped on re-run. Writes ``scaling.png`` (log-log W* vs N, fitted
+slopes, the information floor ``N log2 P / 32``) and ``summary.md`` (slopes
+per method with their spread over seeds, ``W = C N (log2 N + b)`` fits, and
+the closed-form vs GD slope difference).
+
+  python experiments/capacity_scaling.py                 # default grid
+  python experiments/capacity_scaling.py --dims=64,128 \\
+      --alphas=0.03125,0.0625,0.125,0.25,0.5             # the full grid
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from factstore_jax import capacity, factsets, methods, training
+from factstore_jax.atomic import atomic_output
+from factstore_jax.sweep import ResultsTable, run_sweep
+
+flags.DEFINE_list('methods', list(methods.METHODS), 'Methods.')
+flags.DEFINE_list('dims', ['64'], 'Embedding dimensions d.')
+flags.DEFINE_list('alphas', ['0.03125', '0.0625', '0.125'],
+                  'N = alpha * d^2.')
+flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (fact set, features).')
+flags.DEFINE_list('geometries', ['isotropic', 'anisotropic'],
+                  'isotropic and/or anisotropic (spike beta on keys+values).')
+flags.DEFINE_float('beta', 1.5, 'Spike strength of the anisotropic geometry.')
+flags.DEFINE_integer('max_steps', 10_000, 'GD step budget.')
+flags.DEFINE_float('learning_rate', 1e-3, 'GD initial learning rate.')
+flags.DEFINE_integer('patience', 2_000, 'GD plateau patience (steps).')
+flags.DEFINE_float('rel_tol', 0.05,
+                   'Stop a width search when its bracket is this narrow '
+                   '(relative); 0 = exact.')
+flags.DEFINE_string('out_dir', 'experiments/results/capacity_scaling',
+                    'Output folder.')
+FLAGS = flags.FLAGS
+
+KEY_FIELDS = ('geometry', 'dim', 'num_facts', 'method', 'seed')
+
+
+def make_factset(geometry: str, seed: int, n: int, dim: int, beta: float):
+  embedding = 'sphere' if geometry == 'isotropic' else 'spiked'
+  return factsets.random_factset(
+      jax.random.key(seed), n, dim, tied=True, mapping='permutation',
+      embedding=embedding, beta=beta if geometry == 'anisotropic' else 0.0)
+
+
+def compute(group: list[dict], options: methods.MethodOptions) -> list[dict]:
+  """W* for a group of configs; one lockstep search per (cell, method)."""
+  cells: dict[tuple, list[int]] = {}
+  for j, c in enumerate(group):
+    cells.setdefault((c['geometry'], c['dim'], c['num_facts'], c['method']),
+                     []).append(j)
+  out: list[dict | None] = [None] * len(group)
+  for (geometry, dim, n, method), members in cells.items():
+    seeds = [group[j]['seed'] for j in members]
+    t0 = time.perf_counter()
+    fss = [make_factset(geometry, s, n, dim, FLAGS.beta) for s in seeds]
+    keys = [jax.random.key(1000 + s) for s in seeds]
+    found = methods.find_capacity(method, fss, keys, options=options,
+                                  rel_tol=FLAGS.rel_tol)
+    seconds = (time.perf_counter() - t0) / len(members)
+    for j, cap in zip(members, found):
+      out[j] = dict(
+          width=cap.width if cap.width is not None else '',
+          num_params=cap.num_params if cap.num_params is not None else '',
+          params_per_fact=(cap.num_params / n if cap.num_params else ''),
+          code_dim=cap.code_dim if cap.code_dim is not None else '',
+          rounds=cap.rounds, tested=json.dumps(cap.tested),
+          info_floor=capacity.info_floor(n, n), seconds=seconds)
+  return out
+
+
+def slopes(rows, geometry, dim, method):
+  """Per-seed log-log slopes of W* vs N (seeds with >= 2 finite points)."""
+  per_seed = {}
+  for r in rows:
+    if (r['geometry'], r['dim'], r['method']) == (geometry, dim, method) \
+        and r['num_params'] not in ('', None):
+      per_seed.setdefault(r['seed'], []).append(
+          (r['num_facts'], r['num_params']))
+  fits = [capacity.loglog_slope(*zip(*sorted(pts))).params[0]
+          for pts in per_seed.values() if len({p[0] for p in pts}) >= 2]
+  return np.array(fits)
+
+
+def plot(rows, path):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  panels = sorted({(r['geometry'], r['dim']) for r in rows})
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5),
+                           squeeze=False)
+  for ax, (geometry, dim) in zip(axes[0], panels):
+    sel = [r for r in rows if (r['geometry'], r['dim']) == (geometry, dim)]
+    sizes = sorted({r['num_facts'] for r in sel})
+    for method in [m for m in methods.METHODS
+                   if any(r['method'] == m for r in sel)]:
+      ws = [[r['num_params'] for r in sel if r['method'] == method
+             and r['num_facts'] == n and r['num_params'] not in ('', None)]
+            for n in sizes]
+      xs = [n for n, w in zip(sizes, ws) if w]
+      if not xs:
+        continue
+      mean = [np.mean(w) for w in ws if w]
+      err = [np.std(w) for w in ws if w]
+      s = slopes(rows, geometry, dim, method)
+      label = method + (f' (slope {s.mean():.2f}±{s.std():.2f})'
+                        if s.size else '')
+      ax.errorbar(xs, mean, yerr=err, marker='o', capsize=3, label=label)
+    ax.plot(sizes, [capacity.info_floor(n, n) for n in sizes], 'k--',
+            label='floor N log2 P / 32')
+    ax.set_xscale('log', base=2)
+    ax.set_yscale('log', base=2)
+    ax.set_xlabel('facts N')
+    ax.set_ylabel('W* (parameters)')
+    ax.set_title(f'{geometry}, d = {dim}')
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  with atomic_output(path, suffix='.png') as tmp:
+    fig.savefig(tmp, dpi=120)
+  plt.close(fig)
+
+
+def summary(rows) -> str:
+  lines = ['# capacity_scaling', '',
+           '| geometry | d | method | N | W* mean ± std (params) | '
+           'params/fact | seeds |', '|---|---|---|---|---|---|---|']
+  cells = sorted({(r['geometry'], r['dim'], r['method'], r['num_facts'])
+                  for r in rows})
+  for geometry, dim, method, n in cells:
+    sel = [r['num_params'] for r in rows
+           if (r['geometry'], r['dim'], r['method'], r['num_facts'])
+           == (geometry, dim, method, n)]
+    ok = [w for w in sel if w not in ('', None)]
+    w = (f'{np.mean(ok):.0f} ± {np.std(ok):.0f}' if ok else 'not found')
+    ppf = f'{np.mean(ok) / n:.1f}' if ok else '-'
+    lines.append(f'| {geometry} | {dim} | {method} | {n} | {w} | {ppf} | '
+                 f'{len(ok)}/{len(sel)} |')
+  lines += ['', '## Log-log slopes of W* vs N (mean ± std over seeds)', '',
+            '| geometry | d | method | slope | C, b of W = C N (log2 N + b) |',
+            '|---|---|---|---|---|']
+  for geometry, dim in sorted({(r['geometry'], r['dim']) for r in rows}):
+    found = {}
+    for method in methods.METHODS:
+      s = slopes(rows, geometry, dim, method)
+      if not s.size:
+        continue
+      found[method] = s
+      pts = [(r['num_facts'], r['num_params']) for r in rows
+             if (r['geometry'], r['dim'], r['method'])
+             == (geometry, dim, method) and r['num_params'] not in ('', None)]
+      nlogn = capacity.fit_n_log_n(*zip(*pts))
+      lines.append(f'| {geometry} | {dim} | {method} | {s.mean():.3f} ± '
+                   f'{s.std():.3f} | C = {nlogn.params[0]:.3g}, '
+                   f'b = {nlogn.params[1]:.3g} (R² {nlogn.r2:.3f}) |')
+    if 'encoder_decoder' in found and 'gd' in found:
+      diff = found['encoder_decoder'].mean() - found['gd'].mean()
+      spread = np.hypot(found['encoder_decoder'].std(), found['gd'].std())
+      lines.append(f'| {geometry} | {dim} | closed form − GD | '
+                   f'{diff:+.3f} ± {spread:.3f} | |')
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv):
+  del argv
+  os.makedirs(FLAGS.out_dir, exist_ok=True)
+  options = methods.MethodOptions(train=training.TrainConfig(
+      learning_rate=FLAGS.learning_rate, max_steps=FLAGS.max_steps,
+      patience=FLAGS.patience))
+  seeds = [int(s) for s in FLAGS.seeds]
+  configs = [dict(geometry=g, dim=int(d), num_facts=int(float(a) * int(d)**2),
+                  method=m, seed=s)
+             for g in FLAGS.geometries for d in FLAGS.dims
+             for a in FLAGS.alphas for m in FLAGS.methods for s in seeds]
+  table = ResultsTable(os.path.join(FLAGS.out_dir, 'rows.csv'), KEY_FIELDS)
+  rows = run_sweep(configs, lambda g: compute(g, options), table,
+                   batch_size=len(seeds), desc='capacity searches')
+  plot(rows, os.path.join(FLAGS.out_dir, 'scaling.png'))
+  text = summary(rows)
+  with atomic_output(os.path.join(FLAGS.out_dir, 'summary.md')) as tmp:
+    with open(tmp, 'w') as f:
+      f.write(text)
+  print(text)
+
+
+if __name__ == '__main__':
+  app.run(main)

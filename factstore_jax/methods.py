@@ -1,0 +1,234 @@
+"""Capacity methods: each has one integer width knob, a parameter count, and a
+storage evaluation batched over (fact set, width) members.
+
+=====================  ==============  ==========================================
+method                 knob            parameters (every array as built)
+=====================  ==============  ==========================================
+``encoder_decoder``    code dim ``m``  closed form (:func:`construct`), report
+``encoder_decoder_gd`` hidden ``h``    ``2dh + h + hm + dm`` (JL decoder fixed)
+``gd``                 hidden ``h``    ``3dh`` (identity gate, no biases)
+``ntk``                hidden ``m``    ``3dm``
+``hebbian_ridge``      hidden ``m``    ``3dm``
+``hebbian_data``       hidden ``m``    ``3dm``
+=====================  ==============  ==========================================
+
+Batched methods train or build every member of a round in one ``vmap``-ed
+program (widths masked up to the round's largest, rounded up to a multiple of
+8 so few shapes compile), sharded over devices by
+:func:`factstore_jax.sweep.map_batched`. The closed form runs member by member
+(its repair step is host-level).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from factstore_jax import capacity, storage, sweep, training
+from factstore_jax.constructions import hebbian, ntk
+from factstore_jax.constructions.encoder_decoder import (ConstructionConfig,
+                                                         choose_code_dim,
+                                                         construct)
+from factstore_jax.errors import ConstructionError, FactStoreError
+from factstore_jax.factsets import FactSet, stack_factsets
+
+METHODS = ('encoder_decoder', 'encoder_decoder_gd', 'gd', 'ntk',
+           'hebbian_ridge', 'hebbian_data')
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodOptions:
+  """Settings shared by the methods (static).
+
+  Attributes:
+    train: GD settings (``gd``, ``encoder_decoder_gd``).
+    bucket_size: closed-form bucket size (``None``: the library default).
+    ridge: relative ridge of the Hebbian readouts.
+    degree: Hermite degree of ``ntk``.
+  """
+  train: training.TrainConfig = training.TrainConfig()
+  bucket_size: int | None = None
+  ridge: float = 1e-3
+  degree: int = 1
+
+
+class Capacity(NamedTuple):
+  method: str
+  width: int | None      # W*'s knob value (None: nothing up to max passed)
+  num_params: int | None
+  tested: dict           # width -> accuracy
+  rounds: int
+  code_dim: int | None   # the fixed code dim of encoder_decoder_gd
+
+
+def num_params(method: str, dim: int, width: int, *,
+               code_dim: int | None = None) -> int:
+  """Parameter count of a batched method at ``width`` (see the table)."""
+  if method in ('gd', 'ntk', 'hebbian_ridge', 'hebbian_data'):
+    return 3 * dim * width
+  if method == 'encoder_decoder_gd':
+    if code_dim is None:
+      raise FactStoreError('encoder_decoder_gd needs its code_dim')
+    return 2 * dim * width + width + width * code_dim + dim * code_dim
+  raise FactStoreError(
+      f'no width formula for {method!r}; expected one of {METHODS[1:]}')
+
+
+def _check_method(method):
+  if method not in METHODS:
+    raise FactStoreError(f'unknown method {method!r}; expected one of '
+                         f'{list(METHODS)}')
+
+
+# --------------------------------------------------------------------------
+# One member: (PRNG key, fact set, width) -> accuracy. Module level so that
+# map_batched caches their compiled programs.
+
+
+def _gd_member(item, *, hidden, config):
+  key, fs, width = item
+  return training.train_mlp(key, fs, hidden, width=width, config=config).accuracy
+
+
+def _ed_gd_member(item, *, hidden, code_dim, config):
+  key, fs, width = item
+  return training.train_encoder_decoder(
+      key, fs, hidden, code_dim, width=width, config=config).accuracy
+
+
+def _mlp_accuracy(mlp, fs):
+  return storage.evaluate_mlp(mlp, fs.keys, fs.values, fs.mapping).accuracy
+
+
+def _ntk_member(item, *, hidden, degree):
+  key, fs, width = item
+  return _mlp_accuracy(
+      ntk.ntk_mlp_masked(key, fs, width, max_width=hidden, degree=degree), fs)
+
+
+def _hebbian_member(item, *, hidden, readout, ridge):
+  key, fs, width = item
+  return _mlp_accuracy(hebbian.hebbian_mlp_masked(
+      key, fs, width, max_width=hidden, readout=readout, ridge=ridge), fs)
+
+
+def evaluate_batched(method: str, keys: Sequence, factsets: Sequence[FactSet],
+                     widths: Sequence[int], *,
+                     options: MethodOptions = MethodOptions(),
+                     code_dim: int | None = None) -> np.ndarray:
+  """Storage accuracy of each member ``(keys[j], factsets[j], widths[j])``.
+
+  All fact sets must share shapes. One compiled, sharded program per round.
+  """
+  hidden = 8 * math.ceil(max(widths) / 8)
+  inputs = (jnp.stack(list(keys)), stack_factsets(list(factsets)),
+            jnp.asarray(widths, jnp.int32))
+  if method == 'gd':
+    fn, static = _gd_member, dict(hidden=hidden, config=options.train)
+  elif method == 'encoder_decoder_gd':
+    fn, static = _ed_gd_member, dict(hidden=hidden, code_dim=code_dim,
+                                     config=options.train)
+  elif method == 'ntk':
+    fn, static = _ntk_member, dict(hidden=hidden, degree=options.degree)
+  elif method in ('hebbian_ridge', 'hebbian_data'):
+    readout = 'ridge' if method == 'hebbian_ridge' else 'data_dependent'
+    fn, static = _hebbian_member, dict(hidden=hidden, readout=readout,
+                                       ridge=options.ridge)
+  else:
+    raise FactStoreError(f'{method!r} is not a batched method')
+  return np.asarray(sweep.map_batched(fn, inputs, static_kwargs=static))
+
+
+def _closed_form(key, fs: FactSet, code_dim: int, options: MethodOptions):
+  """``(accuracy, num_params)`` of the construction at ``code_dim``."""
+  config = ConstructionConfig(code_dim=code_dim,
+                              bucket_size=options.bucket_size)
+  try:
+    report = construct(fs, key, config).report
+  except ConstructionError:
+    return 0.0, None
+  return report.accuracy, report.num_params
+
+
+def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
+                  options: MethodOptions = MethodOptions(),
+                  max_width: int | None = None, start: int | None = None,
+                  batch: int = 1, threshold: float = 1.0,
+                  rel_tol: float = 0.0) -> list[Capacity]:
+  """``W*`` of ``method`` on each fact set (one search each, in lockstep).
+
+  Args:
+    method: one of :data:`METHODS`.
+    factsets: fact sets of equal shapes (e.g. one per seed).
+    keys: one PRNG key per fact set (features, initialisation, buckets).
+    options: :class:`MethodOptions`.
+    max_width: largest width tried (default: ``d`` for the closed form's
+      code dim, ``64 d`` for ``ntk``, ``8 d`` for the others).
+    start: first width tried (default: a guess from the fact set's size).
+    batch, threshold, rel_tol: as :func:`capacity.search_width`.
+
+  Returns:
+    One :class:`Capacity` per fact set.
+  """
+  _check_method(method)
+  if len(factsets) != len(keys) or not factsets:
+    raise FactStoreError(
+        f'need one key per fact set, got {len(keys)} keys for '
+        f'{len(factsets)} fact sets')
+  n, dim = factsets[0].keys.shape
+  num_values = factsets[0].values.shape[0]
+  for fs in factsets:
+    if fs.keys.shape != (n, dim) or fs.values.shape[0] != num_values:
+      raise FactStoreError('find_capacity needs fact sets of equal shapes')
+  if method == 'encoder_decoder':
+    return [_closed_form_capacity(k, fs, options, max_width or dim,
+                                  start or min(16, dim), rel_tol)
+            for k, fs in zip(keys, factsets)]
+  code_dim = None
+  if method == 'encoder_decoder_gd':
+    code_dim = _gd_code_dim(keys[0], factsets[0])
+  if max_width is None:
+    # NTK features are the least efficient (~N log N / d units).
+    max_width = (64 if method == 'ntk' else 8) * dim
+  if start is None:
+    # Guess: GD-like methods need about 8 parameters per fact.
+    start = int(np.clip(8 * n / (3 * dim), 1, max_width))
+  found = capacity.search_widths(
+      lambda members, widths: evaluate_batched(
+          method, [keys[m] for m in members], [factsets[m] for m in members],
+          widths, options=options, code_dim=code_dim),
+      [start] * len(factsets), max_width=max_width, threshold=threshold,
+      batch=batch, rel_tol=rel_tol)
+  return [Capacity(method, r.width,
+                   None if r.width is None else num_params(
+                       method, dim, r.width, code_dim=code_dim),
+                   r.tested, r.rounds, code_dim) for r in found]
+
+
+def _gd_code_dim(key, fs: FactSet) -> int:
+  """The code dimension the closed form would pick for ``fs``."""
+  m, _, _ = choose_code_dim(key, fs.values, np.asarray(fs.mapping),
+                            ConstructionConfig())
+  return int(m)
+
+
+def _closed_form_capacity(key, fs, options, max_width, start, rel_tol):
+  params: dict[int, int | None] = {}
+
+  def evaluate(widths):
+    accs = []
+    for m in widths:
+      acc, params[m] = _closed_form(key, fs, m, options)
+      accs.append(acc)
+    return accs
+
+  r = capacity.search_width(evaluate, start=start, max_width=max_width,
+                            rel_tol=rel_tol)
+  return Capacity('encoder_decoder', r.width,
+                  None if r.width is None else params[r.width], r.tested,
+                  r.rounds, None)
