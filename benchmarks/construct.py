@@ -59,12 +59,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 from absl import app
@@ -72,7 +70,6 @@ from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from factstore_jax.constructions import gadgets
 from factstore_jax.constructions.encoder_decoder import (ConstructionConfig,
@@ -80,6 +77,8 @@ from factstore_jax.constructions.encoder_decoder import (ConstructionConfig,
                                                          construct)
 from factstore_jax.factsets import FactSet, many_to_one_map, sample_sphere
 from factstore_jax.threads import single_threaded_blas
+
+import common  # benchmarks/common.py (the script's folder is on sys.path)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('sizes', ['4096', '16384', '65536'],
@@ -117,59 +116,6 @@ _MIB = 1024.0  # ru_maxrss is in KiB on Linux.
 
 def _rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / _MIB
-
-
-class ForeignCpu:
-  """CPU time other processes used on this machine while the block ran.
-
-  Busy time of all cores (``/proc/stat``) minus this process's own CPU time
-  (``getrusage``). On 2 cores one busy neighbour roughly halves throughput
-  (measured: ``build_gadgets`` at N = 4096 went from 0.05 s to 0.11 s with
-  one-thread BLAS, and stalled for ~20 s per call with OpenBLAS left
-  multi-threaded), so timings with a large ``fraction`` (share of the block's
-  core-seconds taken by other processes) are not representative. ``None``
-  where ``/proc/stat`` is unavailable.
-  """
-
-  def __enter__(self):
-    self._stat0, self._own0 = self._stat(), self._own()
-    self._t0 = time.perf_counter()
-    self.seconds = self.fraction = self.steal_seconds = None
-    return self
-
-  def __exit__(self, *exc):
-    wall = time.perf_counter() - self._t0
-    stat = self._stat()
-    if stat is not None and self._stat0 is not None:
-      busy, steal = stat[0] - self._stat0[0], stat[1] - self._stat0[1]
-      self.seconds = max(0.0, busy - (self._own() - self._own0))
-      self.steal_seconds = steal
-      cores = len(os.sched_getaffinity(0)) if hasattr(
-          os, 'sched_getaffinity') else os.cpu_count()
-      self.fraction = self.seconds / max(wall * cores, 1e-9)
-    return False
-
-  @staticmethod
-  def _stat() -> tuple[float, float] | None:
-    """``(busy, steal)`` seconds of all cores since boot."""
-    try:
-      with open('/proc/stat') as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-      return None
-    # user nice system idle iowait irq softirq steal (guest is in user).
-    hz = os.sysconf('SC_CLK_TCK')
-    busy = sum(fields[:3]) + sum(fields[5:7])
-    return busy / hz, fields[7] / hz
-
-  @staticmethod
-  def _own() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-  def as_dict(self) -> dict:
-    return {'seconds': self.seconds, 'fraction': self.fraction,
-            'steal_seconds': self.steal_seconds}
 
 
 def make_factset(key: jax.Array, n: int, d: int, p: int) -> FactSet:
@@ -227,28 +173,6 @@ def _xla_flops(compiled) -> float | None:
   return float(cost['flops'])
 
 
-def _time_compiled(compiled, args, repeats: int) -> list[float]:
-  jax.block_until_ready(compiled(*args))  # one untimed run
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - t0)
-  return times
-
-
-def matmul_peak(n: int, repeats: int) -> dict:
-  """Best-of-``repeats`` GFLOP/s of a jitted ``(n, n) @ (n, n)`` float32."""
-  k1, k2 = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(k1, (n, n), jnp.float32)
-  b = jax.random.normal(k2, (n, n), jnp.float32)
-  compiled = jax.jit(jnp.matmul).lower(a, b).compile()
-  times = _time_compiled(compiled, (a, b), repeats)
-  flops = 2.0 * n ** 3
-  return {'size': n, 'flops': flops, 'best_seconds': min(times),
-          'seconds': times, 'gflops': flops / min(times) / 1e9}
-
-
 def _timed_construct(factset: FactSet, seed: int):
   t0 = time.perf_counter()
   result = construct(factset, seed)
@@ -275,10 +199,10 @@ def run_single(n: int) -> dict:
   rss_baseline = _rss_mib()
   logging.info('N=%d: warm-up %.1fs', n, warmup_seconds)
 
-  with ForeignCpu() as foreign_cold:
+  with common.ForeignCpu() as foreign_cold:
     cold, seconds_cold = _timed_construct(factset, seed)
   logging.info('N=%d: cold %.1fs', n, seconds_cold)
-  with ForeignCpu() as foreign_warm:
+  with common.ForeignCpu() as foreign_warm:
     warm, seconds_warm = _timed_construct(factset, seed + 1)
   logging.info('N=%d: warm %.1fs', n, seconds_warm)
   rss_construct = _rss_mib()
@@ -294,15 +218,15 @@ def run_single(n: int) -> dict:
                                bucket_size=rep.bucket_size).compile()
   gad_compile_s = time.perf_counter() - t0
   # As construct() does: one-thread OpenBLAS inside jaxlib's batched LAPACK.
-  with ForeignCpu() as foreign_gad, single_threaded_blas():
-    gad_times = _time_compiled(gad_compiled, (gkey, factset.keys, targets),
+  with common.ForeignCpu() as foreign_gad, single_threaded_blas():
+    gad_times = common.time_compiled(gad_compiled, (gkey, factset.keys, targets),
                                FLAGS.repeats)
   with single_threaded_blas():
     parts = jax.block_until_ready(gad_compiled(gkey, factset.keys, targets))
   solve_compiled = jax.jit(gadgets.solve_buckets).lower(
       factset.keys, targets, parts.buckets).compile()
   with single_threaded_blas():
-    solve_times = _time_compiled(solve_compiled,
+    solve_times = common.time_compiled(solve_compiled,
                                  (factset.keys, targets, parts.buckets),
                                  FLAGS.repeats)
   num_buckets = int(parts.maps.shape[0])
@@ -359,54 +283,6 @@ def run_single(n: int) -> dict:
           'xla_flops_solve_buckets': _xla_flops(solve_compiled),
       },
   }
-
-
-def machine_info() -> dict:
-  cpu_model = None
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          cpu_model = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
-  import jaxlib  # pylint: disable=g-import-not-at-top
-  dev = jax.devices()[0]
-  return {
-      'platform': platform.platform(),
-      'machine': platform.machine(),
-      'cpu_model': cpu_model,
-      'cpu_count': os.cpu_count(),
-      'cpu_affinity': (len(os.sched_getaffinity(0))
-                       if hasattr(os, 'sched_getaffinity') else None),
-      'python': platform.python_version(),
-      'jax_version': jax.__version__,
-      'jaxlib_version': jaxlib.__version__,
-      'numpy_version': np.__version__,
-      'device': str(dev),
-      'device_platform': dev.platform,
-      'device_kind': dev.device_kind,
-      'num_devices': jax.device_count(),
-      'xla_flags': os.environ.get('XLA_FLAGS'),
-  }
-
-
-def _wait_for_quiet(max_wait: float) -> float | None:
-  """Waits until other processes use < --max_foreign of the CPU (3 s sample).
-
-  Returns the last sampled share (``None`` without ``/proc/stat``).
-  """
-  deadline = time.perf_counter() + max_wait
-  while True:
-    with ForeignCpu() as sample:
-      time.sleep(3.0)
-    if (sample.fraction is None or sample.fraction <= FLAGS.max_foreign or
-        time.perf_counter() >= deadline):
-      return sample.fraction
-    logging.info('machine busy (%.0f%% used by other processes); waiting',
-                 100 * sample.fraction)
-    time.sleep(7.0)
 
 
 def _run_child(n: int) -> dict:
@@ -488,22 +364,6 @@ def _table(results: list[dict], peak: dict) -> str:
   return '\n'.join(lines)
 
 
-def _atomic_write_json(path: str, data: dict) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.construct.',
-                             suffix='.json.tmp')
-  try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump(data, f, indent=2)
-      f.write('\n')
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
 def main(argv):
   del argv
   if FLAGS.single_size is not None:
@@ -514,9 +374,9 @@ def main(argv):
 
   sizes = [int(s) for s in FLAGS.sizes]
   load_start = os.getloadavg()
-  _wait_for_quiet(FLAGS.quiet_wait_s)
-  with ForeignCpu() as foreign_peak:
-    peak = matmul_peak(FLAGS.matmul_size, FLAGS.matmul_repeats)
+  common.wait_for_quiet(FLAGS.quiet_wait_s, FLAGS.max_foreign)
+  with common.ForeignCpu() as foreign_peak:
+    peak = common.matmul_peak(FLAGS.matmul_size, FLAGS.matmul_repeats)
   peak['foreign_cpu'] = foreign_peak.as_dict()
   logging.info('matmul peak %.1f GFLOP/s', peak['gflops'])
   results = []
@@ -525,7 +385,7 @@ def main(argv):
     for attempt in range(max(1, FLAGS.max_attempts)):
       logging.info('benchmarking N=%d in a fresh subprocess (attempt %d)', n,
                    attempt + 1)
-      before = _wait_for_quiet(FLAGS.quiet_wait_s)
+      before = common.wait_for_quiet(FLAGS.quiet_wait_s, FLAGS.max_foreign)
       t0 = time.perf_counter()
       r = _run_child(n)
       r['foreign_fraction_before'] = before
@@ -562,7 +422,7 @@ def main(argv):
                      ConstructionConfig()),
                  'factset': 'keys and values uniform on the unit sphere '
                             '(untied), many_to_one_map'},
-      'machine': machine_info(),
+      'machine': common.machine_info(),
       'loadavg_start': load_start,
       'loadavg_end': os.getloadavg(),
       'matmul_peak': peak,
@@ -570,7 +430,7 @@ def main(argv):
       'timestamp': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
   }
   print(_table(results, peak))
-  _atomic_write_json(FLAGS.out, data)
+  common.write_json(FLAGS.out, data)
   print(f'wrote {FLAGS.out}')
   return 1 if any('error' in r for r in results) else 0
 

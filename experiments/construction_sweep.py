@@ -11,18 +11,16 @@ finished. Writes ``rows.csv``, ``params_per_fact.png`` and ``summary.md``.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 
 import jax
 import numpy as np
 from absl import app, flags
-from tqdm import tqdm
 
 from factstore_jax import factsets
 from factstore_jax.atomic import atomic_output
 from factstore_jax.constructions.encoder_decoder import construct
+from factstore_jax.sweep import ResultsTable, run_sweep
 
 flags.DEFINE_integer('dim', 64, 'Embedding dimension d.')
 flags.DEFINE_list('sizes', ['1024', '2048', '4096', '8192'], 'Numbers of facts N.')
@@ -40,23 +38,6 @@ FIELDS = ('num_facts', 'seed', 'dim', 'num_values', 'code_dim', 'bucket_size',
 def _atomic_write(path: str, text: str):
   with atomic_output(path) as tmp, open(tmp, 'w') as f:
     f.write(text)
-
-
-def read_rows(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return list(csv.DictReader(f))
-
-
-def append_row(path: str, row: dict):
-  """Rewrites the CSV with one more row (temp file + rename)."""
-  rows = read_rows(path) + [row]
-  buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=FIELDS)
-  writer.writeheader()
-  writer.writerows(rows)
-  _atomic_write(path, buf.getvalue())
 
 
 def plot(rows: list[dict], path: str):
@@ -94,24 +75,26 @@ def summary(rows: list[dict]) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def compute(group: list[dict]) -> list[dict]:
+  out = []
+  for c in group:
+    fs = factsets.random_factset(jax.random.key(c['seed']), c['num_facts'],
+                                 c['dim'], c['num_values'], tied=False,
+                                 mapping='many_to_one')
+    rep = construct(fs, c['seed']).report.as_dict()
+    out.append({k: rep[k] for k in FIELDS if k not in c})
+  return out
+
+
 def main(argv):
   del argv
   os.makedirs(FLAGS.out_dir, exist_ok=True)
-  csv_path = os.path.join(FLAGS.out_dir, 'rows.csv')
-  done = {(int(r['num_facts']), int(r['seed'])) for r in read_rows(csv_path)
-          if int(r['dim']) == FLAGS.dim
-          and int(r['num_values']) == FLAGS.num_values}
-  jobs = [(int(n), int(s)) for n in FLAGS.sizes for s in FLAGS.seeds
-          if (int(n), int(s)) not in done]
-  for n, seed in tqdm(jobs, desc='constructions'):
-    fs = factsets.random_factset(jax.random.key(seed), n, FLAGS.dim,
-                                 FLAGS.num_values, tied=False,
-                                 mapping='many_to_one')
-    rep = construct(fs, seed).report.as_dict()
-    append_row(csv_path, {k: rep.get(k, None) for k in FIELDS}
-               | {'num_facts': n, 'seed': seed})
-  rows = [r for r in read_rows(csv_path) if int(r['dim']) == FLAGS.dim
-          and int(r['num_values']) == FLAGS.num_values]
+  table = ResultsTable(os.path.join(FLAGS.out_dir, 'rows.csv'),
+                       ('num_facts', 'seed', 'dim', 'num_values'))
+  configs = [dict(num_facts=int(n), seed=int(s), dim=FLAGS.dim,
+                  num_values=FLAGS.num_values)
+             for n in FLAGS.sizes for s in FLAGS.seeds]
+  rows = run_sweep(configs, compute, table, desc='constructions')
   plot(rows, os.path.join(FLAGS.out_dir, 'params_per_fact.png'))
   _atomic_write(os.path.join(FLAGS.out_dir, 'summary.md'), summary(rows))
   print(summary(rows))

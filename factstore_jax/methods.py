@@ -25,7 +25,6 @@ import dataclasses
 import math
 from typing import NamedTuple, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

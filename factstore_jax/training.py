@@ -67,6 +67,8 @@ class TrainConfig:
     loss_tol: stop once the loss is at or below this.
     patience: stop when the best accuracy has not improved for this many
       steps (a hopeless run); ``None`` never stops early for a plateau.
+    early_stop: ``False`` runs exactly ``max_steps`` steps (no target,
+      loss or plateau stop; the plain baseline).
   """
   learning_rate: float = 1e-3
   final_learning_rate: float = 1e-6
@@ -77,6 +79,7 @@ class TrainConfig:
   target_accuracy: float = 1.0
   loss_tol: float = 1e-7
   patience: int | None = 2_000
+  early_stop: bool = True
 
   def validate(self) -> 'TrainConfig':
     if not self.learning_rate > 0 or not self.final_learning_rate >= 0:
@@ -423,7 +426,7 @@ def _fit(model, factset, mask, key, *, trainable, config):
     best_step = jnp.where(improved, state.step, state.best_step)
     plateau = (jnp.asarray(False) if config.patience is None
                else state.step - best_step >= config.patience)
-    stop = reached | small_loss | plateau
+    stop = (reached | small_loss | plateau) & config.early_stop
     reason = jnp.select([reached, small_loss, plateau],
                         [TARGET_REACHED, LOSS_TOL, PLATEAU], MAX_STEPS)
     updates, opt_state = opt.update(grads, state.opt_state, state.trainable)

@@ -222,3 +222,11 @@ def test_fit_errors(small):
                                    train='all')
   with pytest.raises(FactStoreError, match='GatedMLP or EncoderDecoder'):
     training.fit({'w': 1}, small)
+
+
+def test_early_stop_off_runs_every_step(small):
+  cfg = training.TrainConfig(max_steps=120, chunk_steps=50, early_stop=False,
+                             learning_rate=1e-2)
+  result = training.train_mlp(jax.random.key(1), small, 32, config=cfg)
+  assert int(result.steps) == 120
+  assert training.STOP_REASONS[int(result.stop_reason)] == 'max_steps'
