@@ -4,8 +4,10 @@ Loss: cross-entropy over the whole value table on logits ``g(k) V^T`` (or MSE
 to ``v_f(i)``); Adam with cosine decay (reference point ``1e-3 -> 1e-6`` over
 ``max_steps``). The loop is one jitted program: a ``lax.while_loop`` over
 chunks of ``lax.scan`` steps that stops at the target accuracy, at
-``loss <= loss_tol`` or on a plateau (best accuracy unchanged for
-``patience`` steps). Parameters freeze at the first step that meets the
+``loss <= loss_tol`` or when the run is hopeless (the accuracy gained over
+the last ``patience`` steps, extrapolated linearly over the remaining budget,
+cannot reach the target; the cosine schedule only slows progress, so the
+extrapolation is optimistic). Parameters freeze at the first step that meets the
 target, so the result is the first MLP that stores the facts. Everything is a
 pure function of its inputs: ``vmap`` over seeds and stacked fact sets works,
 and under ``vmap`` finished members stop updating while others go on.
@@ -47,8 +49,8 @@ Array = jax.Array
 Model = Any  # GatedMLP | EncoderDecoder
 
 # Why a run stopped (``TrainResult.stop_reason``).
-MAX_STEPS, TARGET_REACHED, LOSS_TOL, PLATEAU = 0, 1, 2, 3
-STOP_REASONS = ('max_steps', 'target_reached', 'loss_tol', 'plateau')
+MAX_STEPS, TARGET_REACHED, LOSS_TOL, HOPELESS = 0, 1, 2, 3
+STOP_REASONS = ('max_steps', 'target_reached', 'loss_tol', 'hopeless')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +67,12 @@ class TrainConfig:
     batch_size: keys per step; ``None`` is full batch.
     target_accuracy: stop once storage accuracy reaches this.
     loss_tol: stop once the loss is at or below this.
-    patience: stop when the best accuracy has not improved for this many
-      steps (a hopeless run); ``None`` never stops early for a plateau.
+    patience: window (steps) of the hopeless-run test: every ``patience``
+      steps the accuracy gained over the window is extrapolated linearly to
+      ``max_steps``; a run that cannot reach the target that way stops (a
+      plateau is the zero-gain case). ``None`` disables the test.
     early_stop: ``False`` runs exactly ``max_steps`` steps (no target,
-      loss or plateau stop; the plain baseline).
+      loss or hopeless stop; the plain baseline).
   """
   learning_rate: float = 1e-3
   final_learning_rate: float = 1e-6
@@ -78,7 +82,7 @@ class TrainConfig:
   batch_size: int | None = None
   target_accuracy: float = 1.0
   loss_tol: float = 1e-7
-  patience: int | None = 2_000
+  patience: int | None = 1_000
   early_stop: bool = True
 
   def validate(self) -> 'TrainConfig':
@@ -114,8 +118,8 @@ class _State(NamedTuple):
   trainable: dict
   opt_state: Any
   step: Array
-  best_accuracy: Array
-  best_step: Array
+  mark_accuracy: Array   # accuracy at the last window mark
+  gain: Array            # accuracy gained over the last full window
   done: Array
   reason: Array
   loss: Array
@@ -422,19 +426,24 @@ def _fit(model, factset, mask, key, *, trainable, config):
     # Checks on the current params: stop before updating them.
     reached = accuracy >= config.target_accuracy
     small_loss = loss <= config.loss_tol
-    improved = accuracy > state.best_accuracy
-    best_step = jnp.where(improved, state.step, state.best_step)
-    plateau = (jnp.asarray(False) if config.patience is None
-               else state.step - best_step >= config.patience)
-    stop = (reached | small_loss | plateau) & config.early_stop
-    reason = jnp.select([reached, small_loss, plateau],
-                        [TARGET_REACHED, LOSS_TOL, PLATEAU], MAX_STEPS)
+    at_mark = (state.step > 0) & (state.step % (config.patience or 1) == 0)
+    gain = jnp.where(at_mark, accuracy - state.mark_accuracy, state.gain)
+    mark = jnp.where(at_mark | (state.step == 0), accuracy,
+                     state.mark_accuracy)
+    remaining = (config.max_steps - state.step) / (config.patience or 1)
+    hopeless = ((jnp.asarray(False) if config.patience is None else
+                 (gain > -jnp.inf)) &
+                (accuracy + jnp.maximum(gain, 0.0) * remaining
+                 < config.target_accuracy))
+    stop = (reached | small_loss | hopeless) & config.early_stop
+    reason = jnp.select([reached, small_loss, hopeless],
+                        [TARGET_REACHED, LOSS_TOL, HOPELESS], MAX_STEPS)
     updates, opt_state = opt.update(grads, state.opt_state, state.trainable)
     updated = _State(
         trainable=optax.apply_updates(state.trainable, updates),
         opt_state=opt_state, step=state.step + 1,
-        best_accuracy=jnp.maximum(accuracy, state.best_accuracy),
-        best_step=best_step, done=state.step + 1 >= config.max_steps,
+        mark_accuracy=mark, gain=gain,
+        done=state.step + 1 >= config.max_steps,
         reason=jnp.asarray(MAX_STEPS, jnp.int32), loss=loss)
     stopped = state._replace(done=jnp.asarray(True), reason=reason, loss=loss)
     return jax.tree.map(lambda a, b: jnp.where(stop, a, b), stopped, updated)
@@ -453,8 +462,8 @@ def _fit(model, factset, mask, key, *, trainable, config):
 
   state = _State(
       trainable=params0, opt_state=opt.init(params0),
-      step=jnp.asarray(0, jnp.int32), best_accuracy=jnp.asarray(-1.0),
-      best_step=jnp.asarray(0, jnp.int32), done=jnp.asarray(False),
+      step=jnp.asarray(0, jnp.int32), mark_accuracy=jnp.asarray(0.0),
+      gain=jnp.asarray(-jnp.inf), done=jnp.asarray(False),
       reason=jnp.asarray(MAX_STEPS, jnp.int32),
       loss=jnp.asarray(jnp.inf, keys.dtype))
   state, _ = jax.lax.while_loop(lambda c: ~c[0].done, chunk, (state, key))

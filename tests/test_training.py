@@ -100,10 +100,11 @@ def test_vmap_over_widths(small):
         atol=1e-5)
 
 
-def test_plateau_stops_hopeless_run(small):
+def test_hopeless_run_stops_early(small):
   cfg = training.TrainConfig(max_steps=5_000, chunk_steps=50, patience=100)
   result = training.train_mlp(jax.random.key(7), small, 1, config=cfg)
-  assert training.STOP_REASONS[int(result.stop_reason)] == 'plateau'
+  assert training.STOP_REASONS[int(result.stop_reason)] == 'hopeless'
+  assert 100 <= int(result.steps)
   assert int(result.steps) < 5_000
   assert float(result.accuracy) < 1.0
 

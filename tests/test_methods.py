@@ -1,0 +1,67 @@
+"""Tests for the capacity methods registry (factstore_jax.methods)."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+from factstore_jax import factsets, methods, training
+from factstore_jax.errors import FactStoreError
+
+FAST = methods.MethodOptions(train=training.TrainConfig(
+    max_steps=1_500, learning_rate=1e-2, final_learning_rate=1e-4,
+    patience=300))
+
+
+@pytest.fixture(scope='module')
+def sets():
+  return [factsets.random_factset(jax.random.key(s), 48, 16, tied=True)
+          for s in range(2)]
+
+
+@pytest.mark.parametrize('method, threshold', [
+    ('gd', 1.0), ('hebbian_ridge', 1.0), ('ntk', 0.75)])
+def test_wstar_is_the_smallest_passing_width(sets, method, threshold):
+  # NTK features at d = 16 do not store all 48 facts even at width 1024.
+  keys = [jax.random.key(10), jax.random.key(11)]
+  caps = methods.find_capacity(method, sets, keys, options=FAST,
+                               threshold=threshold)
+  for cap, fs, key in zip(caps, sets, keys):
+    assert cap.width is not None
+    assert cap.tested[cap.width] >= threshold
+    assert cap.num_params == methods.num_params(method, 16, cap.width)
+    # Re-evaluating W* and W* - 1 alone agrees with the search.
+    accs = methods.evaluate_batched(method, [key, key], [fs, fs],
+                                    [cap.width, max(cap.width - 1, 1)],
+                                    options=FAST)
+    assert accs[0] >= threshold
+    if cap.width > 1:
+      assert accs[1] < threshold
+
+
+def test_batched_evaluation_equals_single_calls(sets):
+  keys = [jax.random.key(3), jax.random.key(4)]
+  both = methods.evaluate_batched('hebbian_ridge', keys, sets, [24, 40],
+                                  options=FAST)
+  one = methods.evaluate_batched('hebbian_ridge', keys[:1], sets[:1], [24],
+                                 options=FAST)
+  assert abs(both[0] - one[0]) < 1e-6
+
+
+def test_closed_form_capacity(sets):
+  cap = methods.find_capacity('encoder_decoder', sets[:1],
+                              [jax.random.key(0)], options=FAST)[0]
+  assert cap.width is not None and cap.num_params > 0
+  assert cap.tested[cap.width] == 1.0
+
+
+def test_errors(sets):
+  with pytest.raises(FactStoreError, match='unknown method'):
+    methods.find_capacity('svm', sets, [jax.random.key(0)] * 2)
+  with pytest.raises(FactStoreError, match='one key per fact set'):
+    methods.find_capacity('gd', sets, [jax.random.key(0)])
+  other = factsets.random_factset(jax.random.key(0), 32, 16, tied=True)
+  with pytest.raises(FactStoreError, match='equal shapes'):
+    methods.find_capacity('gd', [sets[0], other], [jax.random.key(0)] * 2)
+  with pytest.raises(FactStoreError, match='code_dim'):
+    methods.num_params('encoder_decoder_gd', 16, 8)
