@@ -27,7 +27,7 @@ import numpy as np
 from absl import app, flags
 
 from factstore_jax import capacity, factsets, methods, training
-from factstore_jax.atomic import atomic_output
+from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.sweep import ResultsTable, run_sweep
 
 flags.DEFINE_list('methods', list(methods.METHODS), 'Methods.')
@@ -130,9 +130,7 @@ def plot(rows, path):
     ax.set_title(f'{geometry}, d = {dim}')
     ax.legend(fontsize=7)
   fig.tight_layout()
-  with atomic_output(path, suffix='.png') as tmp:
-    fig.savefig(tmp, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def summary(rows) -> str:
@@ -191,9 +189,7 @@ def main(argv):
                    batch_size=len(seeds), desc='capacity searches')
   plot(rows, os.path.join(FLAGS.out_dir, 'scaling.png'))
   text = summary(rows)
-  with atomic_output(os.path.join(FLAGS.out_dir, 'summary.md')) as tmp:
-    with open(tmp, 'w') as f:
-      f.write(text)
+  write_text(os.path.join(FLAGS.out_dir, 'summary.md'), text)
   print(text)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags
 
 from factstore_jax import factsets
-from factstore_jax.atomic import atomic_output
+from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.constructions.encoder_decoder import construct
 from factstore_jax.sweep import ResultsTable, run_sweep
 
@@ -33,11 +33,6 @@ FLAGS = flags.FLAGS
 FIELDS = ('num_facts', 'seed', 'dim', 'num_values', 'code_dim', 'bucket_size',
           'num_params', 'num_params_gated_mlp', 'params_per_fact', 'accuracy',
           'min_margin', 'min_normalized_margin', 'rho_projected', 'seconds')
-
-
-def _atomic_write(path: str, text: str):
-  with atomic_output(path) as tmp, open(tmp, 'w') as f:
-    f.write(text)
 
 
 def plot(rows: list[dict], path: str):
@@ -56,9 +51,7 @@ def plot(rows: list[dict], path: str):
   ax.set_title(f'closed-form construction, d = {rows[0]["dim"]}, '
                f'P = {rows[0]["num_values"]} (mean ± std over seeds)')
   fig.tight_layout()
-  with atomic_output(path, suffix='.png') as tmp:
-    fig.savefig(tmp, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def summary(rows: list[dict]) -> str:
@@ -96,7 +89,7 @@ def main(argv):
              for n in FLAGS.sizes for s in FLAGS.seeds]
   rows = run_sweep(configs, compute, table, desc='constructions')
   plot(rows, os.path.join(FLAGS.out_dir, 'params_per_fact.png'))
-  _atomic_write(os.path.join(FLAGS.out_dir, 'summary.md'), summary(rows))
+  write_text(os.path.join(FLAGS.out_dir, 'summary.md'), summary(rows))
   print(summary(rows))
 
 

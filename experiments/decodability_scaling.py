@@ -34,7 +34,7 @@ import numpy as np
 from absl import app, flags
 
 from factstore_jax import capacity, factsets, methods, training
-from factstore_jax.atomic import atomic_output
+from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.decodability import decodability
 from factstore_jax.sweep import ResultsTable, run_sweep
 
@@ -157,9 +157,7 @@ def plot(rows, path):
   ax.set_title(f'd = {FLAGS.dim}, N = P = {FLAGS.num_facts}')
   ax.legend(fontsize=7)
   fig.tight_layout()
-  with atomic_output(path, suffix='.png') as tmp:
-    fig.savefig(tmp, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def summary(rows) -> str:
@@ -201,9 +199,7 @@ def main(argv):
                    desc='geometries')
   plot(rows, os.path.join(FLAGS.out_dir, 'rho_vs_cost.png'))
   text = summary(rows)
-  with atomic_output(os.path.join(FLAGS.out_dir, 'summary.md')) as tmp:
-    with open(tmp, 'w') as f:
-      f.write(text)
+  write_text(os.path.join(FLAGS.out_dir, 'summary.md'), text)
   print(text)
 
 

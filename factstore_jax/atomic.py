@@ -34,3 +34,17 @@ def atomic_output(path: str | os.PathLike, suffix: str = '.tmp') -> Iterator[str
   finally:
     if os.path.exists(tmp):
       os.unlink(tmp)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+  """Writes ``text`` to ``path`` atomically."""
+  with atomic_output(path) as tmp, open(tmp, 'w') as f:
+    f.write(text)
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> None:
+  """Saves a matplotlib figure atomically (format from ``path``) and closes it."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  with atomic_output(path, suffix=os.path.splitext(os.fspath(path))[1]) as tmp:
+    fig.savefig(tmp, dpi=dpi)
+  plt.close(fig)

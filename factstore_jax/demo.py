@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from factstore_jax import decodability as dec_lib
-from factstore_jax.atomic import atomic_output
+from factstore_jax.atomic import save_figure
 from factstore_jax import factsets, storage
 from factstore_jax.constructions.encoder_decoder import construct
 
@@ -31,9 +31,7 @@ def plot_margins(margins: np.ndarray, path: str, title: str):
   ax.set_title(title)
   ax.legend()
   fig.tight_layout()
-  with atomic_output(path, suffix='.png') as tmp:
-    fig.savefig(tmp, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def run_demo(num_facts: int = 16384, dim: int = 128, num_values: int = 1024,
