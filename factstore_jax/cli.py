@@ -91,14 +91,9 @@ def cmd_construct(start: float):
              seconds=time.perf_counter() - start))
 
 
-def _rho_of_used(values, mapping):
-  from factstore_jax import decodability as dec
-  result = dec.decodability(values, indices=dec.used_values(mapping))
-  return result
-
-
 def cmd_evaluate(start: float):
   import math
+  from factstore_jax import decodability as dec
   from factstore_jax import serialization, storage
   from factstore_jax.mlp import num_params
   if not FLAGS.mlp:
@@ -110,7 +105,7 @@ def cmd_evaluate(start: float):
     raise UsageError(f'the MLP takes d={d_model} inputs but the keys have '
                      f'd={fs.keys.shape[1]}')
   rep = storage.evaluate_fn(model, fs.keys, fs.values, fs.mapping)
-  rho = _rho_of_used(fs.values, fs.mapping)
+  rho = dec.decodability(fs.values, indices=dec.used_values(fs.mapping))
   n_params = num_params(model)
   n = fs.keys.shape[0]
   _emit(dict(

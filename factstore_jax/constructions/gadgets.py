@@ -35,10 +35,6 @@ GADGETS = {
 }
 
 
-def neurons_per_window(activation: str) -> int:
-  return len(GADGETS[activation][0])
-
-
 class Buckets(NamedTuple):
   direction: Array   # (d,) unit projection direction g
   index: Array       # (n, b) key indices of each bucket (padded)
