@@ -14,7 +14,8 @@ values, random permutation), fp32, full batch:
 * **W\*** (smallest width storing every fact, one seed) two ways:
   ``ours`` = :func:`factstore_jax.methods.find_capacity` (GD with early stop
   at 100%, plateau stop after ``patience`` steps without progress, geometric
-  bracketing from a size-based guess, exact integer search);
+  bracketing from a size-based guess, integer search that stops once its
+  bracket is within ``--rel_tol`` of W*);
   ``plain`` = bisection on ``[1, --max_width]`` that trains every candidate
   for the full 10,000 steps (early stopping off) and tests its final
   accuracy. Same initialisation (key), same schedule. Both wall times, both
@@ -44,6 +45,10 @@ flags.DEFINE_integer('steps', 300, 'Steps per throughput run.')
 flags.DEFINE_integer('repeats', 4, 'Throughput runs (best).')
 flags.DEFINE_integer('max_width', 128, 'Upper end of both W* searches.')
 flags.DEFINE_integer('seed', 0, 'Seed of the fact set and the init.')
+flags.DEFINE_float('rel_tol', 0.1,
+                   'Our search stops when its bracket (lo, hi] is this narrow '
+                   '(relative to hi): W* is then within this of the exact '
+                   'smallest passing width (the acceptance allows 10%).')
 flags.DEFINE_bool('skip_plain', False, 'Skip the plain-bisection baseline.')
 flags.DEFINE_string('out', 'benchmarks/results/gd.json', 'JSON output.')
 FLAGS = flags.FLAGS
@@ -78,7 +83,8 @@ def throughput(fs) -> dict:
 def ours(fs) -> dict:
   key = jax.random.key(FLAGS.seed)
   t0 = time.perf_counter()
-  cap = methods.find_capacity('gd', [fs], [key], max_width=FLAGS.max_width)[0]
+  cap = methods.find_capacity('gd', [fs], [key], max_width=FLAGS.max_width,
+                              rel_tol=FLAGS.rel_tol)[0]
   return dict(seconds=time.perf_counter() - t0, width=cap.width,
               num_params=cap.num_params, tested=cap.tested,
               rounds=cap.rounds)
