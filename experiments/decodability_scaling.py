@@ -153,7 +153,8 @@ def plot(rows, path):
     ax.plot(grid, a * grid + c, '--',
             label=f'{method}: {a:.3g}/ρ² + {c:.3g} (R² {fit.r2:.2f})')
   ax.set_xlabel('1 / ρ²  (ρ = min decodability of the values)')
-  ax.set_ylabel('W* / N  (parameters per fact)')
+  ax.set_ylabel('W* / N  (parameters per fact, log scale)')
+  ax.set_yscale('log')
   ax.set_title(f'd = {FLAGS.dim}, N = P = {FLAGS.num_facts}')
   ax.legend(fontsize=7)
   fig.tight_layout()

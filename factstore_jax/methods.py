@@ -13,8 +13,8 @@ method                 knob            parameters (every array as built)
 =====================  ==============  ==========================================
 
 Batched methods train or build every member of a round in one ``vmap``-ed
-program (widths masked up to the round's largest, rounded up to a multiple of
-8 so few shapes compile), sharded over devices by
+program (widths masked up to the round's largest, rounded up to a power of
+two so few shapes compile), sharded over devices by
 :func:`factstore_jax.sweep.map_batched`. The closed form runs member by member
 (its repair step is host-level).
 """
@@ -22,7 +22,6 @@ program (widths masked up to the round's largest, rounded up to a multiple of
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import NamedTuple, Sequence
 
 import jax.numpy as jnp
@@ -35,6 +34,7 @@ from factstore_jax.constructions.encoder_decoder import (ConstructionConfig,
                                                          construct)
 from factstore_jax.errors import ConstructionError, FactStoreError
 from factstore_jax.factsets import FactSet, stack_factsets
+from factstore_jax.threads import single_threaded_blas
 
 METHODS = ('encoder_decoder', 'encoder_decoder_gd', 'gd', 'ntk',
            'hebbian_ridge', 'hebbian_data')
@@ -124,7 +124,8 @@ def evaluate_batched(method: str, keys: Sequence, factsets: Sequence[FactSet],
 
   All fact sets must share shapes. One compiled, sharded program per round.
   """
-  hidden = 8 * math.ceil(max(widths) / 8)
+  # Widths pad up to a power of two: few distinct shapes, few compilations.
+  hidden = max(8, 1 << (max(widths) - 1).bit_length())
   inputs = (jnp.stack(list(keys)), stack_factsets(list(factsets)),
             jnp.asarray(widths, jnp.int32))
   if method == 'gd':
@@ -140,7 +141,10 @@ def evaluate_batched(method: str, keys: Sequence, factsets: Sequence[FactSet],
                                        ridge=options.ridge)
   else:
     raise FactStoreError(f'{method!r} is not a batched method')
-  return np.asarray(sweep.map_batched(fn, inputs, static_kwargs=static))
+  # Ridge / data-dependent fits are batched LAPACK calls: on CPU, one BLAS
+  # thread each (see factstore_jax.threads); map_batched blocks inside.
+  with single_threaded_blas():
+    return np.asarray(sweep.map_batched(fn, inputs, static_kwargs=static))
 
 
 def _closed_form(key, fs: FactSet, code_dim: int, options: MethodOptions):
