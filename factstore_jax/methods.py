@@ -13,8 +13,9 @@ method                 knob            parameters (every array as built)
 =====================  ==============  ==========================================
 
 Batched methods train or build every member of a round in one ``vmap``-ed
-program (widths masked up to the round's largest, rounded up to a power of
-two so few shapes compile), sharded over devices by
+program (widths masked up to the round's largest, rounded up to a multiple
+of 8 for GD, whose cost grows with it, and to a power of two for the cheap
+baselines, so few shapes compile), sharded over devices by
 :func:`factstore_jax.sweep.map_batched`. The closed form runs member by member
 (its repair step is host-level).
 """
@@ -22,6 +23,7 @@ two so few shapes compile), sharded over devices by
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple, Sequence
 
 import jax.numpy as jnp
@@ -124,8 +126,12 @@ def evaluate_batched(method: str, keys: Sequence, factsets: Sequence[FactSet],
 
   All fact sets must share shapes. One compiled, sharded program per round.
   """
-  # Widths pad up to a power of two: few distinct shapes, few compilations.
-  hidden = max(8, 1 << (max(widths) - 1).bit_length())
+  if method in ('gd', 'encoder_decoder_gd'):
+    # Training cost grows with the padded width: pad to a multiple of 8.
+    hidden = 8 * math.ceil(max(widths) / 8)
+  else:
+    # Cheap closed-form baselines: powers of two, so few shapes compile.
+    hidden = max(8, 1 << (max(widths) - 1).bit_length())
   inputs = (jnp.stack(list(keys)), stack_factsets(list(factsets)),
             jnp.asarray(widths, jnp.int32))
   if method == 'gd':
