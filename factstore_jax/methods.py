@@ -70,8 +70,12 @@ class Capacity(NamedTuple):
 def num_params(method: str, dim: int, width: int, *,
                code_dim: int | None = None) -> int:
   """Parameter count of a batched method at ``width`` (see the table)."""
-  if method in ('gd', 'ntk', 'hebbian_ridge', 'hebbian_data'):
-    return 3 * dim * width
+  if method == 'ntk':
+    return ntk.ntk_num_params(dim, width)
+  if method in ('hebbian_ridge', 'hebbian_data'):
+    return hebbian.hebbian_num_params(dim, width)
+  if method == 'gd':
+    return 3 * dim * width  # identity gate, no biases: w_gate, w_up, w_down
   if method == 'encoder_decoder_gd':
     if code_dim is None:
       raise FactStoreError('encoder_decoder_gd needs its code_dim')

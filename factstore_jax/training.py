@@ -160,14 +160,6 @@ def _head(model: Model, x: Array, values: Array, hidden_mask: Array | None):
   return z, table, None if bias is None else values @ bias
 
 
-def _logits(model: Model, x: Array, values: Array,
-            hidden_mask: Array | None) -> Array:
-  """``(N, P)`` logits in the cheaper association."""
-  z, table, offset = _head(model, x, values, hidden_mask)
-  out = z @ table
-  return out if offset is None else out + offset
-
-
 @jax.custom_vjp
 def _xent_head(z: Array, table: Array, offset: Array | None, target: Array):
   """Mean cross-entropy and accuracy of logits ``z table + offset``.
