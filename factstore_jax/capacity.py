@@ -4,7 +4,7 @@
 accuracy meets a threshold (default 1.0). Every method exposes one integer
 width knob whose parameter count grows with it; :func:`search_width` finds the
 smallest passing width without ever testing a width twice: it grows a bracket
-geometrically from a start guess, then splits the bracket into
+geometrically from a start guess, then splits the bracket geometrically into
 ``batch`` + 1 parts per round, testing ``batch`` widths at once (one vmapped
 call where the method allows). Storage is assumed monotone in width; a pass
 below a fail (GD noise) is kept as the answer, which is what a user asking
@@ -84,10 +84,12 @@ def _search(*, start, max_width, min_width, threshold, batch, rel_tol,
                     for i in range(batch)])
     lo, hi = bounds()
   lo = min_width - 1 if lo is None else lo
-  # Split the bracket (lo, hi) into batch + 1 parts until adjacent.
+  # Split the bracket (lo, hi) geometrically into batch + 1 parts until
+  # adjacent: widths are scale parameters and the tolerance is relative.
   while hi - lo > 1 and hi - lo > rel_tol * hi:
-    step = (hi - lo) / (batch + 1)
-    yield from run({min(hi - 1, max(lo + 1, round(lo + step * (i + 1))))
+    ratio = hi / max(lo, 0.5)
+    yield from run({min(hi - 1, max(lo + 1, round(
+        max(lo, 0.5) * ratio ** ((i + 1) / (batch + 1)))))
                     for i in range(batch)})
     new_lo, hi = bounds()
     lo = lo if new_lo is None else max(lo, new_lo)

@@ -36,6 +36,7 @@ from factstore_jax.constructions.encoder_decoder import (ConstructionConfig,
                                                          construct)
 from factstore_jax.errors import ConstructionError, FactStoreError
 from factstore_jax.factsets import FactSet, stack_factsets
+from factstore_jax.mlp import GatedMLP, apply_mlp
 from factstore_jax.threads import single_threaded_blas
 
 METHODS = ('encoder_decoder', 'encoder_decoder_gd', 'gd', 'ntk',
@@ -245,3 +246,55 @@ def _closed_form_capacity(key, fs, options, max_width, start, rel_tol):
   return Capacity('encoder_decoder', r.width,
                   None if r.width is None else params[r.width], r.tested,
                   r.rounds, None)
+
+
+class Built(NamedTuple):
+  """One MLP of a method at one width (:func:`build_mlp`)."""
+  mlp: object            # GatedMLP or EncoderDecoder
+  num_params: int
+  accuracy: float        # standalone storage accuracy on the fact set
+  min_margin: float
+
+
+def build_mlp(method: str, key, factset: FactSet, width: int, *,
+              options: MethodOptions = MethodOptions(),
+              code_dim: int | None = None) -> Built:
+  """The MLP ``method`` builds (or trains) at ``width``, unmasked.
+
+  The knob is the one :func:`find_capacity` searches (the closed form's
+  code dim; hidden width otherwise). ``encoder_decoder_gd`` uses ``code_dim``
+  (default: the code dim the closed form would pick). A closed form that
+  cannot certify storage at ``width`` raises ``ConstructionError``.
+  """
+  _check_method(method)
+  if int(width) < 1:
+    raise FactStoreError(f'width must be >= 1, got {width}')
+  width = int(width)
+  dim = factset.keys.shape[-1]
+  if method == 'encoder_decoder':
+    built = construct(factset, key, ConstructionConfig(
+        code_dim=width, bucket_size=options.bucket_size))
+    return Built(built.model, built.report.num_params, built.report.accuracy,
+                 built.report.min_margin)
+  if method == 'gd':
+    mlp = training.train_mlp(key, factset, width, config=options.train).params
+  elif method == 'encoder_decoder_gd':
+    code_dim = code_dim or _gd_code_dim(key, factset)
+    mlp = training.train_encoder_decoder(key, factset, width, code_dim,
+                                         config=options.train).params
+  elif method == 'ntk':
+    mlp = ntk.ntk_mlp(key, factset, width, degree=options.degree)
+  else:
+    readout = 'ridge' if method == 'hebbian_ridge' else 'data_dependent'
+    with single_threaded_blas():
+      mlp = hebbian.hebbian_mlp(key, factset, width, readout=readout,
+                                ridge=options.ridge)
+  report = storage.evaluate_fn(lambda x: storage_apply(mlp, x), factset.keys,
+                               factset.values, factset.mapping)
+  return Built(mlp, num_params(method, dim, width, code_dim=code_dim),
+               float(report.accuracy), float(report.min_margin))
+
+
+def storage_apply(mlp, x):
+  """Applies a ``GatedMLP`` or ``EncoderDecoder`` to ``x (..., d)``."""
+  return apply_mlp(mlp, x) if isinstance(mlp, GatedMLP) else mlp(x)

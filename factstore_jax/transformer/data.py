@@ -61,7 +61,7 @@ def is_tied(factset: FactSet) -> bool:
           np.array_equal(values, keys[:values.shape[0]]))
 
 
-def make_vocabulary(key: Array, factset: FactSet, num_junk: int = 64, *,
+def make_vocabulary(key: Array, factset: FactSet, num_junk: int = 4, *,
                     tied: bool | None = None) -> Vocabulary:
   """Embedding table for ``factset`` plus ``num_junk`` junk tokens and Q.
 

@@ -250,3 +250,36 @@ def key_delivery(model: Transformer, vocab: data_lib.Vocabulary, key: Array,
     zs.append(np.asarray(z))
     ds.append(np.asarray(dist))
   return np.concatenate(zs), np.concatenate(ds)
+
+
+def _check_frozen_mlp(config: TrainConfig) -> None:
+  if 'mlp' in config.groups:
+    raise FactStoreError(
+        "the fact MLP stays frozen in both schedules: drop 'mlp' from "
+        f'groups {config.groups}')
+
+
+def schedule_a(model: Transformer, vocab: data_lib.Vocabulary, fact_mlp,
+               key: Array, config: TrainConfig = TrainConfig(), *,
+               progress: bool = False) -> TrainReport:
+  """Schedule (a): train on key copy with the identity MLP, then insert.
+
+  The model's MLP slot is set to the identity, ``config.groups`` train on
+  emitting the key token itself, then ``fact_mlp`` is plugged in with no
+  further training. Returns the key-copy :class:`TrainReport`.
+  """
+  _check_frozen_mlp(config)
+  model.swap_mlp(None)
+  report = train(model, vocab, data_lib.copy_targets(vocab), key, config,
+                 progress=progress)
+  model.swap_mlp(fact_mlp)
+  return report
+
+
+def schedule_b(model: Transformer, vocab: data_lib.Vocabulary, fact_mlp,
+               targets: Array, key: Array, config: TrainConfig = TrainConfig(),
+               *, progress: bool = False) -> TrainReport:
+  """Schedule (b): insert the frozen ``fact_mlp``, then train through it."""
+  _check_frozen_mlp(config)
+  model.swap_mlp(fact_mlp)
+  return train(model, vocab, targets, key, config, progress=progress)
