@@ -298,3 +298,33 @@ def build_mlp(method: str, key, factset: FactSet, width: int, *,
 def storage_apply(mlp, x):
   """Applies a ``GatedMLP`` or ``EncoderDecoder`` to ``x (..., d)``."""
   return apply_mlp(mlp, x) if isinstance(mlp, GatedMLP) else mlp(x)
+
+
+def smallest_mlp(method: str, key, factset: FactSet, *,
+                 options: MethodOptions = MethodOptions(),
+                 rel_tol: float = 0.0, max_width: int | None = None
+                 ) -> tuple[Built, Capacity]:
+  """The MLP at ``method``'s ``W*`` on ``factset`` (one seed), built.
+
+  Searches with :func:`find_capacity`, then builds at the found width. If
+  the unmasked rebuild misses a fact (GD noise between the masked search
+  run and the rebuild), the width grows by one until it stores every fact,
+  up to the largest width the search tested (check ``Built.accuracy``).
+
+  Raises:
+    ConstructionError: no width up to ``max_width`` stores the fact set.
+  """
+  cap = find_capacity(method, [factset], [key], options=options,
+                      rel_tol=rel_tol, max_width=max_width)[0]
+  if cap.width is None:
+    raise ConstructionError(
+        f'{method}: no width up to the search maximum stores all '
+        f'{factset.keys.shape[0]} facts')
+  width = cap.width
+  top = max(cap.tested)
+  while True:
+    built = build_mlp(method, key, factset, width, options=options,
+                      code_dim=cap.code_dim)
+    if built.accuracy >= 1.0 or width >= top:
+      return built, cap
+    width += 1

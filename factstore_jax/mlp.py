@@ -126,3 +126,21 @@ class GatedMLPModule(nnx.Module):
   def __call__(self, x: Array) -> Array:
     """``x (..., d) -> (..., d_out)``."""
     return apply_mlp(self.to_params(), x)
+
+
+def fold_linear(params: GatedMLP, w_in: Array, w_out: Array) -> GatedMLP:
+  """The gated MLP ``x -> g(x @ w_in) @ w_out`` as one gated MLP.
+
+  ``w_in (d, d')`` maps inputs into the space ``g`` was built for and
+  ``w_out (d_out, d'')`` maps its outputs back (e.g. a whitening matrix: an
+  MLP built on whitened keys and values, folded with the symmetric
+  whitening matrix on both sides, decodes the original values).
+  """
+  if w_in.shape[1] != params.w_gate.shape[0] or \
+      w_out.shape[0] != params.w_down.shape[1]:
+    raise FactStoreError(
+        f'fold_linear: w_in {w_in.shape} must end in {params.w_gate.shape[0]} '
+        f'and w_out {w_out.shape} start with {params.w_down.shape[1]}')
+  b_down = None if params.b_down is None else params.b_down @ w_out
+  return params.replace(w_gate=w_in @ params.w_gate, w_up=w_in @ params.w_up,
+                        w_down=params.w_down @ w_out, b_down=b_down)
