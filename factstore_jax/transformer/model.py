@@ -76,7 +76,7 @@ class TransformerConfig:
     if self.norm not in NORMS:
       raise FactStoreError(f'unknown norm {self.norm!r}; expected one of '
                            f'{NORMS}')
-    hd = self.head_dim or dim
+    hd = dim if self.head_dim is None else self.head_dim
     if hd < 1 or (self.rope and hd % 2):
       raise FactStoreError(
           f'head_dim must be >= 1 (and even with RoPE), got {hd}')
@@ -141,7 +141,7 @@ class Transformer(nnx.Module):
     d = embeddings.shape[1]
     config.check(d)
     self.config = config
-    hd = config.head_dim or d
+    hd = d if config.head_dim is None else config.head_dim
     dtype = embeddings.dtype
     init = jax.nn.initializers.lecun_normal()
     k_q, k_k = jax.random.split(key)

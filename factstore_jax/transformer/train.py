@@ -15,6 +15,7 @@ copy with the identity MLP, then insert the fact MLP untouched) and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import NamedTuple
 
@@ -147,8 +148,8 @@ def train(model: Transformer, vocab: data_lib.Vocabulary, targets: Array,
   def batch(key, size):
     return data_lib.sample_batch(key, vocab, targets, size, config.context_len)
 
-  @jax.jit
-  def chunk(params, opt_state, rest, key):
+  @functools.partial(jax.jit, static_argnums=4)
+  def chunk(params, opt_state, rest, key, num_steps):
     def step(carry, k):
       params, opt_state = carry
       (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -159,7 +160,7 @@ def train(model: Transformer, vocab: data_lib.Vocabulary, targets: Array,
     k_steps, k_eval = jax.random.split(key)
     (params, opt_state), losses = jax.lax.scan(
         step, (params, opt_state),
-        jax.random.split(k_steps, config.chunk_steps))
+        jax.random.split(k_steps, num_steps))
     _, accuracy = loss_fn(params, rest, batch(k_eval, config.eval_batch_size))
     return params, opt_state, jnp.mean(losses), accuracy
 
@@ -167,15 +168,17 @@ def train(model: Transformer, vocab: data_lib.Vocabulary, targets: Array,
   opt_state = opt.init(params)
   losses, accuracies, steps, reached = [], [], 0, False
   num_chunks = -(-config.max_steps // config.chunk_steps)
-  with tqdm(total=num_chunks * config.chunk_steps, disable=not progress,
+  with tqdm(total=config.max_steps, disable=not progress,
             desc='train attention', unit='step') as bar:
     for i in range(num_chunks):
+      # The last chunk is shorter when chunk_steps does not divide max_steps.
+      num_steps = min(config.chunk_steps, config.max_steps - steps)
       params, opt_state, loss, accuracy = chunk(
-          params, opt_state, rest, jax.random.fold_in(key, i))
-      steps += config.chunk_steps
+          params, opt_state, rest, jax.random.fold_in(key, i), num_steps)
+      steps += num_steps
       losses.append(float(loss))
       accuracies.append(float(accuracy))
-      bar.update(config.chunk_steps)
+      bar.update(num_steps)
       bar.set_postfix(loss=f'{losses[-1]:.4f}', acc=f'{accuracies[-1]:.4f}')
       if (config.target_accuracy is not None and
           accuracies[-1] >= config.target_accuracy):
