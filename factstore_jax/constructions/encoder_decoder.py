@@ -137,6 +137,9 @@ class Construction(NamedTuple):
   report: ConstructionReport
   codes: Array        # (P, m) codes of all values
   rho: Array          # (P,) decodability of the projected values
+  # Per-bucket structure for bucket-local edits (constructions/editing.py);
+  # None where the builder kept none.
+  structure: BucketStructure | None = None
 
   @property
   def mlp(self) -> GatedMLP:
@@ -180,6 +183,37 @@ class Gadgets(NamedTuple):
   scale: Array   # (n, k) gate scale of each window neuron
   bias: Array    # (n, k) gate bias of each window neuron
   sign: Array    # (k,) sign of each window neuron
+
+
+@flax.struct.dataclass
+class BucketStructure:
+  """Per-bucket state of a construction, kept for bucket-local edits
+  (:mod:`factstore_jax.constructions.editing`).
+
+  ``gadgets`` holds the buckets (keys of each bucket, projection direction,
+  window ramps), the exact maps and the gate parameters the dense weights
+  are assembled from (``model == assemble_gadgets(gadgets, decoder)``);
+  ``min_margin (n,)`` / ``min_normalized_margin (n,)`` are the smallest
+  margins of each bucket's facts (``+inf`` for an empty bucket), so the
+  global minimum is known without re-verifying every fact.
+  """
+  gadgets: Gadgets
+  min_margin: Array             # (n,)
+  min_normalized_margin: Array  # (n,)
+  slack: float = flax.struct.field(pytree_node=False, default=0.25)
+  tol: float = flax.struct.field(pytree_node=False, default=1e-3)
+
+
+def bucket_structure(parts: Gadgets, check_report: storage.StorageReport,
+                     num_keys: int, slack: float,
+                     tol: float) -> BucketStructure:
+  """:class:`BucketStructure` of verified gadgets (margins ``(N,)`` per key)."""
+  owner = bucket_of_key(parts.buckets, num_keys)
+  n = parts.maps.shape[0]
+  seg_min = lambda x: jax.ops.segment_min(x, owner, num_segments=n)
+  return BucketStructure(parts, seg_min(check_report.margins),
+                         seg_min(check_report.normalized_margins),
+                         slack=slack, tol=tol)
 
 
 def build_gadgets(key: Array, keys: Array, targets: Array, *, bucket_size: int,
@@ -508,7 +542,10 @@ def construct(factset: FactSet, key: Array | int = 0,
       rho_projected=float(np.asarray(rho)[used].min()),
       min_gap=float(parts.buckets.min_gap), repaired_buckets=repaired,
       retries=retries, seconds=time.perf_counter() - start)
-  return Construction(model=model, report=report, codes=codes, rho=rho)
+  structure = bucket_structure(parts, check.storage, n_keys, config.slack,
+                               config.tol)
+  return Construction(model=model, report=report, codes=codes, rho=rho,
+                      structure=structure)
 
 
 _build_gadgets_jit = jax.jit(

@@ -113,18 +113,24 @@ def solve_buckets(keys: Array, targets: Array, buckets: Buckets) -> Array:
   concurrently (seen with QR's ``orgqr`` beside ``trsm``).
   """
   def one(index, valid):
-    k_t = jnp.where(valid[None, :], keys[index].T, 0.0)        # (d, b)
-    c = jnp.where(valid[:, None], targets[index], 0.0)         # (b, m)
-    r = jnp.linalg.qr(k_t, mode='r')                           # (b, b)
-    r = jnp.where(jnp.diag(~valid), 1.0, r)
-    def gram_solve(rhs):  # (R^T R)^{-1} rhs
-      z = jax.scipy.linalg.solve_triangular(r, rhs, trans='T', lower=False)
-      return jax.scipy.linalg.solve_triangular(r, z, lower=False)
-    alpha = gram_solve(c)
-    residual = c - k_t.T @ (k_t @ alpha)
-    alpha = alpha + gram_solve(jnp.where(valid[:, None], residual, 0.0))
-    return (k_t @ alpha).T                                     # (m, d)
+    return solve_bucket(keys[index], targets[index], valid)
   return jax.vmap(one)(buckets.index, buckets.valid)
+
+
+def solve_bucket(keys: Array, targets: Array, valid: Array) -> Array:
+  """One bucket of :func:`solve_buckets`: ``keys (b, d)``, ``targets (b, m)``,
+  ``valid (b,)`` (padding last) -> ``M (m, d)`` with ``M k_i = c_i``."""
+  k_t = jnp.where(valid[None, :], keys.T, 0.0)                 # (d, b)
+  c = jnp.where(valid[:, None], targets, 0.0)                  # (b, m)
+  r = jnp.linalg.qr(k_t, mode='r')                             # (b, b)
+  r = jnp.where(jnp.diag(~valid), 1.0, r)
+  def gram_solve(rhs):  # (R^T R)^{-1} rhs
+    z = jax.scipy.linalg.solve_triangular(r, rhs, trans='T', lower=False)
+    return jax.scipy.linalg.solve_triangular(r, z, lower=False)
+  alpha = gram_solve(c)
+  residual = c - k_t.T @ (k_t @ alpha)
+  alpha = alpha + gram_solve(jnp.where(valid[:, None], residual, 0.0))
+  return (k_t @ alpha).T                                       # (m, d)
 
 
 def window_gate_params(buckets: Buckets, activation: str):
