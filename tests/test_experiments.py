@@ -54,3 +54,41 @@ def test_decodability_scaling_tiny(tmp_path):
   assert all(0 < float(r['rho_min']) <= 1 for r in got)
   assert 'R²' in (tmp_path / 'summary.md').read_text()
   assert (tmp_path / 'rho_vs_cost.png').stat().st_size > 0
+
+
+TINY_TRANSFORMER = ['--num_junk=2', '--context_len=2', '--steps=300',
+                    '--mlp_steps=1500']
+
+
+def test_transformer_recall_tiny(tmp_path):
+  run('transformer_recall.py', tmp_path, '--dims=16', '--num_facts=32',
+      '--methods=encoder_decoder,hebbian_ridge', '--schedules=a',
+      *TINY_TRANSFORMER)
+  got = rows(tmp_path / 'rows.csv')
+  assert len(got) == 2 * 2  # methods x swap
+  assert all(0 <= float(r['recall']) <= 1 for r in got)
+  assert all(float(r['standalone_accuracy']) == 1.0 for r in got)
+  assert '| encoder_decoder | 16 | 32 |' in (tmp_path / 'summary.md').read_text()
+  assert (tmp_path / 'recall.png').stat().st_size > 0
+
+
+def test_transformer_capacity_tiny(tmp_path):
+  run('transformer_capacity.py', tmp_path, '--dim=16', '--num_facts=16,32',
+      '--methods=hebbian_ridge', *TINY_TRANSFORMER)
+  got = rows(tmp_path / 'rows.csv')
+  assert [int(r['num_facts']) for r in got] == [16, 32]
+  assert all(int(r['standalone_params']) > 0 for r in got)
+  assert (tmp_path / 'capacity.png').stat().st_size > 0
+
+
+def test_capacity_usability_tiny(tmp_path):
+  run('capacity_usability.py', tmp_path, '--dim=16', '--num_facts=32',
+      '--code_dims=16', '--bucket_sizes=8', '--gd_widths=8',
+      *TINY_TRANSFORMER)
+  got = rows(tmp_path / 'rows.csv')
+  assert {(r['method'], r['knob']) for r in got} == {
+      ('encoder_decoder', 'W*'), ('encoder_decoder', '16/8'), ('gd', 'W*'),
+      ('gd', '8')}
+  text = (tmp_path / 'summary.md').read_text()
+  assert '## Whitening at W*' in text
+  assert (tmp_path / 'tradeoff.png').stat().st_size > 0
