@@ -81,6 +81,7 @@ def test_transformer_capacity_tiny(tmp_path):
   assert (tmp_path / 'capacity.png').stat().st_size > 0
 
 
+@pytest.mark.slow  # ~70 s on 2 idle cores: GD and closed-form W* searches
 def test_capacity_usability_tiny(tmp_path):
   run('capacity_usability.py', tmp_path, '--dim=16', '--num_facts=32',
       '--code_dims=16', '--bucket_sizes=8', '--gd_widths=8',
