@@ -589,7 +589,9 @@ class TrainTest(chex.TestCase):
       ('target_low', dict(target_accuracy=0.0), 'target_accuracy'),
       ('target_high', dict(target_accuracy=1.2), 'target_accuracy'),
       ('groups_unknown', dict(groups=('attention',)), 'groups'),
-      ('groups_empty', dict(groups=()), 'groups'))
+      ('groups_empty', dict(groups=()), 'groups'),
+      ('weight_decay', dict(weight_decay=-0.1), 'weight_decay'),
+      ('logit_scale', dict(logit_scale=0.0), 'logit_scale'))
   def test_config_errors(self, kwargs, match):
     config = train_lib.TrainConfig(**kwargs)
     with self.assertRaisesRegex(FactStoreError, match):

@@ -78,6 +78,10 @@ class TrainConfig:
       raise FactStoreError(
           f'need learning_rate > 0 and 0 <= final_fraction <= 1, got '
           f'{self.learning_rate}, {self.final_fraction}')
+    if not self.weight_decay >= 0 or not self.logit_scale > 0:
+      raise FactStoreError(
+          f'need weight_decay >= 0 and logit_scale > 0, got '
+          f'{self.weight_decay}, {self.logit_scale}')
     if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
       raise FactStoreError(
           f'target_accuracy must be in (0, 1], got {self.target_accuracy}')
