@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from factstore_jax import factsets, methods, usability
+from factstore_jax import factsets, methods, storage, usability
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.errors import ConstructionError
 from factstore_jax.mlp import fold_linear
@@ -125,7 +125,7 @@ def compute_one(c) -> dict:
   radius = np.asarray(usability.robustness_radius(
       fn, keys, fs.values, fs.mapping, jax.random.key(8),
       num_directions=FLAGS.num_directions, max_radius=1.0, iters=16))
-  standalone = methods.storage.evaluate_fn(fn, keys, fs.values, fs.mapping)
+  standalone = storage.evaluate_fn(fn, keys, fs.values, fs.mapping)
   model.swap_mlp(mlp)
   recall = tc.recall(model, t, t.targets, FLAGS.seed, FLAGS.context_len)
   return dict(num_params=built.num_params,
