@@ -138,6 +138,38 @@ def train(model: Transformer, vocab: data_lib.Vocabulary, targets: Array,
   """
   config.check()
   targets = _check_targets(vocab, targets)
+
+  def loss_fn(m, batch):
+    return query_loss(m, batch.tokens, batch.targets, config.logit_scale)
+
+  def sample(key, size):
+    return data_lib.sample_batch(key, vocab, targets, size, config.context_len)
+
+  return fit_groups(model, loss_fn, sample, key, config, progress=progress,
+                    desc='train attention')
+
+
+def fit_groups(model: nnx.Module, loss_fn, sample, key: Array,
+               config: TrainConfig, *, progress: bool = False,
+               desc: str = 'train') -> TrainReport:
+  """Trains ``config.groups`` of ``model`` in place on any batch task.
+
+  The loop behind :func:`train`: AdamW with cosine decay over jitted
+  ``lax.scan`` chunks of ``config.chunk_steps`` steps, a fresh batch per step,
+  an evaluation on a fresh batch of ``config.eval_batch_size`` after each
+  chunk, early stop at ``config.target_accuracy``. (``config.context_len``
+  and ``config.logit_scale`` are the caller's business.)
+
+  Args:
+    model: the module (updated in place); its parameter groups are those of
+      :func:`~factstore_jax.transformer.model.group_filter`.
+    loss_fn: ``(model, batch) -> (loss, accuracy)`` scalars, traceable.
+    sample: ``(key, size) -> batch`` (a pytree), traceable; ``size`` static.
+    key: PRNG key for the batches.
+    config: :class:`TrainConfig`.
+    progress: show a tqdm bar labelled ``desc``.
+  """
+  config.check()
   graphdef, params, rest = nnx.split(model, group_filter(config.groups), ...)
   if not jax.tree.leaves(params):
     raise FactStoreError(f'groups {config.groups} hold no parameters')
@@ -145,19 +177,15 @@ def train(model: Transformer, vocab: data_lib.Vocabulary, targets: Array,
       config.learning_rate, config.max_steps, config.final_fraction)
   opt = optax.adamw(schedule, weight_decay=config.weight_decay)
 
-  def loss_fn(params, rest, batch):
-    m = nnx.merge(graphdef, params, rest)
-    return query_loss(m, batch.tokens, batch.targets, config.logit_scale)
-
-  def batch(key, size):
-    return data_lib.sample_batch(key, vocab, targets, size, config.context_len)
+  def merged_loss(params, rest, batch):
+    return loss_fn(nnx.merge(graphdef, params, rest), batch)
 
   @functools.partial(jax.jit, static_argnums=4)
   def chunk(params, opt_state, rest, key, num_steps):
     def step(carry, k):
       params, opt_state = carry
-      (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          params, rest, batch(k, config.batch_size))
+      (loss, _), grads = jax.value_and_grad(merged_loss, has_aux=True)(
+          params, rest, sample(k, config.batch_size))
       updates, opt_state = opt.update(grads, opt_state, params)
       return (optax.apply_updates(params, updates), opt_state), loss
 
@@ -165,7 +193,8 @@ def train(model: Transformer, vocab: data_lib.Vocabulary, targets: Array,
     (params, opt_state), losses = jax.lax.scan(
         step, (params, opt_state),
         jax.random.split(k_steps, num_steps))
-    _, accuracy = loss_fn(params, rest, batch(k_eval, config.eval_batch_size))
+    _, accuracy = merged_loss(params, rest,
+                              sample(k_eval, config.eval_batch_size))
     return params, opt_state, jnp.mean(losses), accuracy
 
   start = time.perf_counter()
@@ -173,7 +202,7 @@ def train(model: Transformer, vocab: data_lib.Vocabulary, targets: Array,
   losses, accuracies, steps, reached = [], [], 0, False
   num_chunks = -(-config.max_steps // config.chunk_steps)
   with tqdm(total=config.max_steps, disable=not progress,
-            desc='train attention', unit='step') as bar:
+            desc=desc, unit='step') as bar:
     for i in range(num_chunks):
       # The last chunk is shorter when chunk_steps does not divide max_steps.
       num_steps = min(config.chunk_steps, config.max_steps - steps)
