@@ -5,6 +5,18 @@ routing, decoder``) or a :class:`GatedMLP` (``w_gate, w_up, w_down`` and any
 biases), plus string metadata: ``format`` (``factstore_jax.mlp``),
 ``format_version``, ``kind``, ``activation`` and an optional JSON ``report``.
 Writes are atomic: a temp file in the target folder, then ``os.replace``.
+
+Format versions: ``1`` is the first (and current) version; there are no older
+ones. :func:`load_model` reads exactly the versions up to
+:data:`FORMAT_VERSION` and fails with a :class:`FactStoreError` naming the
+file's version and the library's for a newer (or invalid) version, and for a
+file without ``format``/``format_version`` metadata (e.g. a plain safetensors
+file). A future format change bumps :data:`FORMAT_VERSION` and keeps reading
+every older version (or names it as no longer supported).
+
+Arrays keep their dtype: float32 and float64 models round-trip bit for bit,
+the report too. As everywhere in JAX, float64 arrays stay float64 only with
+``jax_enable_x64``; without it they load as float32.
 """
 
 from __future__ import annotations
@@ -19,9 +31,10 @@ import safetensors.numpy
 from factstore_jax.atomic import atomic_output
 from factstore_jax.constructions.encoder_decoder import EncoderDecoder
 from factstore_jax.errors import FactStoreError
-from factstore_jax.mlp import GatedMLP
+from factstore_jax.mlp import GatedMLP, get_activation
 
 FORMAT = 'factstore_jax.mlp'
+# Version history: 1 — the first version (the layout described above).
 FORMAT_VERSION = 1
 _FIELDS = {
     'encoder_decoder': ('w_gate', 'b_gate', 'w_up', 'routing', 'decoder'),
@@ -86,21 +99,58 @@ def load_model(path: str | os.PathLike):
     raise
   except Exception as e:  # corrupt or foreign files
     raise FactStoreError(f'{path}: cannot read MLP file ({e})') from e
-  if metadata.get('format') != FORMAT:
-    raise FactStoreError(f'{path}: not a factstore_jax MLP file')
-  version = int(metadata.get('format_version', -1))
-  if version != FORMAT_VERSION:
+  if not isinstance(metadata, dict):
+    raise FactStoreError(f'{path}: not a factstore_jax MLP file (its '
+                         'metadata is not a JSON object)')
+  if 'format' not in metadata and 'format_version' not in metadata:
     raise FactStoreError(
-        f'{path}: MLP file format version {version} is not supported by this '
-        f'library (reads version {FORMAT_VERSION})')
+        f'{path}: not a factstore_jax MLP file: it has no "format" / '
+        '"format_version" metadata (a plain tensor file?); MLP files are '
+        'written by factstore_jax.save_model')
+  if metadata.get('format') != FORMAT:
+    raise FactStoreError(
+        f'{path}: not a factstore_jax MLP file (format '
+        f'{metadata.get("format")!r}, expected {FORMAT!r})')
+  _check_version(path, metadata)
   kind = metadata.get('kind')
   if kind not in _FIELDS:
     raise FactStoreError(f'{path}: unknown model kind {kind!r}')
   fields = {k: jnp.asarray(v) for k, v in arrays.items()}
   cls = EncoderDecoder if kind == 'encoder_decoder' else GatedMLP
+  if not isinstance(metadata.get('activation'), str):
+    raise FactStoreError(f'{path}: the file names no activation')
+  try:
+    get_activation(metadata['activation'])
+  except FactStoreError as e:
+    raise FactStoreError(f'{path}: {e}') from e
   try:
     model = cls(**fields, activation=metadata['activation'])
   except TypeError as e:
     raise FactStoreError(f'{path}: arrays do not form a {kind} ({e})') from e
-  metadata['report'] = json.loads(metadata.get('report') or '{}')
+  try:
+    metadata['report'] = json.loads(metadata.get('report') or '{}')
+  except ValueError as e:
+    raise FactStoreError(f'{path}: its report is not valid JSON ({e})') from e
   return model, metadata
+
+
+def _check_version(path: str, metadata: dict) -> int:
+  """The file's format version, if this library reads it."""
+  if 'format_version' not in metadata:
+    raise FactStoreError(
+        f'{path}: MLP file has no format_version (this library reads '
+        f'versions 1 to {FORMAT_VERSION})')
+  raw = metadata['format_version']
+  try:
+    version = int(str(raw).strip())
+  except ValueError:
+    version = None
+  if version is None or version < 1:
+    raise FactStoreError(
+        f'{path}: MLP file has an invalid format_version {raw!r} (versions '
+        f'are integers from 1; this library reads 1 to {FORMAT_VERSION})')
+  if version > FORMAT_VERSION:
+    raise FactStoreError(
+        f'{path}: MLP file format version {version} is newer than this '
+        f'library reads (version {FORMAT_VERSION}); upgrade factstore_jax')
+  return version
