@@ -49,6 +49,34 @@ class _Outer(NamedTuple):
   cand: Array    # (K,) int competitor indices
   lam: Array     # (K,) simplex weights
   done: Array    # () bool
+  x: Array       # (d,) min-norm point of the last certificate
+  dual: Array    # () its norm
+  smin: Array    # () its smallest score against all competitors
+
+
+def _top_k_indices(y: Array, k: int) -> Array:
+  """``jax.lax.top_k(y, k)[1]`` of a 1-D ``y``, exactly (ties included).
+
+  For long ``y`` a two-level selection: the ``k`` blocks with the largest
+  maxima (ties to the lower block) hold the ``k`` largest entries (ties to
+  the lower index), so one ``top_k`` over the block maxima and one over the
+  ``k`` selected blocks (kept in index order) replace a ``top_k`` over all
+  of ``y``; on CPU this is 2-3x faster at ``len(y) = 65,536``, ``k = 64``.
+  """
+  n = y.shape[0]
+  if n < 8192 or k < 1:
+    return jax.lax.top_k(y, k)[1]
+  block = 16
+  while block * block * k < n:  # block ~ sqrt(n / k)
+    block *= 2
+  if k * block * 4 > n:
+    return jax.lax.top_k(y, k)[1]
+  num_blocks = -(-n // block)
+  padded = jnp.pad(y, (0, num_blocks * block - n), constant_values=-jnp.inf)
+  blocks = padded.reshape(num_blocks, block)
+  chosen = jnp.sort(jax.lax.top_k(jnp.max(blocks, axis=1), k)[1])
+  pos = jax.lax.top_k(blocks[chosen].reshape(-1), k)[1]
+  return chosen[pos // block] * block + pos % block
 
 
 def _pairwise_frank_wolfe(q: Array, lam: Array, tol: float,
@@ -107,9 +135,9 @@ def _solve_one(i: Array, values: Array, sqnorm: Array, *,
   # (values are centred, so v_i points away from the mean).
   x0 = vi
   x0 = x0 / jnp.maximum(jnp.linalg.norm(x0), 1e-30)
-  near = jax.lax.top_k(-jnp.where(excluded, jnp.inf, dist), k - k // 2)[1]
+  near = _top_k_indices(-jnp.where(excluded, jnp.inf, dist), k - k // 2)
   taken = excluded.at[near].set(True)
-  best = jax.lax.top_k(-jnp.where(taken, jnp.inf, scores(x0)), k // 2)[1]
+  best = _top_k_indices(-jnp.where(taken, jnp.inf, scores(x0)), k // 2)
   cand0 = jnp.concatenate([near, best])
   w0, _ = differences(cand0)
   lam0 = jax.nn.one_hot(jnp.argmin(w0 @ x0), k, dtype=values.dtype)
@@ -121,7 +149,7 @@ def _solve_one(i: Array, values: Array, sqnorm: Array, *,
     s = scores(x)
     # Recompute the K smallest scores from exact differences (Gram-based
     # distances lose precision for near neighbours).
-    worst = jax.lax.top_k(-s, k)[1]
+    worst = _top_k_indices(-s, k)
     w_worst, _ = differences(worst)
     s = s.at[worst].set(w_worst @ x)
     return x, dual, s
@@ -137,18 +165,26 @@ def _solve_one(i: Array, values: Array, sqnorm: Array, *,
     done = (dual - primal <= tol) | (dual <= max(atol, floor))
     # Replace inactive slots by the most violating competitors not yet held.
     held = jnp.zeros(num_values, bool).at[state.cand].max(lam > 0)
-    new = jax.lax.top_k(-jnp.where(held, jnp.inf, s), k)[1]
+    new = _top_k_indices(-jnp.where(held, jnp.inf, s), k)
     free = lam <= 0
     rank = jnp.clip(jnp.cumsum(free) - 1, 0, k - 1)
     cand = jnp.where(free, new[rank], state.cand)
     cand = jnp.where(done, state.cand, cand)
-    return _Outer(state.step + 1, cand, lam, done)
+    return _Outer(state.step + 1, cand, lam, done, x, dual, jnp.min(s))
 
+  zero = jnp.zeros((), values.dtype)
   state = jax.lax.while_loop(
-      cond, body, _Outer(jnp.array(0), cand0, lam0, jnp.array(False)))
-  x, dual, s = certificate(state.cand, state.lam)
+      cond, body, _Outer(jnp.array(0), cand0, lam0, jnp.array(False),
+                         jnp.zeros_like(vi), zero, zero))
+  if max_outer > 0:
+    # The last step's certificate is the final one: a step that is not done
+    # only replaces competitors of zero weight, which leaves x unchanged.
+    x, dual, smin = state.x, state.dual, state.smin
+  else:
+    x, dual, s = certificate(state.cand, state.lam)
+    smin = jnp.min(s)
   u = x / jnp.maximum(dual, 1e-30)
-  primal = jnp.min(s) / jnp.maximum(dual, 1e-30)
+  primal = smin / jnp.maximum(dual, 1e-30)
   # An exact duplicate of v_i (or a min-norm point at the origin) means no
   # direction separates it: report rho <= 0.
   has_duplicate = jnp.min(jnp.where(excluded, jnp.inf, dist)) <= 0.0
@@ -163,7 +199,8 @@ def decodability(values: Array, *, num_candidates: int | None = None,
                  tol: float = 1e-3, atol: float = 1e-6,
                  floor: float = 0.0, chunk_size: int = 256,
                  max_outer: int = 20, max_inner: int = 2000,
-                 indices=None) -> Decodability:
+                 indices=None, stream_size: int | None = None,
+                 abort=None, progress=None) -> Decodability | None:
   """Per-value decodability ``rho_i`` with separators and certificates.
 
   Args:
@@ -184,9 +221,18 @@ def decodability(values: Array, *, num_candidates: int | None = None,
     max_outer: active-set refreshes; ``max_inner``: Frank-Wolfe steps each.
     indices: optional ``(S,)`` values to solve (against all competitors);
       the result then has ``S`` rows instead of ``P``.
+    stream_size: outside ``jit`` only: solve at most this many values per
+      jitted call (rounded up to a multiple of ``chunk_size``), in a host
+      loop, so ``abort`` / ``progress`` run between calls. The result is the
+      same as one call's (the values are batched the same way).
+    abort: optional ``abort(rows (s,) np.ndarray, part: Decodability) ->
+      bool`` called after each streamed call with the positions (in
+      ``indices``) it solved; ``True`` stops early and returns ``None``.
+    progress: optional ``progress(done, total)`` called after each call.
 
   Returns:
-    :class:`Decodability` with ``(P,)`` fields and ``separators (P, d)``.
+    :class:`Decodability` with ``(P,)`` fields and ``separators (P, d)``
+    (``None`` if ``abort`` stopped it).
   """
   values = jnp.asarray(values)
   if values.ndim != 2 or values.shape[0] < 2:
@@ -203,7 +249,29 @@ def decodability(values: Array, *, num_candidates: int | None = None,
       values, idx, num_candidates=k, tol=tol, atol=atol, floor=floor,
       chunk_size=max(1, min(chunk_size, idx.shape[0])), max_outer=max_outer,
       max_inner=max_inner)
-  result = solve(indices, k)
+  total = indices.shape[0]
+  if stream_size is None or stream_size >= total:
+    result = solve(indices, k)
+    if abort is not None and abort(np.arange(total), result):
+      return None
+    if progress is not None:
+      jax.block_until_ready(result)
+      progress(total, total)
+  else:
+    # Chunk boundaries on multiples of chunk_size: every value is batched
+    # with the same neighbours as in a single call.
+    step = -(-max(stream_size, 1) // chunk_size) * chunk_size
+    parts = []
+    for start in range(0, total, step):
+      rows = np.arange(start, min(start + step, total))
+      part = solve(indices[start:start + step], k)
+      if abort is not None and abort(rows, part):
+        return None
+      parts.append(part)
+      if progress is not None:
+        jax.block_until_ready(part)
+        progress(int(rows[-1]) + 1, total)
+    result = Decodability(*(jnp.concatenate(f) for f in zip(*parts)))
   # Outside jit: values whose certificate is still open may need a larger
   # active set (the support can hold up to d + 1 competitors, e.g. all P - 1
   # for orthonormal values); re-solve just those with K doubled.

@@ -84,13 +84,53 @@ def _check_real(x: np.ndarray, name: str) -> None:
     raise FactStoreError(f'{name} must hold real numbers, got dtype {x.dtype}')
 
 
+_ROWS_PER_CHUNK = 65536  # host checks of big fact sets run in row chunks
+
+
 def _first_nonfinite(x: np.ndarray, name: str, prefix: str) -> None:
-  finite = np.isfinite(x.astype(np.float64, copy=False))
-  if not finite.all():
-    row = int(np.argmin(finite.all(axis=-1)))
-    bad = x[row][~finite[row]][0]
-    raise FactStoreError(
-        f'{prefix}{name} contain a non-finite entry ({bad}) in row {row}')
+  for start in range(0, max(x.shape[0], 1), _ROWS_PER_CHUNK):
+    part = x[start:start + _ROWS_PER_CHUNK]
+    finite = np.isfinite(part.astype(np.float64, copy=False))
+    if not finite.all():
+      local = int(np.argmin(finite.all(axis=-1)))
+      row = start + local
+      bad = part[local][~finite[local]][0]
+      raise FactStoreError(
+          f'{prefix}{name} contain a non-finite entry ({bad}) in row {row}')
+
+
+def _first_copy(keys: np.ndarray) -> np.ndarray:
+  """``(N,)`` index of the first row equal to each row (``-0.0 == 0.0``).
+
+  Rows are hashed in chunks (a random linear hash of their float64 bits,
+  modulo 2^64) and only rows whose hash repeats are compared exactly, so
+  memory is ``O(N)`` plus one chunk instead of a sorted ``(N, d)`` copy.
+  """
+  n = keys.shape[0]
+  flat = keys.reshape(n, -1)
+  coef = np.random.default_rng(0).integers(
+      1, 2**63, size=flat.shape[1], dtype=np.uint64) | np.uint64(1)
+  hashes = np.empty(n, np.uint64)
+  for start in range(0, n, _ROWS_PER_CHUNK):
+    # Adding 0.0 turns -0.0 into 0.0 so bit-wise row comparison is exact.
+    part = np.ascontiguousarray(
+        flat[start:start + _ROWS_PER_CHUNK].astype(np.float64) + 0.0)
+    hashes[start:start + part.shape[0]] = (
+        part.view(np.uint64) * coef).sum(axis=1, dtype=np.uint64)
+  owner = np.arange(n)
+  order = np.argsort(hashes, kind='stable')
+  sorted_h = hashes[order]
+  repeat = np.zeros(n, bool)
+  repeat[1:] = sorted_h[1:] == sorted_h[:-1]
+  repeat[:-1] |= repeat[1:]
+  suspects = order[repeat]
+  if suspects.size:
+    suspects = np.sort(suspects)
+    rows = np.ascontiguousarray(flat[suspects].astype(np.float64) + 0.0)
+    _, first, inverse = np.unique(rows, axis=0, return_index=True,
+                                  return_inverse=True)
+    owner[suspects] = suspects[first[np.reshape(inverse, -1)]]
+  return owner
 
 
 def _check_one(keys: np.ndarray, values: np.ndarray, mapping: np.ndarray,
@@ -105,11 +145,7 @@ def _check_one(keys: np.ndarray, values: np.ndarray, mapping: np.ndarray,
     raise FactStoreError(
         f'{prefix}mapping[{i}] = {int(mapping[i])} is out of range [0, P) '
         f'with P = {num_values} values')
-  # Adding 0.0 turns -0.0 into 0.0 so byte-wise row comparison is exact.
-  rows = np.ascontiguousarray(keys.astype(np.float64) + 0.0)
-  _, first, inverse = np.unique(rows, axis=0, return_index=True,
-                                return_inverse=True)
-  owner = first[np.reshape(inverse, -1)]  # first index of each row's copy
+  owner = _first_copy(keys)  # first index of each row's copy
   dup = np.flatnonzero(owner != np.arange(keys.shape[0]))
   if not dup.size:
     return

@@ -230,6 +230,60 @@ def build_gadgets(key: Array, keys: Array, targets: Array, *, bucket_size: int,
                  sign.astype(dtype))
 
 
+@functools.partial(jax.jit, static_argnames=('bucket_size', 'slack'))
+def _make_buckets_jit(key, keys, *, bucket_size, slack):
+  return gadgets.make_buckets(key, keys, bucket_size, slack=slack)
+
+
+@jax.jit
+def _solve_chunk_jit(keys, targets, index, valid):
+  one = lambda i, v: gadgets.solve_bucket(keys[i], targets[i], v)
+  return jax.vmap(one)(index, valid)
+
+
+def build_gadgets_streamed(key: Array, keys: Array, targets: Array, *,
+                           bucket_size: int, activation: str = 'clipped',
+                           slack: float = 0.25, stream_size: int = 1024,
+                           progress=None) -> Gadgets:
+  """:func:`build_gadgets` with the bucket solves in a host loop.
+
+  ``stream_size`` buckets are solved per jitted call (the last call padded
+  to the same shape, so one program serves all), so the gathered keys take
+  ``O(stream_size b d)`` memory instead of ``O(n b d)``; the maps equal
+  :func:`build_gadgets`'s (each bucket's solve is the same program).
+  ``progress(done, total)`` runs after each call. Call it inside
+  :func:`~factstore_jax.threads.single_threaded_blas` on CPU.
+  """
+  buckets = _make_buckets_jit(key, keys, bucket_size=bucket_size, slack=slack)
+  n = buckets.index.shape[0]
+  if stream_size >= n:
+    maps = jax.jit(gadgets.solve_buckets)(keys, targets, buckets)
+    if progress is not None:
+      jax.block_until_ready(maps)
+      progress(n, n)
+  else:
+    pieces = []
+    for start in range(0, n, stream_size):
+      stop = min(start + stream_size, n)
+      # Pad the last call by repeating its own buckets (dropped below).
+      rows = np.arange(start, start + stream_size)
+      rows = np.where(rows < stop, rows, start + (rows - stop) % (stop - start))
+      part = _solve_chunk_jit(keys, targets, buckets.index[rows],
+                              buckets.valid[rows])
+      pieces.append(jax.block_until_ready(part)[:stop - start])
+      if progress is not None:
+        progress(stop, n)
+    maps = jnp.concatenate(pieces)
+  scale, bias, sign = _gate_params_jit(buckets, activation)
+  dtype = keys.dtype
+  return Gadgets(buckets, maps, scale.astype(dtype), bias.astype(dtype),
+                 sign.astype(dtype))
+
+
+_gate_params_jit = jax.jit(gadgets.window_gate_params,
+                           static_argnames=('activation',))
+
+
 def assemble_gadgets(parts: Gadgets, decoder: Array,
                      activation: str) -> EncoderDecoder:
   return assemble(parts.buckets.direction, parts.maps, parts.scale, parts.bias,
@@ -246,13 +300,19 @@ def build_encoder(key: Array, keys: Array, targets: Array, decoder: Array, *,
 
 
 def value_codes(values: Array, decoder: Array, *, tol: float = 1e-3,
-                floor: float = 0.0, indices=None):
+                floor: float = 0.0, indices=None, **stream):
   """Codes (separators of ``V D``) and their decodability ``(P,)``.
 
   With ``indices (S,)`` only those values are solved (``(S, m)``, ``(S,)``).
+  ``stream`` (``stream_size``, ``abort``, ``progress``) goes to
+  :func:`~factstore_jax.decodability.decodability`; returns ``None`` if
+  ``abort`` stopped it.
   """
   result = dec_lib.decodability(decoders.project_values(values, decoder),
-                                tol=tol, floor=floor, indices=indices)
+                                tol=tol, floor=floor, indices=indices,
+                                **stream)
+  if result is None:
+    return None
   return result.separators, result.rho
 
 
@@ -329,11 +389,23 @@ def verify_structured(parts: Gadgets, decoder: Array, factset: FactSet,
   change any window).
   """
   keys, values, mapping = factset
+  owner = bucket_of_key(parts.buckets, keys.shape[0])
+  gamma, norms, err, ok, slack = _structured_terms(
+      parts, decoder, values, codes, keys, mapping, owner,
+      activation=activation, chunk_size=chunk_size)
+  return (Verification(storage._report(gamma, norms), jnp.max(err)), ok,
+          jnp.min(slack))
+
+
+def _structured_terms(parts: Gadgets, decoder: Array, values: Array,
+                      codes: Array, keys: Array, mapping: Array, owner: Array,
+                      *, activation: str, chunk_size: int):
+  """Per-key terms of :func:`verify_structured` for keys ``(S, d)``:
+  ``gamma, norm, code error, window_ok, gate slack``, each ``(S,)``."""
   act = get_activation(activation)
   n, k = parts.scale.shape
   w_win = parts.buckets.direction[:, None, None] * parts.scale[None]  # (d,n,k)
   w_win = w_win.reshape(-1, n * k)
-  owner = bucket_of_key(parts.buckets, keys.shape[0])
 
   def one(args):
     x, f, j = args
@@ -349,8 +421,45 @@ def verify_structured(parts: Gadgets, decoder: Array, factset: FactSet,
     err = jnp.max(jnp.abs(code - codes[f]))
     return gamma, jnp.linalg.norm(out), err, ok, slack
 
-  gamma, norms, err, ok, slack = jax.lax.map(
-      one, (keys, mapping, owner), batch_size=chunk_size)
+  return jax.lax.map(one, (keys, mapping, owner), batch_size=chunk_size)
+
+
+_structured_terms_jit = jax.jit(_structured_terms,
+                                static_argnames=('activation', 'chunk_size'))
+
+
+def verify_structured_streamed(parts: Gadgets, decoder: Array,
+                               factset: FactSet, codes: Array,
+                               activation: str = 'clipped',
+                               chunk_size: int = 2048,
+                               stream_size: int = 65536, progress=None):
+  """:func:`verify_structured` as a host loop over ``stream_size`` keys.
+
+  Same result (every key is batched with the same ``chunk_size``
+  neighbours as in one call); peak memory ``O(chunk_size (P + n k))`` plus
+  the ``(N,)`` outputs. ``progress(done, total)`` runs after each call.
+  """
+  keys, values, mapping = factset
+  n_keys = keys.shape[0]
+  step = -(-max(stream_size, 1) // chunk_size) * chunk_size
+  if step >= n_keys or isinstance(keys, jax.core.Tracer):
+    out = verify_structured(parts, decoder, factset, codes,
+                            activation=activation, chunk_size=chunk_size)
+    if progress is not None:
+      jax.block_until_ready(out)
+      progress(n_keys, n_keys)
+    return out
+  owner = bucket_of_key(parts.buckets, n_keys)
+  pieces = []
+  for start in range(0, n_keys, step):
+    stop = min(start + step, n_keys)
+    pieces.append(jax.device_get(_structured_terms_jit(
+        parts, decoder, values, codes, keys[start:stop], mapping[start:stop],
+        owner[start:stop], activation=activation, chunk_size=chunk_size)))
+    if progress is not None:
+      progress(stop, n_keys)
+  gamma, norms, err, ok, slack = (jnp.asarray(np.concatenate(p))
+                                  for p in zip(*pieces))
   return (Verification(storage._report(gamma, norms), jnp.max(err)), ok,
           jnp.min(slack))
 
@@ -396,8 +505,14 @@ def _check_config(config: ConstructionConfig):
 
 
 def choose_code_dim(key: Array, values: Array, mapping, config:
-                    ConstructionConfig):
+                    ConstructionConfig, *, stream_size: int | None = None,
+                    progress=None):
   """Smallest ``m`` of the search whose used projected values are decodable.
+
+  With ``stream_size`` the values are solved that many per jitted call and
+  a code dimension is rejected as soon as one used value is certified below
+  the floor (same result, less work for rejected ``m``);
+  ``progress(stage, done, total)`` runs after each call.
 
   Returns ``(m, codes, rho)``; raises :class:`InfeasibleFactSetError` if some
   used value is not decodable even with the identity decoder.
@@ -419,7 +534,31 @@ def choose_code_dim(key: Array, values: Array, mapping, config:
         logging.info('code_dim %d rejected by a sample (%.1fs)', m,
                      time.perf_counter() - t0)
         continue
-    codes, rho = value_codes(values, decoder, tol=config.tol, floor=floor)
+    stream = {}
+    if stream_size is not None and stream_size < values.shape[0]:
+      is_used = np.zeros(values.shape[0], bool)
+      is_used[used] = True
+      def abort(rows, part, floor=floor):
+        # Reject m early once a used value is certified at or below the
+        # floor (its gap closed or its dual bound below the floor: the
+        # re-solve with a larger active set would not touch it).
+        if not (floor > 0 and config.code_dim is None):
+          return False
+        rho_p, gap, dual = (np.asarray(a) for a in (part.rho, part.gap,
+                                                    part.dual_bound))
+        closed = (gap <= config.tol) | (dual <= max(1e-6, floor))
+        return bool(np.any(is_used[rows] & closed & (rho_p <= floor)))
+      stage = f'decodability m={m}'
+      stream = dict(stream_size=stream_size, abort=abort, progress=(
+          None if progress is None else
+          lambda done, total, stage=stage: progress(stage, done, total)))
+    solved = value_codes(values, decoder, tol=config.tol, floor=floor,
+                         **stream)
+    if solved is None:
+      logging.info('code_dim %d rejected while streaming (%.1fs)', m,
+                   time.perf_counter() - t0)
+      continue
+    codes, rho = solved
     rho_used = np.asarray(rho)[used]
     logging.info('code_dim %d: min rho of used projected values %.4f (%.1fs)',
                  m, rho_used.min(), time.perf_counter() - t0)
@@ -437,28 +576,47 @@ def choose_code_dim(key: Array, values: Array, mapping, config:
 
 
 def _refit_buckets(parts: Gadgets, keys, targets, bad_buckets) -> Gadgets:
-  """Re-solves the given buckets' maps in float64 (numpy lstsq, min norm)."""
-  keys64 = np.asarray(keys, np.float64)
-  targets64 = np.asarray(targets, np.float64)
-  maps = np.array(parts.maps)
+  """Re-solves the given buckets' maps in float64 (numpy lstsq, min norm).
+
+  Only the given buckets' rows are gathered and widened (memory
+  ``O(b d)`` per bucket, never ``O(N d)``).
+  """
   index, valid = np.asarray(parts.buckets.index), np.asarray(parts.buckets.valid)
+  bad_buckets = np.asarray(bad_buckets, np.int64).reshape(-1)
+  if not bad_buckets.size:
+    return parts
+  fits = []
   for j in bad_buckets:
-    rows = index[j][valid[j]]
-    maps[j] = np.linalg.lstsq(keys64[rows], targets64[rows], rcond=None)[0].T
-  return parts._replace(maps=jnp.asarray(maps, parts.maps.dtype))
+    rows = jnp.asarray(index[j][valid[j]])
+    keys64 = np.asarray(keys[rows], np.float64)
+    targets64 = np.asarray(targets[rows], np.float64)
+    fits.append(np.linalg.lstsq(keys64, targets64, rcond=None)[0].T)
+  fits = np.stack(fits).astype(np.dtype(parts.maps.dtype))
+  maps = parts.maps.at[jnp.asarray(bad_buckets)].set(jnp.asarray(fits))
+  return parts._replace(maps=maps)
 
 
-def _check(parts: Gadgets, decoder, factset, codes, activation):
+# Above these sizes construct() streams: host loops over jitted chunks, so
+# peak memory stays bounded (results are the same as one call's).
+STREAM_VALUES = 2048    # values per decodability call
+STREAM_BUCKETS = 1024   # buckets per bucket-solve call
+STREAM_KEYS = 65536     # keys per verification call
+
+
+def _check(parts: Gadgets, decoder, factset, codes, activation, progress=None):
   """Verification of every fact, structured (clipped) or dense (relu)."""
   if activation == 'clipped':
-    check, _, _ = verify_structured(parts, decoder, factset, codes)
+    check, _, _ = verify_structured_streamed(
+        parts, decoder, factset, codes, stream_size=STREAM_KEYS,
+        progress=None if progress is None else
+        lambda done, total: progress('verify', done, total))
     return check
   return verify(_assemble_jit(parts, decoder, activation), factset, codes)
 
 
 def construct(factset: FactSet, key: Array | int = 0,
-              config: ConstructionConfig = ConstructionConfig(),
-              **overrides) -> Construction:
+              config: ConstructionConfig = ConstructionConfig(), *,
+              progress=None, **overrides) -> Construction:
   """Builds, verifies and (if needed) repairs an encoder-decoder MLP.
 
   Args:
@@ -466,6 +624,12 @@ def construct(factset: FactSet, key: Array | int = 0,
       mapping ``(N,)``); checked before anything is traced.
     key: PRNG key or int seed.
     config: :class:`ConstructionConfig`; keyword ``overrides`` replace fields.
+    progress: optional ``progress(stage, done, total)`` called between the
+      jitted chunks of the long stages (``'decodability m=...'``,
+      ``'buckets'``, ``'verify'``, ``'assemble'``). Large problems are
+      streamed (``STREAM_VALUES`` values, ``STREAM_BUCKETS`` buckets,
+      ``STREAM_KEYS`` keys per call), so memory stays bounded; the result
+      is the same.
 
   Returns:
     :class:`Construction` with the model, its :class:`ConstructionReport`
@@ -488,18 +652,31 @@ def construct(factset: FactSet, key: Array | int = 0,
   n_keys, dim = keys.shape
   bucket_size = _resolve_bucket_size(config, dim)
   factset = FactSet(keys, values, mapping)
-  code_dim, codes, rho = choose_code_dim(key, values, mapping, config)
+  code_dim, codes, rho = choose_code_dim(key, values, mapping, config,
+                                         stream_size=STREAM_VALUES,
+                                         progress=progress)
   k_dec, k_dir = jax.random.split(key)
   decoder = decoders.jl_decoder(k_dec, dim, code_dim, keys.dtype)
   targets = codes[mapping]
 
   repaired, retries = 0, 0
   while True:
+    n_buckets = gadgets.num_buckets(n_keys, bucket_size)
     with single_threaded_blas():
-      parts = jax.block_until_ready(_build_gadgets_jit(
-          k_dir, keys, targets, bucket_size=bucket_size,
-          activation=config.activation, slack=config.slack))
-    check = _check(parts, decoder, factset, codes, config.activation)
+      if n_buckets > STREAM_BUCKETS:
+        parts = build_gadgets_streamed(
+            k_dir, keys, targets, bucket_size=bucket_size,
+            activation=config.activation, slack=config.slack,
+            stream_size=STREAM_BUCKETS, progress=None if progress is None
+            else lambda done, total: progress('buckets', done, total))
+      else:
+        parts = jax.block_until_ready(_build_gadgets_jit(
+            k_dir, keys, targets, bucket_size=bucket_size,
+            activation=config.activation, slack=config.slack))
+        if progress is not None:
+          progress('buckets', n_buckets, n_buckets)
+    check = _check(parts, decoder, factset, codes, config.activation,
+                   progress)
     if float(check.storage.min_margin) <= 0:
       failing = np.flatnonzero(np.asarray(check.storage.margins) <= 0)
       owner = np.asarray(bucket_of_key(parts.buckets, n_keys))
@@ -507,7 +684,8 @@ def construct(factset: FactSet, key: Array | int = 0,
       logging.info('refitting %d bucket(s) in float64', len(bad))
       parts = _refit_buckets(parts, keys, targets, bad)
       repaired += len(bad)
-      check = _check(parts, decoder, factset, codes, config.activation)
+      check = _check(parts, decoder, factset, codes, config.activation,
+                     progress)
     if float(check.storage.min_margin) > 0:
       break
     if retries >= config.max_retries:
@@ -525,6 +703,9 @@ def construct(factset: FactSet, key: Array | int = 0,
     logging.info('rebuilding with a new direction, bucket_size %d', bucket_size)
 
   model = _assemble_jit(parts, decoder, config.activation)
+  if progress is not None:
+    jax.block_until_ready(model)
+    progress('assemble', 1, 1)
   used = dec_lib.used_values(mapping)
   n_params = num_params(model)
   n_values = values.shape[0]
@@ -532,7 +713,8 @@ def construct(factset: FactSet, key: Array | int = 0,
       num_facts=n_keys, num_values=n_values, dim=dim, code_dim=code_dim,
       bucket_size=bucket_size, num_buckets=int(parts.maps.shape[0]),
       hidden_dim=int(model.w_gate.shape[1]), num_params=n_params,
-      num_params_gated_mlp=num_params(model.as_mlp()),
+      # Shapes only: the folded w_down (h, d) is never materialised.
+      num_params_gated_mlp=num_params(jax.eval_shape(model.as_mlp)),
       params_per_fact=n_params / n_keys,
       bits_per_param=n_keys * math.log2(max(n_values, 2)) / n_params,
       accuracy=float(check.storage.accuracy),

@@ -98,11 +98,16 @@ def make_buckets(key: Array, keys: Array, bucket_size: int, *,
                  min_gap)
 
 
-def solve_buckets(keys: Array, targets: Array, buckets: Buckets) -> Array:
+def solve_buckets(keys: Array, targets: Array, buckets: Buckets, *,
+                  chunk_size: int | None = None) -> Array:
   """Exact minimum-norm maps: ``M_j k_i = targets_i`` for ``i`` in bucket j.
 
   ``keys (N, d)``, ``targets (N, m)`` -> ``M (n, m, d)``, vmapped over
-  buckets. ``M_j^T = K_j^T alpha`` with ``(K_j K_j^T) alpha = C_j``, solved
+  buckets; with ``chunk_size`` the buckets are solved ``chunk_size`` at a
+  time (``lax.map``), so the gathered keys take ``O(chunk_size b d)``
+  memory instead of ``O(n b d)`` (same maps: each bucket's solve is the
+  same program either way). ``M_j^T = K_j^T alpha`` with
+  ``(K_j K_j^T) alpha = C_j``, solved
   through the triangular factor ``R`` of ``K_j^T = Q R`` plus one step of
   iterative refinement (corrected semi-normal equations: QR accuracy without
   forming ``Q``). Padding sits at the end of a bucket with a unit pivot, so
@@ -114,7 +119,10 @@ def solve_buckets(keys: Array, targets: Array, buckets: Buckets) -> Array:
   """
   def one(index, valid):
     return solve_bucket(keys[index], targets[index], valid)
-  return jax.vmap(one)(buckets.index, buckets.valid)
+  if chunk_size is None or chunk_size >= buckets.index.shape[0]:
+    return jax.vmap(one)(buckets.index, buckets.valid)
+  return jax.lax.map(lambda a: one(*a), (buckets.index, buckets.valid),
+                     batch_size=chunk_size)
 
 
 def solve_bucket(keys: Array, targets: Array, valid: Array) -> Array:
