@@ -151,7 +151,7 @@ def train(model: Transformer, vocab: data_lib.Vocabulary, targets: Array,
 
 def fit_groups(model: nnx.Module, loss_fn, sample, key: Array,
                config: TrainConfig, *, progress: bool = False,
-               desc: str = 'train') -> TrainReport:
+               desc: str = 'train', grad_map=None) -> TrainReport:
   """Trains ``config.groups`` of ``model`` in place on any batch task.
 
   The loop behind :func:`train`: AdamW with cosine decay over jitted
@@ -168,6 +168,8 @@ def fit_groups(model: nnx.Module, loss_fn, sample, key: Array,
     key: PRNG key for the batches.
     config: :class:`TrainConfig`.
     progress: show a tqdm bar labelled ``desc``.
+    grad_map: optional ``grads -> grads`` applied before AdamW (e.g. a mask
+      that freezes blocks of a matrix: a zero gradient gives a zero update).
   """
   config.check()
   graphdef, params, rest = nnx.split(model, group_filter(config.groups), ...)
@@ -186,6 +188,8 @@ def fit_groups(model: nnx.Module, loss_fn, sample, key: Array,
       params, opt_state = carry
       (loss, _), grads = jax.value_and_grad(merged_loss, has_aux=True)(
           params, rest, sample(k, config.batch_size))
+      if grad_map is not None:
+        grads = grad_map(grads)
       updates, opt_state = opt.update(grads, opt_state, params)
       return (optax.apply_updates(params, updates), opt_state), loss
 
