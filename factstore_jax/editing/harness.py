@@ -1,0 +1,329 @@
+"""One harness for every fact-editing method, one evaluation (DESIGN §7).
+
+An edit set changes the object of some facts of a :class:`~.relation.Relation`.
+Each method turns the base model into an edited copy:
+
+* ``swap``: build a new fact MLP (closed form or GD) for the edited fact set,
+  calibrate it like the base MLP, plug it into the slot; nothing else changes.
+* ``rome`` / ``memit`` / ``alphaedit``: update the fact MLP's down-projection
+  (:mod:`.locate`). Keys are the MLP's hidden vectors at the cue (the position
+  before the object); target outputs come from a short jitted optimisation of
+  an additive change of the MLP output at the cue, batched over edits and
+  averaged over training templates. ``C`` is the second moment of the hidden
+  vectors of every fact (AlphaEdit: of the unedited facts).
+* ``finetune``: Adam on the fact MLP's parameters, cross-entropy of the new
+  objects at the cue of the training templates.
+
+Attention does not depend on the MLP, so the stream at the cue (its word
+coordinates and the MLP input) is computed once per edit set; the target
+optimisation and fine-tuning run on those vectors.
+
+Metrics (:func:`evaluate_edit`): efficacy (edited facts, training templates),
+paraphrase (edited facts, held-out templates), specificity (unedited facts,
+training templates), score = their harmonic mean, and the ratio of the word
+perplexity (non-fact tokens, training templates) after/before.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from factstore_jax import methods
+from factstore_jax.editing import locate
+from factstore_jax.editing import relation as rel_lib
+from factstore_jax.errors import FactStoreError
+from factstore_jax.mlp import GatedMLP, apply_mlp
+from factstore_jax.transformer.model import Transformer
+
+Array = jax.Array
+METHODS = ('swap', 'rome', 'memit', 'alphaedit', 'finetune')
+
+
+class Edits(NamedTuple):
+  facts: np.ndarray     # (E,) int: which facts change
+  objects: np.ndarray   # (E,) int: their new object indices
+
+
+def draw_edits(rng: np.random.Generator, relation: rel_lib.Relation,
+               facts) -> Edits:
+  """New objects for ``facts``, uniform over the objects other than the old."""
+  facts = np.asarray(facts, np.int64)
+  if facts.ndim != 1 or len(np.unique(facts)) != len(facts) or (
+      facts.size and (facts.min() < 0 or facts.max() >= relation.num_facts)):
+    raise FactStoreError('edit facts must be distinct indices in [0, '
+                         f'{relation.num_facts})')
+  m = len(relation.objects)
+  old = np.asarray(relation.objects_of)[facts]
+  return Edits(facts, (old + rng.integers(1, m, len(facts))) % m)
+
+
+def edited_map(relation: rel_lib.Relation, edits: Edits) -> np.ndarray:
+  """``(N,)`` object index of every fact after the edits."""
+  out = np.asarray(relation.objects_of).copy()
+  out[edits.facts] = edits.objects
+  return out
+
+
+class EditScores(NamedTuple):
+  efficacy: float
+  paraphrase: float
+  specificity: float
+  score: float
+  ppl_ratio: float
+
+
+def word_perplexity(model: Transformer, relation: rel_lib.Relation) -> float:
+  """Perplexity of the word (non-fact) tokens over every fact and training
+  template."""
+  s = rel_lib.evaluate(model, rel_lib.all_sequences(
+      relation, relation.train_templates, np.arange(relation.num_facts)))
+  return float(np.exp(s.word_nll.sum() / s.num_words.sum()))
+
+
+def harmonic_mean(*xs: float) -> float:
+  return 0.0 if min(xs) <= 0 else len(xs) / sum(1.0 / x for x in xs)
+
+
+def evaluate_edit(model: Transformer, relation: rel_lib.Relation,
+                  edits: Edits, base_ppl: float) -> EditScores:
+  """Efficacy, paraphrase, specificity, their harmonic mean, ppl ratio."""
+  n = relation.num_facts
+  new_map = jnp.asarray(edited_map(relation, edits), jnp.int32)
+  train = rel_lib.evaluate(model, rel_lib.all_sequences(
+      relation, relation.train_templates, np.arange(n), new_map))
+  held = rel_lib.evaluate(model, rel_lib.all_sequences(
+      relation, relation.heldout_templates, edits.facts, new_map))
+  edited = np.zeros(n, bool)
+  edited[edits.facts] = True
+  correct = train.correct.reshape(n, -1)
+  efficacy = float(correct[edited].mean())
+  paraphrase = float(held.correct.mean())
+  specificity = float(correct[~edited].mean()) if (~edited).any() else 1.0
+  ppl = float(np.exp(train.word_nll.sum() / train.num_words.sum()))
+  return EditScores(efficacy, paraphrase, specificity,
+                    harmonic_mean(efficacy, paraphrase, specificity),
+                    ppl / base_ppl)
+
+
+# ----------------------------------------------------------------------------
+# The stream at the cue (independent of the MLP).
+
+
+class CueStream(NamedTuple):
+  """Per (edit, training template): ``(E, K, ...)``."""
+  words: Array     # (E, K, d): the stream at the cue minus its fact part
+  inputs: Array    # (E, K, d): the MLP input there
+  targets: Array   # (E,) int32: new object tokens
+
+
+def cue_stream(model: Transformer, relation: rel_lib.Relation,
+               edits: Edits) -> CueStream:
+  seqs = rel_lib.all_sequences(relation, relation.train_templates,
+                               edits.facts,
+                               jnp.asarray(edited_map(relation, edits)))
+  h, _ = model.mlp_inputs(seqs.tokens)
+  h = jnp.take_along_axis(h, seqs.cue[:, None, None], 1)[:, 0]
+  k = relation.train_templates.shape[0]
+  words = h * (1.0 - relation.fact_mask())
+  inputs = model.mlp.inputs(h)
+  e = len(edits.facts)
+  return CueStream(words.reshape(e, k, -1), inputs.reshape(e, k, -1),
+                   seqs.objects.reshape(e, k)[:, 0])
+
+
+def _cue_loss(mlp: GatedMLP, stream: CueStream, embeddings: Array) -> Array:
+  logits = (stream.words + apply_mlp(mlp, stream.inputs)) @ embeddings.T
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits, stream.targets[:, None]).mean()
+
+
+@functools.partial(jax.jit, static_argnames=('steps',))
+def target_outputs(mlp: GatedMLP, stream: CueStream, embeddings: Array, *,
+                   steps: int = 100, learning_rate: float = 0.5,
+                   decay: float = 1e-3) -> Array:
+  """``(E, d)`` MLP outputs at the cue that emit the new objects.
+
+  Per edit, ``v = mean_t mlp(z_t) + delta`` with ``delta (d,)`` minimising the
+  mean cross-entropy over training templates plus ``decay * |delta|^2``
+  (Adam, ``steps`` steps, batched over edits).
+  """
+  base = apply_mlp(mlp, stream.inputs)                   # (E, K, d)
+
+  def loss(delta):
+    logits = (stream.words + base + delta[:, None]) @ embeddings.T
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        logits, stream.targets[:, None])
+    return ce.mean(1).sum() + decay * jnp.sum(delta * delta)
+
+  opt = optax.adam(learning_rate)
+  delta = jnp.zeros(base.shape[::2], base.dtype)
+
+  def step(carry, _):
+    delta, state = carry
+    updates, state = opt.update(jax.grad(loss)(delta), state)
+    return (optax.apply_updates(delta, updates), state), None
+
+  (delta, _), _ = jax.lax.scan(step, (delta, opt.init(delta)), None, steps)
+  return base.mean(1) + delta
+
+
+@functools.partial(jax.jit, static_argnames=('steps', 'down_only'))
+def _finetune(mlp: GatedMLP, stream: CueStream, embeddings: Array, *,
+              steps: int, learning_rate: float, down_only: bool) -> GatedMLP:
+  opt = optax.adam(learning_rate)
+  if down_only:
+    def loss(w):
+      return _cue_loss(mlp.replace(w_down=w), stream, embeddings)
+    params = mlp.w_down
+  else:
+    loss = functools.partial(_cue_loss, stream=stream, embeddings=embeddings)
+    params = mlp
+
+  def step(carry, _):
+    params, state = carry
+    updates, state = opt.update(jax.grad(loss)(params), state)
+    return (optax.apply_updates(params, updates), state), None
+
+  (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, steps)
+  return mlp.replace(w_down=params) if down_only else params
+
+
+# ----------------------------------------------------------------------------
+# Methods.
+
+
+class Context(NamedTuple):
+  """What every method may use (computed once per edit set)."""
+  relation: rel_lib.Relation
+  edits: Edits
+  mlp: GatedMLP              # the base fact MLP
+  stream: CueStream
+  keys: Array                # (E, h) hidden vectors at the edits' cues
+  values: Array              # (E, d) target outputs
+  subject_hidden: Array      # (N, h) hidden vectors of every subject
+  key: Array
+
+
+def make_context(model: Transformer, relation: rel_lib.Relation, edits: Edits,
+                 key: Array) -> Context:
+  mlp = rel_lib.fact_mlp(model)
+  stream = cue_stream(model, relation, edits)
+  keys = locate.hidden_states(mlp, stream.inputs.mean(1))
+  values = target_outputs(mlp, stream, relation.embeddings)
+  subjects = model.mlp.inputs(relation.embeddings[relation.subject_ids()])
+  return Context(relation, edits, mlp, stream, keys, values,
+                 locate.hidden_states(mlp, subjects), key)
+
+
+def _with_mlp(model: Transformer, mlp) -> Transformer:
+  out = nnx.clone(model)
+  rel_lib.swap_fact_mlp(out, mlp)
+  return out
+
+
+def _swap(model, ctx: Context, *, builder: str, width: int,
+          options: methods.MethodOptions = methods.MethodOptions()):
+  fs = rel_lib.fact_factset(ctx.relation,
+                            edited_map(ctx.relation, ctx.edits))
+  built = methods.build_mlp(builder, ctx.key, fs, width, options=options)
+  return _with_mlp(model, rel_lib.calibrate(built.mlp, fs))
+
+
+def _rome(model, ctx: Context, *, ridge: float):
+  cov = locate.second_moment(ctx.subject_hidden)
+  w = locate.rome(ctx.mlp.w_down, ctx.keys, ctx.values, cov, ridge=ridge)
+  return _with_mlp(model, ctx.mlp.replace(w_down=w))
+
+
+def _memit(model, ctx: Context, *, lam: float):
+  cov = locate.second_moment(ctx.subject_hidden)
+  w = locate.memit(ctx.mlp.w_down, ctx.keys, ctx.values, cov, lam=lam)
+  return _with_mlp(model, ctx.mlp.replace(w_down=w))
+
+
+def _alphaedit(model, ctx: Context, *, lam: float, rel_tol: float):
+  keep = np.ones(ctx.relation.num_facts, bool)
+  keep[ctx.edits.facts] = False
+  cov = locate.second_moment(ctx.subject_hidden[keep])
+  projector = locate.null_space_projector(cov, rel_tol=rel_tol)
+  w = locate.alphaedit(ctx.mlp.w_down, ctx.keys, ctx.values, projector,
+                       lam=lam)
+  return _with_mlp(model, ctx.mlp.replace(w_down=w))
+
+
+def _finetune_method(model, ctx: Context, *, learning_rate: float,
+                     steps: int, down_only: bool):
+  mlp = _finetune(ctx.mlp, ctx.stream, ctx.relation.embeddings, steps=steps,
+                  learning_rate=learning_rate, down_only=down_only)
+  return _with_mlp(model, mlp)
+
+
+_APPLY = {'swap': _swap, 'rome': _rome, 'memit': _memit,
+          'alphaedit': _alphaedit, 'finetune': _finetune_method}
+
+
+def _grid(**axes) -> tuple[dict, ...]:
+  names = list(axes)
+  return tuple(dict(zip(names, combo))
+               for combo in itertools.product(*axes.values()))
+
+
+def default_grids(swap_width: int, code_dim: int,
+                  gd_options: methods.MethodOptions = methods.MethodOptions()
+                  ) -> dict[str, tuple[dict, ...]]:
+  """Hyper-parameter grid of each method."""
+  return {
+      'swap': (dict(builder='gd', width=swap_width, options=gd_options),
+               dict(builder='encoder_decoder', width=code_dim)),
+      'rome': _grid(ridge=(1e-6, 1e-3, 1e-1)),
+      'memit': _grid(lam=(1e-2, 1e-1, 1.0, 10.0)),
+      'alphaedit': _grid(lam=(1e-2, 1.0), rel_tol=(1e-2, 1e-1, 0.5)),
+      'finetune': _grid(learning_rate=(1e-3, 1e-2), steps=(25, 100),
+                        down_only=(True, False)),
+  }
+
+
+def apply_edit(method: str, model: Transformer, ctx: Context, **config
+               ) -> Transformer:
+  """An edited copy of ``model`` (the original is untouched)."""
+  if method not in _APPLY:
+    raise FactStoreError(f'unknown editing method {method!r}; expected one '
+                         f'of {METHODS}')
+  return _APPLY[method](model, ctx, **config)
+
+
+class Trial(NamedTuple):
+  method: str
+  config: dict
+  scores: EditScores
+  seconds: float
+
+
+def run_trial(method: str, model: Transformer, ctx: Context, base_ppl: float,
+              config: dict) -> Trial:
+  start = time.perf_counter()
+  edited = apply_edit(method, model, ctx, **config)
+  jax.block_until_ready(nnx.state(edited))
+  seconds = time.perf_counter() - start
+  return Trial(method, config,
+               evaluate_edit(edited, ctx.relation, ctx.edits, base_ppl),
+               seconds)
+
+
+def best_of_grid(method: str, model: Transformer, ctx: Context,
+                 base_ppl: float, grid) -> tuple[Trial, list[Trial]]:
+  """Every configuration on ``ctx``'s edits; the best by score (ties: the
+  perplexity ratio closest to 1)."""
+  trials = [run_trial(method, model, ctx, base_ppl, c) for c in grid]
+  best = max(trials, key=lambda t: (t.scores.score,
+                                    -abs(np.log(t.scores.ppl_ratio))))
+  return best, trials
