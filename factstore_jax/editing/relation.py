@@ -136,10 +136,6 @@ def _encode(templates, index: dict[str, int], length: int) -> np.ndarray:
   out = np.full((len(templates), length), _PAD, np.int32)
   for row, text in enumerate(templates):
     tokens = text.split()
-    if tokens.count(SUBJECT) != 1 or tokens[-1] != OBJECT or \
-        tokens.count(OBJECT) != 1:
-      raise FactStoreError(
-          f'template {text!r} needs one {SUBJECT} and end in one {OBJECT}')
     out[row, :len(tokens)] = [
         _S_SLOT if t == SUBJECT else _O_SLOT if t == OBJECT else index[t]
         for t in tokens]
@@ -165,6 +161,12 @@ def make_relation(key: Array, num_facts: int = 1024, num_objects: int = 64,
   texts = tuple(train_templates) + tuple(heldout_templates)
   if not train_templates or not heldout_templates:
     raise FactStoreError('need at least one training and one held-out template')
+  for text in texts:
+    tokens = text.split()
+    if tokens.count(SUBJECT) != 1 or tokens.count(OBJECT) != 1 or \
+        tokens[-1] != OBJECT or len(tokens) < 3:
+      raise FactStoreError(f'template {text!r} needs one {SUBJECT}, a cue '
+                           f'word and end in one {OBJECT}')
   words = tuple(dict.fromkeys(
       t for text in texts for t in text.split() if t not in (SUBJECT, OBJECT)))
   unseen = set(t for text in heldout_templates for t in text.split()) - set(

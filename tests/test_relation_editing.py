@@ -1,0 +1,232 @@
+"""Tests of the relation task, its base model and the editing harness."""
+
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from factstore_jax import methods, storage, training
+from factstore_jax.editing import harness
+from factstore_jax.editing import relation as R
+from factstore_jax.errors import FactStoreError
+
+N, M, D, F = 96, 8, 64, 40
+
+
+@functools.cache
+def small_relation():
+  return R.make_relation(jax.random.key(0), N, M, D, F)
+
+
+@functools.cache
+def trained():
+  """A small base model (GD fact MLP, 600 attention steps) and GD options."""
+  rel = small_relation()
+  fs = R.fact_factset(rel)
+  opts = methods.MethodOptions(train=training.TrainConfig(
+      early_stop=False, max_steps=1500))
+  built = methods.build_mlp('gd', jax.random.key(1), fs, 48, options=opts)
+  assert built.accuracy == 1.0
+  model = R.base_model(rel, R.calibrate(built.mlp, fs), jax.random.key(2))
+  config = dataclasses.replace(R.BASE_TRAIN, max_steps=600, chunk_steps=300)
+  R.train_base(model, rel, jax.random.key(3), config)
+  return model, opts
+
+
+def test_layout_and_embeddings():
+  rel = small_relation()
+  e = np.asarray(rel.embeddings)
+  w = len(rel.words)
+  assert e.shape == (w + N + M, D)
+  np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, rtol=1e-5)
+  assert np.all(e[:w, :F] == 0) and np.all(e[w:, F:] == 0)
+  np.testing.assert_array_equal(rel.subject_ids(), w + np.arange(N))
+  np.testing.assert_array_equal(rel.object_ids(), w + N + np.arange(M))
+  assert sorted(set(np.asarray(rel.objects_of))) == list(range(M))
+  assert len(set(rel.subjects)) == N and len(set(rel.objects)) == M
+  assert rel.train_templates.shape[0] == len(R.TRAIN_TEMPLATES) >= 8
+
+
+def test_fill_places_slots():
+  rel = small_relation()
+  seqs = R.fill(rel, rel.train_templates, jnp.array([5, 7]), jnp.array([0, 1]))
+  text = R.render(rel, seqs.tokens[0])
+  subject, obj = rel.subjects[5], rel.objects[int(rel.objects_of[5])]
+  assert text.startswith(f'the author of <{subject}> is {obj}')
+  tokens = np.asarray(seqs.tokens)
+  for b, f in enumerate((5, 7)):
+    cue = int(seqs.cue[b])
+    assert tokens[b, cue + 1] == rel.object_ids()[rel.objects_of[f]]
+    assert int(seqs.objects[b]) == tokens[b, cue + 1]
+    assert (tokens[b] == rel.subject_ids()[f]).sum() == 1
+  # Word targets exclude the subject, the object and the padding.
+  targets = tokens[:, 1:]
+  is_word = np.asarray(seqs.is_word)
+  assert np.all(targets[is_word] < len(rel.words))
+  assert is_word.sum() < np.asarray(seqs.mask).sum()
+
+
+def test_heldout_words_are_seen_in_training():
+  train = {t for s in R.TRAIN_TEMPLATES for t in s.split()}
+  assert {t for s in R.HELDOUT_TEMPLATES for t in s.split()} <= train
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(num_facts=4, num_objects=8), 'num_objects'),
+    (dict(dim=64, fact_dim=64), 'fact_dim'),
+    (dict(heldout_templates=('S was sung by O',)), 'no training template'),
+    (dict(train_templates=('the S',)), 'end in one O'),
+    (dict(heldout_templates=()), 'held-out'),
+])
+def test_make_relation_errors(kwargs, match):
+  args = dict(num_facts=16, num_objects=4, dim=32, fact_dim=16)
+  args.update(kwargs)
+  with pytest.raises(FactStoreError, match=match):
+    R.make_relation(jax.random.key(0), **args)
+
+
+def test_fact_factset_and_errors():
+  rel = small_relation()
+  fs = R.fact_factset(rel)
+  assert fs.keys.shape == (N, D) and fs.values.shape == rel.embeddings.shape
+  np.testing.assert_array_equal(fs.mapping,
+                                rel.object_ids()[rel.objects_of])
+  with pytest.raises(FactStoreError, match='shape'):
+    R.fact_factset(rel, np.zeros(N + 1, np.int32))
+  with pytest.raises(FactStoreError, match='not an object index'):
+    R.fact_factset(rel, np.full(N, M, np.int32))
+
+
+def test_calibrate_sets_the_median_gap():
+  rel = small_relation()
+  fs = R.fact_factset(rel)
+  mlp = methods.build_mlp('encoder_decoder', jax.random.key(0), fs, 16).mlp
+  cal = R.calibrate(mlp, fs, gap=3.0)
+  gaps = storage.margins(methods.storage_apply(cal, fs.keys), fs.values,
+                         fs.mapping)
+  np.testing.assert_allclose(np.median(gaps), 3.0, rtol=1e-4)
+  with pytest.raises(FactStoreError, match='gap'):
+    R.calibrate(mlp, fs, gap=0.0)
+
+
+def test_fact_slot_reads_and_replaces_fact_coordinates():
+  rel = small_relation()
+  fs = R.fact_factset(rel)
+  mlp = R.calibrate(methods.build_mlp('encoder_decoder', jax.random.key(0),
+                                      fs, 16).mlp, fs)
+  slot = R.FactSlot(mlp, rel.fact_mask())
+  s = rel.embeddings[rel.subject_ids()[:4]]
+  word = rel.embeddings[:4]
+  h = 0.3 * s + 2.0 * word
+  np.testing.assert_allclose(slot.inputs(h), s, atol=1e-3)
+  out = h + slot(h)
+  # Word coordinates pass through; fact coordinates are the MLP's output.
+  np.testing.assert_allclose(out, 2.0 * word + methods.storage_apply(
+      mlp, slot.inputs(h)), atol=1e-5)
+
+
+def test_base_model_learns_and_keeps_fact_blocks():
+  model, _ = trained()
+  rel = small_relation()
+  facts = np.arange(N)
+  for templates in (rel.train_templates, rel.heldout_templates):
+    s = R.evaluate(model, R.all_sequences(rel, templates, facts))
+    assert s.correct.mean() >= 0.95
+  eye = np.eye(F)
+  for w in (model.w_v[...], model.w_o[...]):
+    w = np.asarray(w)
+    np.testing.assert_array_equal(w[:F, :F], eye)
+    assert np.all(w[:F, F:] == 0) and np.all(w[F:, :F] == 0)
+
+
+def test_lm_loss_gradients_finite():
+  model, _ = trained()
+  rel = small_relation()
+  seqs = R.fill(rel, rel.train_templates, jnp.arange(8), jnp.arange(8) % 8)
+  grads = nnx.grad(lambda m: R.lm_loss(m, seqs)[0])(model)
+  chex.assert_tree_all_finite(nnx.state(grads, nnx.Param))
+
+
+def test_draw_edits_changes_every_object():
+  rel = small_relation()
+  edits = harness.draw_edits(np.random.default_rng(0), rel, np.arange(40))
+  old = np.asarray(rel.objects_of)[:40]
+  assert np.all(edits.objects != old)
+  assert np.all((edits.objects >= 0) & (edits.objects < M))
+  new = harness.edited_map(rel, edits)
+  np.testing.assert_array_equal(new[40:], np.asarray(rel.objects_of)[40:])
+  with pytest.raises(FactStoreError, match='distinct'):
+    harness.draw_edits(np.random.default_rng(0), rel, [1, 1])
+  with pytest.raises(FactStoreError, match='distinct'):
+    harness.draw_edits(np.random.default_rng(0), rel, [N])
+
+
+def test_harmonic_mean():
+  assert harness.harmonic_mean(1.0, 1.0, 1.0) == 1.0
+  assert harness.harmonic_mean(0.5, 1.0, 0.0) == 0.0
+  np.testing.assert_allclose(harness.harmonic_mean(0.5, 1.0), 2 / 3)
+
+
+@functools.cache
+def context():
+  model, _ = trained()
+  rel = small_relation()
+  edits = harness.draw_edits(np.random.default_rng(1), rel, np.arange(0, N, 12))
+  return harness.make_context(model, rel, edits, jax.random.key(5))
+
+
+def test_no_edit_scores_base():
+  model, _ = trained()
+  rel = small_relation()
+  ppl = harness.word_perplexity(model, rel)
+  edits = harness.Edits(np.arange(4), np.asarray(rel.objects_of)[:4])
+  scores = harness.evaluate_edit(model, rel, edits, ppl)
+  assert scores.ppl_ratio == pytest.approx(1.0)
+  assert scores.specificity >= 0.95
+
+
+def test_swap_stores_the_edits_and_leaves_the_model_alone():
+  model, opts = trained()
+  rel, ctx = small_relation(), context()
+  before = jax.tree.map(np.asarray, nnx.state(model))
+  ppl = harness.word_perplexity(model, rel)
+  trial = harness.run_trial('swap', model, ctx, ppl,
+                            dict(builder='gd', width=48, options=opts))
+  assert trial.scores.efficacy == 1.0
+  assert trial.scores.specificity >= 0.95
+  assert abs(np.log(trial.scores.ppl_ratio)) < 0.05
+  chex.assert_trees_all_equal(before, jax.tree.map(np.asarray,
+                                                   nnx.state(model)))
+
+
+@pytest.mark.parametrize('method, config', [
+    ('rome', dict(ridge=1e-6)),
+    ('memit', dict(lam=1e-2)),
+    ('finetune', dict(learning_rate=1e-2, steps=100, down_only=False)),
+])
+def test_locate_and_finetune_reach_the_edits(method, config):
+  model, _ = trained()
+  rel, ctx = small_relation(), context()
+  ppl = harness.word_perplexity(model, rel)
+  trial = harness.run_trial(method, model, ctx, ppl, config)
+  assert trial.scores.efficacy >= 0.75, trial
+
+
+def test_target_outputs_emit_new_objects():
+  ctx = context()
+  logits = (ctx.stream.words + ctx.values[:, None]) @ \
+      small_relation().embeddings.T
+  np.testing.assert_array_equal(np.argmax(logits, -1),
+                                np.broadcast_to(ctx.stream.targets[:, None],
+                                                logits.shape[:2]))
+
+
+def test_apply_edit_unknown_method():
+  model, _ = trained()
+  with pytest.raises(FactStoreError, match='unknown editing method'):
+    harness.apply_edit('lobotomy', model, context())
