@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from factstore_jax import methods, training
+from factstore_jax import methods
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.editing import harness
 from factstore_jax.editing import relation as rel_lib
@@ -60,8 +60,7 @@ KEY_FIELDS = ('method', 'fraction', 'seed')
 
 
 def gd_options() -> methods.MethodOptions:
-  return methods.MethodOptions(train=training.TrainConfig(
-      early_stop=False, max_steps=FLAGS.mlp_steps))
+  return rel_lib.gd_options(FLAGS.mlp_steps)
 
 
 @functools.cache

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from factstore_jax import methods, storage, training
+from factstore_jax import methods, storage
 from factstore_jax.editing import harness
 from factstore_jax.editing import relation as R
 from factstore_jax.errors import FactStoreError
@@ -28,8 +28,7 @@ def trained():
   """A small base model (GD fact MLP, 600 attention steps) and GD options."""
   rel = small_relation()
   fs = R.fact_factset(rel)
-  opts = methods.MethodOptions(train=training.TrainConfig(
-      early_stop=False, max_steps=1500))
+  opts = R.gd_options(1500)
   built = methods.build_mlp('gd', jax.random.key(1), fs, 48, options=opts)
   assert built.accuracy == 1.0
   model = R.base_model(rel, R.calibrate(built.mlp, fs), jax.random.key(2))

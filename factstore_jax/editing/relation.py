@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from factstore_jax import factsets, storage
+from factstore_jax import factsets, methods, storage, training
 from factstore_jax.constructions.encoder_decoder import EncoderDecoder
 from factstore_jax.errors import FactStoreError
 from factstore_jax.factsets import FactSet
@@ -265,6 +265,13 @@ def fact_factset(relation: Relation, objects_of: Array | None = None
 
 
 FACT_GAP = 4.0   # median logit gap every fact MLP is scaled to
+
+
+def gd_options(steps: int = 3_000) -> methods.MethodOptions:
+  """GD fact-MLP settings: no early stop at 100%, so the margins keep growing
+  and the calibrated MLP is robust to what attention lets through."""
+  return methods.MethodOptions(train=training.TrainConfig(
+      early_stop=False, max_steps=steps))
 
 
 def calibrate(mlp, factset: FactSet, gap: float = FACT_GAP) -> GatedMLP:
