@@ -9,7 +9,8 @@ the block, attention trained with next-token loss over every token.
 For each fraction of facts edited, two disjoint edit sets of that size are
 drawn: a *validation* set, on which every configuration of each method's grid
 (``harness.default_grids``) is scored, and a *test* set, on which the best
-configuration (by score) is reported. Metrics: efficacy, paraphrase
+configuration is reported (the highest validation score among configurations
+with word-perplexity ratio <= ``--max_ppl_ratio``). Metrics: efficacy, paraphrase
 (held-out templates), specificity, score (harmonic mean) and the word
 perplexity ratio after/before.
 
@@ -51,6 +52,10 @@ flags.DEFINE_list('fractions', ['0.02', '0.05', '0.1', '0.25', '0.5'],
                   'Fractions of facts edited (<= 0.5: validation and test '
                   'sets are disjoint).')
 flags.DEFINE_list('methods', list(harness.METHODS), 'Editing methods.')
+flags.DEFINE_float('max_ppl_ratio', 1.05,
+                   'Model selection: the best score among configurations '
+                   'whose word-perplexity ratio is at most this (among all '
+                   'if none is).')
 flags.DEFINE_integer('seed', 0, 'Seed.')
 flags.DEFINE_string('out_dir', 'experiments/results/fact_editing',
                     'Output folder.')
@@ -124,7 +129,8 @@ def compute_one(c, grid_table: ResultsTable) -> dict:
   grid = harness.default_grids(FLAGS.mlp_width, FLAGS.code_dim,
                                gd_options())[c['method']]
   best, trials = harness.best_of_grid(c['method'], model, val,
-                                      info['base_word_ppl'], grid)
+                                      info['base_word_ppl'], grid,
+                                      FLAGS.max_ppl_ratio)
   for t in trials:
     grid_table.append(dict(method=c['method'], fraction=c['fraction'],
                            seed=c['seed'], config=describe(t.config),
@@ -171,6 +177,8 @@ def summary(rows) -> str:
       f'd = {FLAGS.dim} (fact coordinates {FLAGS.fact_dim}); base: GD fact '
       f'MLP width {FLAGS.mlp_width} ({r0["base_mlp_params"]} params), '
       f'attention trained {FLAGS.base_steps} steps with next-token loss. '
+      f'Best of grid on validation edits (score, among configurations with '
+      f'ppl ratio <= {FLAGS.max_ppl_ratio}), reported on test edits. '
       f'Base object accuracy {r0["base_train_accuracy"]:.4f} (training '
       f'templates) / {r0["base_heldout_accuracy"]:.4f} (held-out), word '
       f'perplexity {r0["base_word_ppl"]:.3f}.', '',

@@ -109,8 +109,13 @@ def test_calibrate_sets_the_median_gap():
   gaps = storage.margins(methods.storage_apply(cal, fs.keys), fs.values,
                          fs.mapping)
   np.testing.assert_allclose(np.median(gaps), 3.0, rtol=1e-4)
-  with pytest.raises(FactStoreError, match='gap'):
-    R.calibrate(mlp, fs, gap=0.0)
+  low = R.calibrate(mlp, fs, gap=3.0, quantile=0.0)
+  gaps = storage.margins(methods.storage_apply(low, fs.keys), fs.values,
+                         fs.mapping)
+  np.testing.assert_allclose(np.min(gaps), 3.0, rtol=1e-4)
+  for bad in (dict(gap=0.0), dict(quantile=1.5)):
+    with pytest.raises(FactStoreError, match='gap > 0'):
+      R.calibrate(mlp, fs, **bad)
 
 
 def test_fact_slot_reads_and_replaces_fact_coordinates():
@@ -229,3 +234,20 @@ def test_apply_edit_unknown_method():
   model, _ = trained()
   with pytest.raises(FactStoreError, match='unknown editing method'):
     harness.apply_edit('lobotomy', model, context())
+
+
+def test_best_of_grid_prefers_configs_within_the_ppl_limit(monkeypatch):
+  def scores(score, ratio):
+    return harness.EditScores(score, score, score, score, ratio)
+  table = {1: scores(0.99, 1.30), 2: scores(0.90, 1.01), 3: scores(0.90, 1.002),
+           4: scores(0.50, 1.00)}
+  monkeypatch.setattr(harness, 'run_trial', lambda m, model, ctx, ppl, c:
+                      harness.Trial(m, c, table[c['i']], 0.0))
+  grid = [dict(i=i) for i in table]
+  best, trials = harness.best_of_grid('memit', None, None, 1.0, grid)
+  assert best.config == dict(i=3) and len(trials) == 4
+  best, _ = harness.best_of_grid('memit', None, None, 1.0, grid,
+                                 max_ppl_ratio=2.0)
+  assert best.config == dict(i=1)
+  best, _ = harness.best_of_grid('memit', None, None, 1.0, grid[:1])
+  assert best.config == dict(i=1)   # none within the limit: best of all

@@ -231,11 +231,12 @@ def _with_mlp(model: Transformer, mlp) -> Transformer:
 
 
 def _swap(model, ctx: Context, *, builder: str, width: int,
+          quantile: float = 0.5,
           options: methods.MethodOptions = methods.MethodOptions()):
   fs = rel_lib.fact_factset(ctx.relation,
                             edited_map(ctx.relation, ctx.edits))
   built = methods.build_mlp(builder, ctx.key, fs, width, options=options)
-  return _with_mlp(model, rel_lib.calibrate(built.mlp, fs))
+  return _with_mlp(model, rel_lib.calibrate(built.mlp, fs, quantile=quantile))
 
 
 def _rome(model, ctx: Context, *, ridge: float):
@@ -282,8 +283,9 @@ def default_grids(swap_width: int, code_dim: int,
                   ) -> dict[str, tuple[dict, ...]]:
   """Hyper-parameter grid of each method."""
   return {
-      'swap': (dict(builder='gd', width=swap_width, options=gd_options),
-               dict(builder='encoder_decoder', width=code_dim)),
+      'swap': (dict(builder='gd', width=swap_width, options=gd_options),) +
+              _grid(builder=('encoder_decoder',), width=(code_dim,),
+                    quantile=(0.5, 0.05, 0.0)),
       'rome': _grid(ridge=(1e-6, 1e-3, 1e-1)),
       'memit': _grid(lam=(1e-2, 1e-1, 1.0, 10.0)),
       'alphaedit': _grid(lam=(1e-2, 1.0), rel_tol=(1e-2, 1e-1, 0.5)),
@@ -320,10 +322,13 @@ def run_trial(method: str, model: Transformer, ctx: Context, base_ppl: float,
 
 
 def best_of_grid(method: str, model: Transformer, ctx: Context,
-                 base_ppl: float, grid) -> tuple[Trial, list[Trial]]:
-  """Every configuration on ``ctx``'s edits; the best by score (ties: the
-  perplexity ratio closest to 1)."""
+                 base_ppl: float, grid, max_ppl_ratio: float = 1.05
+                 ) -> tuple[Trial, list[Trial]]:
+  """Every configuration on ``ctx``'s edits and the best one: the highest
+  score among those whose perplexity ratio is ``<= max_ppl_ratio`` (if none
+  is, among all), ties broken by the ratio closest to 1."""
   trials = [run_trial(method, model, ctx, base_ppl, c) for c in grid]
-  best = max(trials, key=lambda t: (t.scores.score,
-                                    -abs(np.log(t.scores.ppl_ratio))))
+  ok = [t for t in trials if t.scores.ppl_ratio <= max_ppl_ratio] or trials
+  best = max(ok, key=lambda t: (t.scores.score,
+                                -abs(np.log(t.scores.ppl_ratio))))
   return best, trials

@@ -274,27 +274,30 @@ def gd_options(steps: int = 3_000) -> methods.MethodOptions:
       early_stop=False, max_steps=steps))
 
 
-def calibrate(mlp, factset: FactSet, gap: float = FACT_GAP) -> GatedMLP:
-  """``mlp`` as a gated MLP whose outputs are scaled so the median over facts
-  of the logit gap (target logit minus the best other) equals ``gap``.
+def calibrate(mlp, factset: FactSet, gap: float = FACT_GAP,
+              quantile: float = 0.5) -> GatedMLP:
+  """``mlp`` as a gated MLP whose outputs are scaled so the ``quantile`` over
+  facts (default: the median) of the logit gap (target logit minus the best
+  other) equals ``gap``.
 
   Every MLP put in the fact slot is calibrated the same way, so a swapped-in
   MLP speaks at the loudness the model was trained with.
   """
-  if not gap > 0:
-    raise FactStoreError(f'gap must be > 0, got {gap}')
+  if not gap > 0 or not 0 <= quantile <= 1:
+    raise FactStoreError(
+        f'need gap > 0 and 0 <= quantile <= 1, got {gap}, {quantile}')
   if isinstance(mlp, EncoderDecoder):
     mlp = mlp.as_mlp()
   if not isinstance(mlp, GatedMLP):
     raise FactStoreError(f'cannot calibrate a {type(mlp).__name__}')
   gaps = storage.margins(apply_mlp(mlp, factset.keys), factset.values,
                          factset.mapping)
-  median = float(jnp.median(gaps))
-  if not median > 0:
+  at = float(jnp.quantile(gaps, quantile))
+  if not at > 0:
     raise FactStoreError(
-        f'the MLP misdecodes at least half of the facts (median gap '
-        f'{median:.3g}); cannot calibrate it')
-  c = gap / median
+        f'the {quantile} quantile of the logit gap is {at:.3g} <= 0 (the MLP '
+        'misdecodes those facts); cannot calibrate it')
+  c = gap / at
   return mlp.replace(w_down=mlp.w_down * c,
                      b_down=None if mlp.b_down is None else mlp.b_down * c)
 
