@@ -60,8 +60,11 @@ class GatedMLP:
     return self.w_gate.shape[-1]
 
 
-def apply_mlp(params: GatedMLP, x: Array) -> Array:
-  """Applies a gated MLP. ``x (..., d) -> (..., d_out)``."""
+def hidden(params: GatedMLP, x: Array) -> Array:
+  """The down-projection's input ``(x w_up + b_up) * act(x w_gate + b_gate)``.
+
+  ``x (..., d) -> (..., h)``.
+  """
   act = get_activation(params.activation)
   gate = x @ params.w_gate
   if params.b_gate is not None:
@@ -69,7 +72,12 @@ def apply_mlp(params: GatedMLP, x: Array) -> Array:
   up = x @ params.w_up
   if params.b_up is not None:
     up = up + params.b_up
-  out = (up * act(gate)) @ params.w_down
+  return up * act(gate)
+
+
+def apply_mlp(params: GatedMLP, x: Array) -> Array:
+  """Applies a gated MLP. ``x (..., d) -> (..., d_out)``."""
+  out = hidden(params, x) @ params.w_down
   if params.b_down is not None:
     out = out + params.b_down
   return out

@@ -200,18 +200,7 @@ def _cast(dtype, *arrays):
 # --------------------------------------------------------------------------
 
 
-@jax.jit
-def _hidden(params: mlp_lib.GatedMLP, x: Array) -> Array:
-  # Mirrors factstore_jax.mlp.apply_mlp (same operations and precision), so
-  # that ``_hidden(p, x) @ p.w_down (+ b_down) == apply_mlp(p, x)``.
-  act = mlp_lib.get_activation(params.activation)
-  gate = x @ params.w_gate
-  if params.b_gate is not None:
-    gate = gate + params.b_gate
-  up = x @ params.w_up
-  if params.b_up is not None:
-    up = up + params.b_up
-  return up * act(gate)
+_hidden = jax.jit(mlp_lib.hidden)
 
 
 def hidden_states(params: mlp_lib.GatedMLP, x: Array) -> Array:
