@@ -153,14 +153,16 @@ def plot(rows, path):
     x = [100 * r['fraction'] for r in rs]
     ax1.plot(x, [r['score'] for r in rs], 'o-', color=f'C{i}', label=m)
     ax2.plot(x, [r['ppl_ratio'] for r in rs], 'o-', color=f'C{i}', label=m)
+  ticks = sorted({100 * r['fraction'] for r in rows})
   for ax in (ax1, ax2):
     ax.set_xscale('log')
+    ax.set_xticks(ticks, [f'{t:g}' for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel('facts edited (%)')
-  ax1.set_ylabel('score (harmonic mean of efficacy, paraphrase, specificity)')
+  ax1.set_ylabel('score (harmonic mean)')
   ax1.axhline(0.95, color='k', ls='--', lw=0.8)
   ax1.set_ylim(-0.02, 1.02)
   ax2.set_ylabel('word perplexity after / before')
-  ax2.set_yscale('log')
   ax2.axhline(1.05, color='k', ls='--', lw=0.8)
   ax1.legend(fontsize=8)
   fig.suptitle('Editing a 1-layer Transformer (best of grid on validation '
