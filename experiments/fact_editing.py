@@ -86,13 +86,13 @@ def base():
   report = rel_lib.train_base(model, relation, jax.random.key(seed + 3),
                               config, progress=True)
   facts = np.arange(relation.num_facts)
-  acc = {name: float(rel_lib.evaluate(model, rel_lib.all_sequences(
-      relation, templates, facts)).correct.mean())
-         for name, templates in (('train', relation.train_templates),
-                                 ('heldout', relation.heldout_templates))}
-  info = dict(base_train_accuracy=acc['train'],
-              base_heldout_accuracy=acc['heldout'],
-              base_word_ppl=harness.word_perplexity(model, relation),
+  scores = {name: rel_lib.evaluate(model, rel_lib.all_sequences(
+      relation, templates, facts))
+            for name, templates in (('train', relation.train_templates),
+                                    ('heldout', relation.heldout_templates))}
+  info = dict(base_train_accuracy=float(scores['train'].correct.mean()),
+              base_heldout_accuracy=float(scores['heldout'].correct.mean()),
+              base_word_ppl=rel_lib.word_perplexity(scores['train']),
               base_mlp_params=built.num_params,
               base_mlp_accuracy=built.accuracy,
               base_train_seconds=report.seconds,

@@ -84,9 +84,8 @@ class EditScores(NamedTuple):
 def word_perplexity(model: Transformer, relation: rel_lib.Relation) -> float:
   """Perplexity of the word (non-fact) tokens over every fact and training
   template."""
-  s = rel_lib.evaluate(model, rel_lib.all_sequences(
-      relation, relation.train_templates, np.arange(relation.num_facts)))
-  return float(np.exp(s.word_nll.sum() / s.num_words.sum()))
+  return rel_lib.word_perplexity(rel_lib.evaluate(model, rel_lib.all_sequences(
+      relation, relation.train_templates, np.arange(relation.num_facts))))
 
 
 def harmonic_mean(*xs: float) -> float:
@@ -108,10 +107,9 @@ def evaluate_edit(model: Transformer, relation: rel_lib.Relation,
   efficacy = float(correct[edited].mean())
   paraphrase = float(held.correct.mean())
   specificity = float(correct[~edited].mean()) if (~edited).any() else 1.0
-  ppl = float(np.exp(train.word_nll.sum() / train.num_words.sum()))
   return EditScores(efficacy, paraphrase, specificity,
                     harmonic_mean(efficacy, paraphrase, specificity),
-                    ppl / base_ppl)
+                    rel_lib.word_perplexity(train) / base_ppl)
 
 
 # ----------------------------------------------------------------------------
@@ -131,7 +129,7 @@ def cue_stream(model: Transformer, relation: rel_lib.Relation,
                                edits.facts,
                                jnp.asarray(edited_map(relation, edits)))
   h, _ = model.mlp_inputs(seqs.tokens)
-  h = jnp.take_along_axis(h, seqs.cue[:, None, None], 1)[:, 0]
+  h = rel_lib.at_cue(h, seqs.cue)
   k = relation.train_templates.shape[0]
   words = h * (1.0 - relation.fact_mask())
   inputs = model.mlp.inputs(h)
@@ -144,6 +142,19 @@ def _cue_loss(mlp: GatedMLP, stream: CueStream, embeddings: Array) -> Array:
   logits = (stream.words + apply_mlp(mlp, stream.inputs)) @ embeddings.T
   return optax.softmax_cross_entropy_with_integer_labels(
       logits, stream.targets[:, None]).mean()
+
+
+def _adam(loss, params, steps: int, learning_rate):
+  """``params`` after ``steps`` Adam steps on ``loss`` (a ``lax.scan``)."""
+  opt = optax.adam(learning_rate)
+
+  def step(carry, _):
+    params, state = carry
+    updates, state = opt.update(jax.grad(loss)(params), state)
+    return (optax.apply_updates(params, updates), state), None
+
+  (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, steps)
+  return params
 
 
 @functools.partial(jax.jit, static_argnames=('steps',))
@@ -164,22 +175,14 @@ def target_outputs(mlp: GatedMLP, stream: CueStream, embeddings: Array, *,
         logits, stream.targets[:, None])
     return ce.mean(1).sum() + decay * jnp.sum(delta * delta)
 
-  opt = optax.adam(learning_rate)
-  delta = jnp.zeros(base.shape[::2], base.dtype)
-
-  def step(carry, _):
-    delta, state = carry
-    updates, state = opt.update(jax.grad(loss)(delta), state)
-    return (optax.apply_updates(delta, updates), state), None
-
-  (delta, _), _ = jax.lax.scan(step, (delta, opt.init(delta)), None, steps)
+  delta = _adam(loss, jnp.zeros(base.shape[::2], base.dtype), steps,
+                learning_rate)
   return base.mean(1) + delta
 
 
 @functools.partial(jax.jit, static_argnames=('steps', 'down_only'))
 def _finetune(mlp: GatedMLP, stream: CueStream, embeddings: Array, *,
               steps: int, learning_rate: float, down_only: bool) -> GatedMLP:
-  opt = optax.adam(learning_rate)
   if down_only:
     def loss(w):
       return _cue_loss(mlp.replace(w_down=w), stream, embeddings)
@@ -187,13 +190,7 @@ def _finetune(mlp: GatedMLP, stream: CueStream, embeddings: Array, *,
   else:
     loss = functools.partial(_cue_loss, stream=stream, embeddings=embeddings)
     params = mlp
-
-  def step(carry, _):
-    params, state = carry
-    updates, state = opt.update(jax.grad(loss)(params), state)
-    return (optax.apply_updates(params, updates), state), None
-
-  (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, steps)
+  params = _adam(loss, params, steps, learning_rate)
   return mlp.replace(w_down=params) if down_only else params
 
 
@@ -210,6 +207,7 @@ class Context(NamedTuple):
   keys: Array                # (E, h) hidden vectors at the edits' cues
   values: Array              # (E, d) target outputs
   subject_hidden: Array      # (N, h) hidden vectors of every subject
+  cov: Array                 # (h, h) their second moment
   key: Array
 
 
@@ -220,8 +218,9 @@ def make_context(model: Transformer, relation: rel_lib.Relation, edits: Edits,
   keys = locate.hidden_states(mlp, stream.inputs.mean(1))
   values = target_outputs(mlp, stream, relation.embeddings)
   subjects = model.mlp.inputs(relation.embeddings[relation.subject_ids()])
-  return Context(relation, edits, mlp, stream, keys, values,
-                 locate.hidden_states(mlp, subjects), key)
+  subject_hidden = locate.hidden_states(mlp, subjects)
+  return Context(relation, edits, mlp, stream, keys, values, subject_hidden,
+                 locate.second_moment(subject_hidden), key)
 
 
 def _with_mlp(model: Transformer, mlp) -> Transformer:
@@ -240,14 +239,12 @@ def _swap(model, ctx: Context, *, builder: str, width: int,
 
 
 def _rome(model, ctx: Context, *, ridge: float):
-  cov = locate.second_moment(ctx.subject_hidden)
-  w = locate.rome(ctx.mlp.w_down, ctx.keys, ctx.values, cov, ridge=ridge)
+  w = locate.rome(ctx.mlp.w_down, ctx.keys, ctx.values, ctx.cov, ridge=ridge)
   return _with_mlp(model, ctx.mlp.replace(w_down=w))
 
 
 def _memit(model, ctx: Context, *, lam: float):
-  cov = locate.second_moment(ctx.subject_hidden)
-  w = locate.memit(ctx.mlp.w_down, ctx.keys, ctx.values, cov, lam=lam)
+  w = locate.memit(ctx.mlp.w_down, ctx.keys, ctx.values, ctx.cov, lam=lam)
   return _with_mlp(model, ctx.mlp.replace(w_down=w))
 
 

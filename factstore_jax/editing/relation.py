@@ -38,7 +38,7 @@ from factstore_jax.errors import FactStoreError
 from factstore_jax.factsets import FactSet
 from factstore_jax.mlp import GatedMLP, GatedMLPModule, apply_mlp
 from factstore_jax.transformer.model import (Frozen, Transformer,
-                                             TransformerConfig)
+                                             TransformerConfig, as_mlp_module)
 from factstore_jax.transformer.train import (TrainConfig, TrainReport,
                                              fit_groups)
 
@@ -314,7 +314,6 @@ class FactSlot(nnx.Module):
   """
 
   def __init__(self, mlp, fact_mask: Array, eps: float = 1e-4):
-    from factstore_jax.transformer.model import as_mlp_module
     self.fact_mask = Frozen(fact_mask)
     self.eps = eps
     self.mlp = as_mlp_module(mlp)
@@ -344,7 +343,6 @@ def base_model(relation: Relation, mlp, key: Array,
 
 def swap_fact_mlp(model: Transformer, mlp) -> None:
   """MLP swap: plug a new fact MLP into the slot (nothing else changes)."""
-  from factstore_jax.transformer.model import as_mlp_module
   model.mlp.mlp = as_mlp_module(mlp)
 
 
@@ -357,6 +355,16 @@ def fact_mlp(model: Transformer):
   return inner.to_params()
 
 
+def at_cue(x: Array, cue: Array) -> Array:
+  """``x (B, T, ...)`` at each row's cue position ``cue (B,)``: ``(B, ...)``."""
+  return jnp.take_along_axis(x, cue[:, None, None], 1)[:, 0]
+
+
+def word_perplexity(scores: 'Scores') -> float:
+  """Perplexity of the word targets of the sequences behind ``scores``."""
+  return float(np.exp(scores.word_nll.sum() / scores.num_words.sum()))
+
+
 def lm_loss(model: Transformer, seqs: Sequences, logit_scale: float = 1.0
             ) -> tuple[Array, Array]:
   """Next-token cross-entropy over every counted token, and object accuracy."""
@@ -364,8 +372,8 @@ def lm_loss(model: Transformer, seqs: Sequences, logit_scale: float = 1.0
   nll = optax.softmax_cross_entropy_with_integer_labels(
       logits, seqs.tokens[:, 1:])
   loss = jnp.sum(nll * seqs.mask) / jnp.sum(seqs.mask)
-  at_cue = jnp.take_along_axis(logits, seqs.cue[:, None, None], 1)[:, 0]
-  accuracy = jnp.mean(jnp.argmax(at_cue, -1) == seqs.objects)
+  accuracy = jnp.mean(
+      jnp.argmax(at_cue(logits, seqs.cue), -1) == seqs.objects)
   return loss, accuracy
 
 
@@ -423,8 +431,7 @@ def _evaluate(graphdef, state, seqs: Sequences, batch: int):
     logits = model(s.tokens)[:, :-1]
     nll = optax.softmax_cross_entropy_with_integer_labels(
         logits, s.tokens[:, 1:])
-    at_cue = jnp.take_along_axis(logits, s.cue[:, None, None], 1)[:, 0]
-    return (jnp.argmax(at_cue, -1) == s.objects,
+    return (jnp.argmax(at_cue(logits, s.cue), -1) == s.objects,
             jnp.sum(nll * s.is_word, -1), jnp.sum(s.is_word, -1))
 
   chunks = jax.tree.map(
