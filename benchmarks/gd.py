@@ -50,6 +50,8 @@ flags.DEFINE_float('rel_tol', 0.1,
                    '(relative to hi): W* is then within this of the exact '
                    'smallest passing width (the acceptance allows 10%).')
 flags.DEFINE_bool('skip_plain', False, 'Skip the plain-bisection baseline.')
+flags.DEFINE_enum('compute_dtype', None, ['bfloat16', 'float32'],
+                  'TrainConfig.compute_dtype of every run (None: fp32).')
 flags.DEFINE_string('out', 'benchmarks/results/gd.json', 'JSON output.')
 FLAGS = flags.FLAGS
 
@@ -58,7 +60,8 @@ def throughput(fs) -> dict:
   d, n = FLAGS.dim, FLAGS.num_facts
   model = training.init_gated_mlp(jax.random.key(FLAGS.seed), d, FLAGS.width)
   config = training.TrainConfig(max_steps=FLAGS.steps, patience=None,
-                                target_accuracy=1.0)
+                                target_accuracy=1.0,
+                                compute_dtype=FLAGS.compute_dtype)
   jax.block_until_ready(training.fit(model, fs, config=config))  # compile
   flops = training.step_flops(n, d, FLAGS.width, n)
   runs = []
@@ -83,8 +86,10 @@ def throughput(fs) -> dict:
 def ours(fs) -> dict:
   key = jax.random.key(FLAGS.seed)
   t0 = time.perf_counter()
+  options = methods.MethodOptions(
+      train=training.TrainConfig(compute_dtype=FLAGS.compute_dtype))
   cap = methods.find_capacity('gd', [fs], [key], max_width=FLAGS.max_width,
-                              rel_tol=FLAGS.rel_tol)[0]
+                              rel_tol=FLAGS.rel_tol, options=options)[0]
   return dict(seconds=time.perf_counter() - t0, width=cap.width,
               num_params=cap.num_params, tested=cap.tested,
               rounds=cap.rounds)
@@ -93,7 +98,8 @@ def ours(fs) -> dict:
 def plain(fs) -> dict:
   """Bisection on [1, max_width]; every candidate trains 10,000 steps."""
   key = jax.random.key(FLAGS.seed)
-  config = training.TrainConfig(max_steps=10_000, early_stop=False)
+  config = training.TrainConfig(max_steps=10_000, early_stop=False,
+                                compute_dtype=FLAGS.compute_dtype)
   tested = {}
 
   def passes(width: int) -> bool:
@@ -120,10 +126,12 @@ def main(argv):
   del argv
   d, n = FLAGS.dim, FLAGS.num_facts
   fs = factsets.random_factset(jax.random.key(FLAGS.seed), n, d, tied=True)
-  common.wait_for_quiet(120.0, 0.1)
+  if jax.default_backend() == 'cpu':
+    common.wait_for_quiet(120.0, 0.1)
   out = dict(config=dict(dim=d, num_facts=n, num_values=n, width=FLAGS.width,
                          steps=FLAGS.steps, seed=FLAGS.seed,
-                         max_width=FLAGS.max_width),
+                         max_width=FLAGS.max_width,
+                         compute_dtype=FLAGS.compute_dtype),
              machine=common.machine_info())
   out['throughput'] = tp = throughput(fs)
   print(f"GD step d={d} N=P={n} width={FLAGS.width}: "

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from factstore_jax.errors import FactStoreError
+from factstore_jax.precision import full_precision
 
 Array = jax.Array
 
@@ -195,6 +196,7 @@ def _solve_one(i: Array, values: Array, sqnorm: Array, *,
   return u, primal, dual
 
 
+@full_precision
 def decodability(values: Array, *, num_candidates: int | None = None,
                  tol: float = 1e-3, atol: float = 1e-6,
                  floor: float = 0.0, chunk_size: int = 256,
@@ -294,6 +296,7 @@ def decodability(values: Array, *, num_candidates: int | None = None,
 
 @jax.jit(static_argnames=('num_candidates', 'tol', 'atol', 'floor',
                           'chunk_size', 'max_outer', 'max_inner'))
+@full_precision
 def _decodability(values, indices, *, num_candidates, tol, atol, floor, chunk_size,
                   max_outer, max_inner):
   values = values - jnp.mean(values, axis=0)

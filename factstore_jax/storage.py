@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from factstore_jax.mlp import GatedMLP, apply_mlp
+from factstore_jax.precision import full_precision
 
 Array = jax.Array
 
@@ -30,6 +31,7 @@ def logits(outputs: Array, values: Array) -> Array:
   return outputs @ values.T
 
 
+@full_precision
 def margins(outputs: Array, values: Array, mapping: Array) -> Array:
   """Per-key margins. ``outputs (N, d)``, ``values (P, d)``, ``mapping (N,)``.
 
@@ -50,6 +52,7 @@ def _report(gamma: Array, norms: Array) -> StorageReport:
       margins=gamma, normalized_margins=normalized)
 
 
+@full_precision
 def evaluate_outputs(outputs: Array, values: Array, mapping: Array, *,
                      chunk_size: int = 2048) -> StorageReport:
   """Storage report of given outputs ``(N, d)``; keys scored in chunks.
@@ -63,6 +66,7 @@ def evaluate_outputs(outputs: Array, values: Array, mapping: Array, *,
   return _report(gamma, norms)
 
 
+@full_precision
 def evaluate_fn(fn: Callable[[Array], Array], keys: Array, values: Array,
                 mapping: Array, *, chunk_size: int = 2048) -> StorageReport:
   """Storage report of any function ``fn: (d,) -> (d,)`` on a fact set."""
@@ -74,6 +78,7 @@ def evaluate_fn(fn: Callable[[Array], Array], keys: Array, values: Array,
   return _report(gamma, norms)
 
 
+@full_precision
 def evaluate_mlp(params: GatedMLP, keys: Array, values: Array, mapping: Array,
                  *, chunk_size: int = 2048) -> StorageReport:
   """Storage report of a gated MLP on keys ``(N, d)`` / values ``(P, d)``."""

@@ -73,6 +73,12 @@ class TrainConfig:
       plateau is the zero-gain case). ``None`` disables the test.
     early_stop: ``False`` runs exactly ``max_steps`` steps (no target,
       loss or hopeless stop; the plain baseline).
+    compute_dtype: dtype of the training matmuls, e.g. ``'bfloat16'`` for
+      mixed precision (parameters, Adam state and the softmax stay in the
+      keys' dtype; logits accumulate in at least float32). ``None`` computes
+      in the keys' dtype. Whatever it is, ``TrainResult.accuracy`` and
+      ``min_margin`` are a certificate of the float32 (or float64) parameters
+      computed at full matmul precision.
   """
   learning_rate: float = 1e-3
   final_learning_rate: float = 1e-6
@@ -84,6 +90,7 @@ class TrainConfig:
   loss_tol: float = 1e-7
   patience: int | None = 1_000
   early_stop: bool = True
+  compute_dtype: str | None = None
 
   def validate(self) -> 'TrainConfig':
     if not self.learning_rate > 0 or not self.final_learning_rate >= 0:
@@ -102,6 +109,11 @@ class TrainConfig:
           f'target_accuracy must be in (0, 1], got {self.target_accuracy}')
     if self.patience is not None and self.patience < 1:
       raise FactStoreError(f'patience must be >= 1, got {self.patience}')
+    if self.compute_dtype is not None and self.compute_dtype not in (
+        'bfloat16', 'float16', 'float32', 'float64'):
+      raise FactStoreError(
+          "compute_dtype must be None, 'bfloat16', 'float16', 'float32' or "
+          f"'float64', got {self.compute_dtype!r}")
     return self
 
 
@@ -173,8 +185,13 @@ def _xent_head(z: Array, table: Array, offset: Array | None, target: Array):
   return _xent_head_fwd(z, table, offset, target)[0]
 
 
+def _wide(dtype):
+  """Accumulation dtype of a matmul in ``dtype``: at least float32."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def _xent_head_fwd(z, table, offset, target):
-  logits = z @ table
+  logits = jnp.matmul(z, table, preferred_element_type=_wide(z.dtype))
   if offset is not None:
     logits = logits + offset
   onehot = jnp.arange(table.shape[-1])[None, :] == target[:, None]
@@ -195,8 +212,12 @@ def _xent_head_bwd(res, cotangents):
   g = cotangents[0]  # scales the small results, not the (N, P) matrix
   # A materialised transpose keeps the matmul in the fast plain layout.
   z_t = jax.lax.optimization_barrier(z.T)
-  d_offset = None if offset is None else jnp.sum(grad_logits, axis=0) * g
-  return (grad_logits @ table.T) * g, (z_t @ grad_logits) * g, d_offset, None
+  d_offset = None if offset is None else (
+      jnp.sum(grad_logits, axis=0) * g).astype(offset.dtype)
+  grad_logits = grad_logits.astype(z.dtype)  # no-op unless mixed precision
+  mm = lambda a, b: jnp.matmul(a, b, preferred_element_type=_wide(z.dtype))
+  return ((mm(grad_logits, table.T) * g).astype(z.dtype),
+          (mm(z_t, grad_logits) * g).astype(table.dtype), d_offset, None)
 
 
 _xent_head.defvjp(_xent_head_fwd, _xent_head_bwd)
@@ -399,10 +420,16 @@ def _fit(model, factset, mask, key, *, trainable, config):
   values = values.astype(keys.dtype)
   opt = optimizer(config)
   params0 = {n: getattr(model, n) for n in trainable}
+  compute = keys.dtype if config.compute_dtype is None else jnp.dtype(
+      config.compute_dtype)
+  to_compute = lambda tree: jax.tree.map(lambda a: a.astype(compute), tree)
+  values_c, mask_c = to_compute((values, mask))
 
   def loss_fn(params, x, target):
-    return _loss_and_accuracy(model.replace(**params), x, values, target,
-                              config.loss, mask)
+    loss, accuracy = _loss_and_accuracy(
+        to_compute(model.replace(**params)), to_compute(x), values_c, target,
+        config.loss, mask_c)
+    return loss.astype(keys.dtype), accuracy
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   full_accuracy = lambda params: loss_fn(params, keys, mapping)[1]
@@ -460,7 +487,9 @@ def _fit(model, factset, mask, key, *, trainable, config):
       loss=jnp.asarray(jnp.inf, keys.dtype))
   state, _ = jax.lax.while_loop(lambda c: ~c[0].done, chunk, (state, key))
   trained = model.replace(**state.trainable)
-  gamma = storage.margins(model_outputs(trained, keys, mask), values, mapping)
+  with jax.default_matmul_precision('highest'):  # the certificate
+    gamma = storage.margins(model_outputs(trained, keys, mask), values,
+                            mapping)
   return TrainResult(
       params=trained, steps=state.step,
       accuracy=jnp.mean((gamma > 0).astype(jnp.float32)),

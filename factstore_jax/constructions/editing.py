@@ -83,6 +83,7 @@ from factstore_jax.constructions import encoder_decoder as ed
 from factstore_jax.errors import ConstructionError, FactStoreError
 from factstore_jax.factsets import FactSet
 from factstore_jax.mlp import get_activation, num_params
+from factstore_jax.precision import full_precision
 
 Array = jax.Array
 
@@ -676,6 +677,7 @@ def _empty_report(start: float) -> EditReport:
                     math.inf, math.inf, time.perf_counter() - start)
 
 
+@full_precision
 def edit(construction: ed.Construction, factset: FactSet, changes, *,
          donate: bool = False
          ) -> tuple[ed.Construction, FactSet, EditReport]:

@@ -40,6 +40,7 @@ from factstore_jax.constructions import decoders, gadgets
 from factstore_jax.errors import (ConstructionError, FactStoreError,
                                   InfeasibleFactSetError)
 from factstore_jax.factsets import FactSet, validate_factset
+from factstore_jax.precision import full_precision
 from factstore_jax.threads import single_threaded_blas
 from factstore_jax.mlp import (GatedMLP, GatedMLPModule, get_activation,
                                num_params)
@@ -216,6 +217,7 @@ def bucket_structure(parts: Gadgets, check_report: storage.StorageReport,
                          slack=slack, tol=tol)
 
 
+@full_precision
 def build_gadgets(key: Array, keys: Array, targets: Array, *, bucket_size: int,
                   activation: str = 'clipped', slack: float = 0.25) -> Gadgets:
   """Buckets, windows and exact maps with ``E(k_i) = targets_i``.
@@ -241,6 +243,7 @@ def _solve_chunk_jit(keys, targets, index, valid):
   return jax.vmap(one)(index, valid)
 
 
+@full_precision
 def build_gadgets_streamed(key: Array, keys: Array, targets: Array, *,
                            bucket_size: int, activation: str = 'clipped',
                            slack: float = 0.25, stream_size: int = 1024,
@@ -284,12 +287,14 @@ _gate_params_jit = jax.jit(gadgets.window_gate_params,
                            static_argnames=('activation',))
 
 
+@full_precision
 def assemble_gadgets(parts: Gadgets, decoder: Array,
                      activation: str) -> EncoderDecoder:
   return assemble(parts.buckets.direction, parts.maps, parts.scale, parts.bias,
                   parts.sign, decoder, activation)
 
 
+@full_precision
 def build_encoder(key: Array, keys: Array, targets: Array, decoder: Array, *,
                   bucket_size: int, activation: str = 'clipped',
                   slack: float = 0.25):
@@ -299,6 +304,7 @@ def build_encoder(key: Array, keys: Array, targets: Array, decoder: Array, *,
   return assemble_gadgets(parts, decoder, activation), parts
 
 
+@full_precision
 def value_codes(values: Array, decoder: Array, *, tol: float = 1e-3,
                 floor: float = 0.0, indices=None, **stream):
   """Codes (separators of ``V D``) and their decodability ``(P,)``.
@@ -318,6 +324,7 @@ def value_codes(values: Array, decoder: Array, *, tol: float = 1e-3,
 
 @functools.partial(jax.jit, static_argnames=('code_dim', 'bucket_size',
                                              'activation', 'slack', 'tol'))
+@full_precision
 def construct_fixed(key: Array, factset: FactSet, *, code_dim: int,
                     bucket_size: int, activation: str = 'clipped',
                     slack: float = 0.25, tol: float = 1e-3):
@@ -350,6 +357,7 @@ class Verification(NamedTuple):
 
 
 @jax.jit
+@full_precision
 def verify(model: EncoderDecoder, factset: FactSet, codes: Array,
            chunk_size: int = 2048) -> Verification:
   """Checks every fact: margins against all values, and the code error."""
@@ -374,6 +382,7 @@ def bucket_of_key(buckets: gadgets.Buckets, num_keys: int) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=('activation', 'chunk_size'))
+@full_precision
 def verify_structured(parts: Gadgets, decoder: Array, factset: FactSet,
                       codes: Array, activation: str = 'clipped',
                       chunk_size: int = 2048):
@@ -428,6 +437,7 @@ _structured_terms_jit = jax.jit(_structured_terms,
                                 static_argnames=('activation', 'chunk_size'))
 
 
+@full_precision
 def verify_structured_streamed(parts: Gadgets, decoder: Array,
                                factset: FactSet, codes: Array,
                                activation: str = 'clipped',
@@ -504,6 +514,7 @@ def _check_config(config: ConstructionConfig):
     raise FactStoreError(f'slack must be in [0, 0.5), got {config.slack}')
 
 
+@full_precision
 def choose_code_dim(key: Array, values: Array, mapping, config:
                     ConstructionConfig, *, stream_size: int | None = None,
                     progress=None):
@@ -614,6 +625,7 @@ def _check(parts: Gadgets, decoder, factset, codes, activation, progress=None):
   return verify(_assemble_jit(parts, decoder, activation), factset, codes)
 
 
+@full_precision
 def construct(factset: FactSet, key: Array | int = 0,
               config: ConstructionConfig = ConstructionConfig(), *,
               progress=None, **overrides) -> Construction:
@@ -793,6 +805,7 @@ def _build_members(member_keys, factsets, *, code_dim, bucket_size,
   return model, codes, rho, parts
 
 
+@full_precision
 def construct_batched(factsets: FactSet, key: Array | int = 0,
                       config: ConstructionConfig = ConstructionConfig(),
                       **overrides) -> BatchedConstruction:

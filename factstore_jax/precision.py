@@ -1,0 +1,34 @@
+"""Full float32 matmuls for constructions and margin certificates.
+
+On GPUs and TPUs XLA's default float32 matmul may round its operands to
+TF32 or bfloat16 (about three significant digits). A closed-form solve or a
+margin certificate computed that way can be wrong in the sign of a small
+margin. Functions wrapped in :func:`full_precision` trace every matmul at
+``'highest'`` precision (true float32 / float64 arithmetic); on CPU that is
+what XLA does anyway, so nothing changes there. Gradient-descent training
+keeps the platform default (or bfloat16, ``TrainConfig.compute_dtype``) for
+its steps; only its final certificate is computed at full precision.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, TypeVar
+
+import jax
+
+F = TypeVar('F', bound=Callable)
+
+
+def full_precision(fn: F) -> F:
+  """Wraps ``fn`` so its matmuls trace at ``'highest'`` precision.
+
+  Apply it beneath ``jax.jit`` (the setting is read while tracing) or to a
+  plain Python function that calls jitted ones (the setting is part of their
+  compilation cache key).
+  """
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.default_matmul_precision('highest'):
+      return fn(*args, **kwargs)
+  return wrapped  # type: ignore[return-value]
