@@ -24,6 +24,7 @@ if [ "$part" = A ]; then
   run gd_bf16 45 python3 benchmarks/gd.py --skip_plain --compute_dtype=bfloat16 --out=$OUT/gd_gpu_bf16.json
   run sweep 45 python3 benchmarks/sweep.py --out=$OUT/sweep_gpu.json
   run million 150 python3 benchmarks/million.py --sizes=1048576 --quiet_wait_s=0 --max_minutes=30 --out=$OUT/million_gpu.json
+  pkill -f benchmarks/million.py; true
   for f in gd_fp32 gd_bf16 sweep million; do echo "== $f"; grep -v "it/s\|^I1\|^W1\|tpu" "$OUT/$f.log" | tail -6; done
 else
   JAX_DEFAULT_MATMUL_PRECISION=highest run roofline 100 python3 benchmarks/roofline.py --roofline_out=$OUT/roofline_gpu.json
