@@ -6,33 +6,34 @@
 # Usage: bash benchmarks/gpu/check.sh A|B   (writes under $OUT).
 set -u
 part=${1:-A}
-OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/gpu_out}; LOGS=/tmp/gpu_logs_$part; mkdir -p "$OUT" "$LOGS"
+trap 'tar -czf "$OUT/logs_$part.tar.gz" -C "$LOGS" .' EXIT
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 export TF_CPP_MIN_LOG_LEVEL=2
 run() {  # run NAME SECONDS CMD...: log to $OUT/NAME.log, never abort the script
   local name=$1 secs=$2; shift 2
   local t0=$(date +%s)
-  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
+  timeout "$secs" "$@" > "$LOGS/$name.log" 2>&1
   echo "[$name] rc=$? $(( $(date +%s) - t0 ))s"
 }
 if [ "$part" = A ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/env.txt"
   python3 -c "import jax, flax, optax, chex; print(jax.__version__, flax.__version__, optax.__version__, chex.__version__, jax.devices())" | tee -a "$OUT/env.txt"
   run precision 40 python3 benchmarks/gpu/precision_probe.py
-  tail -4 "$OUT/precision.log"
+  tail -4 "$LOGS/precision.log"
   run gd_fp32 100 python3 benchmarks/gd.py --out=$OUT/gd_gpu.json
   run gd_bf16 45 python3 benchmarks/gd.py --skip_plain --compute_dtype=bfloat16 --out=$OUT/gd_gpu_bf16.json
   run sweep 45 python3 benchmarks/sweep.py --out=$OUT/sweep_gpu.json
   run million 150 python3 benchmarks/million.py --sizes=1048576 --quiet_wait_s=0 --max_minutes=30 --out=$OUT/million_gpu.json
   pkill -f benchmarks/million.py; true
-  for f in gd_fp32 gd_bf16 sweep million; do echo "== $f"; grep -v "it/s\|^I1\|^W1\|tpu" "$OUT/$f.log" | tail -6; done
+  for f in gd_fp32 gd_bf16 sweep million; do echo "== $f"; grep -v "it/s\|^I1\|^W1\|tpu" "$LOGS/$f.log" | tail -6; done
 else
   JAX_DEFAULT_MATMUL_PRECISION=highest run roofline 100 python3 benchmarks/roofline.py --roofline_out=$OUT/roofline_gpu.json
-  grep -v "^I1\|^W1\|tpu" "$OUT/roofline.log" | tail -25
+  grep -v "^I1\|^W1\|tpu" "$LOGS/roofline.log" | tail -25
   run tests 200 python3 -m pytest -q -n 8 -p no:cacheprovider -o addopts="" \
       tests/test_construction.py tests/test_decodability.py tests/test_storage.py \
       tests/test_training.py tests/test_mlp.py tests/test_streaming.py \
       tests/test_methods.py tests/test_editing.py tests/test_baselines.py \
       tests/test_serialization_versions.py tests/test_capacity.py
-  tail -30 "$OUT/tests.log"
+  tail -30 "$LOGS/tests.log"
 fi
