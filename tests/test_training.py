@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from factstore_jax import factsets, training
+from factstore_jax import factsets, storage, training
 from factstore_jax.constructions.encoder_decoder import construct
 from factstore_jax.errors import FactStoreError
 from factstore_jax.mlp import GatedMLPModule
@@ -195,6 +197,7 @@ def test_step_flops_association():
     (dict(target_accuracy=0.0), 'target_accuracy'),
     (dict(patience=0), 'patience'),
     (dict(batch_size=0), 'batch_size'),
+    (dict(compute_dtype='int8'), 'compute_dtype'),
 ])
 def test_config_errors(small, kwargs, match):
   with pytest.raises(FactStoreError, match=match):
@@ -231,3 +234,35 @@ def test_early_stop_off_runs_every_step(small):
   result = training.train_mlp(jax.random.key(1), small, 32, config=cfg)
   assert int(result.steps) == 120
   assert training.STOP_REASONS[int(result.stop_reason)] == 'max_steps'
+
+
+def test_bf16_compute_with_fp32_certificate(small):
+  cfg = dataclasses.replace(FAST, compute_dtype='bfloat16')
+  result = training.train_mlp(jax.random.key(1), small, 32, config=cfg)
+  # Master weights stay float32; the certificate is of those weights.
+  assert result.params.w_gate.dtype == jnp.float32
+  assert float(result.accuracy) == 1.0
+  assert float(result.min_margin) > 0
+  gamma = storage.margins(training.model_outputs(result.params, small.keys),
+                          small.values, small.mapping)
+  assert float(jnp.min(gamma)) == pytest.approx(float(result.min_margin),
+                                                rel=1e-5)
+  # The steps really ran in bfloat16: the trajectory differs from float32's.
+  fp32 = training.train_mlp(jax.random.key(1), small, 32, config=FAST)
+  assert not np.allclose(result.params.w_gate, fp32.params.w_gate, atol=1e-4)
+
+
+def test_float32_compute_dtype_is_the_default(small):
+  cfg = dataclasses.replace(FAST, compute_dtype='float32')
+  a = training.train_mlp(jax.random.key(2), small, 16, config=cfg)
+  b = training.train_mlp(jax.random.key(2), small, 16, config=FAST)
+  chex.assert_trees_all_equal(a, b)
+
+
+def test_bf16_gradients_reach_float32_params(small):
+  model = training.init_gated_mlp(jax.random.key(0), 32, 8)
+  grads = jax.grad(lambda m: training.storage_loss(
+      jax.tree.map(lambda a: a.astype(jnp.bfloat16), m),
+      small._replace(keys=small.keys.astype(jnp.bfloat16))))(model)
+  chex.assert_trees_all_equal_dtypes(grads, model)
+  chex.assert_tree_all_finite(grads)
