@@ -5,8 +5,9 @@ to ``v_f(i)``); Adam with cosine decay (reference point ``1e-3 -> 1e-6`` over
 ``max_steps``). The loop is one jitted program: a ``lax.while_loop`` over
 chunks of ``lax.scan`` steps that stops at the target accuracy, at
 ``loss <= loss_tol`` or when the run is hopeless (the accuracy gained over
-the last ``patience`` steps, extrapolated linearly over the remaining budget,
-cannot reach the target; the cosine schedule only slows progress, so the
+the last ``patience`` steps per unit of learning rate spent, extrapolated
+linearly over the learning rate the schedule has left, cannot reach the
+target; gains per unit of learning rate shrink as training goes on, so the
 extrapolation is optimistic). Parameters freeze at the first step that meets the
 target, so the result is the first MLP that stores the facts. Everything is a
 pure function of its inputs: ``vmap`` over seeds and stacked fact sets works,
@@ -68,9 +69,10 @@ class TrainConfig:
     target_accuracy: stop once storage accuracy reaches this.
     loss_tol: stop once the loss is at or below this.
     patience: window (steps) of the hopeless-run test: every ``patience``
-      steps the accuracy gained over the window is extrapolated linearly to
-      ``max_steps``; a run that cannot reach the target that way stops (a
-      plateau is the zero-gain case). ``None`` disables the test.
+      steps the accuracy gained over the window, divided by the summed
+      learning rate of the window, is extrapolated over the summed learning
+      rate the schedule has left; a run that cannot reach the target that
+      way stops (a plateau is the zero-gain case). ``None`` disables it.
     early_stop: ``False`` runs exactly ``max_steps`` steps (no target,
       loss or hopeless stop; the plain baseline).
     compute_dtype: dtype of the training matmuls, e.g. ``'bfloat16'`` for
@@ -131,7 +133,8 @@ class _State(NamedTuple):
   opt_state: Any
   step: Array
   mark_accuracy: Array   # accuracy at the last window mark
-  gain: Array            # accuracy gained over the last full window
+  rate: Array            # accuracy gained per unit of summed learning rate
+                         # over the last full window
   done: Array
   reason: Array
   loss: Array
@@ -370,12 +373,15 @@ def _check_fit_args(model, factset, trainable, config):
         f'batch_size {config.batch_size} exceeds the {keys.shape[0]} keys')
 
 
-def optimizer(config: TrainConfig) -> optax.GradientTransformation:
-  """Adam with cosine decay ``learning_rate -> final_learning_rate``."""
-  schedule = optax.cosine_decay_schedule(
+def _schedule(config: TrainConfig) -> optax.Schedule:
+  return optax.cosine_decay_schedule(
       config.learning_rate, config.max_steps,
       alpha=config.final_learning_rate / config.learning_rate)
-  return optax.adam(schedule)
+
+
+def optimizer(config: TrainConfig) -> optax.GradientTransformation:
+  """Adam with cosine decay ``learning_rate -> final_learning_rate``."""
+  return optax.adam(_schedule(config))
 
 
 def fit(model: Model, factset: FactSet, *,
@@ -432,6 +438,9 @@ def _fit(model, factset, mask, key, *, trainable, config):
     return loss.astype(keys.dtype), accuracy
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  # lr_spent[t]: summed learning rate of steps < t (the hopeless test).
+  lr_spent = jnp.concatenate([jnp.zeros(1), jnp.cumsum(
+      _schedule(config)(jnp.arange(config.max_steps)))])
   full_accuracy = lambda params: loss_fn(params, keys, mapping)[1]
 
   def live_step(state: _State, step_key) -> _State:
@@ -445,14 +454,18 @@ def _fit(model, factset, mask, key, *, trainable, config):
     # Checks on the current params: stop before updating them.
     reached = accuracy >= config.target_accuracy
     small_loss = loss <= config.loss_tol
-    at_mark = (state.step > 0) & (state.step % (config.patience or 1) == 0)
-    gain = jnp.where(at_mark, accuracy - state.mark_accuracy, state.gain)
+    window = config.patience or 1
+    at_mark = (state.step > 0) & (state.step % window == 0)
+    window_lr = lr_spent[state.step] - lr_spent[jnp.maximum(state.step - window,
+                                                            0)]
+    rate = jnp.where(at_mark, (accuracy - state.mark_accuracy) / window_lr,
+                     state.rate)
     mark = jnp.where(at_mark | (state.step == 0), accuracy,
                      state.mark_accuracy)
-    remaining = (config.max_steps - state.step) / (config.patience or 1)
+    lr_left = lr_spent[-1] - lr_spent[state.step]
     hopeless = ((jnp.asarray(False) if config.patience is None else
-                 (gain > -jnp.inf)) &
-                (accuracy + jnp.maximum(gain, 0.0) * remaining
+                 (rate > -jnp.inf)) &
+                (accuracy + jnp.maximum(rate, 0.0) * lr_left
                  < config.target_accuracy))
     stop = (reached | small_loss | hopeless) & config.early_stop
     reason = jnp.select([reached, small_loss, hopeless],
@@ -461,7 +474,7 @@ def _fit(model, factset, mask, key, *, trainable, config):
     updated = _State(
         trainable=optax.apply_updates(state.trainable, updates),
         opt_state=opt_state, step=state.step + 1,
-        mark_accuracy=mark, gain=gain,
+        mark_accuracy=mark, rate=rate,
         done=state.step + 1 >= config.max_steps,
         reason=jnp.asarray(MAX_STEPS, jnp.int32), loss=loss)
     stopped = state._replace(done=jnp.asarray(True), reason=reason, loss=loss)
@@ -482,7 +495,7 @@ def _fit(model, factset, mask, key, *, trainable, config):
   state = _State(
       trainable=params0, opt_state=opt.init(params0),
       step=jnp.asarray(0, jnp.int32), mark_accuracy=jnp.asarray(0.0),
-      gain=jnp.asarray(-jnp.inf), done=jnp.asarray(False),
+      rate=jnp.asarray(-jnp.inf), done=jnp.asarray(False),
       reason=jnp.asarray(MAX_STEPS, jnp.int32),
       loss=jnp.asarray(jnp.inf, keys.dtype))
   state, _ = jax.lax.while_loop(lambda c: ~c[0].done, chunk, (state, key))

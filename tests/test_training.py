@@ -266,3 +266,20 @@ def test_bf16_gradients_reach_float32_params(small):
       small._replace(keys=small.keys.astype(jnp.bfloat16))))(model)
   chex.assert_trees_all_equal_dtypes(grads, model)
   chex.assert_tree_all_finite(grads)
+
+
+def test_hopeless_stop_keeps_every_run_that_would_succeed(small):
+  # Near the capacity threshold: the schedule-aware test must not stop a run
+  # that the full budget brings to 100%, and does stop the ones that fail.
+  plain = dataclasses.replace(FAST, early_stop=False)
+  early = dataclasses.replace(FAST, patience=300)
+  widths = jnp.arange(1, 9)
+  run = lambda cfg: jax.vmap(lambda w: training.train_mlp(
+      jax.random.key(8), small, 8, width=w, config=cfg))(widths)
+  full, stopped = run(plain), run(early)
+  succeeds = np.asarray(full.accuracy) == 1.0
+  assert succeeds.any() and not succeeds.all()
+  np.testing.assert_array_equal(np.asarray(stopped.accuracy) == 1.0, succeeds)
+  reasons = np.asarray(stopped.stop_reason)
+  assert (reasons[~succeeds] == training.HOPELESS).all()
+  assert (np.asarray(stopped.steps)[~succeeds] < FAST.max_steps).all()
