@@ -180,6 +180,22 @@ def test_loss_gradients():
       check_grads(fn, (model.w_up, model.w_down), order=1, modes=['rev'])
 
 
+@pytest.mark.parametrize('hidden', [3, 12])  # both logit associations
+def test_xent_gradients_many_to_one_with_offset(hidden):
+  # Repeated targets (segment sums) and a down bias (the logits' offset).
+  with jax.enable_x64(True):
+    fs = factsets.random_factset(jax.random.key(15), 24, 8, num_values=5,
+                                 tied=False, mapping='many_to_one',
+                                 dtype=jnp.float64)
+    model = training.init_gated_mlp(jax.random.key(16), 8, hidden,
+                                    down_bias=True, dtype=jnp.float64)
+    model = model.replace(b_down=jnp.linspace(-1.0, 1.0, 8))
+    fn = lambda w_gate, w_down, b_down: training.storage_loss(
+        model.replace(w_gate=w_gate, w_down=w_down, b_down=b_down), fs)
+    check_grads(fn, (model.w_gate, model.w_down, model.b_down), order=1,
+                modes=['rev'])
+
+
 def test_step_flops_association():
   # h < d: z (R V^T) path; h >= d: (z R) V^T path.
   n, d, p = 100, 16, 50
