@@ -200,10 +200,11 @@ def _xent_head_fwd(z, table, offset, target):
   logits = jnp.matmul(z, table, preferred_element_type=_wide(z.dtype))
   if offset is not None:
     logits = logits + offset
-  # Three passes over the (N, P) logits: one variadic reduction for the
-  # rival's max and the correct logit, exp (+ sum), the gradient. (Separate
-  # max / sum reductions of selects materialised both selects on CPU: the
-  # step's head took ~1.5x longer.)
+  # Two passes over the (N, P) logits besides the matmuls: one variadic
+  # reduction for the rival's max and the correct logit, and exp (+ its row
+  # sums), which the backward matmuls read directly. (Separate max / sum
+  # reductions of selects materialised both selects on CPU: the step's head
+  # took ~1.5x longer.)
   onehot = jnp.arange(table.shape[-1])[None, :] == target[:, None]
   rival, correct_logit = jax.lax.reduce(
       (jnp.where(onehot, -jnp.inf, logits), jnp.where(onehot, logits, 0.0)),
@@ -443,11 +444,11 @@ def _fit(model, factset, mask, key, *, trainable, config):
   compute = keys.dtype if config.compute_dtype is None else jnp.dtype(
       config.compute_dtype)
   to_compute = lambda tree: jax.tree.map(lambda a: a.astype(compute), tree)
-  values_c, mask_c = to_compute((values, mask))
+  keys_c, values_c, mask_c = to_compute((keys, values, mask))  # cast once
 
-  def loss_fn(params, x, target):
+  def loss_fn(params, x, target):  # x: keys in the compute dtype
     loss, accuracy = _loss_and_accuracy(
-        to_compute(model.replace(**params)), to_compute(x), values_c, target,
+        to_compute(model.replace(**params)), x, values_c, target,
         config.loss, mask_c)
     return loss.astype(keys.dtype), accuracy
 
@@ -455,15 +456,15 @@ def _fit(model, factset, mask, key, *, trainable, config):
   # lr_spent[t]: summed learning rate of steps < t (the hopeless test).
   lr_spent = jnp.concatenate([jnp.zeros(1), jnp.cumsum(
       _schedule(config)(jnp.arange(config.max_steps)))])
-  full_accuracy = lambda params: loss_fn(params, keys, mapping)[1]
+  full_accuracy = lambda params: loss_fn(params, keys_c, mapping)[1]
 
   def live_step(state: _State, step_key) -> _State:
     if config.batch_size is None:
-      (loss, accuracy), grads = grad_fn(state.trainable, keys, mapping)
+      (loss, accuracy), grads = grad_fn(state.trainable, keys_c, mapping)
     else:
       idx = jax.random.choice(step_key, keys.shape[0], (config.batch_size,),
                               replace=False)
-      (loss, _), grads = grad_fn(state.trainable, keys[idx], mapping[idx])
+      (loss, _), grads = grad_fn(state.trainable, keys_c[idx], mapping[idx])
       accuracy = full_accuracy(state.trainable)
     # Checks on the current params: stop before updating them.
     reached = accuracy >= config.target_accuracy

@@ -1,6 +1,6 @@
 #!/bin/bash
-# GPU check of the library, in one call of the lent device machine (see
-# benchmarks/gpu/README.md). Part A: environment, matmul precision probe,
+# GPU check of the library, in one call of the lent device machine (results:
+# benchmarks/results/h100/, README "On a GPU"). Part A: environment, matmul precision probe,
 # GD benchmark (fp32 default and bf16), vmapped sweep, million-fact
 # construction. Part B: roofline at full fp32 precision and the core tests.
 # Usage: bash benchmarks/gpu/check.sh A|B   (writes under $OUT).
