@@ -129,31 +129,33 @@ def make_factset(key: jax.Array, n: int, d: int, p: int) -> FactSet:
 def bucket_solve_flops(num_buckets: int, d: int, b: int, m: int) -> dict:
   """Analytic FLOPs of ``gadgets.solve_buckets`` (all buckets, padded size).
 
-  Per bucket (``K^T (d, b)`` holding ``b`` keys, ``C (b, m)`` targets; every
+  Per bucket (``K (b, d)`` holding ``b`` keys, ``C (b, m)`` targets; every
   bucket is computed at the padded size ``b``, so this is the work done):
 
-  * ``qr``: Householder QR of ``K^T`` (``mode='r'``, no ``Q`` formed):
-    ``2 d b^2 - (2/3) b^3``.
-  * ``triangular``: two Gram solves ``(R^T R)^{-1} rhs`` (the first solve and
-    the one of the refinement), each a pair of triangular solves with ``m``
+  * ``gram``: ``G = K K^T``: ``2 b^2 d``.
+  * ``cholesky``: ``G = L L^T``: ``b^3 / 3``.
+  * ``triangular``: two Gram solves ``G^{-1} rhs`` (the first solve and the
+    one of the refinement), each a pair of triangular solves with ``m``
     right-hand sides (``b^2 m`` each): ``4 b^2 m``.
-  * ``residual``: ``C - K (K^T alpha)``, two ``(d, b) x (b, m)``-sized
-    products plus the subtraction: ``4 d b m + b m``.
-  * ``update``: ``alpha += correction``: ``b m``.
-  * ``final``: ``M^T = K^T alpha``: ``2 d b m``.
+  * ``maps``: ``M = alpha^T K`` for the solve and for the correction:
+    ``2 * 2 d b m``.
+  * ``residual``: ``C - K M^T``: ``2 d b m + b m``.
+  * ``update``: ``M += correction``: ``m d``.
 
-  Total per bucket: ``2db^2 - (2/3)b^3 + 4b^2 m + 6dbm + 2bm``. The iterative
-  refinement is the residual, the second Gram solve (half of ``triangular``)
-  and the update. Masking/gathers (no arithmetic) and the bucketing itself in
-  ``build_gadgets`` (projection ``2 N d``, a sort, window gates ``O(n)``) are
-  not counted; the projection is below 1% of the total here.
+  Total per bucket: ``2 b^2 d + b^3/3 + 4 b^2 m + 6 d b m + b m + m d``.
+  The iterative refinement is the residual, the second Gram solve (half of
+  ``triangular``), one of the two ``maps`` products and the update.
+  Masking/gathers (no arithmetic) and the bucketing itself in
+  ``build_gadgets`` (projection ``2 N d``, a sort, window gates ``O(n)``)
+  are not counted; the projection is below 1% of the total here.
   """
   per = {
-      'qr': 2.0 * d * b * b - (2.0 / 3.0) * b ** 3,
+      'gram': 2.0 * b * b * d,
+      'cholesky': b ** 3 / 3.0,
       'triangular': 4.0 * b * b * m,
-      'residual': 4.0 * d * b * m + b * m,
-      'update': 1.0 * b * m,
-      'final': 2.0 * d * b * m,
+      'maps': 4.0 * d * b * m,
+      'residual': 2.0 * d * b * m + b * m,
+      'update': 1.0 * m * d,
   }
   per_bucket = sum(per.values())
   return {'per_bucket': per_bucket, 'per_bucket_terms': per,

@@ -150,7 +150,7 @@ def construction(peak, bw) -> list[dict]:
         FLAGS.timing_repeats)
   flops = construct_bench.bucket_solve_flops(rep.num_buckets, d,
                                              rep.bucket_size, rep.code_dim)
-  # Main operands: the gathered keys (n b d) read by the QR and the two
+  # Main operands: the gathered keys (n b d) read by the Gram and the two
   # products, the maps written.
   nb, b, m = rep.num_buckets, rep.bucket_size, rep.code_dim
   moved = 4.0 * (3 * nb * b * d + nb * m * d)
@@ -172,49 +172,67 @@ def construction(peak, bw) -> list[dict]:
 
 
 def bucket_profile(c, fs, peak) -> dict:
-  """Where the bucket-solve time goes: each stage of ``solve_bucket`` alone.
+  """Where the bucket-solve time goes, stage by stage of ``solve_bucket``.
 
-  The stages are jitted separately over all buckets (vmapped, as in
-  ``solve_buckets``) on the construction's buckets: the gather of the keys
-  (``keys[index]``), the QR (``mode='r'``, LAPACK ``geqrf``), the two Gram
-  solves (four batched triangular solves), the refinement residual and the
-  final map (batched matmuls).
+  Each entry times a prefix of the per-bucket program (through the named
+  stage, its last result summed so nothing is skipped), mapped over the
+  construction's buckets as ``solve_buckets`` maps them
+  (``gadgets.map_buckets``); a stage's time is its prefix's time minus the
+  previous prefix's (so timing noise can make a small stage negative).
   """
   rep = c.report
   targets = c.codes[fs.mapping]
-  parts = c.structure.gadgets
-  index, valid = parts.buckets.index, parts.buckets.valid
+  index = c.structure.gadgets.buckets.index
+  valid = c.structure.gadgets.buckets.valid
   nb, b, m, d = rep.num_buckets, rep.bucket_size, rep.code_dim, fs.keys.shape[1]
-  gather = jax.jit(lambda keys, t: (
-      jnp.where(valid[:, None, :], jnp.swapaxes(keys[index], 1, 2), 0.0),
-      jnp.where(valid[:, :, None], t[index], 0.0)))
-  k_t, cc = jax.block_until_ready(gather(fs.keys, targets))
-  qr = jax.jit(jax.vmap(lambda a: jnp.linalg.qr(a, mode='r')))
-  r = jax.block_until_ready(qr(k_t))
-  r = jnp.where(jax.vmap(jnp.diag)(~valid), 1.0, r)
+  terms = construct_bench.bucket_solve_flops(nb, d, b, m)['per_bucket_terms']
 
-  def gram_solve(r, rhs):
-    z = jax.scipy.linalg.solve_triangular(r, rhs, trans='T', lower=False)
-    return jax.scipy.linalg.solve_triangular(r, z, lower=False)
-  tri = jax.jit(jax.vmap(gram_solve))
-  resid = jax.jit(jax.vmap(lambda kt, c, a: c - kt.T @ (kt @ a)))
-  final = jax.jit(jax.vmap(lambda kt, a: (kt @ a).T))
-  alpha = jax.block_until_ready(tri(r, cc))
-  stages = {
-      'gather': (lambda: gather(fs.keys, targets), 0.0),
-      'qr': (lambda: qr(k_t), nb * (2.0 * d * b * b - 2.0 / 3.0 * b ** 3)),
-      'triangular (one Gram solve)': (lambda: tri(r, cc),
-                                      nb * 2.0 * b * b * m),
-      'residual': (lambda: resid(k_t, cc, alpha), nb * (4.0 * d * b * m)),
-      'final map': (lambda: final(k_t, alpha), nb * 2.0 * d * b * m),
-  }
-  out = {}
+  def prefix(stop):
+    def one(args):
+      i, v = args
+      k = jnp.where(v[:, None], fs.keys[i], 0.0)
+      cc = jnp.where(v[:, None], targets[i], 0.0)
+      out = [k.sum() + cc.sum()]
+      gram = k @ k.T + jnp.diag((~v).astype(k.dtype))
+      out.append(gram.sum())
+      chol = jnp.linalg.cholesky(gram)
+      out.append(chol.sum())
+      solve = lambda rhs: jax.scipy.linalg.cho_solve((chol, True), rhs)
+      alpha = solve(cc)
+      out.append(alpha.sum())
+      maps = alpha.T @ k
+      out.append(maps.sum())
+      residual = jnp.where(v[:, None], cc - k @ maps.T, 0.0)
+      out.append(residual.sum())
+      out.append((maps + solve(residual).T @ k).sum())
+      return out[stop]
+    return jax.jit(lambda: gadgets.map_buckets(one, (index, valid)))
+
+  per = terms
+  stages = [
+      ('gather + mask', 0.0),
+      ('gram K K^T', per['gram']),
+      ('cholesky', per['cholesky']),
+      ('first Gram solve', per['triangular'] / 2),
+      ('maps alpha^T K', per['maps'] / 2),
+      ('residual C - K M^T', per['residual']),
+      ('refinement solve + product', per['triangular'] / 2 + per['maps'] / 2
+       + per['update']),
+  ]
+  out, before = {}, 0.0
   with single_threaded_blas():
-    for name, (fn, flops) in stages.items():
+    for stop, (name, flops) in enumerate(stages):
+      fn = prefix(stop)
+      jax.block_until_ready(fn())
       seconds, times, foreign = _timed(fn, FLAGS.timing_repeats)
-      out[name] = {'seconds': seconds, 'times': times, 'flops': flops,
-                   'gflops_per_s': flops / seconds / 1e9,
-                   'fraction_of_peak': flops / seconds / 1e9 / peak['gflops'],
+      step = seconds - before
+      before = seconds
+      out[name] = {'seconds': step, 'prefix_seconds': seconds,
+                   'prefix_times': times, 'flops': nb * flops,
+                   'gflops_per_s': nb * flops / step / 1e9 if step > 0
+                                   else None,
+                   'fraction_of_peak': nb * flops / step / 1e9 / peak['gflops']
+                                       if step > 0 else None,
                    'foreign_cpu': foreign}
   return out
 
@@ -375,9 +393,10 @@ def main(argv):
   print(_table(entries, peak, bw))
   print('bucket-solve stages (N = %d):' % FLAGS.construct_facts)
   for name, st in profile.items():
-    print(f"  {name:30s} {1e3 * st['seconds']:8.1f} ms  "
-          f"{st['gflops_per_s']:6.1f} GFLOP/s  "
-          f"{100 * st['fraction_of_peak']:5.1f}% of peak")
+    rate = ('' if st['gflops_per_s'] is None else
+            f"{st['gflops_per_s']:6.1f} GFLOP/s  "
+            f"{100 * st['fraction_of_peak']:5.1f}% of peak")
+    print(f"  {name:30s} {1e3 * st['seconds']:8.1f} ms  {rate}")
   common.write_json(FLAGS.roofline_out, data)
   print(f'wrote {FLAGS.roofline_out}')
   return 0

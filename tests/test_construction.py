@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+from unittest import mock
 
 from absl.testing import parameterized
 import chex
@@ -24,6 +25,7 @@ from factstore_jax import factsets as F
 from factstore_jax import mlp as M
 from factstore_jax import storage
 from factstore_jax.constructions import encoder_decoder as ed
+from factstore_jax.constructions import gadgets
 from factstore_jax.decodability import decodability
 from factstore_jax.errors import (ConstructionError, FactStoreError,
                                   InfeasibleFactSetError)
@@ -563,6 +565,40 @@ class BatchedTest(chex.TestCase):
     for b, fs in enumerate(_small_factsets()):
       looped = decodability(fs.values @ bc.model.decoder[b]).rho
       np.testing.assert_allclose(bc.rho[b], looped, atol=2e-3)
+
+
+class BucketSolveTest(parameterized.TestCase):
+
+  @parameterized.parameters(jnp.float32, jnp.float64)
+  def test_min_norm_map_of_padded_bucket(self, dtype):
+    b, d, m, n_valid = 12, 20, 5, 9
+    with jax.enable_x64(dtype == jnp.float64):
+      keys = jax.random.normal(jax.random.key(0), (b, d), dtype)
+      targets = jax.random.normal(jax.random.key(1), (b, m), dtype)
+      valid = jnp.arange(b) < n_valid
+      # Padding rows hold garbage: it must not reach the map.
+      maps = gadgets.solve_bucket(keys, targets, valid)
+    self.assertEqual(maps.dtype, dtype)
+    k64 = np.asarray(keys[:n_valid], np.float64)
+    expected = (np.linalg.pinv(k64) @ np.asarray(targets[:n_valid])).T
+    tol = 1e-4 if dtype == jnp.float32 else 1e-12
+    np.testing.assert_allclose(maps, expected, atol=tol)
+
+  def test_nan_bucket_is_refit(self):
+    # A bucket whose solve failed (NaN maps, as a singular Gram gives) has
+    # NaN margins: construct must count them as failing and refit them.
+    fs = _factset('sphere', 0)
+    real = ed._build_gadgets_jit
+
+    def broken(*args, **kwargs):
+      parts = real(*args, **kwargs)
+      return parts._replace(maps=parts.maps.at[1].set(jnp.nan))
+    with mock.patch.object(ed, '_build_gadgets_jit', broken):
+      c = ed.construct(fs, key=0)
+    self.assertEqual(c.report.repaired_buckets, 1)
+    self.assertEqual(c.report.accuracy, 1.0)
+    self.assertGreater(c.report.min_margin, 0.0)
+    self.assertTrue(np.isfinite(np.asarray(c.model.w_up)).all())
 
 
 @pytest.mark.slow

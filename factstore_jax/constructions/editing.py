@@ -829,14 +829,14 @@ def edit(construction: ed.Construction, factset: FactSet, changes, *,
         'are not exactly inside their window after the edit (keys too close '
         'to a bucket boundary); rebuild with construct()')
   failing = [a for a in range(n_t)
-             if check.margins[a].min() <= 0 and is_solved[a]]
+             if not check.margins[a].min() > 0 and is_solved[a]]
   refit = [int(sel[a]) for a in failing]
   if failing:
     idx = np.array(failing)
     maps_t[idx] = _refit(x[idx], targets[idx], valid[idx]).astype(dtype)
     check = run_check(maps_t)
-  if check.margins.min() <= 0:
-    a = int(np.argmin(check.margins.min(1)))
+  if not check.margins.min() > 0:
+    a = int(np.argmin(np.nan_to_num(check.margins.min(1), nan=-np.inf)))
     raise ConstructionError(
         f'bucket {int(sel[a])} could not be re-solved: min margin '
         f'{float(check.margins[a].min()):.3g} even after a float64 refit; '

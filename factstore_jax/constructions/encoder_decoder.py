@@ -237,10 +237,7 @@ def _make_buckets_jit(key, keys, *, bucket_size, slack):
   return gadgets.make_buckets(key, keys, bucket_size, slack=slack)
 
 
-@jax.jit
-def _solve_chunk_jit(keys, targets, index, valid):
-  one = lambda i, v: gadgets.solve_bucket(keys[i], targets[i], v)
-  return jax.vmap(one)(index, valid)
+_solve_chunk_jit = jax.jit(gadgets.solve_indexed)
 
 
 @full_precision
@@ -689,8 +686,9 @@ def construct(factset: FactSet, key: Array | int = 0,
           progress('buckets', n_buckets, n_buckets)
     check = _check(parts, decoder, factset, codes, config.activation,
                    progress)
-    if float(check.storage.min_margin) <= 0:
-      failing = np.flatnonzero(np.asarray(check.storage.margins) <= 0)
+    # NaN margins (a singular bucket) count as failing.
+    if not float(check.storage.min_margin) > 0:
+      failing = np.flatnonzero(~(np.asarray(check.storage.margins) > 0))
       owner = np.asarray(bucket_of_key(parts.buckets, n_keys))
       bad = np.unique(owner[failing])
       logging.info('refitting %d bucket(s) in float64', len(bad))
@@ -701,7 +699,7 @@ def construct(factset: FactSet, key: Array | int = 0,
     if float(check.storage.min_margin) > 0:
       break
     if retries >= config.max_retries:
-      failing = int(np.sum(np.asarray(check.storage.margins) <= 0))
+      failing = int(np.sum(~(np.asarray(check.storage.margins) > 0)))
       raise ConstructionError(
           f'could not certify storage: {failing} of {n_keys} facts have '
           f'margin <= 0 (min margin {float(check.storage.min_margin):.3g}, '
@@ -868,18 +866,18 @@ def construct_batched(factsets: FactSet, key: Array | int = 0,
                                                     parts, model.decoder,
                                                     factsets, codes)
   repaired = []
-  for b in np.flatnonzero(np.asarray(check.storage.min_margin) <= 0):
+  for b in np.flatnonzero(~(np.asarray(check.storage.min_margin) > 0)):
     member = lambda tree: jax.tree.map(lambda a: a[b], tree)
     part_b, fs_b, codes_b = member(parts), member(factsets), codes[b]
     check_b = _check(part_b, model.decoder[b], fs_b, codes_b,
                      config.activation)
-    failing = np.flatnonzero(np.asarray(check_b.storage.margins) <= 0)
+    failing = np.flatnonzero(~(np.asarray(check_b.storage.margins) > 0))
     owner = np.asarray(bucket_of_key(part_b.buckets, n_keys))
     part_b = _refit_buckets(part_b, fs_b.keys, codes_b[fs_b.mapping],
                             np.unique(owner[failing]))
     check_b = _check(part_b, model.decoder[b], fs_b, codes_b,
                      config.activation)
-    if float(check_b.storage.min_margin) <= 0:
+    if not float(check_b.storage.min_margin) > 0:
       raise ConstructionError(
           f'member {b}: could not certify storage (min margin '
           f'{float(check_b.storage.min_margin):.3g}) after a float64 refit')

@@ -102,43 +102,61 @@ def solve_buckets(keys: Array, targets: Array, buckets: Buckets, *,
                   chunk_size: int | None = None) -> Array:
   """Exact minimum-norm maps: ``M_j k_i = targets_i`` for ``i`` in bucket j.
 
-  ``keys (N, d)``, ``targets (N, m)`` -> ``M (n, m, d)``, vmapped over
-  buckets; with ``chunk_size`` the buckets are solved ``chunk_size`` at a
-  time (``lax.map``), so the gathered keys take ``O(chunk_size b d)``
-  memory instead of ``O(n b d)`` (same maps: each bucket's solve is the
-  same program either way). ``M_j^T = K_j^T alpha`` with
-  ``(K_j K_j^T) alpha = C_j``, solved
-  through the triangular factor ``R`` of ``K_j^T = Q R`` plus one step of
-  iterative refinement (corrected semi-normal equations: QR accuracy without
-  forming ``Q``). Padding sits at the end of a bucket with a unit pivot, so
-  it never perturbs the real keys.
-
-  Only one LAPACK call is ever runnable at a time here: jaxlib's batched
-  LAPACK kernels can deadlock on a 2-thread CPU pool when two run
-  concurrently (seen with QR's ``orgqr`` beside ``trsm``).
+  ``keys (N, d)``, ``targets (N, m)`` -> ``M (n, m, d)``, one
+  :func:`solve_bucket` per bucket (see :func:`solve_indexed`).
   """
-  def one(index, valid):
-    return solve_bucket(keys[index], targets[index], valid)
-  if chunk_size is None or chunk_size >= buckets.index.shape[0]:
-    return jax.vmap(one)(buckets.index, buckets.valid)
-  return jax.lax.map(lambda a: one(*a), (buckets.index, buckets.valid),
-                     batch_size=chunk_size)
+  return solve_indexed(keys, targets, buckets.index, buckets.valid,
+                       chunk_size=chunk_size)
+
+
+def solve_indexed(keys: Array, targets: Array, index: Array, valid: Array, *,
+                  chunk_size: int | None = None) -> Array:
+  """:func:`solve_bucket` for buckets given as ``index (n, b)``, ``valid (n, b)``.
+
+  Returns ``M (n, m, d)``. On CPU the buckets are solved one after another
+  (``lax.map``): XLA's CPU batched matmuls run these small products at
+  half the speed of single ones, and only one LAPACK call is then ever
+  runnable (jaxlib's batched LAPACK kernels can deadlock on a 2-thread CPU
+  pool when two run concurrently). Elsewhere they are vmapped. With
+  ``chunk_size`` they are solved ``chunk_size`` at a time (``lax.map``
+  over vmapped chunks), so the gathered keys take ``O(chunk_size b d)``
+  memory instead of ``O(n b d)``. Each bucket's solve is the same program
+  in every case, so the maps do not depend on the schedule.
+  """
+  def one(args):
+    i, v = args
+    return solve_bucket(keys[i], targets[i], v)
+  if chunk_size is not None and chunk_size < index.shape[0]:
+    return jax.lax.map(one, (index, valid), batch_size=chunk_size)
+  return map_buckets(one, (index, valid))
+
+
+def map_buckets(fn, xs):
+  """``fn`` over the leading axis of ``xs``: ``lax.map`` on CPU, else vmap."""
+  return jax.lax.platform_dependent(
+      xs, cpu=lambda a: jax.lax.map(fn, a), default=jax.vmap(fn))
 
 
 def solve_bucket(keys: Array, targets: Array, valid: Array) -> Array:
-  """One bucket of :func:`solve_buckets`: ``keys (b, d)``, ``targets (b, m)``,
-  ``valid (b,)`` (padding last) -> ``M (m, d)`` with ``M k_i = c_i``."""
-  k_t = jnp.where(valid[None, :], keys.T, 0.0)                 # (d, b)
+  """One bucket's map: ``keys (b, d)``, ``targets (b, m)``, ``valid (b,)``
+  -> ``M (m, d)`` with ``M k_i = c_i`` on the valid rows, of minimum norm.
+
+  ``M = alpha^T K`` with ``(K K^T) alpha = C``: a Cholesky factor of the
+  Gram matrix (padding rows get a unit diagonal, so they never perturb the
+  real keys), one solve, then one step of iterative refinement with the
+  residual ``C - K M^T`` formed from ``K`` itself (corrected semi-normal
+  equations). Keys that are (nearly) linearly dependent give non-finite or
+  inexact maps; :func:`~factstore_jax.constructions.encoder_decoder.construct`
+  verifies every fact and re-solves such buckets in float64.
+  """
+  k = jnp.where(valid[:, None], keys, 0.0)                     # (b, d)
   c = jnp.where(valid[:, None], targets, 0.0)                  # (b, m)
-  r = jnp.linalg.qr(k_t, mode='r')                             # (b, b)
-  r = jnp.where(jnp.diag(~valid), 1.0, r)
-  def gram_solve(rhs):  # (R^T R)^{-1} rhs
-    z = jax.scipy.linalg.solve_triangular(r, rhs, trans='T', lower=False)
-    return jax.scipy.linalg.solve_triangular(r, z, lower=False)
-  alpha = gram_solve(c)
-  residual = c - k_t.T @ (k_t @ alpha)
-  alpha = alpha + gram_solve(jnp.where(valid[:, None], residual, 0.0))
-  return (k_t @ alpha).T                                       # (m, d)
+  gram = k @ k.T + jnp.diag((~valid).astype(k.dtype))          # (b, b)
+  chol = jnp.linalg.cholesky(gram)
+  solve = lambda rhs: jax.scipy.linalg.cho_solve((chol, True), rhs)
+  maps = solve(c).T @ k                                        # (m, d)
+  residual = jnp.where(valid[:, None], c - k @ maps.T, 0.0)    # (b, m)
+  return maps + solve(residual).T @ k
 
 
 def window_gate_params(buckets: Buckets, activation: str):
