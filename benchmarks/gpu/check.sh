@@ -3,7 +3,9 @@
 # benchmarks/results/h100/, README "On a GPU"). Part A: environment, matmul precision probe,
 # GD benchmark (fp32 default and bf16), vmapped sweep, million-fact
 # construction. Part B: roofline at full fp32 precision and the core tests.
-# Usage: bash benchmarks/gpu/check.sh A|B   (writes under $OUT).
+# Part C: the tests that failed on the GPU (one process, full tracebacks),
+# the construction tests, and the million-fact construction.
+# Usage: bash benchmarks/gpu/check.sh A|B|C   (writes under $OUT).
 set -u
 part=${1:-A}
 OUT=${OUT:-/tmp/gpu_out}; LOGS=/tmp/gpu_logs_$part; mkdir -p "$OUT" "$LOGS"
@@ -27,6 +29,18 @@ if [ "$part" = A ]; then
   run million 150 python3 benchmarks/million.py --sizes=1048576 --quiet_wait_s=0 --max_minutes=30 --out=$OUT/million_gpu.json
   pkill -f benchmarks/million.py; true
   for f in gd_fp32 gd_bf16 sweep million; do echo "== $f"; grep -v "it/s\|^I1\|^W1\|tpu" "$LOGS/$f.log" | tail -6; done
+elif [ "$part" = C ]; then
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/env.txt"
+  run failed 150 python3 -m pytest -q -p no:xdist -p no:cacheprovider -o addopts="" --tb=long \
+      "tests/test_construction.py::BatchedTest::test_vmapped_gadgets_match_loop" \
+      "tests/test_locate_edit.py::MemitTest::test_vmap_equals_loop" \
+      "tests/test_transformer.py::ScheduleTest::test_schedule_b_trains_through_constructed_mlp"
+  grep -v "^I1\|^W1\|tpu" "$LOGS/failed.log" | grep -A12 "^E \|Error\|passed\|failed" | head -90
+  run construction 150 python3 -m pytest -q -n 8 -p no:cacheprovider -o addopts="" --tb=short \
+      tests/test_construction.py tests/test_streaming.py tests/test_editing.py
+  tail -15 "$LOGS/construction.log"
+  run million 120 python3 benchmarks/million.py --sizes=1048576 --quiet_wait_s=0 --max_minutes=30 --out=$OUT/million_gpu.json
+  grep -v "it/s\|^I1\|^W1\|tpu" "$LOGS/million.log" | tail -6
 else
   JAX_DEFAULT_MATMUL_PRECISION=highest run roofline 100 python3 benchmarks/roofline.py --roofline_out=$OUT/roofline_gpu.json
   grep -v "^I1\|^W1\|tpu" "$LOGS/roofline.log" | tail -25
