@@ -222,9 +222,10 @@ class MemitTest(chex.TestCase):
     batched = jax.vmap(fn)(w, keys, values)
     chex.assert_shape(batched, (3, H, D))
     for i in range(3):
+      # Batched and single float32 solves may differ on a GPU (seen: 4e-5).
       np.testing.assert_allclose(_np(batched[i]),
                                  _np(fn(w[i], keys[i], values[i])),
-                                 rtol=1e-5, atol=1e-6)
+                                 rtol=1e-4, atol=1e-4)
 
 
 class NullSpaceProjectorTest(chex.TestCase):

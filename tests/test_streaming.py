@@ -82,7 +82,10 @@ def test_streamed_verification_equals_one_call(built):
   whole = ed.verify_structured(parts, decoder, fs, c.codes, chunk_size=64)
   streamed = ed.verify_structured_streamed(parts, decoder, fs, c.codes,
                                            chunk_size=64, stream_size=150)
-  _assert_trees_equal(whole, streamed)
+  # Equal on CPU; a GPU picks matmul kernels per call shape (seen: 1 ulp).
+  for x, y in zip(jax.tree.leaves(whole), jax.tree.leaves(streamed)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6,
+                               atol=1e-7)
   assert float(streamed[0].storage.accuracy) == 1.0
 
 
