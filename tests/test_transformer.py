@@ -741,13 +741,17 @@ class ScheduleTest(chex.TestCase):
     untrained = train_lib.recall(model, vocab, targets, jax.random.key(18),
                                  context_len=CONTEXT, contexts_per_fact=8)
     self.assertLess(untrained.accuracy, 0.5)
-    config = dataclasses.replace(COPY, chunk_steps=50, target_accuracy=0.95)
+    # COPY's learning rate 0.1 diverged here on an H100 (recall 0.54 after
+    # 50 steps, then chance) though not on CPU; 0.03 is stable on both.
+    config = dataclasses.replace(COPY, chunk_steps=50, target_accuracy=0.95,
+                                 learning_rate=0.03)
     model = _model(vocab, seed=4)
     report = train_lib.schedule_b(model, vocab, ed, targets,
                                   jax.random.key(17), config)
     # Whether recall reaches 0.95 around a frozen constructed MLP depends on
-    # the seed (the usability tradeoff: seeds 4-9 plateau between 0.4 and
-    # 1.0), so both outcomes are checked for consistency. Training must
+    # the seed and platform (the usability tradeoff: 0.4 to 1.0 over seeds
+    # 4-9 at rate 0.1 on CPU; seed 4 at 0.03 plateaus at 0.9-0.94 on an
+    # H100), so both outcomes are checked for consistency. Training must
     # help either way.
     self.assertGreater(max(report.eval_accuracy), untrained.accuracy + 0.1)
     evals = np.asarray(report.eval_accuracy)
