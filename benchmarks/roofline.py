@@ -79,7 +79,7 @@ flags.DEFINE_integer('construct_dim', 256, 'd of the construction.')
 flags.DEFINE_integer('construct_values', 4096, 'P of the construction.')
 flags.DEFINE_integer('peak_repeats', 5, 'Timed runs of the peak probes.')
 flags.DEFINE_integer('bw_mib', 256, 'Size of each bandwidth-probe array.')
-flags.DEFINE_integer('timing_repeats', 3, 'Timed runs per kernel (best).')
+flags.DEFINE_integer('timing_repeats', 5, 'Timed runs per kernel (best).')
 flags.DEFINE_integer('gd_steps', 200, 'Steps per GD throughput run.')
 flags.DEFINE_integer('tf_steps', 100, 'Steps per Transformer timing run.')
 
@@ -172,67 +172,62 @@ def construction(peak, bw) -> list[dict]:
 
 
 def bucket_profile(c, fs, peak) -> dict:
-  """Where the bucket-solve time goes, stage by stage of ``solve_bucket``.
+  """Where the bucket-solve time goes: each stage of ``solve_bucket`` alone.
 
-  Each entry times a prefix of the per-bucket program (through the named
-  stage, its last result summed so nothing is skipped), mapped over the
+  Every stage runs on the previous stage's stored results, mapped over the
   construction's buckets as ``solve_buckets`` maps them
-  (``gadgets.map_buckets``); a stage's time is its prefix's time minus the
-  previous prefix's (so timing noise can make a small stage negative).
+  (``gadgets.map_buckets``: one bucket after another on CPU): the gather of
+  keys and targets, the Gram matrix, its Cholesky factor (LAPACK
+  ``potrf``), the first Gram solve (two triangular solves), the maps
+  ``alpha^T K``, the refinement residual ``C - K M^T`` and the refinement
+  (second Gram solve and product). Stored intermediates cost memory traffic
+  the fused program does not pay, so the stages sum to a bit more.
   """
   rep = c.report
   targets = c.codes[fs.mapping]
   index = c.structure.gadgets.buckets.index
   valid = c.structure.gadgets.buckets.valid
   nb, b, m, d = rep.num_buckets, rep.bucket_size, rep.code_dim, fs.keys.shape[1]
-  terms = construct_bench.bucket_solve_flops(nb, d, b, m)['per_bucket_terms']
-
-  def prefix(stop):
-    def one(args):
-      i, v = args
-      k = jnp.where(v[:, None], fs.keys[i], 0.0)
-      cc = jnp.where(v[:, None], targets[i], 0.0)
-      out = [k.sum() + cc.sum()]
-      gram = k @ k.T + jnp.diag((~v).astype(k.dtype))
-      out.append(gram.sum())
-      chol = jnp.linalg.cholesky(gram)
-      out.append(chol.sum())
-      solve = lambda rhs: jax.scipy.linalg.cho_solve((chol, True), rhs)
-      alpha = solve(cc)
-      out.append(alpha.sum())
-      maps = alpha.T @ k
-      out.append(maps.sum())
-      residual = jnp.where(v[:, None], cc - k @ maps.T, 0.0)
-      out.append(residual.sum())
-      out.append((maps + solve(residual).T @ k).sum())
-      return out[stop]
-    return jax.jit(lambda: gadgets.map_buckets(one, (index, valid)))
-
-  per = terms
-  stages = [
-      ('gather + mask', 0.0),
-      ('gram K K^T', per['gram']),
-      ('cholesky', per['cholesky']),
-      ('first Gram solve', per['triangular'] / 2),
-      ('maps alpha^T K', per['maps'] / 2),
-      ('residual C - K M^T', per['residual']),
-      ('refinement solve + product', per['triangular'] / 2 + per['maps'] / 2
-       + per['update']),
-  ]
-  out, before = {}, 0.0
+  per = construct_bench.bucket_solve_flops(nb, d, b, m)['per_bucket_terms']
+  each = lambda fn: jax.jit(lambda *xs: gadgets.map_buckets(
+      lambda a: fn(*a), xs))
+  cho = lambda chol, rhs: jax.scipy.linalg.cho_solve((chol, True), rhs)
+  gather = each(lambda i, v: (jnp.where(v[:, None], fs.keys[i], 0.0),
+                              jnp.where(v[:, None], targets[i], 0.0)))
+  gram = each(lambda k, v: k @ k.T + jnp.diag((~v).astype(k.dtype)))
+  chol = each(jnp.linalg.cholesky)
+  first = each(cho)
+  maps = each(lambda alpha, k: alpha.T @ k)
+  resid = each(lambda k, cc, mp, v: jnp.where(v[:, None], cc - k @ mp.T, 0.0))
+  refine = each(lambda ch, r, k, mp: mp + cho(ch, r).T @ k)
   with single_threaded_blas():
-    for stop, (name, flops) in enumerate(stages):
-      fn = prefix(stop)
+    k, cc = jax.block_until_ready(gather(index, valid))
+    g = jax.block_until_ready(gram(k, valid))
+    ch = jax.block_until_ready(chol(g))
+    alpha = jax.block_until_ready(first(ch, cc))
+    mp = jax.block_until_ready(maps(alpha, k))
+    r = jax.block_until_ready(resid(k, cc, mp, valid))
+  stages = {
+      'gather + mask': (lambda: gather(index, valid), 0.0),
+      'gram K K^T': (lambda: gram(k, valid), per['gram']),
+      'cholesky': (lambda: chol(g), per['cholesky']),
+      'first Gram solve': (lambda: first(ch, cc), per['triangular'] / 2),
+      'maps alpha^T K': (lambda: maps(alpha, k), per['maps'] / 2),
+      'residual C - K M^T': (lambda: resid(k, cc, mp, valid),
+                             per['residual']),
+      'refinement solve + product': (
+          lambda: refine(ch, r, k, mp),
+          per['triangular'] / 2 + per['maps'] / 2 + per['update']),
+  }
+  out = {}
+  with single_threaded_blas():
+    for name, (fn, flops) in stages.items():
       jax.block_until_ready(fn())
       seconds, times, foreign = _timed(fn, FLAGS.timing_repeats)
-      step = seconds - before
-      before = seconds
-      out[name] = {'seconds': step, 'prefix_seconds': seconds,
-                   'prefix_times': times, 'flops': nb * flops,
-                   'gflops_per_s': nb * flops / step / 1e9 if step > 0
-                                   else None,
-                   'fraction_of_peak': nb * flops / step / 1e9 / peak['gflops']
-                                       if step > 0 else None,
+      rate = nb * flops / seconds / 1e9
+      out[name] = {'seconds': seconds, 'times': times, 'flops': nb * flops,
+                   'gflops_per_s': rate,
+                   'fraction_of_peak': rate / peak['gflops'],
                    'foreign_cpu': foreign}
   return out
 
@@ -393,10 +388,9 @@ def main(argv):
   print(_table(entries, peak, bw))
   print('bucket-solve stages (N = %d):' % FLAGS.construct_facts)
   for name, st in profile.items():
-    rate = ('' if st['gflops_per_s'] is None else
-            f"{st['gflops_per_s']:6.1f} GFLOP/s  "
-            f"{100 * st['fraction_of_peak']:5.1f}% of peak")
-    print(f"  {name:30s} {1e3 * st['seconds']:8.1f} ms  {rate}")
+    print(f"  {name:30s} {1e3 * st['seconds']:8.1f} ms  "
+          f"{st['gflops_per_s']:6.1f} GFLOP/s  "
+          f"{100 * st['fraction_of_peak']:5.1f}% of peak")
   common.write_json(FLAGS.roofline_out, data)
   print(f'wrote {FLAGS.roofline_out}')
   return 0
