@@ -33,7 +33,7 @@ untied, with a random many-to-one map that uses every value at least once):
   same way), against an analytic FLOP count of the per-bucket solves
   (:func:`bucket_solve_flops`), plus XLA's own count from
   ``lower(...).compile().cost_analysis()`` where available (LAPACK custom calls
-  such as the QR are typically not counted by XLA on CPU).
+  such as the Cholesky are typically not counted by XLA on CPU).
 * The machine's matmul peak: a jitted 2048 x 2048 float32 matmul, best of 5
   (``2 * 2048^3`` FLOPs), and the fraction of it the solves achieve.
 * ``foreign_cpu``: CPU time other processes used during each timed block

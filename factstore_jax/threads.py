@@ -1,6 +1,6 @@
 """CPU threading guard for the batched LAPACK calls of the bucket solves.
 
-jaxlib runs a batched LAPACK kernel (e.g. the per-bucket QR) as many small
+jaxlib runs a batched LAPACK kernel (e.g. a vmapped Cholesky) as many small
 calls spread over XLA's thread pool, and each call goes to an OpenBLAS that
 starts threads of its own. On a small machine the two pools oversubscribe the
 cores and spin against each other: measured on a 2-core CPU, the bucket
