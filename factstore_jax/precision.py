@@ -17,7 +17,22 @@ from typing import Callable, TypeVar
 
 import jax
 
+from factstore_jax.errors import FactStoreError
+
 F = TypeVar('F', bound=Callable)
+
+COMPUTE_DTYPES = ('bfloat16', 'float16', 'float32', 'float64')
+
+
+def check_compute_dtype(name: str | None, field: str = 'compute_dtype'
+                        ) -> str | None:
+  """``name`` if it is ``None`` or one of :data:`COMPUTE_DTYPES`, else raises
+  :class:`~factstore_jax.errors.FactStoreError` naming ``field``."""
+  if name is not None and name not in COMPUTE_DTYPES:
+    raise FactStoreError(
+        f"{field} must be None, 'bfloat16', 'float16', 'float32' or "
+        f"'float64', got {name!r}")
+  return name
 
 
 def full_precision(fn: F) -> F:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from factstore_jax.mlp import GatedMLP, apply_mlp
-from factstore_jax.precision import full_precision
+from factstore_jax.precision import check_compute_dtype, full_precision
 
 Array = jax.Array
 
@@ -80,7 +80,26 @@ def evaluate_fn(fn: Callable[[Array], Array], keys: Array, values: Array,
 
 @full_precision
 def evaluate_mlp(params: GatedMLP, keys: Array, values: Array, mapping: Array,
-                 *, chunk_size: int = 2048) -> StorageReport:
-  """Storage report of a gated MLP on keys ``(N, d)`` / values ``(P, d)``."""
-  return evaluate_fn(lambda k: apply_mlp(params, k), keys, values, mapping,
-                     chunk_size=chunk_size)
+                 *, chunk_size: int = 2048,
+                 compute_dtype: str | None = None) -> StorageReport:
+  """Storage report of a gated MLP on keys ``(N, d)`` / values ``(P, d)``.
+
+  ``compute_dtype`` (static; e.g. ``'bfloat16'``) runs the MLP the way a
+  model deployed in that dtype would: weights and keys cast to it, each
+  matmul's result rounded to it. The outputs are then widened to the values'
+  dtype and the margins computed at full precision, so the report certifies
+  the MLP *as run in that dtype* (raises ``FactStoreError`` for an unknown
+  dtype, before tracing).
+
+  Example::
+
+    c = construct(fs)
+    storage.evaluate_mlp(c.model.as_mlp(), *fs, compute_dtype='bfloat16')
+  """
+  if check_compute_dtype(compute_dtype) is None:
+    fn = lambda k: apply_mlp(params, k)
+  else:
+    low = jax.tree.map(lambda a: a.astype(compute_dtype), params)
+    fn = lambda k: apply_mlp(low, k.astype(compute_dtype)).astype(
+        values.dtype)
+  return evaluate_fn(fn, keys, values, mapping, chunk_size=chunk_size)

@@ -45,6 +45,7 @@ from factstore_jax.constructions.encoder_decoder import EncoderDecoder
 from factstore_jax.errors import FactStoreError
 from factstore_jax.factsets import FactSet
 from factstore_jax.mlp import GatedMLP, GatedMLPModule, get_activation
+from factstore_jax.precision import check_compute_dtype
 
 Array = jax.Array
 Model = Any  # GatedMLP | EncoderDecoder
@@ -111,11 +112,7 @@ class TrainConfig:
           f'target_accuracy must be in (0, 1], got {self.target_accuracy}')
     if self.patience is not None and self.patience < 1:
       raise FactStoreError(f'patience must be >= 1, got {self.patience}')
-    if self.compute_dtype is not None and self.compute_dtype not in (
-        'bfloat16', 'float16', 'float32', 'float64'):
-      raise FactStoreError(
-          "compute_dtype must be None, 'bfloat16', 'float16', 'float32' or "
-          f"'float64', got {self.compute_dtype!r}")
+    check_compute_dtype(self.compute_dtype)
     return self
 
 

@@ -152,6 +152,39 @@ class RandomTest(chex.TestCase):
                                 mapping, chunk_size=33)
     chex.assert_trees_all_close(by_fn, by_mlp, atol=1e-5, rtol=1e-5)
 
+  def test_compute_dtype(self):
+    _, values, mapping = _random_problem(d=8, seed=2)
+    keys = jax.random.normal(jax.random.PRNGKey(3), (100, 8))
+    params = M.init_mlp(jax.random.PRNGKey(4), 8, 32, activation='silu')
+    default = storage.evaluate_mlp(params, keys, values, mapping)
+    chex.assert_trees_all_equal(
+        storage.evaluate_mlp(params, keys, values, mapping,
+                             compute_dtype='float32'), default)
+    # bfloat16: the forward pass as run in bf16, margins in float32.
+    low = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    outputs = M.apply_mlp(low, keys.astype(jnp.bfloat16))
+    self.assertEqual(outputs.dtype, jnp.bfloat16)
+    expected = storage.margins(outputs.astype(jnp.float32), values, mapping)
+    report = storage.evaluate_mlp(params, keys, values, mapping,
+                                  compute_dtype='bfloat16')
+    self.assertEqual(report.margins.dtype, jnp.float32)
+    chex.assert_trees_all_close(report.margins, expected, atol=1e-5)
+    # bf16 rounding (8 bits) moves the margins: the check is not a no-op.
+    self.assertGreater(float(jnp.max(jnp.abs(report.margins
+                                             - default.margins))), 1e-3)
+    # Under jit XLA may keep fused bf16 elementwise work in float32, as it
+    # would in a deployed jitted model; the result stays within bf16 rounding.
+    jitted = jax.jit(storage.evaluate_mlp, static_argnames='compute_dtype')(
+        params, keys, values, mapping, compute_dtype='bfloat16')
+    chex.assert_trees_all_close(jitted.margins, expected, atol=0.1)
+
+  def test_bad_compute_dtype(self):
+    _, values, mapping = _random_problem(d=8)
+    params = M.init_mlp(jax.random.PRNGKey(4), 8, 4)
+    with self.assertRaisesRegex(ValueError, r"compute_dtype must be None.*'int8'"):
+      storage.evaluate_mlp(params, jnp.zeros((100, 8)), values, mapping,
+                           compute_dtype='int8')
+
   def test_perfect_mlp_lookup(self):
     # fn(i) = v_f(i) exactly (a lookup table indexed by the key's id): every
     # fact is stored when values are distinct unit vectors (1 against < 1).
