@@ -24,14 +24,13 @@ F = TypeVar('F', bound=Callable)
 COMPUTE_DTYPES = ('bfloat16', 'float16', 'float32', 'float64')
 
 
-def check_compute_dtype(name: str | None, field: str = 'compute_dtype'
-                        ) -> str | None:
+def check_compute_dtype(name: str | None) -> str | None:
   """``name`` if it is ``None`` or one of :data:`COMPUTE_DTYPES`, else raises
-  :class:`~factstore_jax.errors.FactStoreError` naming ``field``."""
+  :class:`~factstore_jax.errors.FactStoreError`."""
   if name is not None and name not in COMPUTE_DTYPES:
-    raise FactStoreError(
-        f"{field} must be None, 'bfloat16', 'float16', 'float32' or "
-        f"'float64', got {name!r}")
+    *head, last = map(repr, COMPUTE_DTYPES)
+    raise FactStoreError(f"compute_dtype must be None, {', '.join(head)} or "
+                         f"{last}, got {name!r}")
   return name
 
 
