@@ -14,6 +14,8 @@ the closed-form vs GD slope difference).
   python experiments/capacity_scaling.py                 # default grid
   python experiments/capacity_scaling.py --dims=64,128 \\
       --alphas=0.03125,0.0625,0.125,0.25,0.5             # the full grid
+  python experiments/capacity_scaling.py --dims=64,128 \
+      --alphas=0.03125,0.0625,0.125,0.25,0.5 --max_num_facts=2048  # capped
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ flags.DEFINE_integer('patience', 2_000, 'GD plateau patience (steps).')
 flags.DEFINE_float('rel_tol', 0.05,
                    'Stop a width search when its bracket is this narrow '
                    '(relative); 0 = exact.')
+flags.DEFINE_integer('max_num_facts', None,
+                     'Drop grid points with N = alpha d^2 above this (e.g. '
+                     'the full grid capped at what a 2-core CPU finishes).',
+                     lower_bound=1)
 flags.DEFINE_string('out_dir', 'experiments/results/capacity_scaling',
                     'Output folder.')
 FLAGS = flags.FLAGS
@@ -184,6 +190,10 @@ def main(argv):
                   method=m, seed=s)
              for g in FLAGS.geometries for d in FLAGS.dims
              for a in FLAGS.alphas for m in FLAGS.methods for s in seeds]
+  if FLAGS.max_num_facts is not None:
+    configs = [c for c in configs if c['num_facts'] <= FLAGS.max_num_facts]
+  if not configs:
+    raise app.UsageError('No grid point has N <= --max_num_facts.')
   table = ResultsTable(os.path.join(FLAGS.out_dir, 'rows.csv'), KEY_FIELDS)
   rows = run_sweep(configs, lambda g: compute(g, options), table,
                    batch_size=len(seeds), desc='capacity searches')

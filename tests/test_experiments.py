@@ -42,6 +42,15 @@ def test_capacity_scaling_tiny(tmp_path):
   mtime = os.path.getmtime(tmp_path / 'rows.csv')
   run('capacity_scaling.py', tmp_path, *flags)
   assert os.path.getmtime(tmp_path / 'rows.csv') == mtime
+  # A cap on N drops the grid points above it (here the whole d = 24 part
+  # and alpha = 0.25 at d = 16), so nothing new is computed either.
+  run('capacity_scaling.py', tmp_path, *flags[1:], '--dims=16,24',
+      '--max_num_facts=32')
+  assert os.path.getmtime(tmp_path / 'rows.csv') == mtime
+  assert '| isotropic | 16 | gd | 64 |' not in (
+      tmp_path / 'summary.md').read_text()
+  with pytest.raises(AssertionError, match='No grid point'):
+    run('capacity_scaling.py', tmp_path, *flags, '--max_num_facts=8')
 
 
 def test_decodability_scaling_tiny(tmp_path):
