@@ -74,6 +74,7 @@ def _emit(result: dict):
 
 
 def cmd_construct(start: float):
+  """``factstore construct``: build, verify and save an MLP."""
   from factstore_jax import serialization
   from factstore_jax.constructions.encoder_decoder import construct
   if not FLAGS.out:
@@ -92,6 +93,7 @@ def cmd_construct(start: float):
 
 
 def cmd_evaluate(start: float):
+  """``factstore evaluate``: verify a saved MLP on a fact set."""
   import math
   from factstore_jax import decodability as dec
   from factstore_jax import serialization, storage
@@ -141,6 +143,7 @@ def _check_values(values, mapping=None):
 
 
 def cmd_decodability(start: float):
+  """``factstore decodability``: rho of a value table."""
   import numpy as np
   from factstore_jax import decodability as dec, factsets
   dtype = _dtype()
@@ -172,12 +175,14 @@ def cmd_decodability(start: float):
 
 
 def cmd_demo(start: float):
+  """``factstore demo``: the README Quickstart demo."""
   from factstore_jax import demo
   demo.run_demo(num_facts=FLAGS.num_facts, dim=FLAGS.dim,
                 num_values=FLAGS.num_values, seed=FLAGS.seed, png=FLAGS.png)
 
 
 def main(argv):
+  """Dispatches ``factstore COMMAND [--flags]``."""
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(
         f'usage: factstore {{{"|".join(COMMANDS)}}} [--flags]; got '

@@ -38,6 +38,7 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 
 
 def get_activation(name: str) -> Callable[[Array], Array]:
+  """The activation ``name`` (a key of ``ACTIVATIONS``); else an error."""
   if name not in ACTIVATIONS:
     raise FactStoreError(
         f'unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}')

@@ -287,6 +287,7 @@ _gate_params_jit = jax.jit(gadgets.window_gate_params,
 @full_precision
 def assemble_gadgets(parts: Gadgets, decoder: Array,
                      activation: str) -> EncoderDecoder:
+  """The encoder-decoder MLP of built gadgets and a ``decoder (d, m)``."""
   return assemble(parts.buckets.direction, parts.maps, parts.scale, parts.bias,
                   parts.sign, decoder, activation)
 

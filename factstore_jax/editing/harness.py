@@ -89,6 +89,7 @@ def word_perplexity(model: Transformer, relation: rel_lib.Relation) -> float:
 
 
 def harmonic_mean(*xs: float) -> float:
+  """Harmonic mean of positive scores; 0 if any score is <= 0."""
   return 0.0 if min(xs) <= 0 else len(xs) / sum(1.0 / x for x in xs)
 
 
@@ -125,6 +126,7 @@ class CueStream(NamedTuple):
 
 def cue_stream(model: Transformer, relation: rel_lib.Relation,
                edits: Edits) -> CueStream:
+  """The residual stream at the cue of every (edit, training template)."""
   seqs = rel_lib.all_sequences(relation, relation.train_templates,
                                edits.facts,
                                jnp.asarray(edited_map(relation, edits)))
@@ -213,6 +215,7 @@ class Context(NamedTuple):
 
 def make_context(model: Transformer, relation: rel_lib.Relation, edits: Edits,
                  key: Array) -> Context:
+  """Everything the edit methods read, computed once for ``edits``."""
   mlp = rel_lib.fact_mlp(model)
   stream = cue_stream(model, relation, edits)
   keys = locate.hidden_states(mlp, stream.inputs.mean(1))
@@ -301,6 +304,7 @@ def apply_edit(method: str, model: Transformer, ctx: Context, **config
 
 
 class Trial(NamedTuple):
+  """One edit method run: its config, scores and wall time (s)."""
   method: str
   config: dict
   scores: EditScores
@@ -309,6 +313,7 @@ class Trial(NamedTuple):
 
 def run_trial(method: str, model: Transformer, ctx: Context, base_ppl: float,
               config: dict) -> Trial:
+  """Applies ``method`` with ``config`` to ``model``; times and scores it."""
   start = time.perf_counter()
   edited = apply_edit(method, model, ctx, **config)
   jax.block_until_ready(nnx.state(edited))
