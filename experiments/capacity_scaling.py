@@ -55,6 +55,7 @@ flags.DEFINE_string('out_dir', 'experiments/results/capacity_scaling',
 FLAGS = flags.FLAGS
 
 KEY_FIELDS = ('geometry', 'dim', 'num_facts', 'method', 'seed')
+TAIL = 3  # sizes in the asymptotic-end slope
 
 
 def make_factset(geometry: str, seed: int, n: int, dim: int, beta: float):
@@ -90,15 +91,19 @@ def compute(group: list[dict], options: methods.MethodOptions) -> list[dict]:
   return out
 
 
-def slopes(rows, geometry, dim, method):
-  """Per-seed log-log slopes of W* vs N (seeds with >= 2 finite points)."""
+def slopes(rows, geometry, dim, method, largest: int | None = None):
+  """Per-seed log-log slopes of W* vs N (seeds with >= 2 finite points).
+
+  ``largest``: fit only each seed's ``largest`` biggest sizes (the
+  asymptotic end of the curve).
+  """
   per_seed = {}
   for r in rows:
     if (r['geometry'], r['dim'], r['method']) == (geometry, dim, method) \
         and r['num_params'] not in ('', None):
       per_seed.setdefault(r['seed'], []).append(
           (r['num_facts'], r['num_params']))
-  fits = [capacity.loglog_slope(*zip(*sorted(pts))).params[0]
+  fits = [capacity.loglog_slope(*zip(*sorted(pts)[-(largest or 0):])).params[0]
           for pts in per_seed.values() if len({p[0] for p in pts}) >= 2]
   return np.array(fits)
 
@@ -155,27 +160,36 @@ def summary(rows) -> str:
     lines.append(f'| {geometry} | {dim} | {method} | {n} | {w} | {ppf} | '
                  f'{len(ok)}/{len(sel)} |')
   lines += ['', '## Log-log slopes of W* vs N (mean ± std over seeds)', '',
-            '| geometry | d | method | slope | C, b of W = C N (log2 N + b) |',
-            '|---|---|---|---|---|']
+            f'Slopes over all sizes, and over the {TAIL} largest (the '
+            'asymptotic end) where a method has more sizes than that.', '',
+            f'| geometry | d | method | slope | slope, {TAIL} largest N | '
+            'C, b of W = C N (log2 N + b) |',
+            '|---|---|---|---|---|---|']
+  fmt = lambda s: f'{s.mean():.3f} ± {s.std():.3f}' if s.size else '—'
   for geometry, dim in sorted({(r['geometry'], r['dim']) for r in rows}):
-    found = {}
+    found, tails = {}, {}
     for method in methods.METHODS:
       s = slopes(rows, geometry, dim, method)
       if not s.size:
         continue
-      found[method] = s
       pts = [(r['num_facts'], r['num_params']) for r in rows
              if (r['geometry'], r['dim'], r['method'])
              == (geometry, dim, method) and r['num_params'] not in ('', None)]
+      found[method] = s
+      tails[method] = (slopes(rows, geometry, dim, method, largest=TAIL)
+                       if len({n for n, _ in pts}) > TAIL else np.array([]))
       nlogn = capacity.fit_n_log_n(*zip(*pts))
       lines.append(f'| {geometry} | {dim} | {method} | {s.mean():.3f} ± '
-                   f'{s.std():.3f} | C = {nlogn.params[0]:.3g}, '
-                   f'b = {nlogn.params[1]:.3g} (R² {nlogn.r2:.3f}) |')
+                   f'{s.std():.3f} | {fmt(tails[method])} | '
+                   f'C = {nlogn.params[0]:.3g}, b = {nlogn.params[1]:.3g} '
+                   f'(R² {nlogn.r2:.3f}) |')
     if 'encoder_decoder' in found and 'gd' in found:
-      diff = found['encoder_decoder'].mean() - found['gd'].mean()
-      spread = np.hypot(found['encoder_decoder'].std(), found['gd'].std())
-      lines.append(f'| {geometry} | {dim} | closed form − GD | '
-                   f'{diff:+.3f} ± {spread:.3f} | |')
+      cells = [f'{e.mean() - g.mean():+.3f} ± {np.hypot(e.std(), g.std()):.3f}'
+               if e.size and g.size else '—'
+               for e, g in ((found['encoder_decoder'], found['gd']),
+                            (tails['encoder_decoder'], tails['gd']))]
+      lines.append(f'| {geometry} | {dim} | closed form − GD | {cells[0]} | '
+                   f'{cells[1]} | |')
   return '\n'.join(lines) + '\n'
 
 

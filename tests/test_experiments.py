@@ -37,6 +37,7 @@ def test_capacity_scaling_tiny(tmp_path):
   assert all(r['num_params'] for r in got)
   summary = (tmp_path / 'summary.md').read_text()
   assert 'Log-log slopes' in summary and '| isotropic | 16 | gd |' in summary
+  assert '3 largest N' in summary  # a column, empty (—) with two sizes
   assert (tmp_path / 'scaling.png').stat().st_size > 0
   # A re-run finds every row done and computes nothing new.
   mtime = os.path.getmtime(tmp_path / 'rows.csv')
@@ -51,6 +52,28 @@ def test_capacity_scaling_tiny(tmp_path):
       tmp_path / 'summary.md').read_text()
   with pytest.raises(AssertionError, match='No grid point'):
     run('capacity_scaling.py', tmp_path, *flags, '--max_num_facts=8')
+
+
+def test_capacity_scaling_summary_slopes(monkeypatch):
+  """Whole-range and largest-3 slopes, and their closed form − GD gaps."""
+  monkeypatch.syspath_prepend(os.path.join(ROOT, 'experiments'))
+  import capacity_scaling  # pylint: disable=import-outside-toplevel
+  sizes = [128, 256, 512, 1024, 2048]
+  rows = []
+  for seed in (0, 1):
+    for n in sizes:
+      # GD: slope 0.5 up to N = 512, then 1.0 (least squares over all five
+      # sizes: 0.75); the closed form: 1.2 throughout.
+      gd = 100 * (n / 128) ** 0.5 if n <= 512 else 200 * (n / 512)
+      rows += [dict(geometry='isotropic', dim=64, num_facts=n, seed=seed,
+                    method='encoder_decoder', num_params=10 * n ** 1.2),
+               dict(geometry='isotropic', dim=64, num_facts=n, seed=seed,
+                    method='gd', num_params=gd)]
+  text = capacity_scaling.summary(rows)
+  assert ('| isotropic | 64 | encoder_decoder | 1.200 ± 0.000 | 1.200 ± 0.000 |'
+          in text)
+  assert '| isotropic | 64 | gd | 0.750 ± 0.000 | 1.000 ± 0.000 |' in text
+  assert '| closed form − GD | +0.450 ± 0.000 | +0.200 ± 0.000 |' in text
 
 
 def test_decodability_scaling_tiny(tmp_path):
