@@ -16,6 +16,7 @@ the closed-form vs GD slope difference).
       --alphas=0.03125,0.0625,0.125,0.25,0.5             # the full grid
   python experiments/capacity_scaling.py --dims=64,128 \
       --alphas=0.03125,0.0625,0.125,0.25,0.5 --max_num_facts=2048  # capped
+  python experiments/capacity_scaling.py ... --summarize_only  # report only
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ flags.DEFINE_integer('max_num_facts', None,
                      'Drop grid points with N = alpha d^2 above this (e.g. '
                      'the full grid capped at what a 2-core CPU finishes).',
                      lower_bound=1)
+flags.DEFINE_bool('summarize_only', False,
+                  'Compute nothing: plot and summarise the grid points '
+                  'already in rows.csv (e.g. while a sweep still runs).')
 flags.DEFINE_string('out_dir', 'experiments/results/capacity_scaling',
                     'Output folder.')
 FLAGS = flags.FLAGS
@@ -209,8 +213,13 @@ def main(argv):
   if not configs:
     raise app.UsageError('No grid point has N <= --max_num_facts.')
   table = ResultsTable(os.path.join(FLAGS.out_dir, 'rows.csv'), KEY_FIELDS)
-  rows = run_sweep(configs, lambda g: compute(g, options), table,
-                   batch_size=len(seeds), desc='capacity searches')
+  if FLAGS.summarize_only:
+    rows = [table.get(c) for c in configs if table.is_done(c)]
+    if not rows:
+      raise app.UsageError(f'No finished grid point in {table.path}.')
+  else:
+    rows = run_sweep(configs, lambda g: compute(g, options), table,
+                     batch_size=len(seeds), desc='capacity searches')
   plot(rows, os.path.join(FLAGS.out_dir, 'scaling.png'))
   text = summary(rows)
   write_text(os.path.join(FLAGS.out_dir, 'summary.md'), text)

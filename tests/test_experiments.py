@@ -52,6 +52,16 @@ def test_capacity_scaling_tiny(tmp_path):
       tmp_path / 'summary.md').read_text()
   with pytest.raises(AssertionError, match='No grid point'):
     run('capacity_scaling.py', tmp_path, *flags, '--max_num_facts=8')
+  # --summarize_only reports the finished points of a larger grid and
+  # computes nothing (d = 24 has none).
+  run('capacity_scaling.py', tmp_path, *flags[1:], '--dims=16,24',
+      '--summarize_only')
+  assert os.path.getmtime(tmp_path / 'rows.csv') == mtime
+  summary = (tmp_path / 'summary.md').read_text()
+  assert '| isotropic | 16 | gd | 64 |' in summary and '| 24 |' not in summary
+  with pytest.raises(AssertionError, match='No finished grid point'):
+    run('capacity_scaling.py', tmp_path, *flags[1:], '--dims=24',
+        '--summarize_only')
 
 
 def test_capacity_scaling_summary_slopes(monkeypatch):
