@@ -14,7 +14,7 @@ the closed-form vs GD slope difference).
   python experiments/capacity_scaling.py                 # default grid
   python experiments/capacity_scaling.py --dims=64,128 \\
       --alphas=0.03125,0.0625,0.125,0.25,0.5             # the full grid
-  python experiments/capacity_scaling.py --dims=64,128 \
+  python experiments/capacity_scaling.py --dims=64,128 \\
       --alphas=0.03125,0.0625,0.125,0.25,0.5 --max_num_facts=2048  # capped
   python experiments/capacity_scaling.py ... --summarize_only  # report only
 """
