@@ -60,6 +60,7 @@ FLAGS = flags.FLAGS
 
 KEY_FIELDS = ('geometry', 'dim', 'num_facts', 'method', 'seed')
 TAIL = 3  # sizes in the asymptotic-end slope
+NEGATIVE_C = '; C < 0: W* grows slower than N log N over these N'
 
 
 def make_factset(geometry: str, seed: int, n: int, dim: int, beta: float):
@@ -186,7 +187,8 @@ def summary(rows) -> str:
       lines.append(f'| {geometry} | {dim} | {method} | {s.mean():.3f} ± '
                    f'{s.std():.3f} | {fmt(tails[method])} | '
                    f'C = {nlogn.params[0]:.3g}, b = {nlogn.params[1]:.3g} '
-                   f'(R² {nlogn.r2:.3f}) |')
+                   f'(R² {nlogn.r2:.3f}'
+                   f'{NEGATIVE_C if nlogn.params[0] < 0 else ""}) |')
     if 'encoder_decoder' in found and 'gd' in found:
       cells = [f'{e.mean() - g.mean():+.3f} ± {np.hypot(e.std(), g.std()):.3f}'
                if e.size and g.size else '—'

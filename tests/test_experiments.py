@@ -78,12 +78,20 @@ def test_capacity_scaling_summary_slopes(monkeypatch):
       rows += [dict(geometry='isotropic', dim=64, num_facts=n, seed=seed,
                     method='encoder_decoder', num_params=10 * n ** 1.2),
                dict(geometry='isotropic', dim=64, num_facts=n, seed=seed,
-                    method='gd', num_params=gd)]
+                    method='gd', num_params=gd),
+               dict(geometry='isotropic', dim=64, num_facts=n, seed=seed,
+                    method='ntk', num_params=1000 * n ** 0.5)]
   text = capacity_scaling.summary(rows)
   assert ('| isotropic | 64 | encoder_decoder | 1.200 ± 0.000 | 1.200 ± 0.000 |'
           in text)
   assert '| isotropic | 64 | gd | 0.750 ± 0.000 | 1.000 ± 0.000 |' in text
   assert '| closed form − GD | +0.450 ± 0.000 | +0.200 ± 0.000 |' in text
+  # Sub-N log N growth gets a negative C, flagged as such.
+  fits = [l for l in text.splitlines() if 'C = ' in l]
+  ntk, = [l for l in fits if '| ntk |' in l]
+  closed, = [l for l in fits if '| encoder_decoder |' in l]
+  assert capacity_scaling.NEGATIVE_C in ntk
+  assert capacity_scaling.NEGATIVE_C not in closed
 
 
 def test_decodability_scaling_tiny(tmp_path):
