@@ -10,7 +10,10 @@ Kernels (each warm, timed as the best of ``--repeats``, with the CPU time
 other processes took, ``common.ForeignCpu``):
 
 1. **Construction bucket solves** at N = 65,536, d = 256, P = 4,096 (as
-   ``construct.py``): ``jit(build_gadgets)`` and ``jit(solve_buckets)``
+   ``construct.py``): ``jit(build_gadgets)`` and ``jit(solve_buckets)`` on
+   one device, and ``build_gadgets_streamed`` as ``construct`` runs it (the
+   solves split over all devices by ``sweep.shard_rows``; this script
+   exposes each CPU core as a device, ``threads.expose_cpu_cores``), all
    with the construction's ``m`` and ``b``, FLOPs from
    ``construct.bucket_solve_flops`` (analytic), and the whole
    ``construct`` (decodability + bucket solves + verification) for context.
@@ -61,7 +64,7 @@ from factstore_jax import training
 from factstore_jax.constructions import decoders, gadgets
 from factstore_jax.constructions import encoder_decoder as ed
 from factstore_jax.factsets import FactSet, random_factset
-from factstore_jax.threads import single_threaded_blas
+from factstore_jax.threads import expose_cpu_cores, single_threaded_blas
 from factstore_jax.transformer import data as tf_data
 from factstore_jax.transformer import model as tf_model
 from factstore_jax.transformer import train as tf_train
@@ -148,6 +151,14 @@ def construction(peak, bw) -> list[dict]:
     solve_s, solve_times, solve_f = _timed(
         lambda: solve_c(fs.keys, targets, parts.buckets),
         FLAGS.timing_repeats)
+    # construct()'s own path: bucketing, then the solves split over all
+    # devices (sweep.shard_rows), the maps gathered back on one device.
+    mesh = ed.bucket_mesh()
+    split_s, split_times, split_f = _timed(
+        lambda: ed.build_gadgets_streamed(
+            key, fs.keys, targets, bucket_size=rep.bucket_size,
+            stream_size=ed.STREAM_BUCKETS, mesh=mesh).maps,
+        FLAGS.timing_repeats)
   flops = construct_bench.bucket_solve_flops(rep.num_buckets, d,
                                              rep.bucket_size, rep.code_dim)
   # Main operands: the gathered keys (n b d) read by the Gram and the two
@@ -164,6 +175,10 @@ def construction(peak, bw) -> list[dict]:
       _entry('construction: solve_buckets (bucket solves only)',
              flops['total'], solve_s, peak, bytes_moved=moved, bw=bw,
              times=solve_times, foreign_cpu=solve_f, **common_extra),
+      _entry(f'construction: build_gadgets_streamed, as construct() runs it '
+             f'(solves split over {mesh.size} device(s))', flops['total'],
+             split_s, peak, bytes_moved=moved, bw=bw, times=split_times,
+             foreign_cpu=split_f, devices=mesh.size, **common_extra),
       _entry('construction: whole construct() (decodability, solves, '
              'verification; FLOPs = bucket solves only)', flops['total'],
              construct_s, peak, foreign_cpu=foreign_c.as_dict(),
@@ -397,4 +412,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  expose_cpu_cores()  # before JAX starts its CPU backend
   app.run(main)

@@ -200,7 +200,9 @@ def main(argv):
 
 
 def run():
-  """Console-script entry point."""
+  """Console-script entry point (one XLA CPU device per core)."""
+  from factstore_jax.threads import expose_cpu_cores
+  expose_cpu_cores()
   app.run(main)
 
 

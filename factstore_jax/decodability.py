@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from factstore_jax import sweep
 from factstore_jax.errors import FactStoreError
 from factstore_jax.precision import full_precision
 
@@ -252,10 +253,16 @@ def decodability(values: Array, *, num_candidates: int | None = None,
   if indices is None:
     indices = jnp.arange(num_values)
   indices = jnp.asarray(indices, jnp.int32)
-  solve = lambda idx, k: _decodability(
-      values, idx, num_candidates=k, tol=tol, atol=atol, floor=floor,
-      chunk_size=max(1, min(chunk_size, idx.shape[0])), max_outer=max_outer,
-      max_inner=max_inner)
+  def solve(idx, k):
+    static = dict(num_candidates=k, tol=tol, atol=atol, floor=floor,
+                  chunk_size=max(1, min(chunk_size, idx.shape[0])),
+                  max_outer=max_outer, max_inner=max_inner)
+    if isinstance(values, jax.core.Tracer) or isinstance(idx, jax.core.Tracer):
+      return _decodability(values, idx, **static)
+    # Outside jit: values split over the local devices, whole chunks each.
+    return sweep.shard_rows(_decodability, (values,), (idx,),
+                            static_kwargs=static,
+                            row_multiple=static['chunk_size'])
   total = indices.shape[0]
   if stream_size is None or stream_size >= total:
     result = solve(indices, k)

@@ -149,6 +149,84 @@ def map_batched(fn: Callable[..., Any], inputs: Any, *,
   return jax.tree.map(lambda x: x[:size], outputs)
 
 
+@functools.lru_cache(maxsize=128)
+def _row_sharded(fn: Callable[..., Any], mesh: Mesh, num_shared: int,
+                 num_rows: int, static: tuple[tuple[str, Hashable], ...]):
+  """``jit(shard_map(fn))``: shared inputs replicated, row inputs split."""
+  one = functools.partial(fn, **dict(static)) if static else fn
+  whole, rows = PartitionSpec(), PartitionSpec(BATCH_AXIS)
+  return jax.jit(jax.shard_map(
+      lambda *args: one(*args), mesh=mesh,
+      in_specs=(whole,) * num_shared + (rows,) * num_rows, out_specs=rows,
+      # No collectives; loops in ``fn`` mix per-device and replicated carries.
+      check_vma=False))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """``tree`` copied to every device of ``mesh`` (a no-op if it already is)."""
+  whole = NamedSharding(mesh, PartitionSpec())
+  if all(d.platform == 'cpu' for d in mesh.devices.flat):
+    # CPU devices share the host memory: placing a host view costs nothing
+    # (measured: 0.3 ms against 58 ms device to device for 72 MB).
+    def host_view(x):
+      if (isinstance(x, jax.Array) and isinstance(x.dtype, np.dtype)
+          and x.sharding != whole):
+        return np.asarray(x)
+      return x
+    tree = jax.tree.map(host_view, tree)
+  return jax.device_put(tree, whole)
+
+
+def shard_rows(fn: Callable[..., Any], shared: Sequence[Any],
+               rows: Sequence[Any], *, mesh: Mesh | None = None,
+               static_kwargs: Mapping[str, Hashable] | None = None,
+               row_multiple: int = 1) -> Any:
+  """``fn(*shared, *rows, **static_kwargs)``, the rows split over devices.
+
+  For a jitted ``fn`` whose outputs are per-row (leading axis ``S`` of the
+  ``rows`` arrays) and whose rows are independent: the ``shared`` inputs are
+  copied to every device of ``mesh`` (:func:`replicate`), the rows padded
+  (repeating the last row) to a multiple of ``row_multiple x devices`` and
+  split into one contiguous block per device, and the outputs gathered on
+  the mesh's first device with the padding cut off. With one device it is
+  just ``fn(...)``. Host-level (not jittable). On CPU, XLA runs a small
+  matrix product or LAPACK call on one core; exposing the cores as devices
+  (``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX starts)
+  lets this run one block per core.
+
+  Args:
+    fn: a jitted function; called as ``fn(*shared, *rows, **static_kwargs)``.
+    shared: inputs every row needs (pytrees).
+    rows: arrays (or pytrees of arrays) with a common leading axis ``S``.
+    mesh: a mesh with a ``'batch'`` axis; default: the local devices.
+    static_kwargs: hashable keyword arguments (cache key, as in
+      :func:`map_batched`).
+    row_multiple: each device's block is a multiple of this (e.g. ``fn``'s
+      ``lax.map`` batch size, so every row is batched with the same
+      neighbours as in one call).
+
+  Returns:
+    ``fn``'s outputs, each with leading axis ``S``, on one device. Each row
+    is computed by the same program as in one call; XLA may still round a
+    batched reduction differently for another batch size.
+  """
+  mesh = batch_mesh(jax.local_devices()) if mesh is None else mesh
+  static = dict(static_kwargs or {})
+  if mesh.size == 1:
+    return fn(*shared, *rows, **static)
+  size = _batch_size(tuple(rows))
+  block = mesh.size * row_multiple
+  padded = -(-size // block) * block
+  index = np.minimum(np.arange(padded), size - 1)
+  split = jax.device_put(jax.tree.map(lambda x: x[index], tuple(rows)),
+                         NamedSharding(mesh, PartitionSpec(BATCH_AXIS)))
+  compiled = _row_sharded(fn, mesh, len(shared), len(rows),
+                          tuple(sorted(static.items())))
+  out = compiled(*replicate(tuple(shared), mesh), *split)
+  first = mesh.devices.flat[0]
+  return jax.tree.map(lambda x: jax.device_put(x, first)[:size], out)
+
+
 # ---------------------------------------------------------------------------
 # Results table.
 # ---------------------------------------------------------------------------

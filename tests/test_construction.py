@@ -601,12 +601,12 @@ class BucketSolveTest(parameterized.TestCase):
     # A bucket whose solve failed (NaN maps, as a singular Gram gives) has
     # NaN margins: construct must count them as failing and refit them.
     fs = _factset('sphere', 0)
-    real = ed._build_gadgets_jit
+    real = ed.build_gadgets_streamed
 
     def broken(*args, **kwargs):
       parts = real(*args, **kwargs)
       return parts._replace(maps=parts.maps.at[1].set(jnp.nan))
-    with mock.patch.object(ed, '_build_gadgets_jit', broken):
+    with mock.patch.object(ed, 'build_gadgets_streamed', broken):
       c = ed.construct(fs, key=0)
     self.assertEqual(c.report.repaired_buckets, 1)
     self.assertEqual(c.report.accuracy, 1.0)

@@ -5,6 +5,11 @@ Chunk sizes are chosen so they do not divide the problem sizes.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +23,8 @@ from factstore_jax.threads import single_threaded_blas
 # Import names: ``factstore_jax.decodability`` the package attribute is the
 # re-exported function.
 from factstore_jax.decodability import _top_k_indices, decodability
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _factset(n=1000, d=16, p=50, seed=0):
@@ -120,3 +127,61 @@ def test_first_copy_matches_unique():
 
 if __name__ == '__main__':
   pytest.main([__file__, '-q'])
+
+
+_MULTI_DEVICE = textwrap.dedent('''
+    import sys
+    import jax
+    import numpy as np
+    from factstore_jax import decodability as _
+    from factstore_jax import sweep
+    from factstore_jax.constructions import encoder_decoder as ed
+    import tests.test_streaming as t
+
+    assert len(jax.local_devices()) == 3, jax.devices()
+    dec = sys.modules['factstore_jax.decodability']
+    fs = t._factset(n=600, d=16, p=300)
+    ed.STREAM_BUCKETS = 40  # several sharded calls, 40 = 3 * 13 + 1 buckets
+    c = ed.construct(fs, 0, bucket_size=6)
+    r = c.report
+    # One call of the jitted solver on one device, as the reference.
+    one = dec._decodability(fs.values, np.arange(300), num_candidates=64,
+                            tol=1e-3, atol=1e-6, floor=0.0, chunk_size=32,
+                            max_outer=20, max_inner=2000)
+    split = dec.decodability(fs.values, num_candidates=64)
+    np.savez(sys.argv[1], accuracy=r.accuracy, min_margin=r.min_margin,
+             code_dim=r.code_dim, num_buckets=r.num_buckets,
+             maps=c.structure.gadgets.maps, codes=c.codes, w_up=c.model.w_up,
+             rho_one=one.rho, rho_split=split.rho,
+             maps_device=len(c.structure.gadgets.maps.devices()))
+''')
+
+
+def test_construct_on_three_devices_equals_one_device(tmp_path):
+  """Bucket solves and decodability split over 3 CPU devices (subprocess:
+  the device count is fixed when JAX starts) give this process's result."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=3',
+             JAX_PLATFORMS='cpu',
+             PYTHONPATH=os.pathsep.join(
+                 [REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
+  out = tmp_path / 'three.npz'
+  proc = subprocess.run([sys.executable, '-c', _MULTI_DEVICE, str(out)],
+                        cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  three = np.load(out)
+  assert three['accuracy'] == 1.0 and three['min_margin'] > 0
+  assert three['maps_device'] == 1  # gathered back on one device
+  # Each value's solve is the same program split or not (the last block is
+  # padded with copies of the last value, which converge with it).
+  np.testing.assert_allclose(three['rho_split'], three['rho_one'], rtol=1e-6,
+                             atol=1e-7)
+  c = ed.construct(_factset(n=600, d=16, p=300), 0, bucket_size=6)
+  assert three['code_dim'] == c.report.code_dim
+  assert three['num_buckets'] == c.report.num_buckets
+  assert float(three['min_margin']) == pytest.approx(c.report.min_margin,
+                                                     rel=1e-5)
+  for name, ours in (('codes', c.codes), ('maps', c.structure.gadgets.maps),
+                     ('w_up', c.model.w_up)):
+    np.testing.assert_allclose(three[name], np.asarray(ours), rtol=1e-5,
+                               atol=1e-6, err_msg=name)

@@ -36,6 +36,7 @@ from absl import logging
 
 from factstore_jax import decodability as dec_lib
 from factstore_jax import storage
+from factstore_jax import sweep
 from factstore_jax.constructions import decoders, gadgets
 from factstore_jax.errors import (ConstructionError, FactStoreError,
                                   InfeasibleFactSetError)
@@ -240,24 +241,43 @@ def _make_buckets_jit(key, keys, *, bucket_size, slack):
 _solve_chunk_jit = jax.jit(gadgets.solve_indexed)
 
 
+def bucket_mesh() -> jax.sharding.Mesh:
+  """The mesh :func:`construct` splits its row-parallel work over.
+
+  All local devices (``'batch'`` axis). On CPU, XLA runs each small bucket
+  solve on one core; to use every core, expose them as devices before JAX
+  starts: ``XLA_FLAGS=--xla_force_host_platform_device_count=$(nproc)``
+  (the ``factstore`` CLI does this itself).
+  """
+  return sweep.batch_mesh(jax.local_devices())
+
+
 @full_precision
 def build_gadgets_streamed(key: Array, keys: Array, targets: Array, *,
                            bucket_size: int, activation: str = 'clipped',
                            slack: float = 0.25, stream_size: int = 1024,
-                           progress=None) -> Gadgets:
+                           progress=None,
+                           mesh: jax.sharding.Mesh | None = None) -> Gadgets:
   """:func:`build_gadgets` with the bucket solves in a host loop.
 
-  ``stream_size`` buckets are solved per jitted call (the last call padded
-  to the same shape, so one program serves all), so the gathered keys take
-  ``O(stream_size b d)`` memory instead of ``O(n b d)``; the maps equal
-  :func:`build_gadgets`'s (each bucket's solve is the same program).
-  ``progress(done, total)`` runs after each call. Call it inside
+  ``stream_size`` buckets are solved per call (the last call padded to the
+  same shape, so one program serves all), so the gathered keys take
+  ``O(stream_size b d)`` memory instead of ``O(n b d)``; each call splits
+  its buckets over the devices of ``mesh`` (:func:`sweep.shard_rows`,
+  default :func:`bucket_mesh`). The maps equal :func:`build_gadgets`'s
+  (each bucket's solve is the same program). ``progress(done, total)`` runs
+  after each call. Call it inside
   :func:`~factstore_jax.threads.single_threaded_blas` on CPU.
   """
   buckets = _make_buckets_jit(key, keys, bucket_size=bucket_size, slack=slack)
   n = buckets.index.shape[0]
+  mesh = bucket_mesh() if mesh is None else mesh
+  if mesh.size > 1:
+    keys, targets = sweep.replicate((keys, targets), mesh)
+  solve = lambda index, valid: sweep.shard_rows(
+      _solve_chunk_jit, (keys, targets), (index, valid), mesh=mesh)
   if stream_size >= n:
-    maps = jax.jit(gadgets.solve_buckets)(keys, targets, buckets)
+    maps = solve(buckets.index, buckets.valid)
     if progress is not None:
       jax.block_until_ready(maps)
       progress(n, n)
@@ -268,8 +288,7 @@ def build_gadgets_streamed(key: Array, keys: Array, targets: Array, *,
       # Pad the last call by repeating its own buckets (dropped below).
       rows = np.arange(start, start + stream_size)
       rows = np.where(rows < stop, rows, start + (rows - stop) % (stop - start))
-      part = _solve_chunk_jit(keys, targets, buckets.index[rows],
-                              buckets.valid[rows])
+      part = solve(buckets.index[rows], buckets.valid[rows])
       pieces.append(jax.block_until_ready(part)[:stop - start])
       if progress is not None:
         progress(stop, n)
@@ -671,20 +690,12 @@ def construct(factset: FactSet, key: Array | int = 0,
 
   repaired, retries = 0, 0
   while True:
-    n_buckets = gadgets.num_buckets(n_keys, bucket_size)
     with single_threaded_blas():
-      if n_buckets > STREAM_BUCKETS:
-        parts = build_gadgets_streamed(
-            k_dir, keys, targets, bucket_size=bucket_size,
-            activation=config.activation, slack=config.slack,
-            stream_size=STREAM_BUCKETS, progress=None if progress is None
-            else lambda done, total: progress('buckets', done, total))
-      else:
-        parts = jax.block_until_ready(_build_gadgets_jit(
-            k_dir, keys, targets, bucket_size=bucket_size,
-            activation=config.activation, slack=config.slack))
-        if progress is not None:
-          progress('buckets', n_buckets, n_buckets)
+      parts = build_gadgets_streamed(
+          k_dir, keys, targets, bucket_size=bucket_size,
+          activation=config.activation, slack=config.slack,
+          stream_size=STREAM_BUCKETS, progress=None if progress is None
+          else lambda done, total: progress('buckets', done, total))
     check = _check(parts, decoder, factset, codes, config.activation,
                    progress)
     # NaN margins (a singular bucket) count as failing.
