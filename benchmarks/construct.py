@@ -76,7 +76,7 @@ from factstore_jax.constructions.encoder_decoder import (ConstructionConfig,
                                                          build_gadgets,
                                                          construct)
 from factstore_jax.factsets import FactSet, many_to_one_map, sample_sphere
-from factstore_jax.threads import single_threaded_blas
+from factstore_jax.threads import expose_cpu_cores, single_threaded_blas
 
 import common  # benchmarks/common.py (the script's folder is on sys.path)
 
@@ -438,4 +438,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  expose_cpu_cores()  # before JAX starts its CPU backend
   app.run(main)

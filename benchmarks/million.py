@@ -51,6 +51,7 @@ import tqdm
 from factstore_jax.constructions import encoder_decoder as ed
 from factstore_jax.constructions import gadgets
 from factstore_jax.factsets import FactSet, many_to_one_map, sample_sphere
+from factstore_jax.threads import expose_cpu_cores
 
 import common  # benchmarks/common.py (the script's folder is on sys.path)
 
@@ -288,4 +289,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  expose_cpu_cores()  # before JAX starts its CPU backend
   app.run(main)

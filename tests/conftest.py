@@ -27,7 +27,21 @@ def pytest_configure(config):
                           'slow: long-running tests, run with --runslow')
 
 
+# Long single tests (subprocess runs of the notebook and the experiment
+# scripts, 50-150 s each): run first, so pytest-xdist's round-robin start
+# spreads them over the workers instead of leaving one of them at the end.
+LONG_FIRST = ('test_notebook.py::test_runs_top_to_bottom',
+              'test_experiments.py::test_capacity_scaling_tiny',
+              'test_experiments.py::test_transformer_recall_tiny',
+              'test_experiments.py::test_transformer_capacity_tiny',
+              'test_experiments.py::test_decodability_scaling_tiny')
+
+
 def pytest_collection_modifyitems(config, items):
+  def rank(item):
+    ends = [item.nodeid.endswith(name) for name in LONG_FIRST]
+    return ends.index(True) if True in ends else len(LONG_FIRST)
+  items.sort(key=rank)
   if config.getoption('--runslow'):
     return
   skip_slow = pytest.mark.skip(reason='slow test: pass --runslow to run it')
