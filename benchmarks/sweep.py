@@ -32,7 +32,6 @@ from absl import app, flags
 
 from factstore_jax import factsets, storage, sweep, training
 from factstore_jax.constructions import hebbian
-from factstore_jax.threads import expose_cpu_cores
 
 import common  # benchmarks/common.py
 
@@ -111,5 +110,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  expose_cpu_cores()  # before JAX starts its CPU backend
   app.run(main)

@@ -39,7 +39,15 @@ def expose_cpu_cores() -> int:
   them (measured on 2 cores: construction at N = 65,536 about 1.5x
   faster). Sets ``XLA_FLAGS=--xla_force_host_platform_device_count=<cores>``
   unless the flag is already there; it has no effect once JAX has created
-  its CPU backend. The ``factstore`` CLI and the benchmarks call it.
+  its CPU backend. The ``factstore`` CLI and the construction benchmarks
+  call it.
+
+  Do not run vmapped LAPACK work (e.g. ``sweep.map_batched`` over Hebbian
+  ridge solves) on several CPU devices at once: jaxlib's batched LAPACK
+  kernels then wait on each other's share of the thread pool (seen: a
+  2-device ``benchmarks/sweep.py`` hung at 0% CPU). The construction's own
+  LAPACK calls are unbatched (``lax.map`` per device) and run inside
+  :func:`single_threaded_blas`.
 
   Returns the device count the flag now asks for.
   """
