@@ -60,7 +60,7 @@ import optax
 from flax import nnx
 
 from factstore_jax import decodability as _  # noqa: F401  (module import)
-from factstore_jax import training
+from factstore_jax import sweep, training
 from factstore_jax.constructions import decoders, gadgets
 from factstore_jax.constructions import encoder_decoder as ed
 from factstore_jax.factsets import FactSet, random_factset
@@ -153,7 +153,7 @@ def construction(peak, bw) -> list[dict]:
         FLAGS.timing_repeats)
     # construct()'s own path: bucketing, then the solves split over all
     # devices (sweep.shard_rows), the maps gathered back on one device.
-    mesh = ed.bucket_mesh()
+    mesh = sweep.local_mesh()
     split_s, split_times, split_f = _timed(
         lambda: ed.build_gadgets_streamed(
             key, fs.keys, targets, bucket_size=rep.bucket_size,

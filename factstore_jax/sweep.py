@@ -55,6 +55,19 @@ def batch_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   return Mesh(np.asarray(devices, dtype=object), (BATCH_AXIS,))
 
 
+def local_mesh() -> Mesh:
+  """:func:`batch_mesh` over this process's devices.
+
+  What :func:`shard_rows` (and so ``construct``'s bucket solves and the
+  decodability solver) split over by default. On CPU, XLA runs each small
+  matrix product or LAPACK call on one core; to use every core, expose them
+  as devices before JAX starts (:func:`factstore_jax.threads.expose_cpu_cores`,
+  or ``XLA_FLAGS=--xla_force_host_platform_device_count=$(nproc)``; the
+  ``factstore`` CLI does this itself).
+  """
+  return batch_mesh(jax.local_devices())
+
+
 @functools.lru_cache(maxsize=128)
 def _compiled(fn: Callable[..., Any], mesh: Mesh,
               static: tuple[tuple[str, Hashable], ...]) -> Callable[..., Any]:
@@ -85,6 +98,19 @@ def _batch_size(inputs: Any) -> int:
   if size == 0:
     raise FactStoreError('map_batched: empty batch (B = 0)')
   return size
+
+
+def _pad_batch(inputs: Any, size: int, multiple: int) -> tuple[int, Any]:
+  """``inputs`` padded along the batch axis to a multiple of ``multiple``.
+
+  Repeats the last item (index ``size - 1`` fills every padding slot).
+  Returns ``(padded_size, padded_inputs)``.
+  """
+  padded = -(-size // multiple) * multiple
+  if padded != size:
+    index = np.minimum(np.arange(padded), size - 1)
+    inputs = jax.tree.map(lambda x: x[index], inputs)
+  return padded, inputs
 
 
 def map_batched(fn: Callable[..., Any], inputs: Any, *,
@@ -133,12 +159,7 @@ def map_batched(fn: Callable[..., Any], inputs: Any, *,
     raise FactStoreError(
         f'map_batched: static_kwargs must be hashable: {e}') from None
   size = _batch_size(inputs)
-  shards = mesh.shape[BATCH_AXIS]
-  padded = -(-size // shards) * shards
-  if padded != size:
-    # Repeat the last item: index B-1 fills every padding slot.
-    index = np.minimum(np.arange(padded), size - 1)
-    inputs = jax.tree.map(lambda x: x[index], inputs)
+  padded, inputs = _pad_batch(inputs, size, mesh.shape[BATCH_AXIS])
   inputs = jax.device_put(inputs,
                           NamedSharding(mesh, PartitionSpec(BATCH_AXIS)))
   outputs = compiled(inputs)
@@ -198,7 +219,7 @@ def shard_rows(fn: Callable[..., Any], shared: Sequence[Any],
     fn: a jitted function; called as ``fn(*shared, *rows, **static_kwargs)``.
     shared: inputs every row needs (pytrees).
     rows: arrays (or pytrees of arrays) with a common leading axis ``S``.
-    mesh: a mesh with a ``'batch'`` axis; default: the local devices.
+    mesh: a mesh with a ``'batch'`` axis; :func:`local_mesh` when ``None``.
     static_kwargs: hashable keyword arguments (cache key, as in
       :func:`map_batched`).
     row_multiple: each device's block is a multiple of this (e.g. ``fn``'s
@@ -210,16 +231,13 @@ def shard_rows(fn: Callable[..., Any], shared: Sequence[Any],
     is computed by the same program as in one call; XLA may still round a
     batched reduction differently for another batch size.
   """
-  mesh = batch_mesh(jax.local_devices()) if mesh is None else mesh
+  mesh = local_mesh() if mesh is None else mesh
   static = dict(static_kwargs or {})
   if mesh.size == 1:
     return fn(*shared, *rows, **static)
   size = _batch_size(tuple(rows))
-  block = mesh.size * row_multiple
-  padded = -(-size // block) * block
-  index = np.minimum(np.arange(padded), size - 1)
-  split = jax.device_put(jax.tree.map(lambda x: x[index], tuple(rows)),
-                         NamedSharding(mesh, PartitionSpec(BATCH_AXIS)))
+  _, rows = _pad_batch(tuple(rows), size, mesh.size * row_multiple)
+  split = jax.device_put(rows, NamedSharding(mesh, PartitionSpec(BATCH_AXIS)))
   compiled = _row_sharded(fn, mesh, len(shared), len(rows),
                           tuple(sorted(static.items())))
   out = compiled(*replicate(tuple(shared), mesh), *split)

@@ -66,8 +66,9 @@ def test_streamed_bucket_solves_equal_one_call():
   targets = jax.random.normal(jax.random.key(3), (fs.keys.shape[0], 4))
   key = jax.random.key(4)
   with single_threaded_blas():
-    whole = jax.block_until_ready(ed._build_gadgets_jit(
-        key, fs.keys, targets, bucket_size=6))
+    whole = jax.block_until_ready(jax.jit(
+        ed.build_gadgets, static_argnames='bucket_size')(
+            key, fs.keys, targets, bucket_size=6))
     streamed = ed.build_gadgets_streamed(key, fs.keys, targets, bucket_size=6,
                                          stream_size=30)
     assert whole.maps.shape[0] % 30 != 0
@@ -125,16 +126,12 @@ def test_first_copy_matches_unique():
   np.testing.assert_array_equal(_first_copy(keys), first[inverse.reshape(-1)])
 
 
-if __name__ == '__main__':
-  pytest.main([__file__, '-q'])
-
 
 _MULTI_DEVICE = textwrap.dedent('''
     import sys
     import jax
     import numpy as np
     from factstore_jax import decodability as _
-    from factstore_jax import sweep
     from factstore_jax.constructions import encoder_decoder as ed
     import tests.test_streaming as t
 
@@ -185,3 +182,7 @@ def test_construct_on_three_devices_equals_one_device(tmp_path):
                      ('w_up', c.model.w_up)):
     np.testing.assert_allclose(three[name], np.asarray(ours), rtol=1e-5,
                                atol=1e-6, err_msg=name)
+
+
+if __name__ == '__main__':
+  pytest.main([__file__, '-q'])

@@ -241,17 +241,6 @@ def _make_buckets_jit(key, keys, *, bucket_size, slack):
 _solve_chunk_jit = jax.jit(gadgets.solve_indexed)
 
 
-def bucket_mesh() -> jax.sharding.Mesh:
-  """The mesh :func:`construct` splits its row-parallel work over.
-
-  All local devices (``'batch'`` axis). On CPU, XLA runs each small bucket
-  solve on one core; to use every core, expose them as devices before JAX
-  starts: ``XLA_FLAGS=--xla_force_host_platform_device_count=$(nproc)``
-  (the ``factstore`` CLI does this itself).
-  """
-  return sweep.batch_mesh(jax.local_devices())
-
-
 @full_precision
 def build_gadgets_streamed(key: Array, keys: Array, targets: Array, *,
                            bucket_size: int, activation: str = 'clipped',
@@ -264,14 +253,14 @@ def build_gadgets_streamed(key: Array, keys: Array, targets: Array, *,
   same shape, so one program serves all), so the gathered keys take
   ``O(stream_size b d)`` memory instead of ``O(n b d)``; each call splits
   its buckets over the devices of ``mesh`` (:func:`sweep.shard_rows`,
-  default :func:`bucket_mesh`). The maps equal :func:`build_gadgets`'s
+  default :func:`sweep.local_mesh`). The maps equal :func:`build_gadgets`'s
   (each bucket's solve is the same program). ``progress(done, total)`` runs
   after each call. Call it inside
   :func:`~factstore_jax.threads.single_threaded_blas` on CPU.
   """
   buckets = _make_buckets_jit(key, keys, bucket_size=bucket_size, slack=slack)
   n = buckets.index.shape[0]
-  mesh = bucket_mesh() if mesh is None else mesh
+  mesh = sweep.local_mesh() if mesh is None else mesh
   if mesh.size > 1:
     keys, targets = sweep.replicate((keys, targets), mesh)
   solve = lambda index, valid: sweep.shard_rows(
@@ -752,8 +741,6 @@ def construct(factset: FactSet, key: Array | int = 0,
                       structure=structure)
 
 
-_build_gadgets_jit = jax.jit(
-    build_gadgets, static_argnames=('bucket_size', 'activation', 'slack'))
 _assemble_jit = jax.jit(assemble_gadgets, static_argnames=('activation',))
 
 
