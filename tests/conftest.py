@@ -27,9 +27,11 @@ def pytest_configure(config):
                           'slow: long-running tests, run with --runslow')
 
 
-# Long single tests (subprocess runs of the notebook and the experiment
-# scripts, 50-150 s each): run first, so pytest-xdist's round-robin start
-# spreads them over the workers instead of leaving one of them at the end.
+# pytest-xdist runs with --dist loadfile (pyproject.toml): each file goes to
+# one worker, so a file's cached setup (a trained model, a construction) is
+# computed once, not once per worker. Files of long single tests (subprocess
+# runs of the notebook and the experiment scripts, 50-150 s each) run first,
+# so they start on separate workers instead of leaving one at the end.
 LONG_FIRST = ('test_notebook.py::test_runs_top_to_bottom',
               'test_experiments.py::test_capacity_scaling_tiny',
               'test_experiments.py::test_transformer_recall_tiny',

@@ -381,8 +381,9 @@ def verify(model: EncoderDecoder, factset: FactSet, codes: Array,
 def bucket_of_key(buckets: gadgets.Buckets, num_keys: int) -> Array:
   """``(N,)`` index of the bucket holding each key."""
   owner = jnp.zeros(num_keys, jnp.int32)
-  rows = jnp.broadcast_to(jnp.arange(buckets.index.shape[0])[:, None],
-                          buckets.index.shape)
+  rows = jnp.broadcast_to(
+      jnp.arange(buckets.index.shape[0], dtype=jnp.int32)[:, None],
+      buckets.index.shape)
   index = jnp.where(buckets.valid, buckets.index, num_keys)  # drop padding
   return owner.at[index].set(rows, mode='drop')
 
