@@ -126,7 +126,6 @@ def test_first_copy_matches_unique():
   np.testing.assert_array_equal(_first_copy(keys), first[inverse.reshape(-1)])
 
 
-
 _MULTI_DEVICE = textwrap.dedent('''
     import sys
     import jax
