@@ -196,6 +196,22 @@ def test_xent_gradients_many_to_one_with_offset(hidden):
                 modes=['rev'])
 
 
+def test_xent_head_accuracy_counts_strict_wins():
+  # Rows 0-31: target = the row's argmax (wins); 32-47: target = the
+  # argmin (loses); 48-63: z = 0, so every logit ties (fails).
+  n, r, p = 64, 8, 40
+  z = jax.random.normal(jax.random.key(20), (n, r)).at[48:].set(0.0)
+  table = jax.random.normal(jax.random.key(21), (r, p))
+  logits = np.asarray(z, np.float64) @ np.asarray(table, np.float64)
+  target = np.concatenate([np.argmax(logits[:32], 1),
+                           np.argmin(logits[32:48], 1), np.arange(16)])
+  loss, accuracy = training._xent_head(z, table, None, jnp.asarray(target))
+  assert float(accuracy) == 0.5
+  log_softmax = logits - np.log(np.sum(np.exp(logits), 1, keepdims=True))
+  np.testing.assert_allclose(
+      float(loss), -np.mean(log_softmax[np.arange(n), target]), rtol=1e-5)
+
+
 def test_step_flops_association():
   # h < d: z (R V^T) path; h >= d: (z R) V^T path.
   n, d, p = 100, 16, 50
