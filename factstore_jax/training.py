@@ -141,34 +141,76 @@ class _State(NamedTuple):
 # Models: hidden features and read-out.
 
 
-def _features(model: Model, x: Array, hidden_mask: Array | None):
-  """``(z (N, h'), readout (h', d), bias (d,) | None)`` with output ``z R + b``."""
+@jax.custom_vjp
+def _matmul_t(x: Array, x_t: Array, w: Array) -> Array:
+  """``x @ w`` whose weight gradient reads ``x_t``, a materialised ``x^T``.
+
+  Autodiff's ``x^T g`` is a dot contracting ``x``'s rows, which XLA:CPU runs
+  outside its fast matmul kernel (~3x slower at the GD benchmark's shapes);
+  for the keys, ``x_t`` is computed once, outside the training loop.
+  Reverse mode only (no ``jvp``): used inside the training loss.
+  """
+  del x_t
+  return x @ w
+
+
+def _matmul_t_fwd(x, x_t, w):
+  return x @ w, (x_t, w)
+
+
+def _matmul_t_bwd(res, g):
+  x_t, w = res
+  return g @ w.T, jnp.zeros_like(x_t), x_t @ g
+
+
+_matmul_t.defvjp(_matmul_t_fwd, _matmul_t_bwd)
+
+
+def _transposed(x: Array) -> Array:
+  """``x^T`` materialised (XLA would fold a plain transpose into the dot)."""
+  return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+
+
+def _features(model: Model, x: Array, hidden_mask: Array | None,
+              x_t: Array | None = None):
+  """``(z (N, h'), readout (h', d), bias (d,) | None)`` with output ``z R + b``.
+
+  ``x_t``: ``x^T`` materialised, for fast weight gradients (training loss).
+  """
+  if x_t is None:
+    matmul = lambda a, a_t, w: a @ w
+  else:
+    matmul = _matmul_t
   act = get_activation(model.activation)
-  gate = x @ model.w_gate
+  gate = matmul(x, x_t, model.w_gate)
   if model.b_gate is not None:
     gate = gate + model.b_gate
-  up = x @ model.w_up
+  up = matmul(x, x_t, model.w_up)
   if isinstance(model, GatedMLP) and model.b_up is not None:
     up = up + model.b_up
   hidden = up * act(gate)
   if hidden_mask is not None:
     hidden = hidden * hidden_mask
   if isinstance(model, EncoderDecoder):
-    return hidden @ model.routing, model.decoder.T, None
+    hidden_t = None if x_t is None else _transposed(hidden)
+    return matmul(hidden, hidden_t, model.routing), model.decoder.T, None
   return hidden, model.w_down, model.b_down
 
 
-def _head(model: Model, x: Array, values: Array, hidden_mask: Array | None):
+def _head(model: Model, x: Array, values: Array, hidden_mask: Array | None,
+          x_t: Array | None = None):
   """``(z (N, r), table (r, P), offset (P,) | None)``: logits ``z table + o``.
 
   Picks the cheaper association: ``z (R V^T)`` when ``h < d``, else
   ``(z R) V^T``.
   """
-  z, readout, bias = _features(model, x, hidden_mask)
+  z, readout, bias = _features(model, x, hidden_mask, x_t)
   if z.shape[-1] < readout.shape[-1]:
     table = readout @ values.T
-  else:
+  elif x_t is None:
     z, table = z @ readout, values.T
+  else:
+    z, table = _matmul_t(z, _transposed(z), readout), values.T
   return z, table, None if bias is None else values @ bias
 
 
@@ -243,8 +285,12 @@ _xent_head.defvjp(_xent_head_fwd, _xent_head_bwd)
 def model_outputs(model: Model, x: Array,
                   hidden_mask: Array | None = None) -> Array:
   """Outputs ``g(x) (N, d)`` of a GatedMLP or EncoderDecoder."""
-  z, readout, bias = _features(model, x, hidden_mask)
-  out = z @ readout
+  return _outputs(model, x, hidden_mask)
+
+
+def _outputs(model, x, hidden_mask, x_t=None):
+  z, readout, bias = _features(model, x, hidden_mask, x_t)
+  out = z @ readout if x_t is None else _matmul_t(z, _transposed(z), readout)
   return out if bias is None else out + bias
 
 
@@ -273,10 +319,10 @@ def step_flops(num_keys: int, dim: int, hidden_dim: int, num_values: int, *,
   return first + first_bwd + mid + head
 
 
-def _loss_and_accuracy(model, x, values, target, loss, mask):
+def _loss_and_accuracy(model, x, values, target, loss, mask, x_t=None):
   if loss == 'xent':
-    return _xent_head(*_head(model, x, values, mask), target)
-  out = model_outputs(model, x, mask)
+    return _xent_head(*_head(model, x, values, mask, x_t), target)
+  out = _outputs(model, x, mask, x_t)
   value = jnp.mean(jnp.sum((out - values[target]) ** 2, axis=-1))
   correct = storage.margins(out, values, target) > 0
   return value, jnp.mean(correct.astype(jnp.float32))
@@ -444,26 +490,30 @@ def _fit(model, factset, mask, key, *, trainable, config):
       config.compute_dtype)
   to_compute = lambda tree: jax.tree.map(lambda a: a.astype(compute), tree)
   keys_c, values_c, mask_c = to_compute((keys, values, mask))  # cast once
+  keys_t = _transposed(keys_c)  # once, outside the loop
 
-  def loss_fn(params, x, target):  # x: keys in the compute dtype
+  def loss_fn(params, x, x_t, target):  # x (N, d): keys in the compute dtype
     loss, accuracy = _loss_and_accuracy(
         to_compute(model.replace(**params)), x, values_c, target,
-        config.loss, mask_c)
+        config.loss, mask_c, x_t)
     return loss.astype(keys.dtype), accuracy
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   # lr_spent[t]: summed learning rate of steps < t (the hopeless test).
   lr_spent = jnp.concatenate([jnp.zeros(1), jnp.cumsum(
       _schedule(config)(jnp.arange(config.max_steps)))])
-  full_accuracy = lambda params: loss_fn(params, keys_c, mapping)[1]
+  full_accuracy = lambda params: loss_fn(params, keys_c, keys_t, mapping)[1]
 
   def live_step(state: _State, step_key) -> _State:
     if config.batch_size is None:
-      (loss, accuracy), grads = grad_fn(state.trainable, keys_c, mapping)
+      (loss, accuracy), grads = grad_fn(state.trainable, keys_c, keys_t,
+                                        mapping)
     else:
       idx = jax.random.choice(step_key, keys.shape[0], (config.batch_size,),
                               replace=False)
-      (loss, _), grads = grad_fn(state.trainable, keys_c[idx], mapping[idx])
+      batch = keys_c[idx]
+      (loss, _), grads = grad_fn(state.trainable, batch, _transposed(batch),
+                                 mapping[idx])
       accuracy = full_accuracy(state.trainable)
     # Checks on the current params: stop before updating them.
     reached = accuracy >= config.target_accuracy
