@@ -11,10 +11,32 @@ reduced default).
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import jax
 import pytest
 
 jax.config.update('jax_default_matmul_precision', 'highest')
+
+# One persistent compilation cache per test run, shared by the xdist workers
+# and the subprocesses they start (CLI, experiment scripts, notebook): they
+# inherit this environment from the controller, so the same programs compile
+# once per run instead of once per process. The cache starts empty every
+# run and the controller removes it at the end (pytest_unconfigure).
+_OWN_CACHE = 'JAX_COMPILATION_CACHE_DIR' not in os.environ
+if _OWN_CACHE:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(
+      prefix='factstore_jax_test_cache_')
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+jax.config.update('jax_compilation_cache_dir',
+                  os.environ['JAX_COMPILATION_CACHE_DIR'])
+jax.config.update('jax_persistent_cache_min_compile_time_secs', float(
+    os.environ.get('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', 1.0)))
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', int(
+    os.environ.get('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', 0)))
 
 
 def pytest_addoption(parser):
@@ -50,3 +72,9 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if 'slow' in item.keywords:
       item.add_marker(skip_slow)
+
+
+def pytest_unconfigure(config):
+  # Workers inherit the controller's directory (_OWN_CACHE False there).
+  if _OWN_CACHE and not hasattr(config, 'workerinput'):
+    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
