@@ -72,6 +72,18 @@ _SCRIPT = textwrap.dedent('''
           'max_err': max(float(np.max(np.abs(host[n] - ref[n])))
                          for n in ('h', 'norm')),
       }
+      # Each device maps over its items 1 / 2 at a time (lax.map).
+      report[b]['chunked'] = {}
+      for chunk in (1, 2):
+        got = sweep.map_batched(t._fn, inputs, chunk_size=chunk,
+                                to_host=False)
+        report[b]['chunked'][chunk] = {
+            'device_set': min(len(v.sharding.device_set)
+                              for v in got.values()),
+            'top_equal': bool(np.array_equal(np.asarray(got['top']),
+                                             ref['top'])),
+            'max_err': max(float(np.max(np.abs(np.asarray(got[n]) - ref[n])))
+                           for n in ('h', 'norm'))}
     report['cache'] = sweep._compiled.cache_info().misses
     print(json.dumps(report))
 ''')
@@ -99,10 +111,15 @@ def test_map_batched_sharded_equals_unsharded():
     # CPU code for a per-device batch of 2 reduces in another order than for
     # a batch of 8 (seen: 1 ulp in 'norm' at B = 8, also without sharding).
     assert r['max_err'] <= 1e-5
+    for chunk in ('1', '2'):
+      c = r['chunked'][chunk]
+      assert c['device_set'] == 4 and c['top_equal'] and c['max_err'] <= 1e-5
   # Unpadded outputs stay sharded over the batch axis.
   assert report['8']['batch_sharded'] == {'h': True, 'norm': True,
                                          'top': True}
-  assert report['cache'] == 1  # one compiled function for both batch sizes
+  # One compiled function per mode (vmap, chunks of 1, of 2), for both
+  # batch sizes.
+  assert report['cache'] == 3
 
 
 def test_map_batched_one_device_equals_vmap():
@@ -116,6 +133,25 @@ def test_map_batched_one_device_equals_vmap():
     np.testing.assert_array_equal(out[n], np.asarray(ref[n]))
     np.testing.assert_allclose(out[n], np.asarray(eager[n]), rtol=1e-5,
                                atol=1e-5)
+
+
+@pytest.mark.parametrize('chunk_size', [1, 2, 5, 8])
+def test_map_batched_chunked_equals_vmap(chunk_size):
+  # A sequential map, chunk_size items at a time (5 = the whole batch, 8 =
+  # more than it): the same results as the vmapped call, with a while loop
+  # whose trip count differs per item.
+  def fn(item):
+    steps, grown = jax.lax.while_loop(
+        lambda c: c[0] < item['steps'], lambda c: (c[0] + 1, c[1] * 1.5),
+        (0, _fn(item)['norm']))
+    return {'steps': steps, 'grown': grown, 'h': _fn(item)['h']}
+
+  inputs = dict(_inputs(5, seed=2), steps=np.arange(5, dtype=np.int32))
+  ref = sweep.map_batched(fn, inputs)
+  out = sweep.map_batched(fn, inputs, chunk_size=chunk_size)
+  np.testing.assert_array_equal(out['steps'], np.arange(5))
+  for n in ref:
+    np.testing.assert_allclose(out[n], ref[n], rtol=1e-6, atol=1e-6)
 
 
 def test_map_batched_static_kwargs_and_no_retrace():
@@ -148,6 +184,9 @@ def test_map_batched_errors():
     sweep.map_batched(_fn, {'a': np.zeros((0, 2))})
   with pytest.raises(FactStoreError, match='hashable'):
     sweep.map_batched(_fn, ok, static_kwargs={'steps': [1]})
+  for bad in (0, -1, 1.5, True, '2'):
+    with pytest.raises(FactStoreError, match='chunk_size'):
+      sweep.map_batched(_fn, ok, chunk_size=bad)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('data',))
   with pytest.raises(FactStoreError, match="needs a 'batch' axis"):
     sweep.map_batched(_fn, ok, mesh=mesh)
