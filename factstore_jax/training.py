@@ -146,7 +146,7 @@ def _matmul_t(x: Array, x_t: Array, w: Array) -> Array:
   """``x @ w`` whose weight gradient reads ``x_t``, a materialised ``x^T``.
 
   Autodiff's ``x^T g`` is a dot contracting ``x``'s rows, which XLA:CPU runs
-  outside its fast matmul kernel (~3x slower at the GD benchmark's shapes);
+  outside its fast matmul kernel (measured ~3x slower on an (N, P) operand);
   for the keys, ``x_t`` is computed once, outside the training loop.
   Reverse mode only (no ``jvp``): used inside the training loss.
   """
@@ -227,8 +227,8 @@ def _xent_head(z: Array, table: Array, offset: Array | None, target: Array):
   derivative used a scatter and a transposed-operand matmul, twice as slow
   on CPU). Accuracy counts strict wins over every other value: the correct
   logit is the row max and no other exponential rounds to 1, so ties fail,
-  and so does a win by less than ~3e-8 (where ``exp`` of the gap rounds to
-  1 in float32); the stored MLP's certificate is computed separately.
+  and so does a win so small that ``exp`` of the gap rounds to 1 (below
+  ~3e-8 in float32); the stored MLP's certificate is computed separately.
   """
   return _xent_head_fwd(z, table, offset, target)[0]
 
@@ -246,7 +246,7 @@ def _xent_head_fwd(z, table, offset, target):
   # exp (+ its row sums), which the backward matmuls read directly, and a
   # row sum of floor(exp), counting the logits that tie with the max. No
   # select on a one-hot mask: on CPU, reductions of selects (or compares)
-  # leave the vectorised fused kernels and took 3-6x longer.
+  # leave the vectorised fused kernels (the whole head took ~2x longer).
   correct_logit = jnp.take_along_axis(logits, target[:, None], axis=1)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
   exp = jnp.exp(logits - row_max)
