@@ -171,21 +171,22 @@ def _transposed(x: Array) -> Array:
   return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
 
 
+def _dense(x: Array, w: Array, x_t: Array | None) -> Array:
+  """``x @ w``; given ``x_t`` (``x^T`` materialised), via ``_matmul_t``."""
+  return x @ w if x_t is None else _matmul_t(x, x_t, w)
+
+
 def _features(model: Model, x: Array, hidden_mask: Array | None,
               x_t: Array | None = None):
   """``(z (N, h'), readout (h', d), bias (d,) | None)`` with output ``z R + b``.
 
   ``x_t``: ``x^T`` materialised, for fast weight gradients (training loss).
   """
-  if x_t is None:
-    matmul = lambda a, a_t, w: a @ w
-  else:
-    matmul = _matmul_t
   act = get_activation(model.activation)
-  gate = matmul(x, x_t, model.w_gate)
+  gate = _dense(x, model.w_gate, x_t)
   if model.b_gate is not None:
     gate = gate + model.b_gate
-  up = matmul(x, x_t, model.w_up)
+  up = _dense(x, model.w_up, x_t)
   if isinstance(model, GatedMLP) and model.b_up is not None:
     up = up + model.b_up
   hidden = up * act(gate)
@@ -193,7 +194,7 @@ def _features(model: Model, x: Array, hidden_mask: Array | None,
     hidden = hidden * hidden_mask
   if isinstance(model, EncoderDecoder):
     hidden_t = None if x_t is None else _transposed(hidden)
-    return matmul(hidden, hidden_t, model.routing), model.decoder.T, None
+    return _dense(hidden, model.routing, hidden_t), model.decoder.T, None
   return hidden, model.w_down, model.b_down
 
 
@@ -207,10 +208,9 @@ def _head(model: Model, x: Array, values: Array, hidden_mask: Array | None,
   z, readout, bias = _features(model, x, hidden_mask, x_t)
   if z.shape[-1] < readout.shape[-1]:
     table = readout @ values.T
-  elif x_t is None:
-    z, table = z @ readout, values.T
   else:
-    z, table = _matmul_t(z, _transposed(z), readout), values.T
+    z_t = None if x_t is None else _transposed(z)
+    z, table = _dense(z, readout, z_t), values.T
   return z, table, None if bias is None else values @ bias
 
 
@@ -269,7 +269,7 @@ def _xent_head_bwd(res, cotangents):
   d_z = mm(exp, table.T) * scale - table.T[target] / n
   # (r, N) materialised: otherwise XLA folds the transpose into the dot,
   # which then leaves the fast CPU matmul kernel (~1.5x slower).
-  z_scaled = jax.lax.optimization_barrier((z * scale).astype(z.dtype).T)
+  z_scaled = _transposed((z * scale).astype(z.dtype))
   d_table = mm(z_scaled, exp) - jax.ops.segment_sum(
       z, target, num_segments=p).T / n
   d_offset = None if offset is None else (
@@ -290,7 +290,7 @@ def model_outputs(model: Model, x: Array,
 
 def _outputs(model, x, hidden_mask, x_t=None):
   z, readout, bias = _features(model, x, hidden_mask, x_t)
-  out = z @ readout if x_t is None else _matmul_t(z, _transposed(z), readout)
+  out = _dense(z, readout, None if x_t is None else _transposed(z))
   return out if bias is None else out + bias
 
 

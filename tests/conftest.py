@@ -24,19 +24,20 @@ jax.config.update('jax_default_matmul_precision', 'highest')
 # and the subprocesses they start (CLI, experiment scripts, notebook): they
 # inherit this environment from the controller, so the same programs compile
 # once per run instead of once per process. The cache starts empty every
-# run and the controller removes it at the end (pytest_unconfigure).
+# run and the controller removes it at the end (pytest_unconfigure). Workers
+# and subprocesses start with these variables set, and JAX reads them when
+# it is imported; this process may have imported JAX already, hence the
+# config updates.
 _OWN_CACHE = 'JAX_COMPILATION_CACHE_DIR' not in os.environ
 if _OWN_CACHE:
-  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(
-      prefix='factstore_jax_test_cache_')
-  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-  os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
-jax.config.update('jax_compilation_cache_dir',
-                  os.environ['JAX_COMPILATION_CACHE_DIR'])
-jax.config.update('jax_persistent_cache_min_compile_time_secs', float(
-    os.environ.get('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', 1.0)))
-jax.config.update('jax_persistent_cache_min_entry_size_bytes', int(
-    os.environ.get('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', 0)))
+  _CACHE_SETTINGS = {
+      'jax_compilation_cache_dir': tempfile.mkdtemp(
+          prefix='factstore_jax_test_cache_'),
+      'jax_persistent_cache_min_compile_time_secs': 0,
+      'jax_persistent_cache_min_entry_size_bytes': 0}
+  for _name, _value in _CACHE_SETTINGS.items():
+    os.environ[_name.upper()] = str(_value)
+    jax.config.update(_name, _value)
 
 
 def pytest_addoption(parser):

@@ -141,10 +141,11 @@ def test_map_batched_chunked_equals_vmap(chunk_size):
   # more than it): the same results as the vmapped call, with a while loop
   # whose trip count differs per item.
   def fn(item):
+    out = _fn(item)
     steps, grown = jax.lax.while_loop(
         lambda c: c[0] < item['steps'], lambda c: (c[0] + 1, c[1] * 1.5),
-        (0, _fn(item)['norm']))
-    return {'steps': steps, 'grown': grown, 'h': _fn(item)['h']}
+        (0, out['norm']))
+    return {'steps': steps, 'grown': grown, 'h': out['h']}
 
   inputs = dict(_inputs(5, seed=2), steps=np.arange(5, dtype=np.int32))
   ref = sweep.map_batched(fn, inputs)
