@@ -4,12 +4,13 @@ For each geometry (isotropic: tied spherical keys/values; anisotropic: a
 rank-1 spike of strength ``beta`` on keys and values), dimension d, size
 N = alpha d^2 and method, finds W* (the smallest parameter count storing every
 fact) on ``len(seeds)`` random fact sets with a random permutation map. Seeds
-of one cell are searched in lockstep (one vmapped, device-sharded program per
-round for the batched methods). Rows are appended atomically to ``rows.csv``
-and skipped on re-run. Writes ``scaling.png`` (log-log W* vs N, fitted
-slopes, the information floor ``N log2 P / 32``) and ``summary.md`` (slopes
-per method with their spread over seeds, ``W = C N (log2 N + b)`` fits, and
-the closed-form vs GD slope difference).
+of one cell are searched in lockstep (one device-sharded program per round
+for the batched methods; GD members run ``--chunk_size`` at a time). Rows
+are appended atomically to ``rows.csv`` and skipped on re-run. Writes
+``scaling.png`` (log-log W* vs N, fitted slopes, the information floor
+``N log2 P / 32``) and ``summary.md`` (slopes per method with their spread
+over seeds, ``W = C N (log2 N + b)`` fits, and the closed-form vs GD slope
+difference).
 
   python experiments/capacity_scaling.py                 # default grid
   python experiments/capacity_scaling.py --dims=64,128 \\
@@ -44,6 +45,10 @@ flags.DEFINE_float('beta', 1.5, 'Spike strength of the anisotropic geometry.')
 flags.DEFINE_integer('max_steps', 10_000, 'GD step budget.')
 flags.DEFINE_float('learning_rate', 1e-3, 'GD initial learning rate.')
 flags.DEFINE_integer('patience', 2_000, 'GD plateau patience (steps).')
+flags.DEFINE_integer('chunk_size', 1,
+                     'GD members trained at a time on each device (lax.map; '
+                     'each stops early on its own); 0 = all in one vmap.',
+                     lower_bound=0)
 flags.DEFINE_float('rel_tol', 0.05,
                    'Stop a width search when its bracket is this narrow '
                    '(relative); 0 = exact.')
@@ -204,7 +209,7 @@ def main(argv):
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   options = methods.MethodOptions(train=training.TrainConfig(
       learning_rate=FLAGS.learning_rate, max_steps=FLAGS.max_steps,
-      patience=FLAGS.patience))
+      patience=FLAGS.patience), chunk_size=FLAGS.chunk_size or None)
   seeds = [int(s) for s in FLAGS.seeds]
   configs = [dict(geometry=g, dim=int(d), num_facts=int(float(a) * int(d)**2),
                   method=m, seed=s)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import numpy as np
 import pytest
 
-from factstore_jax import factsets, methods, training
+from factstore_jax import factsets, methods, sweep, training
 from factstore_jax.errors import FactStoreError
 
 FAST = methods.MethodOptions(train=training.TrainConfig(
@@ -48,6 +51,30 @@ def test_batched_evaluation_equals_single_calls(sets):
   assert abs(both[0] - one[0]) < 1e-6
 
 
+@pytest.mark.parametrize('method', ['gd', 'encoder_decoder_gd'])
+def test_chunked_gd_members_equal_vmapped(sets, method, monkeypatch):
+  # One member stops early (the wide one), the other trains on: mapped
+  # members, each stopping on its own, give the vmapped accuracies.
+  used, map_batched = [], sweep.map_batched
+  def spy(*args, chunk_size=None, **kwargs):
+    used.append(chunk_size)
+    return map_batched(*args, chunk_size=chunk_size, **kwargs)
+  monkeypatch.setattr(sweep, 'map_batched', spy)
+  keys = [jax.random.key(5), jax.random.key(6)]
+  code_dim = 16 if method == 'encoder_decoder_gd' else None
+  accs = [methods.evaluate_batched(
+      method, keys, sets, [3, 32], code_dim=code_dim,
+      options=dataclasses.replace(FAST, chunk_size=chunk))
+          for chunk in (None, 1)]
+  assert used == [None, 1]
+  # The closed-form baselines always vmap.
+  methods.evaluate_batched('hebbian_ridge', keys, sets, [8, 8],
+                           options=dataclasses.replace(FAST, chunk_size=1))
+  assert used[-1] is None
+  assert accs[0][1] == 1.0 and accs[0][0] < 1.0
+  np.testing.assert_allclose(accs[1], accs[0], atol=1 / 48 + 1e-6)
+
+
 def test_closed_form_capacity(sets):
   cap = methods.find_capacity('encoder_decoder', sets[:1],
                               [jax.random.key(0)], options=FAST)[0]
@@ -65,3 +92,6 @@ def test_errors(sets):
     methods.find_capacity('gd', [sets[0], other], [jax.random.key(0)] * 2)
   with pytest.raises(FactStoreError, match='code_dim'):
     methods.num_params('encoder_decoder_gd', 16, 8)
+  for bad in (0, True, 1.5):
+    with pytest.raises(FactStoreError, match='chunk_size'):
+      methods.MethodOptions(chunk_size=bad)
