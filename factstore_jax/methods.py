@@ -201,7 +201,8 @@ def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
     keys: one PRNG key per fact set (features, initialisation, buckets).
     options: :class:`MethodOptions`.
     max_width: largest width tried (default: ``d`` for the closed form's
-      code dim, ``64 d`` for ``ntk``, ``8 d`` for the others).
+      code dim, ``8 d`` for the GD methods, ``64 d`` for the closed-form
+      baselines, whose random features are the least efficient).
     start: first width tried (default: a guess from the fact set's size).
     batch, threshold, rel_tol: as :func:`capacity.search_width`.
 
@@ -226,8 +227,9 @@ def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
   if method == 'encoder_decoder_gd':
     code_dim = _gd_code_dim(keys[0], factsets[0])
   if max_width is None:
-    # NTK features are the least efficient (~N log N / d units).
-    max_width = (64 if method == 'ntk' else 8) * dim
+    # Random features need the most units (NTK ~N log N / d); GD's training
+    # cost grows with the width searched, the baselines' hardly.
+    max_width = (8 if method in _GD_METHODS else 64) * dim
   if start is None:
     # Guess: GD-like methods need about 8 parameters per fact.
     start = int(np.clip(8 * n / (3 * dim), 1, max_width))

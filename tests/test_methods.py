@@ -75,6 +75,14 @@ def test_chunked_gd_members_equal_vmapped(sets, method, monkeypatch):
   np.testing.assert_allclose(accs[1], accs[0], atol=1 / 48 + 1e-6)
 
 
+def test_baselines_search_up_to_64d():
+  # Hebbian ridge plateaus below 1.0 here (d = 16, N = 160): the search
+  # grows to the default maximum, 64 d (GD's is 8 d).
+  fs = factsets.random_factset(jax.random.key(0), 160, 16, tied=True)
+  cap = methods.find_capacity('hebbian_ridge', [fs], [jax.random.key(1)])[0]
+  assert cap.width is None and max(cap.tested) == 64 * 16
+
+
 def test_closed_form_capacity(sets):
   cap = methods.find_capacity('encoder_decoder', sets[:1],
                               [jax.random.key(0)], options=FAST)[0]
