@@ -51,8 +51,7 @@ def test_batched_evaluation_equals_single_calls(sets):
   assert abs(both[0] - one[0]) < 1e-6
 
 
-@pytest.mark.parametrize('method', ['gd', 'encoder_decoder_gd'])
-def test_chunked_gd_members_equal_vmapped(sets, method, monkeypatch):
+def test_chunked_gd_members_equal_vmapped(sets, monkeypatch):
   # One member stops early (the wide one), the other trains on: mapped
   # members, each stopping on its own, give the vmapped accuracies.
   used, map_batched = [], sweep.map_batched
@@ -61,9 +60,8 @@ def test_chunked_gd_members_equal_vmapped(sets, method, monkeypatch):
     return map_batched(*args, chunk_size=chunk_size, **kwargs)
   monkeypatch.setattr(sweep, 'map_batched', spy)
   keys = [jax.random.key(5), jax.random.key(6)]
-  code_dim = 16 if method == 'encoder_decoder_gd' else None
   accs = [methods.evaluate_batched(
-      method, keys, sets, [3, 32], code_dim=code_dim,
+      'gd', keys, sets, [3, 32],
       options=dataclasses.replace(FAST, chunk_size=chunk))
           for chunk in (None, 1)]
   assert used == [None, 1]
@@ -79,7 +77,8 @@ def test_baselines_search_up_to_64d():
   # Hebbian ridge plateaus below 1.0 here (d = 16, N = 160): the search
   # grows to the default maximum, 64 d (GD's is 8 d).
   fs = factsets.random_factset(jax.random.key(0), 160, 16, tied=True)
-  cap = methods.find_capacity('hebbian_ridge', [fs], [jax.random.key(1)])[0]
+  cap = methods.find_capacity('hebbian_ridge', [fs], [jax.random.key(1)],
+                              start=8 * 16 + 1)[0]
   assert cap.width is None and max(cap.tested) == 64 * 16
 
 
