@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import jax
 import numpy as np
 from absl import app, flags
+from tqdm import tqdm
 
 from factstore_jax import capacity, factsets, methods, training
 from factstore_jax.atomic import save_figure, write_text
@@ -87,8 +89,9 @@ def compute(group: list[dict], options: methods.MethodOptions) -> list[dict]:
     t0 = time.perf_counter()
     fss = [make_factset(geometry, s, n, dim, FLAGS.beta) for s in seeds]
     keys = [jax.random.key(1000 + s) for s in seeds]
-    found = methods.find_capacity(method, fss, keys, options=options,
-                                  rel_tol=FLAGS.rel_tol)
+    found = methods.find_capacity(
+        method, fss, keys, options=options, rel_tol=FLAGS.rel_tol,
+        on_round=log_round(f'{method} {geometry} d={dim} N={n}', seeds, t0))
     seconds = (time.perf_counter() - t0) / len(members)
     for j, cap in zip(members, found):
       out[j] = dict(
@@ -99,6 +102,16 @@ def compute(group: list[dict], options: methods.MethodOptions) -> list[dict]:
           rounds=cap.rounds, tested=json.dumps(cap.tested),
           info_floor=capacity.info_floor(n, n), seconds=seconds)
   return out
+
+
+def log_round(cell: str, seeds: list[int], t0: float):
+  """Prints each search round (a cell's GD rounds can take an hour)."""
+  def log(members, widths, accs):
+    tried = ', '.join(f'seed {seeds[m]} width {w}: {a:.4f}'
+                      for m, w, a in zip(members, widths, accs))
+    tqdm.write(f'{cell} [{time.perf_counter() - t0:.0f} s] {tried}',
+               file=sys.stderr)
+  return log
 
 
 def slopes(rows, geometry, dim, method, largest: int | None = None):

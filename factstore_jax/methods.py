@@ -23,7 +23,7 @@ baselines, so few shapes compile), sharded over devices by
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -192,7 +192,9 @@ def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
                   options: MethodOptions = MethodOptions(),
                   max_width: int | None = None, start: int | None = None,
                   batch: int = 1, threshold: float = 1.0,
-                  rel_tol: float = 0.0) -> list[Capacity]:
+                  rel_tol: float = 0.0,
+                  on_round: Callable[[list[int], list[int], list[float]],
+                                     None] | None = None) -> list[Capacity]:
   """``W*`` of ``method`` on each fact set (one search each, in lockstep).
 
   Args:
@@ -205,6 +207,9 @@ def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
       baselines, whose random features are the least efficient).
     start: first width tried (default: a guess from the fact set's size).
     batch, threshold, rel_tol: as :func:`capacity.search_width`.
+    on_round: called after each round of evaluations with parallel lists
+      ``(members, widths, accuracies)`` (``members`` index ``factsets``),
+      e.g. to log the progress of a long search.
 
   Returns:
     One :class:`Capacity` per fact set.
@@ -219,10 +224,12 @@ def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
   for fs in factsets:
     if fs.keys.shape != (n, dim) or fs.values.shape[0] != num_values:
       raise FactStoreError('find_capacity needs fact sets of equal shapes')
+  report = on_round or (lambda members, widths, accs: None)
   if method == 'encoder_decoder':
-    return [_closed_form_capacity(k, fs, options, max_width or dim,
-                                  start or min(16, dim), rel_tol)
-            for k, fs in zip(keys, factsets)]
+    return [_closed_form_capacity(
+        k, fs, options, max_width or dim, start or min(16, dim), rel_tol,
+        lambda widths, accs, i=i: report([i] * len(widths), widths, accs))
+            for i, (k, fs) in enumerate(zip(keys, factsets))]
   code_dim = None
   if method == 'encoder_decoder_gd':
     code_dim = _gd_code_dim(keys[0], factsets[0])
@@ -233,11 +240,15 @@ def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
   if start is None:
     # Guess: GD-like methods need about 8 parameters per fact.
     start = int(np.clip(8 * n / (3 * dim), 1, max_width))
+  def evaluate(members, widths):
+    accs = evaluate_batched(
+        method, [keys[m] for m in members], [factsets[m] for m in members],
+        widths, options=options, code_dim=code_dim)
+    report(list(members), list(widths), [float(a) for a in accs])
+    return accs
+
   found = capacity.search_widths(
-      lambda members, widths: evaluate_batched(
-          method, [keys[m] for m in members], [factsets[m] for m in members],
-          widths, options=options, code_dim=code_dim),
-      [start] * len(factsets), max_width=max_width, threshold=threshold,
+      evaluate, [start] * len(factsets), max_width=max_width, threshold=threshold,
       batch=batch, rel_tol=rel_tol)
   return [Capacity(method, r.width,
                    None if r.width is None else num_params(
@@ -252,14 +263,16 @@ def _gd_code_dim(key, fs: FactSet) -> int:
   return int(m)
 
 
-def _closed_form_capacity(key, fs, options, max_width, start, rel_tol):
+def _closed_form_capacity(key, fs, options, max_width, start, rel_tol,
+                          report):
   params: dict[int, int | None] = {}
 
   def evaluate(widths):
     accs = []
     for m in widths:
       acc, params[m] = _closed_form(key, fs, m, options)
-      accs.append(acc)
+      accs.append(float(acc))
+    report(list(widths), accs)
     return accs
 
   r = capacity.search_width(evaluate, start=start, max_width=max_width,

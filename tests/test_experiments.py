@@ -32,7 +32,9 @@ def test_capacity_scaling_tiny(tmp_path):
            '--methods=gd,hebbian_ridge', '--geometries=isotropic',
            '--max_steps=600', '--learning_rate=0.01', '--patience=200',
            '--rel_tol=0.5']
-  run('capacity_scaling.py', tmp_path, *flags)
+  proc = run('capacity_scaling.py', tmp_path, *flags)
+  assert 'gd isotropic d=16 N=32 [' in proc.stderr  # one line per round
+  assert 'seed 1 width' in proc.stderr
   got = rows(tmp_path / 'rows.csv')
   assert len(got) == 2 * 2 * 2
   assert all(r['num_params'] for r in got)

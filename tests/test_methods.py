@@ -27,9 +27,14 @@ def sets():
 def test_wstar_is_the_smallest_passing_width(sets, method, threshold):
   # NTK features at d = 16 do not store all 48 facts even at width 1024.
   keys = [jax.random.key(10), jax.random.key(11)]
+  rounds = []
   caps = methods.find_capacity(method, sets, keys, options=FAST,
-                               threshold=threshold)
-  for cap, fs, key in zip(caps, sets, keys):
+                               threshold=threshold,
+                               on_round=lambda *r: rounds.append(r))
+  for i, (cap, fs, key) in enumerate(zip(caps, sets, keys)):
+    # on_round saw every width the search tested, with its accuracy.
+    assert {w: a for members, widths, accs in rounds
+            for m, w, a in zip(members, widths, accs) if m == i} == cap.tested
     assert cap.width is not None
     assert cap.tested[cap.width] >= threshold
     assert cap.num_params == methods.num_params(method, 16, cap.width)
@@ -83,9 +88,14 @@ def test_baselines_search_up_to_64d():
 
 
 def test_closed_form_capacity(sets):
+  rounds = []
   cap = methods.find_capacity('encoder_decoder', sets[:1],
-                              [jax.random.key(0)], options=FAST)[0]
+                              [jax.random.key(0)], options=FAST,
+                              on_round=lambda *r: rounds.append(r))[0]
   assert cap.width is not None and cap.num_params > 0
+  assert len(rounds) == cap.rounds
+  assert {w: a for _, widths, accs in rounds
+          for w, a in zip(widths, accs)} == cap.tested
   assert cap.tested[cap.width] == 1.0
 
 
