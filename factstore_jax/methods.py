@@ -65,12 +65,7 @@ class MethodOptions:
   chunk_size: int | None = None
 
   def __post_init__(self):
-    if self.chunk_size is not None and (
-        isinstance(self.chunk_size, bool)
-        or not isinstance(self.chunk_size, int) or self.chunk_size < 1):
-      raise FactStoreError(
-          f'MethodOptions.chunk_size must be None or an int >= 1, got '
-          f'{self.chunk_size!r}')
+    sweep.check_chunk_size(self.chunk_size, 'MethodOptions.chunk_size')
 
 
 class Capacity(NamedTuple):
@@ -240,6 +235,7 @@ def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
   if start is None:
     # Guess: GD-like methods need about 8 parameters per fact.
     start = int(np.clip(8 * n / (3 * dim), 1, max_width))
+
   def evaluate(members, widths):
     accs = evaluate_batched(
         method, [keys[m] for m in members], [factsets[m] for m in members],
@@ -248,8 +244,8 @@ def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
     return accs
 
   found = capacity.search_widths(
-      evaluate, [start] * len(factsets), max_width=max_width, threshold=threshold,
-      batch=batch, rel_tol=rel_tol)
+      evaluate, [start] * len(factsets), max_width=max_width,
+      threshold=threshold, batch=batch, rel_tol=rel_tol)
   return [Capacity(method, r.width,
                    None if r.width is None else num_params(
                        method, dim, r.width, code_dim=code_dim),

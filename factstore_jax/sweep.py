@@ -123,6 +123,15 @@ def _pad_batch(inputs: Any, size: int, multiple: int) -> tuple[int, Any]:
   return padded, inputs
 
 
+def check_chunk_size(chunk_size: Any, what: str) -> None:
+  """Raises ``FactStoreError`` unless ``chunk_size`` is None or an int >= 1."""
+  if chunk_size is not None and (
+      isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+      or chunk_size < 1):
+    raise FactStoreError(
+        f'{what} must be None or an int >= 1, got {chunk_size!r}')
+
+
 def map_batched(fn: Callable[..., Any], inputs: Any, *,
                 mesh: Mesh | None = None,
                 static_kwargs: Mapping[str, Hashable] | None = None,
@@ -169,12 +178,7 @@ def map_batched(fn: Callable[..., Any], inputs: Any, *,
   if BATCH_AXIS not in mesh.axis_names:
     raise FactStoreError(
         f"map_batched: mesh has axes {mesh.axis_names}, needs a 'batch' axis")
-  if chunk_size is not None and (
-      isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-      or chunk_size < 1):
-    raise FactStoreError(
-        f'map_batched: chunk_size must be None or an int >= 1, got '
-        f'{chunk_size!r}')
+  check_chunk_size(chunk_size, 'map_batched: chunk_size')
   static = tuple(sorted((static_kwargs or {}).items()))
   try:
     compiled = _compiled(fn, mesh, static, chunk_size)
