@@ -196,7 +196,8 @@ def test_xent_gradients_many_to_one_with_offset(hidden):
                 modes=['rev'])
 
 
-def test_xent_head_accuracy_counts_strict_wins():
+@pytest.mark.parametrize('block_rows', [64, 16, 24])  # 1, 4, 2 + tail
+def test_xent_head_accuracy_counts_strict_wins(block_rows):
   # Rows 0-31: target = the row's argmax (wins); 32-47: target = the
   # argmin (loses); 48-63: z = 0, so every logit ties (fails).
   n, r, p = 64, 8, 40
@@ -205,11 +206,41 @@ def test_xent_head_accuracy_counts_strict_wins():
   logits = np.asarray(z, np.float64) @ np.asarray(table, np.float64)
   target = np.concatenate([np.argmax(logits[:32], 1),
                            np.argmin(logits[32:48], 1), np.arange(16)])
-  loss, accuracy = training._xent_head(z, table, None, jnp.asarray(target))
+  loss, accuracy = training._xent_head(z, table, None, jnp.asarray(target),
+                                       block_rows)
   assert float(accuracy) == 0.5
   log_softmax = logits - np.log(np.sum(np.exp(logits), 1, keepdims=True))
   np.testing.assert_allclose(
       float(loss), -np.mean(log_softmax[np.arange(n), target]), rtol=1e-5)
+
+
+@pytest.mark.parametrize('offset', [False, True])
+def test_xent_head_blocks_match_autodiff(offset):
+  # Blocked logits (scan over full blocks, a remainder call) give the loss,
+  # accuracy and gradients of plain autodiff on the whole logits matrix.
+  with jax.enable_x64(True):
+    n, r, p = 30, 5, 7
+    z = jax.random.normal(jax.random.key(22), (n, r), jnp.float64)
+    table = jax.random.normal(jax.random.key(23), (r, p), jnp.float64)
+    bias = jnp.linspace(-1.0, 1.0, p) if offset else None
+    target = jax.random.randint(jax.random.key(24), (n,), 0, p)  # repeats
+
+    def reference(z, table, bias):
+      logits = z @ table + (0.0 if bias is None else bias)
+      return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(n), target])
+
+    args = (z, table, bias) if offset else (z, table)
+    want = jax.value_and_grad(reference, argnums=range(len(args)))(
+        *args, *([] if offset else [None]))
+    for rows in (n, 1, 7, 10, 64):  # one call, 30, 4 + 2, 3, one call
+      head = lambda *a, rows=rows: training._xent_head(
+          a[0], a[1], a[2] if offset else None, target, rows)
+      (loss, accuracy), vjp = jax.vjp(head, *args)
+      grads = vjp((jnp.asarray(1.0, jnp.float64), jnp.zeros((), jnp.float32)))
+      chex.assert_trees_all_close((loss, grads), want, rtol=1e-12)
+      wins = np.argmax(np.asarray(z @ table + (0.0 if bias is None else bias)),
+                       1) == np.asarray(target)
+      assert float(accuracy) == np.float32(np.mean(wins))
 
 
 @pytest.mark.parametrize('kind, loss', [('narrow', 'xent'), ('wide', 'xent'),
@@ -255,6 +286,9 @@ def test_step_flops_association():
 @pytest.mark.parametrize('kwargs, match', [
     (dict(max_steps=0), 'max_steps'),
     (dict(chunk_steps=0), 'chunk_steps'),
+    (dict(logit_rows=0), 'logit_rows'),
+    (dict(logit_rows=True), 'logit_rows'),
+    (dict(logit_rows=2.5), 'logit_rows'),
     (dict(loss='hinge'), 'loss'),
     (dict(learning_rate=0.0), 'learning rate'),
     (dict(target_accuracy=0.0), 'target_accuracy'),
