@@ -100,7 +100,8 @@ def compute(group: list[dict], options: methods.MethodOptions) -> list[dict]:
           params_per_fact=(cap.num_params / n if cap.num_params else ''),
           code_dim=cap.code_dim if cap.code_dim is not None else '',
           rounds=cap.rounds, tested=json.dumps(cap.tested),
-          info_floor=capacity.info_floor(n, n), seconds=seconds)
+          info_floor=capacity.info_floor(n, n), seconds=seconds,
+          device=jax.devices()[0].device_kind)
   return out
 
 
@@ -170,7 +171,7 @@ def plot(rows, path):
 def summary(rows) -> str:
   lines = ['# capacity_scaling', '',
            '| geometry | d | method | N | W* mean ± std (params) | '
-           'params/fact | seeds |', '|---|---|---|---|---|---|---|']
+           'params/fact | seeds | device |', '|---' * 8 + '|']
   cells = sorted({(r['geometry'], r['dim'], r['method'], r['num_facts'])
                   for r in rows})
   for geometry, dim, method, n in cells:
@@ -180,8 +181,11 @@ def summary(rows) -> str:
     ok = [w for w in sel if w not in ('', None)]
     w = (f'{np.mean(ok):.0f} ± {np.std(ok):.0f}' if ok else 'not found')
     ppf = f'{np.mean(ok) / n:.1f}' if ok else '-'
+    devices = sorted({str(r.get('device') or '?') for r in rows
+                      if (r['geometry'], r['dim'], r['method'],
+                          r['num_facts']) == (geometry, dim, method, n)})
     lines.append(f'| {geometry} | {dim} | {method} | {n} | {w} | {ppf} | '
-                 f'{len(ok)}/{len(sel)} |')
+                 f'{len(ok)}/{len(sel)} | {", ".join(devices)} |')
   lines += ['', '## Log-log slopes of W* vs N (mean ± std over seeds)', '',
             f'Slopes over all sizes, and over the {TAIL} largest (the '
             'asymptotic end) where a method has more sizes than that.', '',

@@ -38,8 +38,10 @@ def test_capacity_scaling_tiny(tmp_path):
   got = rows(tmp_path / 'rows.csv')
   assert len(got) == 2 * 2 * 2
   assert all(r['num_params'] for r in got)
+  assert {r['device'] for r in got} == {'cpu'}  # JAX_PLATFORMS=cpu
   summary = (tmp_path / 'summary.md').read_text()
   assert 'Log-log slopes' in summary and '| isotropic | 16 | gd |' in summary
+  assert '| 2/2 | cpu |' in summary
   assert '3 largest N' in summary  # a column, empty (—) with two sizes
   assert (tmp_path / 'scaling.png').stat().st_size > 0
   # A re-run finds every row done and computes nothing new.

@@ -5,7 +5,11 @@
 # construction. Part B: roofline at full fp32 precision and the core tests.
 # Part C: the tests that failed on the GPU (one process, full tracebacks),
 # the construction tests, and the million-fact construction.
-# Usage: bash benchmarks/gpu/check.sh A|B|C   (writes under $OUT).
+# Part D: the d = 128 capacity rows a 2-core CPU cannot finish (N = 4,096 and
+# 8,192, full fp32 matmuls as on CPU; rows.csv starts from the CPU rows so
+# finished points are skipped), the test suite beside them, then the roofline
+# alone on the GPU. CAP_S bounds the capacity runs, TESTS_S the tests.
+# Usage: bash benchmarks/gpu/check.sh A|B|C|D   (writes under $OUT).
 set -u
 part=${1:-A}
 OUT=${OUT:-/tmp/gpu_out}; LOGS=/tmp/gpu_logs_$part; mkdir -p "$OUT" "$LOGS"
@@ -41,6 +45,23 @@ elif [ "$part" = C ]; then
   tail -15 "$LOGS/construction.log"
   run million 120 python3 benchmarks/million.py --sizes=1048576 --quiet_wait_s=0 --max_minutes=30 --out=$OUT/million_gpu.json
   grep -v "it/s\|^I1\|^W1\|tpu" "$LOGS/million.log" | tail -6
+elif [ "$part" = D ]; then
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/env.txt"
+  mkdir -p "$OUT/cap"
+  cp experiments/results/capacity_scaling_n4096/rows.csv "$OUT/cap/"
+  bash benchmarks/gpu/tests.sh "${TESTS_S:-360}" 10 > "$LOGS/tests_summary.txt" 2>&1 &
+  cap="JAX_DEFAULT_MATMUL_PRECISION=highest python3 experiments/capacity_scaling.py \
+      --dims=128 --geometries=isotropic --chunk_size=0 --out_dir=$OUT/cap"
+  run cap "${CAP_S:-380}" bash -c "$cap --alphas=0.25 --methods=gd,encoder_decoder_gd \
+      && $cap --alphas=0.5 --methods=encoder_decoder,gd,encoder_decoder_gd \
+      && $cap --alphas=0.5 --methods=ntk,hebbian_ridge,hebbian_data"
+  pkill -f experiments/capacity_scaling.py
+  wait
+  pkill -f pytest; sleep 1
+  cat "$LOGS/tests_summary.txt"
+  grep "\[.* s\]" "$LOGS/cap.log" | tail -n 40
+  JAX_DEFAULT_MATMUL_PRECISION=highest run roofline "${ROOF_S:-130}" python3 benchmarks/roofline.py --roofline_out=$OUT/roofline_gpu.json
+  grep -v "^I1\|^W1\|tpu" "$LOGS/roofline.log" | tail -25
 else
   JAX_DEFAULT_MATMUL_PRECISION=highest run roofline 100 python3 benchmarks/roofline.py --roofline_out=$OUT/roofline_gpu.json
   grep -v "^I1\|^W1\|tpu" "$LOGS/roofline.log" | tail -25
