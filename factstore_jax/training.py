@@ -332,7 +332,7 @@ def _xent_blocks(z, table, offset, target, block_rows, grads):
   if cut < n:
     parts.append(rows(z[cut:], target[cut:]))
   loss = sum(part[0] for part in parts) / n
-  accuracy = sum(part[1] for part in parts) / n
+  accuracy = storage.fraction(sum(part[1] for part in parts), n)
   if not grads:
     return (loss, accuracy), None
   d_z = jnp.concatenate([part[2] for part in parts])
@@ -414,7 +414,7 @@ def _loss_and_accuracy(model, x, values, target, loss, mask, x_t=None,
   out = _outputs(model, x, mask, x_t)
   value = jnp.mean(jnp.sum((out - values[target]) ** 2, axis=-1))
   correct = storage.margins(out, values, target) > 0
-  return value, jnp.mean(correct.astype(jnp.float32))
+  return value, storage.accuracy(correct)
 
 
 def storage_loss(model: Model, factset: FactSet, *, loss: str = 'xent',
@@ -658,7 +658,7 @@ def _fit(model, factset, mask, key, *, trainable, config):
                             mapping)
   return TrainResult(
       params=trained, steps=state.step,
-      accuracy=jnp.mean((gamma > 0).astype(jnp.float32)),
+      accuracy=storage.accuracy(gamma > 0),
       min_margin=jnp.min(gamma), loss=state.loss, stop_reason=state.reason)
 
 

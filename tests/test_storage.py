@@ -198,3 +198,34 @@ class RandomTest(chex.TestCase):
                                  chunk_size=8)
     self.assertEqual(float(report.accuracy), 1.0)
     self.assertGreater(float(report.min_margin), 0.0)
+
+
+
+class FractionTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_all_true_is_exactly_one(self):
+    # XLA turns a division by a constant into a product with its reciprocal
+    # (under jit, on CPU too): 41 * fl(1/41) = 0.99999994, so jnp.mean of 41
+    # trues is not 1. These totals all do that on CPU.
+    for total in (41, 47, 55, 61, 82, 83, 94, 97, 4095, 65_537):
+      got = self.variant(jax.vmap(lambda c, t=total: storage.fraction(c, t)))(
+          jnp.full((2,), total, jnp.float32))
+      self.assertEqual(got.dtype, jnp.float32)
+      np.testing.assert_array_equal(got, 1.0, err_msg=str(total))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_partial_counts(self):
+    correct = jnp.arange(30) % 10 == 3
+    accuracy = self.variant(storage.accuracy)
+    chex.assert_shape(accuracy(correct), ())
+    np.testing.assert_allclose(float(accuracy(correct)), 0.1, rtol=2e-7)
+    self.assertEqual(float(accuracy(correct | True)), 1.0)
+    self.assertEqual(float(accuracy(correct & False)), 0.0)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_report_of_41_stored_facts_is_one(self):
+    table = jnp.eye(41)
+    report = self.variant(storage.evaluate_outputs)(table, table,
+                                                    jnp.arange(41))
+    self.assertEqual(float(report.accuracy), 1.0)

@@ -126,6 +126,25 @@ def test_first_copy_matches_unique():
   np.testing.assert_array_equal(_first_copy(keys), first[inverse.reshape(-1)])
 
 
+def _saved(c) -> dict:
+  """What the device-split test compares of a construction."""
+  return dict(code_dim=c.report.code_dim, num_buckets=c.report.num_buckets,
+              min_margin=c.report.min_margin, codes=np.asarray(c.codes),
+              maps=np.asarray(c.structure.gadgets.maps),
+              w_up=np.asarray(c.model.w_up))
+
+
+_ONE_DEVICE = textwrap.dedent('''
+    import sys
+    import numpy as np
+    from factstore_jax.constructions import encoder_decoder as ed
+    import tests.test_streaming as t
+
+    c = ed.construct(t._factset(n=600, d=16, p=300), 0, bucket_size=6)
+    np.savez(sys.argv[1], **t._saved(c))
+''')
+
+
 _MULTI_DEVICE = textwrap.dedent('''
     import sys
     import jax
@@ -145,9 +164,7 @@ _MULTI_DEVICE = textwrap.dedent('''
                             tol=1e-3, atol=1e-6, floor=0.0, chunk_size=32,
                             max_outer=20, max_inner=2000)
     split = dec.decodability(fs.values, num_candidates=64)
-    np.savez(sys.argv[1], accuracy=r.accuracy, min_margin=r.min_margin,
-             code_dim=r.code_dim, num_buckets=r.num_buckets,
-             maps=c.structure.gadgets.maps, codes=c.codes, w_up=c.model.w_up,
+    np.savez(sys.argv[1], accuracy=r.accuracy, **t._saved(c),
              rho_one=one.rho, rho_split=split.rho,
              maps_device=len(c.structure.gadgets.maps.devices()))
 ''')
@@ -172,15 +189,22 @@ def test_construct_on_three_devices_equals_one_device(tmp_path):
   # padded with copies of the last value, which converge with it).
   np.testing.assert_allclose(three['rho_split'], three['rho_one'], rtol=1e-6,
                              atol=1e-7)
-  c = ed.construct(_factset(n=600, d=16, p=300), 0, bucket_size=6)
-  assert three['code_dim'] == c.report.code_dim
-  assert three['num_buckets'] == c.report.num_buckets
-  assert float(three['min_margin']) == pytest.approx(c.report.min_margin,
+  if jax.default_backend() == 'cpu':
+    one = _saved(ed.construct(_factset(n=600, d=16, p=300), 0, bucket_size=6))
+  else:  # the one-device reference on the CPU too (GPU rounding differs)
+    proc = subprocess.run(
+        [sys.executable, '-c', _ONE_DEVICE, str(tmp_path / 'one.npz')],
+        cwd=REPO, env=dict(env, XLA_FLAGS=''), capture_output=True,
+        text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = np.load(tmp_path / 'one.npz')
+  assert three['code_dim'] == one['code_dim']
+  assert three['num_buckets'] == one['num_buckets']
+  assert float(three['min_margin']) == pytest.approx(float(one['min_margin']),
                                                      rel=1e-5)
-  for name, ours in (('codes', c.codes), ('maps', c.structure.gadgets.maps),
-                     ('w_up', c.model.w_up)):
-    np.testing.assert_allclose(three[name], np.asarray(ours), rtol=1e-5,
-                               atol=1e-6, err_msg=name)
+  for name in ('codes', 'maps', 'w_up'):
+    np.testing.assert_allclose(three[name], one[name], rtol=1e-5, atol=1e-6,
+                               err_msg=name)
 
 
 if __name__ == '__main__':

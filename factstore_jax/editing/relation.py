@@ -372,7 +372,7 @@ def lm_loss(model: Transformer, seqs: Sequences, logit_scale: float = 1.0
   nll = optax.softmax_cross_entropy_with_integer_labels(
       logits, seqs.tokens[:, 1:])
   loss = jnp.sum(nll * seqs.mask) / jnp.sum(seqs.mask)
-  accuracy = jnp.mean(
+  accuracy = storage.accuracy(
       jnp.argmax(at_cue(logits, seqs.cue), -1) == seqs.objects)
   return loss, accuracy
 

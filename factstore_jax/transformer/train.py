@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from factstore_jax import storage
 from factstore_jax.errors import FactStoreError
 from factstore_jax.transformer import data as data_lib
 from factstore_jax.transformer.model import Transformer, group_filter
@@ -101,7 +102,7 @@ def query_loss(model: Transformer, tokens: Array, targets: Array,
   logits = model(tokens, last_only=True)[:, 0]
   loss = optax.softmax_cross_entropy_with_integer_labels(
       logits * logit_scale, targets).mean()
-  accuracy = jnp.mean(jnp.argmax(logits, -1) == targets)
+  accuracy = storage.accuracy(jnp.argmax(logits, -1) == targets)
   return loss, accuracy
 
 
