@@ -6,7 +6,9 @@ N = alpha d^2 and method, finds W* (the smallest parameter count storing every
 fact) on ``len(seeds)`` random fact sets with a random permutation map. Seeds
 of one cell are searched in lockstep (one device-sharded program per round
 for the batched methods; GD members run ``--chunk_size`` at a time). Rows
-are appended atomically to ``rows.csv`` and skipped on re-run. Writes
+are appended atomically to ``rows.csv`` and skipped on re-run; every search
+round is appended to ``rounds.jsonl``, so a re-run resumes an unfinished
+cell without training its tested widths again (same GD settings). Writes
 ``scaling.png`` (log-log W* vs N, fitted slopes, the information floor
 ``N log2 P / 32``) and ``summary.md`` (slopes per method with their spread
 over seeds, ``W = C N (log2 N + b)`` fits, and the closed-form vs GD slope
@@ -66,6 +68,7 @@ flags.DEFINE_string('out_dir', 'experiments/results/capacity_scaling',
 FLAGS = flags.FLAGS
 
 KEY_FIELDS = ('geometry', 'dim', 'num_facts', 'method', 'seed')
+ROUNDS = 'rounds.jsonl'  # one line per (cell, seed, width) evaluated
 TAIL = 3  # sizes in the asymptotic-end slope
 NEGATIVE_C = '; C < 0: W* grows slower than N log N over these N'
 
@@ -89,9 +92,13 @@ def compute(group: list[dict], options: methods.MethodOptions) -> list[dict]:
     t0 = time.perf_counter()
     fss = [make_factset(geometry, s, n, dim, FLAGS.beta) for s in seeds]
     keys = [jax.random.key(1000 + s) for s in seeds]
+    cell = [geometry, dim, n, method]
     found = methods.find_capacity(
         method, fss, keys, options=options, rel_tol=FLAGS.rel_tol,
-        on_round=log_round(f'{method} {geometry} d={dim} N={n}', seeds, t0))
+        on_round=log_round(f'{method} {geometry} d={dim} N={n}', seeds, t0,
+                           cell),
+        known=None if method == 'encoder_decoder' else load_rounds(
+            cell, seeds))
     seconds = (time.perf_counter() - t0) / len(members)
     for j, cap in zip(members, found):
       out[j] = dict(
@@ -105,13 +112,45 @@ def compute(group: list[dict], options: methods.MethodOptions) -> list[dict]:
   return out
 
 
-def log_round(cell: str, seeds: list[int], t0: float):
-  """Prints each search round (a cell's GD rounds can take an hour)."""
+def round_setup() -> dict:
+  """What a width's accuracy depends on besides its cell and seed."""
+  return dict(max_steps=FLAGS.max_steps, learning_rate=FLAGS.learning_rate,
+              patience=FLAGS.patience, beta=FLAGS.beta)
+
+
+def load_rounds(cell: list, seeds: list[int]) -> list[dict[int, float]]:
+  """``{width: accuracy}`` per seed from ``rounds.jsonl`` (same setup)."""
+  known = {s: {} for s in seeds}
+  path = os.path.join(FLAGS.out_dir, ROUNDS)
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          r = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+          continue
+        if (r['cell'] == cell and r['setup'] == round_setup()
+            and r['seed'] in known):
+          known[r['seed']][int(r['width'])] = float(r['accuracy'])
+  return [known[s] for s in seeds]
+
+
+def log_round(name: str, seeds: list[int], t0: float, cell: list):
+  """Prints each search round (a cell's GD rounds can take an hour) and
+  appends it to ``rounds.jsonl``."""
   def log(members, widths, accs):
     tried = ', '.join(f'seed {seeds[m]} width {w}: {a:.4f}'
                       for m, w, a in zip(members, widths, accs))
-    tqdm.write(f'{cell} [{time.perf_counter() - t0:.0f} s] {tried}',
+    tqdm.write(f'{name} [{time.perf_counter() - t0:.0f} s] {tried}',
                file=sys.stderr)
+    lines = ''.join(json.dumps(dict(cell=cell, seed=seeds[m], width=int(w),
+                                    accuracy=float(a), setup=round_setup(),
+                                    device=jax.devices()[0].device_kind))
+                    + '\n' for m, w, a in zip(members, widths, accs))
+    with open(os.path.join(FLAGS.out_dir, ROUNDS), 'a') as f:
+      f.write(lines)
+      f.flush()
+      os.fsync(f.fileno())
   return log
 
 

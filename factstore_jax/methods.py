@@ -23,7 +23,7 @@ baselines, so few shapes compile), sharded over devices by
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -189,7 +189,9 @@ def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
                   batch: int = 1, threshold: float = 1.0,
                   rel_tol: float = 0.0,
                   on_round: Callable[[list[int], list[int], list[float]],
-                                     None] | None = None) -> list[Capacity]:
+                                     None] | None = None,
+                  known: Sequence[Mapping[int, float]] | None = None
+                  ) -> list[Capacity]:
   """``W*`` of ``method`` on each fact set (one search each, in lockstep).
 
   Args:
@@ -204,7 +206,12 @@ def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
     batch, threshold, rel_tol: as :func:`capacity.search_width`.
     on_round: called after each round of evaluations with parallel lists
       ``(members, widths, accuracies)`` (``members`` index ``factsets``),
-      e.g. to log the progress of a long search.
+      e.g. to log the progress of a long search. Only fresh evaluations are
+      reported, not those taken from ``known``.
+    known: one ``{width: accuracy}`` per fact set, measured before (e.g. by
+      an interrupted search, as ``on_round`` reported them): those widths
+      are not evaluated again, so a search resumes where it stopped (the
+      search is deterministic given the accuracies). Batched methods only.
 
   Returns:
     One :class:`Capacity` per fact set.
@@ -220,6 +227,12 @@ def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
     if fs.keys.shape != (n, dim) or fs.values.shape[0] != num_values:
       raise FactStoreError('find_capacity needs fact sets of equal shapes')
   report = on_round or (lambda members, widths, accs: None)
+  if known is not None and len(known) != len(factsets):
+    raise FactStoreError(f'need one known dict per fact set, got '
+                         f'{len(known)} for {len(factsets)} fact sets')
+  if method == 'encoder_decoder' and known and any(known):
+    raise FactStoreError('known accuracies are for the batched methods; the '
+                         'closed form also needs each width\'s parameters')
   if method == 'encoder_decoder':
     return [_closed_form_capacity(
         k, fs, options, max_width or dim, start or min(16, dim), rel_tol,
@@ -237,11 +250,19 @@ def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
     start = int(np.clip(8 * n / (3 * dim), 1, max_width))
 
   def evaluate(members, widths):
-    accs = evaluate_batched(
-        method, [keys[m] for m in members], [factsets[m] for m in members],
-        widths, options=options, code_dim=code_dim)
-    report(list(members), list(widths), [float(a) for a in accs])
-    return accs
+    accs = [None if known is None else known[m].get(w)
+            for m, w in zip(members, widths)]
+    todo = [j for j, a in enumerate(accs) if a is None]
+    if todo:
+      fresh = evaluate_batched(
+          method, [keys[members[j]] for j in todo],
+          [factsets[members[j]] for j in todo], [widths[j] for j in todo],
+          options=options, code_dim=code_dim)
+      for j, a in zip(todo, fresh):
+        accs[j] = float(a)
+      report([members[j] for j in todo], [widths[j] for j in todo],
+             [accs[j] for j in todo])
+    return np.asarray(accs, np.float64)
 
   found = capacity.search_widths(
       evaluate, [start] * len(factsets), max_width=max_width,

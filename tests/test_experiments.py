@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -44,6 +45,13 @@ def test_capacity_scaling_tiny(tmp_path):
   assert '| 2/2 | cpu |' in summary
   assert '3 largest N' in summary  # a column, empty (—) with two sizes
   assert (tmp_path / 'scaling.png').stat().st_size > 0
+  # Every tested width of every row is in rounds.jsonl.
+  with open(tmp_path / 'rounds.jsonl') as f:
+    logged = [json.loads(line) for line in f]
+  assert sorted((r['cell'][2], r['cell'][3], r['seed'], r['width'],
+                 r['accuracy']) for r in logged) == sorted(
+      (int(r['num_facts']), r['method'], int(r['seed']), int(w), a)
+      for r in got for w, a in json.loads(r['tested']).items())
   # A re-run finds every row done and computes nothing new.
   mtime = os.path.getmtime(tmp_path / 'rows.csv')
   run('capacity_scaling.py', tmp_path, *flags)
@@ -67,6 +75,20 @@ def test_capacity_scaling_tiny(tmp_path):
   with pytest.raises(AssertionError, match='No finished grid point'):
     run('capacity_scaling.py', tmp_path, *flags[1:], '--dims=24',
         '--summarize_only')
+  # rows.csv lost, rounds.jsonl kept: the re-run replays the logged rounds
+  # (the closed-form baselines too: they are batched) and trains nothing.
+  os.remove(tmp_path / 'rows.csv')
+  proc = run('capacity_scaling.py', tmp_path, *flags)
+  assert 'width' not in proc.stderr
+  again = rows(tmp_path / 'rows.csv')
+  drop = lambda rs: [{k: v for k, v in r.items() if k != 'seconds'}
+                     for r in rs]
+  assert drop(again) == drop(got)
+  # A different GD setup does not reuse them.
+  os.remove(tmp_path / 'rows.csv')
+  proc = run('capacity_scaling.py', tmp_path, *flags, '--max_steps=500',
+             '--methods=gd', '--alphas=0.125', '--seeds=0')
+  assert 'gd isotropic d=16 N=32 [' in proc.stderr
 
 
 def test_capacity_scaling_summary_slopes(monkeypatch):

@@ -47,6 +47,35 @@ def test_wstar_is_the_smallest_passing_width(sets, method, threshold):
       assert accs[1] < threshold
 
 
+def test_known_accuracies_resume_a_search(sets):
+  keys = [jax.random.key(10), jax.random.key(11)]
+  rounds = []
+  full = methods.find_capacity('hebbian_ridge', sets, keys,
+                               on_round=lambda *r: rounds.append(r))
+  assert len(rounds) > 2
+  # Interrupted after two rounds: the resumed search evaluates only the rest
+  # and ends where the uninterrupted one did.
+  known = [{}, {}]
+  for members, widths, accs in rounds[:2]:
+    for m, w, a in zip(members, widths, accs):
+      known[m][w] = a
+  fresh = []
+  resumed = methods.find_capacity('hebbian_ridge', sets, keys, known=known,
+                                  on_round=lambda *r: fresh.append(r))
+  assert resumed == full
+  assert fresh == rounds[2:]
+  # Everything known: nothing is evaluated.
+  done = [cap.tested for cap in full]
+  assert methods.find_capacity(
+      'hebbian_ridge', sets, keys, known=done,
+      on_round=lambda *r: pytest.fail('evaluated a known width')) == full
+  with pytest.raises(FactStoreError, match='one known dict per fact set'):
+    methods.find_capacity('hebbian_ridge', sets, keys, known=done[:1])
+  with pytest.raises(FactStoreError, match='batched methods'):
+    methods.find_capacity('encoder_decoder', sets[:1], keys[:1],
+                          known=[{8: 1.0}])
+
+
 def test_batched_evaluation_equals_single_calls(sets):
   keys = [jax.random.key(3), jax.random.key(4)]
   both = methods.evaluate_batched('hebbian_ridge', keys, sets, [24, 40],

@@ -7,9 +7,13 @@
 # the construction tests, and the million-fact construction.
 # Part D: the d = 128 capacity rows a 2-core CPU cannot finish (N = 4,096 and
 # 8,192, full fp32 matmuls as on CPU; rows.csv starts from the CPU rows so
-# finished points are skipped), the test suite beside them, then the roofline
+# finished points are skipped; rounds.jsonl too, so unfinished cells resume),
+# the test suite beside them, then the roofline
 # alone on the GPU. CAP_S bounds the capacity runs, TESTS_S the tests.
-# Usage: bash benchmarks/gpu/check.sh A|B|C|D   (writes under $OUT).
+# Part E: capacity searches alone for CAP_S seconds (ALPHAS, METHODS; default
+# the d = 128, N = 8,192 cells), resuming from the rounds already logged; bring
+# $OUT/cap/rows.csv and rounds.jsonl back into capacity_scaling_n4096/.
+# Usage: bash benchmarks/gpu/check.sh A|B|C|D|E   (writes under $OUT).
 set -u
 part=${1:-A}
 OUT=${OUT:-/tmp/gpu_out}; LOGS=/tmp/gpu_logs_$part; mkdir -p "$OUT" "$LOGS"
@@ -49,6 +53,7 @@ elif [ "$part" = D ]; then
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/env.txt"
   mkdir -p "$OUT/cap"
   cp experiments/results/capacity_scaling_n4096/rows.csv "$OUT/cap/"
+  cp experiments/results/capacity_scaling_n4096/rounds.jsonl "$OUT/cap/" 2>/dev/null
   bash benchmarks/gpu/tests.sh "${TESTS_S:-360}" 10 > "$LOGS/tests_summary.txt" 2>&1 &
   cap="JAX_DEFAULT_MATMUL_PRECISION=highest python3 experiments/capacity_scaling.py \
       --dims=128 --geometries=isotropic --chunk_size=0 --out_dir=$OUT/cap"
@@ -62,6 +67,17 @@ elif [ "$part" = D ]; then
   grep "\[.* s\]" "$LOGS/cap.log" | tail -n 40
   JAX_DEFAULT_MATMUL_PRECISION=highest run roofline "${ROOF_S:-130}" python3 benchmarks/roofline.py --roofline_out=$OUT/roofline_gpu.json
   grep -v "^I1\|^W1\|tpu" "$LOGS/roofline.log" | tail -25
+elif [ "$part" = E ]; then
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/env.txt"
+  mkdir -p "$OUT/cap"
+  cp experiments/results/capacity_scaling_n4096/rows.csv "$OUT/cap/"
+  cp experiments/results/capacity_scaling_n4096/rounds.jsonl "$OUT/cap/" 2>/dev/null
+  JAX_DEFAULT_MATMUL_PRECISION=highest run cap "${CAP_S:-540}" python3 \
+      experiments/capacity_scaling.py --dims=128 --geometries=isotropic \
+      --chunk_size=0 --out_dir=$OUT/cap --alphas="${ALPHAS:-0.5}" \
+      --methods="${METHODS:-gd,encoder_decoder_gd,encoder_decoder,ntk,hebbian_ridge,hebbian_data}"
+  pkill -f experiments/capacity_scaling.py
+  tr '\r' '\n' < "$LOGS/cap.log" | grep " s\] " | tail -n 40
 else
   JAX_DEFAULT_MATMUL_PRECISION=highest run roofline 100 python3 benchmarks/roofline.py --roofline_out=$OUT/roofline_gpu.json
   grep -v "^I1\|^W1\|tpu" "$LOGS/roofline.log" | tail -25
