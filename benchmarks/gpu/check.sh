@@ -26,6 +26,12 @@ run() {  # run NAME SECONDS CMD...: log to $OUT/NAME.log, never abort the script
   timeout "$secs" "$@" > "$LOGS/$name.log" 2>&1
   echo "[$name] rc=$? $(( $(date +%s) - t0 ))s"
 }
+cap_setup() {  # $OUT/cap starts from the CPU rows and logged rounds
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/env.txt"
+  mkdir -p "$OUT/cap"
+  cp experiments/results/capacity_scaling_n4096/rows.csv "$OUT/cap/"
+  cp experiments/results/capacity_scaling_n4096/rounds.jsonl "$OUT/cap/" 2>/dev/null
+}
 if [ "$part" = A ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/env.txt"
   python3 -c "import jax, flax, optax, chex; print(jax.__version__, flax.__version__, optax.__version__, chex.__version__, jax.devices())" | tee -a "$OUT/env.txt"
@@ -50,10 +56,7 @@ elif [ "$part" = C ]; then
   run million 120 python3 benchmarks/million.py --sizes=1048576 --quiet_wait_s=0 --max_minutes=30 --out=$OUT/million_gpu.json
   grep -v "it/s\|^I1\|^W1\|tpu" "$LOGS/million.log" | tail -6
 elif [ "$part" = D ]; then
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/env.txt"
-  mkdir -p "$OUT/cap"
-  cp experiments/results/capacity_scaling_n4096/rows.csv "$OUT/cap/"
-  cp experiments/results/capacity_scaling_n4096/rounds.jsonl "$OUT/cap/" 2>/dev/null
+  cap_setup
   bash benchmarks/gpu/tests.sh "${TESTS_S:-360}" 10 > "$LOGS/tests_summary.txt" 2>&1 &
   cap="JAX_DEFAULT_MATMUL_PRECISION=highest python3 experiments/capacity_scaling.py \
       --dims=128 --geometries=isotropic --chunk_size=0 --out_dir=$OUT/cap"
@@ -68,10 +71,7 @@ elif [ "$part" = D ]; then
   JAX_DEFAULT_MATMUL_PRECISION=highest run roofline "${ROOF_S:-130}" python3 benchmarks/roofline.py --roofline_out=$OUT/roofline_gpu.json
   grep -v "^I1\|^W1\|tpu" "$LOGS/roofline.log" | tail -25
 elif [ "$part" = E ]; then
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/env.txt"
-  mkdir -p "$OUT/cap"
-  cp experiments/results/capacity_scaling_n4096/rows.csv "$OUT/cap/"
-  cp experiments/results/capacity_scaling_n4096/rounds.jsonl "$OUT/cap/" 2>/dev/null
+  cap_setup
   JAX_DEFAULT_MATMUL_PRECISION=highest run cap "${CAP_S:-540}" python3 \
       experiments/capacity_scaling.py --dims=128 --geometries=isotropic \
       --chunk_size=0 --out_dir=$OUT/cap --alphas="${ALPHAS:-0.5}" \
