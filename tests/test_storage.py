@@ -200,7 +200,6 @@ class RandomTest(chex.TestCase):
     self.assertGreater(float(report.min_margin), 0.0)
 
 
-
 class FractionTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)

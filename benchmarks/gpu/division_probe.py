@@ -1,8 +1,8 @@
 """Is ``count / n`` (n a jit constant) correctly rounded on this backend?
 
 Prints, over n = 1..N_MAX, how many ``n / n`` differ from 1.0 and how many
-``k / n`` (k = 1..n-1, sampled) differ from the correctly rounded quotient,
-plain and through ``storage.fraction``.
+``k / n`` (every k = 0..n-1) differ from the correctly rounded quotient, and
+how many ``storage.fraction(n, n)`` differ from 1.0.
 """
 
 import jax
