@@ -93,12 +93,17 @@ def compute(group: list[dict], options: methods.MethodOptions) -> list[dict]:
     fss = [make_factset(geometry, s, n, dim, FLAGS.beta) for s in seeds]
     keys = [jax.random.key(1000 + s) for s in seeds]
     cell = [geometry, dim, n, method]
+    # Encoder-decoder GD's code dim is chosen on the cell's first fact set:
+    # a width's accuracy depends on it, so its logged rounds record it.
+    code_dim = (methods.gd_code_dim(keys[0], fss[0])
+                if method == 'encoder_decoder_gd' else None)
+    setup = round_setup(code_dim)
     found = methods.find_capacity(
         method, fss, keys, options=options, rel_tol=FLAGS.rel_tol,
         on_round=log_round(f'{method} {geometry} d={dim} N={n}', seeds, t0,
-                           cell),
+                           cell, setup),
         known=None if method == 'encoder_decoder' else load_rounds(
-            cell, seeds))
+            cell, seeds, setup), code_dim=code_dim)
     seconds = (time.perf_counter() - t0) / len(members)
     for j, cap in zip(members, found):
       out[j] = dict(
@@ -112,13 +117,17 @@ def compute(group: list[dict], options: methods.MethodOptions) -> list[dict]:
   return out
 
 
-def round_setup() -> dict:
+def round_setup(code_dim: int | None = None) -> dict:
   """What a width's accuracy depends on besides its cell and seed."""
-  return dict(max_steps=FLAGS.max_steps, learning_rate=FLAGS.learning_rate,
-              patience=FLAGS.patience, beta=FLAGS.beta)
+  setup = dict(max_steps=FLAGS.max_steps, learning_rate=FLAGS.learning_rate,
+               patience=FLAGS.patience, beta=FLAGS.beta)
+  if code_dim is not None:
+    setup['code_dim'] = code_dim
+  return setup
 
 
-def load_rounds(cell: list, seeds: list[int]) -> list[dict[int, float]]:
+def load_rounds(cell: list, seeds: list[int],
+                setup: dict) -> list[dict[int, float]]:
   """``{width: accuracy}`` per seed from ``rounds.jsonl`` (same setup)."""
   known = {s: {} for s in seeds}
   path = os.path.join(FLAGS.out_dir, ROUNDS)
@@ -129,13 +138,13 @@ def load_rounds(cell: list, seeds: list[int]) -> list[dict[int, float]]:
           r = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a kill
           continue
-        if (r['cell'] == cell and r['setup'] == round_setup()
-            and r['seed'] in known):
+        if r['cell'] == cell and r['setup'] == setup and r['seed'] in known:
           known[r['seed']][int(r['width'])] = float(r['accuracy'])
   return [known[s] for s in seeds]
 
 
-def log_round(name: str, seeds: list[int], t0: float, cell: list):
+def log_round(name: str, seeds: list[int], t0: float, cell: list,
+              setup: dict):
   """Prints each search round (a cell's GD rounds can take an hour) and
   appends it to ``rounds.jsonl``."""
   def log(members, widths, accs):
@@ -144,7 +153,7 @@ def log_round(name: str, seeds: list[int], t0: float, cell: list):
     tqdm.write(f'{name} [{time.perf_counter() - t0:.0f} s] {tried}',
                file=sys.stderr)
     lines = ''.join(json.dumps(dict(cell=cell, seed=seeds[m], width=int(w),
-                                    accuracy=float(a), setup=round_setup(),
+                                    accuracy=float(a), setup=setup,
                                     device=jax.devices()[0].device_kind))
                     + '\n' for m, w, a in zip(members, widths, accs))
     with open(os.path.join(FLAGS.out_dir, ROUNDS), 'a') as f:

@@ -190,8 +190,8 @@ def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
                   rel_tol: float = 0.0,
                   on_round: Callable[[list[int], list[int], list[float]],
                                      None] | None = None,
-                  known: Sequence[Mapping[int, float]] | None = None
-                  ) -> list[Capacity]:
+                  known: Sequence[Mapping[int, float]] | None = None,
+                  code_dim: int | None = None) -> list[Capacity]:
   """``W*`` of ``method`` on each fact set (one search each, in lockstep).
 
   Args:
@@ -212,6 +212,8 @@ def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
       an interrupted search, as ``on_round`` reported them): those widths
       are not evaluated again, so a search resumes where it stopped (the
       search is deterministic given the accuracies). Batched methods only.
+    code_dim: ``encoder_decoder_gd`` only: its fixed code dim (default:
+      :func:`gd_code_dim` of the first fact set, shared by all).
 
   Returns:
     One :class:`Capacity` per fact set.
@@ -233,14 +235,17 @@ def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
   if method == 'encoder_decoder' and known and any(known):
     raise FactStoreError('known accuracies are for the batched methods; the '
                          'closed form also needs each width\'s parameters')
+  if code_dim is not None and (method != 'encoder_decoder_gd'
+                               or code_dim < 1):
+    raise FactStoreError(f'code_dim={code_dim} is for encoder_decoder_gd and '
+                         f'must be >= 1 (method {method!r})')
   if method == 'encoder_decoder':
     return [_closed_form_capacity(
         k, fs, options, max_width or dim, start or min(16, dim), rel_tol,
         lambda widths, accs, i=i: report([i] * len(widths), widths, accs))
             for i, (k, fs) in enumerate(zip(keys, factsets))]
-  code_dim = None
-  if method == 'encoder_decoder_gd':
-    code_dim = _gd_code_dim(keys[0], factsets[0])
+  if method == 'encoder_decoder_gd' and code_dim is None:
+    code_dim = gd_code_dim(keys[0], factsets[0])
   if max_width is None:
     # Random features need the most units (NTK ~N log N / d); GD's training
     # cost grows with the width searched, the baselines' hardly.
@@ -273,7 +278,7 @@ def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
                    r.tested, r.rounds, code_dim) for r in found]
 
 
-def _gd_code_dim(key, fs: FactSet) -> int:
+def gd_code_dim(key, fs: FactSet) -> int:
   """The code dimension the closed form would pick for ``fs``."""
   m, _, _ = choose_code_dim(key, fs.values, np.asarray(fs.mapping),
                             ConstructionConfig())
@@ -330,7 +335,7 @@ def build_mlp(method: str, key, factset: FactSet, width: int, *,
   if method == 'gd':
     mlp = training.train_mlp(key, factset, width, config=options.train).params
   elif method == 'encoder_decoder_gd':
-    code_dim = code_dim or _gd_code_dim(key, factset)
+    code_dim = code_dim or gd_code_dim(key, factset)
     mlp = training.train_encoder_decoder(key, factset, width, code_dim,
                                          config=options.train).params
   elif method == 'ntk':

@@ -91,6 +91,27 @@ def test_capacity_scaling_tiny(tmp_path):
   assert 'gd isotropic d=16 N=32 [' in proc.stderr
 
 
+def test_capacity_rounds_replay_only_the_same_setup(tmp_path, monkeypatch):
+  # Encoder-decoder GD's accuracies depend on its code dim: rounds logged
+  # under another one (or none) are not replayed.
+  monkeypatch.syspath_prepend(os.path.join(ROOT, 'experiments'))
+  import capacity_scaling  # pylint: disable=import-outside-toplevel
+  from absl.testing import flagsaver  # pylint: disable=import-outside-toplevel
+  cell = ['isotropic', 16, 32, 'encoder_decoder_gd']
+  with flagsaver.flagsaver():
+    capacity_scaling.FLAGS(['capacity_scaling', f'--out_dir={tmp_path}'])
+    setup = capacity_scaling.round_setup(8)
+    assert setup['code_dim'] == 8
+    capacity_scaling.log_round('test', [3, 4], 0.0, cell, setup)(
+        [0, 1, 0], [10, 10, 20], [0.5, 0.25, 1.0])
+    load = capacity_scaling.load_rounds
+    assert load(cell, [3, 4], setup) == [{10: 0.5, 20: 1.0}, {10: 0.25}]
+    assert load(cell, [4], setup) == [{10: 0.25}]
+    assert load(cell, [3, 4], capacity_scaling.round_setup(4)) == [{}, {}]
+    assert load(cell, [3, 4], capacity_scaling.round_setup()) == [{}, {}]
+    assert load(cell[:3] + ['gd'], [3, 4], setup) == [{}, {}]
+
+
 def test_capacity_scaling_summary_slopes(monkeypatch):
   """Whole-range and largest-3 slopes, and their closed form − GD gaps."""
   monkeypatch.syspath_prepend(os.path.join(ROOT, 'experiments'))

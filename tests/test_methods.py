@@ -76,6 +76,31 @@ def test_known_accuracies_resume_a_search(sets):
                           known=[{8: 1.0}])
 
 
+def test_encoder_decoder_gd_code_dim(sets, monkeypatch):
+  # Default: the closed form's choice on the first fact set, shared by all
+  # members; an explicit code dim is used as given.
+  used = []
+  def fake(method, keys, fss, widths, *, options, code_dim):
+    used.append(code_dim)
+    return np.asarray([float(w >= 5) for w in widths])
+  monkeypatch.setattr(methods, 'evaluate_batched', fake)
+  keys = [jax.random.key(10), jax.random.key(11)]
+  default = methods.gd_code_dim(keys[0], sets[0])
+  for code_dim, want in ((None, default), (default + 3, default + 3)):
+    used.clear()
+    caps = methods.find_capacity('encoder_decoder_gd', sets, keys,
+                                 code_dim=code_dim)
+    assert set(used) == {want}
+    for cap in caps:
+      assert (cap.width, cap.code_dim) == (5, want)
+      assert cap.num_params == methods.num_params(
+          'encoder_decoder_gd', 16, 5, code_dim=want)
+  for method, bad in (('gd', 8), ('encoder_decoder', 8),
+                      ('encoder_decoder_gd', 0)):
+    with pytest.raises(FactStoreError, match='code_dim'):
+      methods.find_capacity(method, sets, keys, code_dim=bad)
+
+
 def test_batched_evaluation_equals_single_calls(sets):
   keys = [jax.random.key(3), jax.random.key(4)]
   both = methods.evaluate_batched('hebbian_ridge', keys, sets, [24, 40],
