@@ -61,6 +61,39 @@ def test_streamed_decodability_equals_one_call():
   assert stopped is None
 
 
+@pytest.mark.parametrize('num_values', [200, 600])
+def test_fixed_code_dim_fails_fast(num_values, monkeypatch):
+  # code_dim 2 leaves many of these values undecodable. Over 256 values, a
+  # sample of 256 fails it before the full solve; otherwise the first
+  # streamed call does. Either way: the full solve's error, on a subset.
+  fs = _factset(n=num_values, d=16, p=num_values, seed=1)
+  config = ed.ConstructionConfig(code_dim=2)
+  calls = []
+  real = ed.dec_lib.decodability
+  def spy(values, **kwargs):
+    calls.append(None if kwargs.get('indices') is None
+                 else len(kwargs['indices']))
+    return real(values, **kwargs)
+  with pytest.raises(ed.ConstructionError, match='code_dim=2 leaves') as full:
+    ed.choose_code_dim(jax.random.key(0), fs.values, fs.mapping, config)
+  monkeypatch.setattr(ed.dec_lib, 'decodability', spy)
+  done = []
+  with pytest.raises(ed.ConstructionError, match='code_dim=2 leaves') as fast:
+    ed.choose_code_dim(jax.random.key(0), fs.values, fs.mapping, config,
+                       stream_size=64,
+                       progress=lambda stage, d, total: done.append(d))
+  assert calls == ([256] if num_values > 256 else [None])
+  assert done == []  # no streamed call completed without aborting
+  named = lambda e: set(map(int, str(e.value).split('e.g. [')[1].split(']')[0]
+                            .split(', ')))
+  assert named(fast) <= set(range(num_values))
+  # Every value named early is undecodable in the full solve too.
+  rho = real(ed.decoders.project_values(
+      fs.values, ed.decoders.jl_decoder(jax.random.split(jax.random.key(0))[0],
+                                        16, 2, fs.values.dtype))).rho
+  assert all(float(rho[i]) <= 0 for i in named(fast) | named(full))
+
+
 def test_streamed_bucket_solves_equal_one_call():
   fs = _factset(n=400, d=8)
   targets = jax.random.normal(jax.random.key(3), (fs.keys.shape[0], 4))

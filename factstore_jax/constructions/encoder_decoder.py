@@ -530,7 +530,10 @@ def choose_code_dim(key: Array, values: Array, mapping, config:
   With ``stream_size`` the values are solved that many per jitted call and
   a code dimension is rejected as soon as one used value is certified below
   the floor (same result, less work for rejected ``m``);
-  ``progress(stage, done, total)`` runs after each call.
+  ``progress(stage, done, total)`` runs after each call. A fixed
+  ``config.code_dim`` below ``d`` fails as soon as a sample of used values,
+  or a streamed call, certifies one at ``rho <= 0`` (the error the full
+  solve would raise, sooner).
 
   Returns ``(m, codes, rho)``; raises :class:`InfeasibleFactSetError` if some
   used value is not decodable even with the identity decoder.
@@ -540,10 +543,24 @@ def choose_code_dim(key: Array, values: Array, mapping, config:
   k_dec, _ = jax.random.split(key)
   dims = _code_dims(config, dim)
   probe = np.random.default_rng(0).permutation(used)[:256]
+  is_used = np.zeros(values.shape[0], bool)
+  is_used[used] = True
   for m in dims:
     decoder = decoders.jl_decoder(k_dec, dim, m, values.dtype)
     floor = config.min_rho if m < dim and config.code_dim is None else 0.0
+    # A fixed m < d fails on its first certified undecodable used value.
+    fail_fast = config.code_dim is not None and m < dim
     t0 = time.perf_counter()
+
+    def certified(ids, part, floor=floor):
+      """Used values among ``ids`` (the values ``part`` solved) certified at
+      or below the floor (gap closed or dual bound below it: a re-solve
+      with a larger active set would not touch them)."""
+      rho_p, gap, dual = (np.asarray(a) for a in (part.rho, part.gap,
+                                                  part.dual_bound))
+      closed = (gap <= config.tol) | (dual <= max(1e-6, floor))
+      return ids[is_used[ids] & closed & (rho_p <= floor)]
+
     if floor > 0 and len(probe) < len(used):
       # A random sample of used values rejects a too-small m cheaply.
       _, rho_probe = value_codes(values, decoder, tol=config.tol, floor=floor,
@@ -552,20 +569,17 @@ def choose_code_dim(key: Array, values: Array, mapping, config:
         logging.info('code_dim %d rejected by a sample (%.1fs)', m,
                      time.perf_counter() - t0)
         continue
-    stream = {}
+    if fail_fast and len(probe) < len(used):
+      part = dec_lib.decodability(decoders.project_values(values, decoder),
+                                  tol=config.tol, indices=probe)
+      _undecodable(m, certified(probe, part))
+    stream, bad = {}, []
     if stream_size is not None and stream_size < values.shape[0]:
-      is_used = np.zeros(values.shape[0], bool)
-      is_used[used] = True
       def abort(rows, part, floor=floor):
-        # Reject m early once a used value is certified at or below the
-        # floor (its gap closed or its dual bound below the floor: the
-        # re-solve with a larger active set would not touch it).
-        if not (floor > 0 and config.code_dim is None):
+        if not (floor > 0 or fail_fast):
           return False
-        rho_p, gap, dual = (np.asarray(a) for a in (part.rho, part.gap,
-                                                    part.dual_bound))
-        closed = (gap <= config.tol) | (dual <= max(1e-6, floor))
-        return bool(np.any(is_used[rows] & closed & (rho_p <= floor)))
+        bad.extend(certified(rows, part, floor))
+        return bool(bad)
       stage = f'decodability m={m}'
       stream = dict(stream_size=stream_size, abort=abort, progress=(
           None if progress is None else
@@ -573,6 +587,8 @@ def choose_code_dim(key: Array, values: Array, mapping, config:
     solved = value_codes(values, decoder, tol=config.tol, floor=floor,
                          **stream)
     if solved is None:
+      if fail_fast:
+        _undecodable(m, np.asarray(bad))
       logging.info('code_dim %d rejected while streaming (%.1fs)', m,
                    time.perf_counter() - t0)
       continue
@@ -586,11 +602,17 @@ def choose_code_dim(key: Array, values: Array, mapping, config:
     bad = used[np.asarray(rho)[used] <= 0]
     if m >= dim:
       raise InfeasibleFactSetError(bad)
-    raise ConstructionError(
-        f'code_dim={m} leaves {len(bad)} used value(s) undecodable after '
-        f'projection (e.g. {bad[:10].tolist()}); use a larger code_dim or '
-        'leave it unset to search')
+    _undecodable(m, bad)
   return min(m, dim), codes, rho
+
+
+def _undecodable(code_dim: int, bad: np.ndarray):
+  """Raises for used values (``bad``, if any) undecodable after projection."""
+  if len(bad):
+    raise ConstructionError(
+        f'code_dim={code_dim} leaves used value(s) undecodable after '
+        f'projection (e.g. {np.sort(bad)[:10].tolist()}); use a larger '
+        'code_dim or leave it unset to search')
 
 
 def _refit_buckets(parts: Gadgets, keys, targets, bad_buckets) -> Gadgets:
