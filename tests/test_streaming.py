@@ -61,7 +61,7 @@ def test_streamed_decodability_equals_one_call():
   assert stopped is None
 
 
-@pytest.mark.parametrize('num_values', [200, 600])
+@pytest.mark.parametrize('num_values', [120, 300])
 def test_fixed_code_dim_fails_fast(num_values, monkeypatch):
   # code_dim 2 leaves many of these values undecodable. Over 256 values, a
   # sample of 256 fails it before the full solve; otherwise the first
@@ -80,7 +80,7 @@ def test_fixed_code_dim_fails_fast(num_values, monkeypatch):
   done = []
   with pytest.raises(ed.ConstructionError, match='code_dim=2 leaves') as fast:
     ed.choose_code_dim(jax.random.key(0), fs.values, fs.mapping, config,
-                       stream_size=64,
+                       stream_size=40,
                        progress=lambda stage, d, total: done.append(d))
   assert calls == ([256] if num_values > 256 else [None])
   assert done == []  # no streamed call completed without aborting
