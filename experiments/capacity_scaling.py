@@ -260,13 +260,28 @@ def summary(rows) -> str:
                    f'(R² {nlogn.r2:.3f}'
                    f'{NEGATIVE_C if nlogn.params[0] < 0 else ""}) |')
     if 'encoder_decoder' in found and 'gd' in found:
-      cells = [f'{e.mean() - g.mean():+.3f} ± {np.hypot(e.std(), g.std()):.3f}'
-               if e.size and g.size else '—'
-               for e, g in ((found['encoder_decoder'], found['gd']),
-                            (tails['encoder_decoder'], tails['gd']))]
-      lines.append(f'| {geometry} | {dim} | closed form − GD | {cells[0]} | '
-                   f'{cells[1]} | |')
+      lines.append(gap_row(rows, geometry, dim))
   return '\n'.join(lines) + '\n'
+
+
+def gap_row(rows, geometry: str, dim: int) -> str:
+  """Closed form − GD slope difference, over the sizes both have."""
+  def sizes(method):
+    return {r['num_facts'] for r in rows
+            if (r['geometry'], r['dim'], r['method']) == (geometry, dim, method)
+            and r['num_params'] not in ('', None)}
+  common = sorted(sizes('encoder_decoder') & sizes('gd'))
+  both = [r for r in rows if r['num_facts'] in common]
+  cells = []
+  for largest in (None, TAIL):
+    e, g = (slopes(both, geometry, dim, m, largest=largest)
+            if largest is None or len(common) > TAIL else np.array([])
+            for m in ('encoder_decoder', 'gd'))
+    cells.append(f'{e.mean() - g.mean():+.3f} ± {np.hypot(e.std(), g.std()):.3f}'
+                 if e.size and g.size else '—')
+  span = f'N = {common[0]}–{common[-1]}' if common else 'no common N'
+  return (f'| {geometry} | {dim} | closed form − GD ({span}) | {cells[0]} | '
+          f'{cells[1]} | |')
 
 
 def main(argv):

@@ -133,7 +133,17 @@ def test_capacity_scaling_summary_slopes(monkeypatch):
   assert ('| isotropic | 64 | encoder_decoder | 1.200 ± 0.000 | 1.200 ± 0.000 |'
           in text)
   assert '| isotropic | 64 | gd | 0.750 ± 0.000 | 1.000 ± 0.000 |' in text
-  assert '| closed form − GD | +0.450 ± 0.000 | +0.200 ± 0.000 |' in text
+  gap = '| closed form − GD (N = 128–2048) | +0.450 ± 0.000 | +0.200 ± 0.000 |'
+  assert gap in text
+  # A size only the closed form has (here slope 2 from N = 2048) changes
+  # its own slopes but not the gap, taken over the sizes both have.
+  more = rows + [dict(geometry='isotropic', dim=64, num_facts=4096, seed=s,
+                      method='encoder_decoder', num_params=40 * 2048 ** 1.2)
+                 for s in (0, 1)]
+  text_more = capacity_scaling.summary(more)
+  assert gap in text_more
+  assert ('| isotropic | 64 | encoder_decoder | 1.200 ± 0.000 | 1.200 ± 0.000 |'
+          not in text_more)
   # Sub-N log N growth gets a negative C, flagged as such.
   fits = [l for l in text.splitlines() if 'C = ' in l]
   ntk, = [l for l in fits if '| ntk |' in l]
