@@ -199,7 +199,9 @@ def plot(rows, path):
       if not xs:
         continue
       mean = [np.mean(w) for w in ws if w]
-      err = [np.std(w) for w in ws if w]
+      # Bars span the seeds' range (a std bar can dip below 0 on a log axis).
+      err = np.array([[np.mean(w) - min(w), max(w) - np.mean(w)]
+                      for w in ws if w]).T
       s = slopes(rows, geometry, dim, method)
       label = method + (f' (slope {s.mean():.2f}±{s.std():.2f})'
                         if s.size else '')
@@ -210,7 +212,7 @@ def plot(rows, path):
     ax.set_yscale('log', base=2)
     ax.set_xlabel('facts N')
     ax.set_ylabel('W* (parameters)')
-    ax.set_title(f'{geometry}, d = {dim}')
+    ax.set_title(f'{geometry}, d = {dim} (mean, bars: range over seeds)')
     ax.legend(fontsize=7)
   fig.tight_layout()
   save_figure(fig, path)
