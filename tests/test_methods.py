@@ -114,22 +114,29 @@ def test_chunked_gd_members_equal_vmapped(sets, monkeypatch):
   # One member stops early (the wide one), the other trains on: mapped
   # members, each stopping on its own, give the vmapped accuracies.
   used, map_batched = [], sweep.map_batched
-  def spy(*args, chunk_size=None, **kwargs):
-    used.append(chunk_size)
-    return map_batched(*args, chunk_size=chunk_size, **kwargs)
+  def spy(*args, chunk_size=None, static_kwargs=None, **kwargs):
+    used.append((chunk_size, static_kwargs.get('hidden')))
+    return map_batched(*args, chunk_size=chunk_size,
+                       static_kwargs=static_kwargs, **kwargs)
   monkeypatch.setattr(sweep, 'map_batched', spy)
   keys = [jax.random.key(5), jax.random.key(6)]
-  accs = [methods.evaluate_batched(
-      'gd', keys, sets, [3, 32],
-      options=dataclasses.replace(FAST, chunk_size=chunk))
-          for chunk in (None, 1)]
-  assert used == [None, 1]
-  # The closed-form baselines always vmap.
-  methods.evaluate_batched('hebbian_ridge', keys, sets, [8, 8],
-                           options=dataclasses.replace(FAST, chunk_size=1))
-  assert used[-1] is None
+  mapped = dataclasses.replace(FAST, chunk_size=1)
+  accs = [methods.evaluate_batched('gd', keys, sets, [3, 32], options=o)
+          for o in (FAST, mapped)]
+  # Vmapped: one call padded to the widest member; mapped on one device:
+  # one call per width, unpadded.
+  assert used == [(None, 32)] + ([(1, 3), (1, 32)] if jax.device_count() == 1
+                                 else [(1, 32)])
   assert accs[0][1] == 1.0 and accs[0][0] < 1.0
   np.testing.assert_allclose(accs[1], accs[0], atol=1 / 48 + 1e-6)
+  # So a mapped member's accuracy does not depend on its round-mates.
+  alone = [methods.evaluate_batched('gd', [k], [fs], [w], options=mapped)[0]
+           for k, fs, w in zip(keys, sets, [3, 32])]
+  np.testing.assert_array_equal(accs[1], alone)
+  # The closed-form baselines always vmap.
+  methods.evaluate_batched('hebbian_ridge', keys, sets, [8, 8],
+                           options=mapped)
+  assert used[-1][0] is None
 
 
 def test_baselines_search_up_to_64d():
