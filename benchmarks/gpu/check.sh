@@ -10,7 +10,8 @@
 # finished points are skipped; rounds.jsonl too, so unfinished cells resume),
 # the test suite beside them, then the roofline
 # alone on the GPU. CAP_S bounds the capacity runs, TESTS_S the tests.
-# Part E: capacity searches alone for CAP_S seconds (ALPHAS, METHODS; default
+# Part E: capacity searches alone for CAP_S seconds (ALPHAS, METHODS,
+# GEOMETRIES; default
 # GD and encoder-decoder GD at d = 128, N = 8,192, the cells a 2-core CPU
 # cannot finish), resuming from the rounds already logged; bring
 # $OUT/cap/rows.csv and rounds.jsonl back into capacity_scaling_n8192/.
@@ -74,7 +75,8 @@ elif [ "$part" = D ]; then
 elif [ "$part" = E ]; then
   cap_setup
   JAX_DEFAULT_MATMUL_PRECISION=highest run cap "${CAP_S:-540}" python3 \
-      experiments/capacity_scaling.py --dims=128 --geometries=isotropic \
+      experiments/capacity_scaling.py --dims=128 \
+      --geometries="${GEOMETRIES:-isotropic}" \
       --chunk_size=0 --out_dir=$OUT/cap --alphas="${ALPHAS:-0.5}" \
       --methods="${METHODS:-gd,encoder_decoder_gd}"
   pkill -f experiments/capacity_scaling.py
