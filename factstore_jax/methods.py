@@ -250,8 +250,9 @@ def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
   if method == 'encoder_decoder' and known and any(known):
     raise FactStoreError('known accuracies are for the batched methods; the '
                          'closed form also needs each width\'s parameters')
-  if code_dim is not None and (method != 'encoder_decoder_gd'
-                               or code_dim < 1):
+  if code_dim is not None and (
+      method != 'encoder_decoder_gd' or isinstance(code_dim, bool)
+      or not isinstance(code_dim, (int, np.integer)) or code_dim < 1):
     raise FactStoreError(f'code_dim={code_dim} is for encoder_decoder_gd and '
                          f'must be >= 1 (method {method!r})')
   if method == 'encoder_decoder':
