@@ -11,9 +11,8 @@
 # the test suite beside them, then the roofline
 # alone on the GPU. CAP_S bounds the capacity runs, TESTS_S the tests.
 # Part E: capacity searches alone for CAP_S seconds (ALPHAS, METHODS,
-# GEOMETRIES; default
-# GD and encoder-decoder GD at d = 128, N = 8,192, the cells a 2-core CPU
-# cannot finish), resuming from the rounds already logged; bring
+# GEOMETRIES; default GD and encoder-decoder GD at d = 128, N = 8,192, the
+# cells a 2-core CPU cannot finish), resuming from the rounds already logged; bring
 # $OUT/cap/rows.csv and rounds.jsonl back into capacity_scaling_n8192/.
 # Usage: bash benchmarks/gpu/check.sh A|B|C|D|E   (writes under $OUT).
 set -u

@@ -545,22 +545,22 @@ def choose_code_dim(key: Array, values: Array, mapping, config:
   probe = np.random.default_rng(0).permutation(used)[:256]
   is_used = np.zeros(values.shape[0], bool)
   is_used[used] = True
+
+  def certified(ids, part, floor):
+    """Used values among ``ids`` (the values ``part`` solved) certified at or
+    below the floor (gap closed or dual bound below it: a re-solve with a
+    larger active set would not touch them)."""
+    rho_p, gap, dual = (np.asarray(a) for a in (part.rho, part.gap,
+                                                part.dual_bound))
+    closed = (gap <= config.tol) | (dual <= max(1e-6, floor))
+    return ids[is_used[ids] & closed & (rho_p <= floor)]
+
   for m in dims:
     decoder = decoders.jl_decoder(k_dec, dim, m, values.dtype)
     floor = config.min_rho if m < dim and config.code_dim is None else 0.0
     # A fixed m < d fails on its first certified undecodable used value.
     fail_fast = config.code_dim is not None and m < dim
     t0 = time.perf_counter()
-
-    def certified(ids, part, floor=floor):
-      """Used values among ``ids`` (the values ``part`` solved) certified at
-      or below the floor (gap closed or dual bound below it: a re-solve
-      with a larger active set would not touch them)."""
-      rho_p, gap, dual = (np.asarray(a) for a in (part.rho, part.gap,
-                                                  part.dual_bound))
-      closed = (gap <= config.tol) | (dual <= max(1e-6, floor))
-      return ids[is_used[ids] & closed & (rho_p <= floor)]
-
     if floor > 0 and len(probe) < len(used):
       # A random sample of used values rejects a too-small m cheaply.
       _, rho_probe = value_codes(values, decoder, tol=config.tol, floor=floor,
@@ -572,7 +572,7 @@ def choose_code_dim(key: Array, values: Array, mapping, config:
     if fail_fast and len(probe) < len(used):
       part = dec_lib.decodability(decoders.project_values(values, decoder),
                                   tol=config.tol, indices=probe)
-      _undecodable(m, certified(probe, part))
+      _undecodable(m, certified(probe, part, floor))
     stream, bad = {}, []
     if stream_size is not None and stream_size < values.shape[0]:
       def abort(rows, part, floor=floor):
