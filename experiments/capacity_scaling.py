@@ -93,17 +93,19 @@ def compute(group: list[dict], options: methods.MethodOptions) -> list[dict]:
     fss = [make_factset(geometry, s, n, dim, FLAGS.beta) for s in seeds]
     keys = [jax.random.key(1000 + s) for s in seeds]
     cell = [geometry, dim, n, method]
-    # Encoder-decoder GD's code dim is chosen on the cell's first fact set:
-    # a width's accuracy depends on it, so its logged rounds record it.
-    code_dim = (methods.gd_code_dim(keys[0], fss[0])
-                if method == 'encoder_decoder_gd' else None)
-    setup = round_setup(code_dim)
+    # Encoder-decoder GD's code dim (and the certified decoder it trains
+    # with) is chosen per fact set: a width's accuracy depends on it, so
+    # the seed's logged rounds record it.
+    code_dims = ([methods.gd_code_dim(k, fs) for k, fs in zip(keys, fss)]
+                 if method == 'encoder_decoder_gd' else [None] * len(seeds))
+    setups = [round_setup(m) for m in code_dims]
     found = methods.find_capacity(
         method, fss, keys, options=options, rel_tol=FLAGS.rel_tol,
         on_round=log_round(f'{method} {geometry} d={dim} N={n}', seeds, t0,
-                           cell, setup),
+                           cell, setups),
         known=None if method == 'encoder_decoder' else load_rounds(
-            cell, seeds, setup), code_dim=code_dim)
+            cell, seeds, setups),
+        code_dim=None if code_dims[0] is None else code_dims)
     seconds = (time.perf_counter() - t0) / len(members)
     for j, cap in zip(members, found):
       out[j] = dict(
@@ -122,14 +124,18 @@ def round_setup(code_dim: int | None = None) -> dict:
   setup = dict(max_steps=FLAGS.max_steps, learning_rate=FLAGS.learning_rate,
                patience=FLAGS.patience, beta=FLAGS.beta)
   if code_dim is not None:
-    setup['code_dim'] = code_dim
+    # Encoder-decoder GD: the code dim and the construction's decoder at it
+    # (rounds logged before had a random decoder and are not replayed).
+    setup.update(code_dim=code_dim, decoder='construction')
   return setup
 
 
 def load_rounds(cell: list, seeds: list[int],
-                setup: dict) -> list[dict[int, float]]:
-  """``{width: accuracy}`` per seed from ``rounds.jsonl`` (same setup)."""
+                setups: list[dict]) -> list[dict[int, float]]:
+  """``{width: accuracy}`` per seed from ``rounds.jsonl`` (the seed's setup).
+  """
   known = {s: {} for s in seeds}
+  setup_of = dict(zip(seeds, setups))
   path = os.path.join(FLAGS.out_dir, ROUNDS)
   if os.path.exists(path):
     with open(path) as f:
@@ -138,13 +144,14 @@ def load_rounds(cell: list, seeds: list[int],
           r = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a kill
           continue
-        if r['cell'] == cell and r['setup'] == setup and r['seed'] in known:
+        if (r['cell'] == cell and r['seed'] in known
+            and r['setup'] == setup_of[r['seed']]):
           known[r['seed']][int(r['width'])] = float(r['accuracy'])
   return [known[s] for s in seeds]
 
 
 def log_round(name: str, seeds: list[int], t0: float, cell: list,
-              setup: dict):
+              setups: list[dict]):
   """Prints each search round (a cell's GD rounds can take an hour) and
   appends it to ``rounds.jsonl``."""
   def log(members, widths, accs):
@@ -153,7 +160,7 @@ def log_round(name: str, seeds: list[int], t0: float, cell: list,
     tqdm.write(f'{name} [{time.perf_counter() - t0:.0f} s] {tried}',
                file=sys.stderr)
     lines = ''.join(json.dumps(dict(cell=cell, seed=seeds[m], width=int(w),
-                                    accuracy=float(a), setup=setup,
+                                    accuracy=float(a), setup=setups[m],
                                     device=jax.devices()[0].device_kind))
                     + '\n' for m, w, a in zip(members, widths, accs))
     with open(os.path.join(FLAGS.out_dir, ROUNDS), 'a') as f:

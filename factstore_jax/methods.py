@@ -5,7 +5,7 @@ storage evaluation batched over (fact set, width) members.
 method                 knob            parameters (every array as built)
 =====================  ==============  ==========================================
 ``encoder_decoder``    code dim ``m``  closed form (:func:`construct`), report
-``encoder_decoder_gd`` hidden ``h``    ``2dh + h + hm + dm`` (JL decoder fixed)
+``encoder_decoder_gd`` hidden ``h``    ``2dh + h + hm + dm`` (decoder fixed)
 ``gd``                 hidden ``h``    ``3dh`` (identity gate, no biases)
 ``ntk``                hidden ``m``    ``3dm``
 ``hebbian_ridge``      hidden ``m``    ``3dm``
@@ -31,9 +31,8 @@ import numpy as np
 
 from factstore_jax import capacity, storage, sweep, training
 from factstore_jax.constructions import hebbian, ntk
-from factstore_jax.constructions.encoder_decoder import (ConstructionConfig,
-                                                         choose_code_dim,
-                                                         construct)
+from factstore_jax.constructions.encoder_decoder import (
+    ConstructionConfig, choose_code_dim, construct, construction_decoder)
 from factstore_jax.errors import ConstructionError, FactStoreError
 from factstore_jax.factsets import FactSet, stack_factsets
 from factstore_jax.mlp import GatedMLP, apply_mlp
@@ -75,7 +74,7 @@ class Capacity(NamedTuple):
   num_params: int | None
   tested: dict           # width -> accuracy
   rounds: int
-  code_dim: int | None   # the fixed code dim of encoder_decoder_gd
+  code_dim: int | None   # encoder_decoder_gd's fixed code dim
 
 
 def num_params(method: str, dim: int, width: int, *,
@@ -113,8 +112,11 @@ def _gd_member(item, *, hidden, config):
 
 def _ed_gd_member(item, *, hidden, code_dim, config):
   key, fs, width = item
+  decoder = construction_decoder(key, fs.keys.shape[-1], code_dim,
+                                 fs.keys.dtype)
   return training.train_encoder_decoder(
-      key, fs, hidden, code_dim, width=width, config=config).accuracy
+      key, fs, hidden, code_dim, width=width, config=config,
+      decoder=decoder).accuracy
 
 
 def _mlp_accuracy(mlp, fs):
@@ -136,13 +138,37 @@ def _hebbian_member(item, *, hidden, readout, ridge):
 def evaluate_batched(method: str, keys: Sequence, factsets: Sequence[FactSet],
                      widths: Sequence[int], *,
                      options: MethodOptions = MethodOptions(),
-                     code_dim: int | None = None) -> np.ndarray:
+                     code_dims: Sequence[int] | None = None) -> np.ndarray:
   """Storage accuracy of each member ``(keys[j], factsets[j], widths[j])``.
 
   All fact sets must share shapes. One compiled, sharded program per round
   (members vmapped, or GD members mapped ``options.chunk_size`` at a time;
   mapped on a single device, one call per distinct width, unpadded).
+  ``encoder_decoder_gd`` needs ``code_dims`` (one per member; one program
+  per distinct code dim); member ``j`` trains with the decoder
+  ``construction_decoder(keys[j], d, code_dims[j])``.
   """
+  if method == 'encoder_decoder_gd':
+    if code_dims is None or len(code_dims) != len(widths):
+      raise FactStoreError('encoder_decoder_gd needs one code dim per member')
+  elif code_dims is not None:
+    raise FactStoreError(f'code_dims is for encoder_decoder_gd, not {method!r}')
+
+  def by(labels):
+    """One evaluation per distinct label, its members only."""
+    accs = np.empty(len(labels))
+    for label in sorted(set(labels)):
+      same = [j for j, x in enumerate(labels) if x == label]
+      args = dict(keys=[keys[j] for j in same],
+                  factsets=[factsets[j] for j in same],
+                  widths=[widths[j] for j in same],
+                  code_dims=None if code_dims is None else
+                  [code_dims[j] for j in same])
+      accs[same] = evaluate_batched(method, **args, options=options)
+    return accs
+
+  if code_dims is not None and len(set(code_dims)) > 1:
+    return by(code_dims)
   if method in _GD_METHODS:
     if (options.chunk_size is not None and len(set(widths)) > 1
         and jax.device_count() == 1):
@@ -150,13 +176,7 @@ def evaluate_batched(method: str, keys: Sequence, factsets: Sequence[FactSet],
       # per distinct width, each at exactly that width, instead of padding
       # narrow members to the round's widest (widths 16, 16, 128 at d = 64,
       # N = 1,024, 600 steps: 5.9 s against 9.2 s padded, same accuracies).
-      accs = np.empty(len(widths))
-      for width in sorted(set(widths)):
-        same = [j for j, w in enumerate(widths) if w == width]
-        accs[same] = evaluate_batched(
-            method, [keys[j] for j in same], [factsets[j] for j in same],
-            [width] * len(same), options=options, code_dim=code_dim)
-      return accs
+      return by(widths)
     # Training cost grows with the padded width (the (N, P) head matmuls
     # scale with it), so pad only to the widest member; nested draws make a
     # member's run independent of the padding.
@@ -169,7 +189,7 @@ def evaluate_batched(method: str, keys: Sequence, factsets: Sequence[FactSet],
   if method == 'gd':
     fn, static = _gd_member, dict(hidden=hidden, config=options.train)
   elif method == 'encoder_decoder_gd':
-    fn, static = _ed_gd_member, dict(hidden=hidden, code_dim=code_dim,
+    fn, static = _ed_gd_member, dict(hidden=hidden, code_dim=code_dims[0],
                                      config=options.train)
   elif method == 'ntk':
     fn, static = _ntk_member, dict(hidden=hidden, degree=options.degree)
@@ -206,7 +226,8 @@ def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
                   on_round: Callable[[list[int], list[int], list[float]],
                                      None] | None = None,
                   known: Sequence[Mapping[int, float]] | None = None,
-                  code_dim: int | None = None) -> list[Capacity]:
+                  code_dim: int | Sequence[int] | None = None
+                  ) -> list[Capacity]:
   """``W*`` of ``method`` on each fact set (one search each, in lockstep).
 
   Args:
@@ -227,8 +248,11 @@ def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
       an interrupted search, as ``on_round`` reported them): those widths
       are not evaluated again, so a search resumes where it stopped (the
       search is deterministic given the accuracies). Batched methods only.
-    code_dim: ``encoder_decoder_gd`` only: its fixed code dim (default:
-      :func:`gd_code_dim` of the first fact set, shared by all).
+    code_dim: ``encoder_decoder_gd`` only: its fixed code dim, one for all
+      fact sets or one per fact set (default: :func:`gd_code_dim` of each
+      fact set and its key). Fact set ``j`` trains with the decoder the
+      construction draws for ``keys[j]`` at that code dim, which
+      :func:`gd_code_dim` certifies (a code dim given here is not checked).
 
   Returns:
     One :class:`Capacity` per fact set.
@@ -250,18 +274,14 @@ def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
   if method == 'encoder_decoder' and known and any(known):
     raise FactStoreError('known accuracies are for the batched methods; the '
                          'closed form also needs each width\'s parameters')
-  if code_dim is not None and (
-      method != 'encoder_decoder_gd' or isinstance(code_dim, bool)
-      or not isinstance(code_dim, (int, np.integer)) or code_dim < 1):
-    raise FactStoreError(f'code_dim={code_dim} is for encoder_decoder_gd and '
-                         f'must be >= 1 (method {method!r})')
+  code_dims = _check_code_dims(method, code_dim, len(factsets))
   if method == 'encoder_decoder':
     return [_closed_form_capacity(
         k, fs, options, max_width or dim, start or min(16, dim), rel_tol,
         lambda widths, accs, i=i: report([i] * len(widths), widths, accs))
             for i, (k, fs) in enumerate(zip(keys, factsets))]
-  if method == 'encoder_decoder_gd' and code_dim is None:
-    code_dim = gd_code_dim(keys[0], factsets[0])
+  if method == 'encoder_decoder_gd' and code_dims is None:
+    code_dims = [gd_code_dim(k, fs) for k, fs in zip(keys, factsets)]
   if max_width is None:
     # Random features need the most units (NTK ~N log N / d); GD's training
     # cost grows with the width searched, the baselines' hardly.
@@ -278,7 +298,8 @@ def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
       fresh = evaluate_batched(
           method, [keys[members[j]] for j in todo],
           [factsets[members[j]] for j in todo], [widths[j] for j in todo],
-          options=options, code_dim=code_dim)
+          options=options, code_dims=None if code_dims is None else
+          [code_dims[members[j]] for j in todo])
       for j, a in zip(todo, fresh):
         accs[j] = float(a)
       report([members[j] for j in todo], [widths[j] for j in todo],
@@ -288,14 +309,35 @@ def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
   found = capacity.search_widths(
       evaluate, [start] * len(factsets), max_width=max_width,
       threshold=threshold, batch=batch, rel_tol=rel_tol)
+  code_dims = code_dims or [None] * len(found)
   return [Capacity(method, r.width,
                    None if r.width is None else num_params(
-                       method, dim, r.width, code_dim=code_dim),
-                   r.tested, r.rounds, code_dim) for r in found]
+                       method, dim, r.width, code_dim=m),
+                   r.tested, r.rounds, m) for r, m in zip(found, code_dims)]
+
+
+def _check_code_dims(method, code_dim, num_sets) -> list[int] | None:
+  """``find_capacity``'s ``code_dim`` as one int per fact set (or None)."""
+  if code_dim is None:
+    return None
+  dims = (list(code_dim) if isinstance(code_dim, (list, tuple))
+          else [code_dim] * num_sets)
+  if method != 'encoder_decoder_gd' or len(dims) != num_sets or any(
+      isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1
+      for m in dims):
+    raise FactStoreError(
+        f'code_dim={code_dim} is for encoder_decoder_gd: an int >= 1 or one '
+        f'per fact set ({num_sets}) (method {method!r})')
+  return [int(m) for m in dims]
 
 
 def gd_code_dim(key, fs: FactSet) -> int:
-  """The code dimension the closed form would pick for ``fs``."""
+  """The code dimension the closed form would pick for ``fs`` and ``key``.
+
+  Its decoder, ``construction_decoder(key, d, m)``, leaves every used value
+  of ``fs`` decodable (``rho`` above the construction's floor); encoder-
+  decoder GD trains with that decoder.
+  """
   m, _, _ = choose_code_dim(key, fs.values, np.asarray(fs.mapping),
                             ConstructionConfig())
   return int(m)
@@ -335,7 +377,8 @@ def build_mlp(method: str, key, factset: FactSet, width: int, *,
 
   The knob is the one :func:`find_capacity` searches (the closed form's
   code dim; hidden width otherwise). ``encoder_decoder_gd`` uses ``code_dim``
-  (default: the code dim the closed form would pick). A closed form that
+  (default: :func:`gd_code_dim`) and the construction's decoder for ``key``
+  at that code dim, as :func:`find_capacity` does. A closed form that
   cannot certify storage at ``width`` raises ``ConstructionError``.
   """
   _check_method(method)
@@ -352,8 +395,10 @@ def build_mlp(method: str, key, factset: FactSet, width: int, *,
     mlp = training.train_mlp(key, factset, width, config=options.train).params
   elif method == 'encoder_decoder_gd':
     code_dim = code_dim or gd_code_dim(key, factset)
-    mlp = training.train_encoder_decoder(key, factset, width, code_dim,
-                                         config=options.train).params
+    mlp = training.train_encoder_decoder(
+        key, factset, width, code_dim, config=options.train,
+        decoder=construction_decoder(key, dim, code_dim,
+                                     factset.keys.dtype)).params
   elif method == 'ntk':
     mlp = ntk.ntk_mlp(key, factset, width, degree=options.degree)
   else:

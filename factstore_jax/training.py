@@ -692,17 +692,27 @@ def train_encoder_decoder(key: Array, factset: FactSet, hidden_dim: int,
                           code_dim: int, *, width: int | Array | None = None,
                           train: str = 'encoder',
                           config: TrainConfig = TrainConfig(),
-                          activation: str = 'identity') -> TrainResult:
+                          activation: str = 'identity',
+                          decoder: Array | None = None) -> TrainResult:
   """GD on the encoder-decoder architecture from random initialisation.
 
-  ``train`` in ``{'encoder', 'decoder', 'both'}``; the JL decoder stays fixed
-  unless trained.
+  ``train`` in ``{'encoder', 'decoder', 'both'}``; the decoder stays fixed
+  unless trained. ``decoder (d, code_dim)`` replaces the random JL draw,
+  e.g. the construction's certified one
+  (:func:`~factstore_jax.constructions.encoder_decoder.construction_decoder`
+  at the code dim :func:`~factstore_jax.methods.gd_code_dim` picks).
   """
   keys = factset.keys
+  dim = keys.shape[-1]
+  if decoder is not None and tuple(decoder.shape) != (dim, code_dim):
+    raise FactStoreError(f'decoder must have shape (d, code_dim) = '
+                         f'{(dim, code_dim)}, got {tuple(decoder.shape)}')
   k_init, k_batch = jax.random.split(key)
-  model = init_encoder_decoder(k_init, keys.shape[-1], hidden_dim, code_dim,
+  model = init_encoder_decoder(k_init, dim, hidden_dim, code_dim,
                                width=width, activation=activation,
                                dtype=keys.dtype)
+  if decoder is not None:
+    model = model.replace(decoder=jnp.asarray(decoder, keys.dtype))
   mask = None if width is None else hidden_mask(hidden_dim, width, keys.dtype)
   return fit(model, factset, trainable=encoder_decoder_fields(train),
              config=config, hidden_mask=mask, key=k_batch)

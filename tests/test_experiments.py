@@ -92,24 +92,31 @@ def test_capacity_scaling_tiny(tmp_path):
 
 
 def test_capacity_rounds_replay_only_the_same_setup(tmp_path, monkeypatch):
-  # Encoder-decoder GD's accuracies depend on its code dim: rounds logged
-  # under another one (or none) are not replayed.
+  # Encoder-decoder GD's accuracies depend on each seed's code dim and
+  # decoder: rounds logged under another setup (or none) are not replayed.
   monkeypatch.syspath_prepend(os.path.join(ROOT, 'experiments'))
   import capacity_scaling  # pylint: disable=import-outside-toplevel
   from absl.testing import flagsaver  # pylint: disable=import-outside-toplevel
   cell = ['isotropic', 16, 32, 'encoder_decoder_gd']
   with flagsaver.flagsaver():
     capacity_scaling.FLAGS(['capacity_scaling', f'--out_dir={tmp_path}'])
-    setup = capacity_scaling.round_setup(8)
-    assert setup['code_dim'] == 8
-    capacity_scaling.log_round('test', [3, 4], 0.0, cell, setup)(
+    setups = [capacity_scaling.round_setup(8), capacity_scaling.round_setup(4)]
+    assert [s['code_dim'] for s in setups] == [8, 4]
+    capacity_scaling.log_round('test', [3, 4], 0.0, cell, setups)(
         [0, 1, 0], [10, 10, 20], [0.5, 0.25, 1.0])
     load = capacity_scaling.load_rounds
-    assert load(cell, [3, 4], setup) == [{10: 0.5, 20: 1.0}, {10: 0.25}]
-    assert load(cell, [4], setup) == [{10: 0.25}]
-    assert load(cell, [3, 4], capacity_scaling.round_setup(4)) == [{}, {}]
-    assert load(cell, [3, 4], capacity_scaling.round_setup()) == [{}, {}]
-    assert load(cell[:3] + ['gd'], [3, 4], setup) == [{}, {}]
+    assert load(cell, [3, 4], setups) == [{10: 0.5, 20: 1.0}, {10: 0.25}]
+    assert load(cell, [4], setups[1:]) == [{10: 0.25}]
+    assert load(cell, [3, 4], setups[::-1]) == [{}, {}]
+    assert load(cell, [3, 4], [capacity_scaling.round_setup()] * 2) == [{}, {}]
+    assert load(cell[:3] + ['gd'], [3, 4], setups) == [{}, {}]
+    # A line logged before the decoder was the construction's.
+    old = dict(setups[0])
+    del old['decoder']
+    with open(tmp_path / capacity_scaling.ROUNDS, 'a') as f:
+      f.write(json.dumps(dict(cell=cell, seed=3, width=30, accuracy=1.0,
+                              setup=old)) + '\n')
+    assert load(cell, [3], setups[:1]) == [{10: 0.5, 20: 1.0}]
 
 
 def test_capacity_scaling_summary_slopes(monkeypatch):

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from factstore_jax import factsets, methods, sweep, training
+from factstore_jax.constructions.encoder_decoder import (construct,
+                                                         construction_decoder)
 from factstore_jax.errors import FactStoreError
 
 FAST = methods.MethodOptions(train=training.TrainConfig(
@@ -77,29 +79,66 @@ def test_known_accuracies_resume_a_search(sets):
 
 
 def test_encoder_decoder_gd_code_dim(sets, monkeypatch):
-  # Default: the closed form's choice on the first fact set, shared by all
-  # members; an explicit code dim is used as given.
+  # Default: the closed form's choice for each fact set and its key; an
+  # explicit code dim (one for all, or one per fact set) is used as given.
   used = []
-  def fake(method, keys, fss, widths, *, options, code_dim):
-    used.append(code_dim)
+  def fake(method, keys, fss, widths, *, options, code_dims):
+    used.append(list(code_dims))
     return np.asarray([float(w >= 5) for w in widths])
   monkeypatch.setattr(methods, 'evaluate_batched', fake)
   keys = [jax.random.key(10), jax.random.key(11)]
-  default = methods.gd_code_dim(keys[0], sets[0])
-  for code_dim, want in ((None, default), (default + 3, default + 3)):
+  default = [methods.gd_code_dim(k, fs) for k, fs in zip(keys, sets)]
+  for code_dim, want in ((None, default), (9, [9, 9]), ([7, 12], [7, 12])):
     used.clear()
     caps = methods.find_capacity('encoder_decoder_gd', sets, keys,
                                  code_dim=code_dim)
-    assert set(used) == {want}
-    for cap in caps:
-      assert (cap.width, cap.code_dim) == (5, want)
+    # Each round evaluates both members, each with its own code dim.
+    assert used and all(u == want for u in used)
+    for cap, m in zip(caps, want):
+      assert (cap.width, cap.code_dim) == (5, m)
       assert cap.num_params == methods.num_params(
-          'encoder_decoder_gd', 16, 5, code_dim=want)
+          'encoder_decoder_gd', 16, 5, code_dim=m)
   for method, bad in (('gd', 8), ('encoder_decoder', 8),
                       ('encoder_decoder_gd', 0), ('encoder_decoder_gd', True),
-                      ('encoder_decoder_gd', 1.5)):
+                      ('encoder_decoder_gd', 1.5), ('encoder_decoder_gd', [8]),
+                      ('encoder_decoder_gd', [8, 0])):
     with pytest.raises(FactStoreError, match='code_dim'):
       methods.find_capacity(method, sets, keys, code_dim=bad)
+
+
+def test_encoder_decoder_gd_trains_with_the_construction_decoder(
+    sets, monkeypatch):
+  # Members of different code dims run one program per code dim; each
+  # member trains with the decoder the construction draws for its key,
+  # which gd_code_dim certifies.
+  keys = [jax.random.key(10), jax.random.key(11)]
+  c = construct(sets[0], keys[0])
+  np.testing.assert_array_equal(c.model.decoder, construction_decoder(
+      keys[0], 16, c.report.code_dim))
+  assert methods.gd_code_dim(keys[0], sets[0]) == c.report.code_dim
+  calls, map_batched = [], sweep.map_batched
+  def spy(*args, static_kwargs=None, **kwargs):
+    calls.append(static_kwargs['code_dim'])
+    return map_batched(*args, static_kwargs=static_kwargs, **kwargs)
+  monkeypatch.setattr(sweep, 'map_batched', spy)
+  short = methods.MethodOptions(train=dataclasses.replace(
+      FAST.train, max_steps=200, chunk_steps=100))
+  accs = methods.evaluate_batched('encoder_decoder_gd', keys, sets, [12, 12],
+                                  options=short, code_dims=[8, 4])
+  assert sorted(calls) == [4, 8]
+  alone = training.train_encoder_decoder(
+      keys[1], sets[1], 12, 4, width=12, config=short.train,
+      decoder=construction_decoder(keys[1], 16, 4)).accuracy
+  assert float(alone) == accs[1]
+  built = methods.build_mlp('encoder_decoder_gd', keys[1], sets[1], 12,
+                            options=short, code_dim=4)
+  np.testing.assert_array_equal(built.mlp.decoder,
+                                construction_decoder(keys[1], 16, 4))
+  with pytest.raises(FactStoreError, match='one code dim per member'):
+    methods.evaluate_batched('encoder_decoder_gd', keys, sets, [12, 12],
+                             code_dims=[8])
+  with pytest.raises(FactStoreError, match='code_dims is for'):
+    methods.evaluate_batched('gd', keys, sets, [12, 12], code_dims=[8, 8])
 
 
 def test_batched_evaluation_equals_single_calls(sets):

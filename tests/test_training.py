@@ -12,7 +12,8 @@ import pytest
 from jax.test_util import check_grads
 
 from factstore_jax import factsets, storage, training
-from factstore_jax.constructions.encoder_decoder import construct
+from factstore_jax.constructions.encoder_decoder import (construct,
+                                                         construction_decoder)
 from factstore_jax.errors import FactStoreError
 from factstore_jax.mlp import GatedMLPModule
 
@@ -163,6 +164,26 @@ def test_encoder_decoder_gd_trains_only_named_fields(small):
       jax.random.key(10), small, 48, 16, config=training.TrainConfig(
           max_steps=20, chunk_steps=10), train='decoder')
   np.testing.assert_array_equal(dec.params.w_up, init.w_up)
+
+
+def test_encoder_decoder_gd_with_a_given_decoder(small):
+  # The given decoder replaces the random draw and stays fixed; the encoder
+  # starts where it would have.
+  given = construction_decoder(jax.random.key(3), 32, 16)
+  result = training.train_encoder_decoder(
+      jax.random.key(10), small, 48, 16, config=FAST, decoder=given)
+  np.testing.assert_array_equal(result.params.decoder, given)
+  assert float(result.accuracy) == 1.0
+  start = training.train_encoder_decoder(
+      jax.random.key(10), small, 48, 16, decoder=given,
+      config=training.TrainConfig(max_steps=1, chunk_steps=1))
+  init = training.init_encoder_decoder(
+      jax.random.split(jax.random.key(10))[0], 32, 48, 16)
+  assert not np.allclose(init.decoder, given)
+  np.testing.assert_allclose(start.params.w_gate, init.w_gate, atol=2e-3)
+  with pytest.raises(FactStoreError, match=r'decoder must have shape'):
+    training.train_encoder_decoder(jax.random.key(0), small, 8, 16,
+                                   decoder=given[:, :8])
 
 
 def test_finetune_from_construction_keeps_storage():

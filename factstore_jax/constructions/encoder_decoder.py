@@ -348,8 +348,8 @@ def construct_fixed(key: Array, factset: FactSet, *, code_dim: int,
   """
   keys, values, mapping = factset
   dim = keys.shape[1]
-  k_dec, k_dir = jax.random.split(key)
-  decoder = decoders.jl_decoder(k_dec, dim, code_dim, keys.dtype)
+  _, k_dir = jax.random.split(key)
+  decoder = construction_decoder(key, dim, code_dim, keys.dtype)
   codes, rho = value_codes(values, decoder, tol=tol)
   model, parts = build_encoder(k_dir, keys, codes[mapping], decoder,
                                bucket_size=bucket_size, activation=activation,
@@ -521,6 +521,16 @@ def _check_config(config: ConstructionConfig):
     raise FactStoreError(f'slack must be in [0, 0.5), got {config.slack}')
 
 
+def construction_decoder(key: Array, dim: int, code_dim: int,
+                         dtype=jnp.float32) -> Array:
+  """The JL decoder ``(d, m)`` the construction draws for ``key`` at ``m``.
+
+  :func:`choose_code_dim` certifies it (the code dim it returns leaves every
+  used projected value decodable); encoder-decoder GD trains with it too.
+  """
+  return decoders.jl_decoder(jax.random.split(key)[0], dim, code_dim, dtype)
+
+
 @full_precision
 def choose_code_dim(key: Array, values: Array, mapping, config:
                     ConstructionConfig, *, stream_size: int | None = None,
@@ -540,7 +550,6 @@ def choose_code_dim(key: Array, values: Array, mapping, config:
   """
   dim = values.shape[1]
   used = dec_lib.used_values(mapping)
-  k_dec, _ = jax.random.split(key)
   dims = _code_dims(config, dim)
   probe = np.random.default_rng(0).permutation(used)[:256]
   is_used = np.zeros(values.shape[0], bool)
@@ -556,7 +565,7 @@ def choose_code_dim(key: Array, values: Array, mapping, config:
     return ids[is_used[ids] & closed & (rho_p <= floor)]
 
   for m in dims:
-    decoder = decoders.jl_decoder(k_dec, dim, m, values.dtype)
+    decoder = construction_decoder(key, dim, m, values.dtype)
     floor = config.min_rho if m < dim and config.code_dim is None else 0.0
     # A fixed m < d fails on its first certified undecodable used value.
     fail_fast = config.code_dim is not None and m < dim
@@ -696,8 +705,8 @@ def construct(factset: FactSet, key: Array | int = 0,
   code_dim, codes, rho = choose_code_dim(key, values, mapping, config,
                                          stream_size=STREAM_VALUES,
                                          progress=progress)
-  k_dec, k_dir = jax.random.split(key)
-  decoder = decoders.jl_decoder(k_dec, dim, code_dim, keys.dtype)
+  _, k_dir = jax.random.split(key)
+  decoder = construction_decoder(key, dim, code_dim, keys.dtype)
   targets = codes[mapping]
 
   repaired, retries = 0, 0
@@ -788,8 +797,7 @@ class BatchedConstruction(NamedTuple):
 @functools.partial(jax.jit, static_argnames=('code_dim', 'floor', 'tol'))
 def _batched_rho(keys, values, *, code_dim, floor, tol):
   def one(key, v):
-    decoder = decoders.jl_decoder(jax.random.split(key)[0], v.shape[1],
-                                  code_dim, v.dtype)
+    decoder = construction_decoder(key, v.shape[1], code_dim, v.dtype)
     return value_codes(v, decoder, tol=tol, floor=floor)[1]
   return jax.vmap(one)(keys, values)
 
@@ -808,15 +816,14 @@ def _build_members(member_keys, factsets, *, code_dim, bucket_size,
 
   def codes_of(args):
     key, values = args
-    decoder = decoders.jl_decoder(jax.random.split(key)[0], dim, code_dim,
-                                  values.dtype)
+    decoder = construction_decoder(key, dim, code_dim, values.dtype)
     return value_codes(values, decoder, tol=tol)
 
   codes, rho = jax.lax.map(codes_of, (member_keys, factsets.values))
 
   def encoder(key, fs, codes_b):
-    k_dec, k_dir = jax.random.split(key)
-    decoder = decoders.jl_decoder(k_dec, dim, code_dim, fs.keys.dtype)
+    _, k_dir = jax.random.split(key)
+    decoder = construction_decoder(key, dim, code_dim, fs.keys.dtype)
     return build_encoder(k_dir, fs.keys, codes_b[fs.mapping], decoder,
                          bucket_size=bucket_size, activation=activation,
                          slack=slack)
