@@ -274,7 +274,7 @@ def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
   if method == 'encoder_decoder' and known and any(known):
     raise FactStoreError('known accuracies are for the batched methods; the '
                          'closed form also needs each width\'s parameters')
-  code_dims = _check_code_dims(method, code_dim, len(factsets))
+  code_dims = _check_code_dims(method, code_dim, len(factsets), dim)
   if method == 'encoder_decoder':
     return [_closed_form_capacity(
         k, fs, options, max_width or dim, start or min(16, dim), rel_tol,
@@ -316,18 +316,18 @@ def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
                    r.tested, r.rounds, m) for r, m in zip(found, code_dims)]
 
 
-def _check_code_dims(method, code_dim, num_sets) -> list[int] | None:
+def _check_code_dims(method, code_dim, num_sets, dim) -> list[int] | None:
   """``find_capacity``'s ``code_dim`` as one int per fact set (or None)."""
   if code_dim is None:
     return None
   dims = (list(code_dim) if isinstance(code_dim, (list, tuple))
           else [code_dim] * num_sets)
   if method != 'encoder_decoder_gd' or len(dims) != num_sets or any(
-      isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1
-      for m in dims):
+      isinstance(m, bool) or not isinstance(m, (int, np.integer))
+      or not 1 <= m <= dim for m in dims):
     raise FactStoreError(
-        f'code_dim={code_dim} is for encoder_decoder_gd: an int >= 1 or one '
-        f'per fact set ({num_sets}) (method {method!r})')
+        f'code_dim={code_dim} is for encoder_decoder_gd: an int in [1, d = '
+        f'{dim}] or one per fact set ({num_sets}) (method {method!r})')
   return [int(m) for m in dims]
 
 

@@ -101,7 +101,8 @@ def test_encoder_decoder_gd_code_dim(sets, monkeypatch):
   for method, bad in (('gd', 8), ('encoder_decoder', 8),
                       ('encoder_decoder_gd', 0), ('encoder_decoder_gd', True),
                       ('encoder_decoder_gd', 1.5), ('encoder_decoder_gd', [8]),
-                      ('encoder_decoder_gd', [8, 0])):
+                      ('encoder_decoder_gd', [8, 0]),
+                      ('encoder_decoder_gd', 17)):
     with pytest.raises(FactStoreError, match='code_dim'):
       methods.find_capacity(method, sets, keys, code_dim=bad)
 
