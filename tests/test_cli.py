@@ -68,7 +68,10 @@ def _json(proc):
   return json.loads(lines[0])
 
 
-@pytest.mark.parametrize('ext', ['.safetensors', '.npz'])
+@pytest.mark.parametrize('ext', [
+    '.safetensors',
+    # ~12 s in the suite; test_serialization_versions checks .npz files.
+    pytest.param('.npz', marks=pytest.mark.slow)])
 def test_construct_then_evaluate(files, ext):
   folder, _ = files
   out = f'mlp{ext}'

@@ -187,7 +187,8 @@ def test_transformer_recall_tiny(tmp_path):
   assert (tmp_path / 'recall.png').stat().st_size > 0
 
 
-def test_transformer_capacity_tiny(tmp_path):
+@pytest.mark.slow  # ~40 s in the suite; test_transformer_recall_tiny runs
+def test_transformer_capacity_tiny(tmp_path):  # the same Transformer path
   run('transformer_capacity.py', tmp_path, '--dim=16', '--num_facts=16,32',
       '--methods=hebbian_ridge', *TINY_TRANSFORMER)
   got = rows(tmp_path / 'rows.csv')

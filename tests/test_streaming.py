@@ -202,6 +202,7 @@ _MULTI_DEVICE = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # ~26 s in the suite (a subprocess with 3 host devices)
 def test_construct_on_three_devices_equals_one_device(tmp_path):
   """Bucket solves and decodability split over 3 CPU devices (subprocess:
   the device count is fixed when JAX starts) give this process's result."""
