@@ -3,7 +3,8 @@
 A file holds the arrays of an :class:`EncoderDecoder` (``w_gate, b_gate, w_up,
 routing, decoder``) or a :class:`GatedMLP` (``w_gate, w_up, w_down`` and any
 biases), plus string metadata: ``format`` (``factstore_jax.mlp``),
-``format_version``, ``kind``, ``activation`` and an optional JSON ``report``.
+``format_version``, ``kind``, ``activation``, an encoder-decoder's ``window``
+(neurons per gadget window; absent means 1) and an optional JSON ``report``.
 Writes are atomic: a temp file in the target folder, then ``os.replace``.
 
 Format versions: ``1`` is the first (and current) version; there are no older
@@ -64,12 +65,24 @@ def save_model(path: str | os.PathLike, model, report: dict | None = None):
   metadata = {'format': FORMAT, 'format_version': str(FORMAT_VERSION),
               'kind': kind, 'activation': model.activation,
               'report': json.dumps(report or {})}
+  if kind == 'encoder_decoder':
+    metadata['window'] = str(model.window)
   with atomic_output(path, suffix=ext) as tmp:
     if ext == '.safetensors':
       safetensors.numpy.save_file(arrays, tmp, metadata=metadata)
     else:
       with open(tmp, 'wb') as f:
         np.savez(f, __metadata__=np.array(json.dumps(metadata)), **arrays)
+
+
+def _window(path: str, text, routing) -> int:
+  """The ``window`` metadata of an encoder-decoder file, checked."""
+  window = int(text) if isinstance(text, str) and text.isdigit() else 0
+  if window < 1 or (routing is not None and routing.shape[0] % window):
+    raise FactStoreError(
+        f'{path}: window {text!r} is not a positive integer dividing the '
+        'hidden dimension')
+  return window
 
 
 def load_model(path: str | os.PathLike):
@@ -123,8 +136,12 @@ def load_model(path: str | os.PathLike):
     get_activation(metadata['activation'])
   except FactStoreError as e:
     raise FactStoreError(f'{path}: {e}') from e
+  static = {'activation': metadata['activation']}
+  if kind == 'encoder_decoder':  # files without it: one neuron per window
+    static['window'] = _window(path, metadata.get('window', '1'),
+                               fields.get('routing'))
   try:
-    model = cls(**fields, activation=metadata['activation'])
+    model = cls(**fields, **static)
   except TypeError as e:
     raise FactStoreError(f'{path}: arrays do not form a {kind} ({e})') from e
   try:

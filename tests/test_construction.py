@@ -224,6 +224,45 @@ class ReportTest(chex.TestCase):
                                1.0, atol=1e-5)
 
 
+class RouteTest(chex.TestCase):
+  """``route``: ``hidden @ routing`` with each window summed first."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(1, 2, 3, 4)
+  def test_equals_matmul_for_any_routing(self, window):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    hidden = jax.random.normal(k1, (2, 5, 12))
+    routing = jax.random.normal(k2, (12, 3))
+    out = self.variant(ed.route, static_argnums=2)(hidden, routing, window)
+    chex.assert_shape(out, (2, 5, 3))
+    np.testing.assert_allclose(out, hidden @ routing, rtol=1e-5, atol=1e-5)
+
+  def test_cancelling_window_adds_exact_zero(self):
+    # A construction-style routing (each window of 2 shares one 0/1 row):
+    # a window whose neurons are (a, -a) leaves the code bit-identical to
+    # the same hidden vector with that window silent, for any a.
+    rng = np.random.default_rng(0)
+    routing = jnp.asarray(np.repeat(np.eye(8, dtype=np.float32)[:4], 2, 0))
+    routing = jnp.tile(routing, (4, 1))                          # (32, 8)
+    silent = rng.normal(size=(64, 32)).astype(np.float32)
+    silent[:, 8:] = 0.0        # only window block 0 is active
+    pairs = rng.normal(size=(64, 12)).astype(np.float32) * 1e3
+    cancel = silent.copy()
+    cancel[:, 8::2], cancel[:, 9::2] = pairs, -pairs
+    want = np.asarray(ed.route(jnp.asarray(silent), routing, 2))
+    got = np.asarray(ed.route(jnp.asarray(cancel), routing, 2))
+    self.assertTrue(np.array_equal(got, want))
+    # In-place edits of those windows' weights leave it unchanged too.
+    cancel[:, 8::2], cancel[:, 9::2] = 2 * pairs, -2 * pairs
+    self.assertTrue(np.array_equal(
+        np.asarray(ed.route(jnp.asarray(cancel), routing, 2)), want))
+
+  def test_construction_sets_window(self):
+    c = _construction('sphere', 0)
+    self.assertEqual(c.model.window, 2)  # clipped: two neurons per window
+    self.assertEqual(c.model.routing.shape[0] % c.model.window, 0)
+
+
 class DeterminismTest(parameterized.TestCase):
 
   def test_same_key_same_weights(self):

@@ -4,7 +4,8 @@ Every edit is checked three ways: the edit's own report (every fact of every
 touched bucket verified), an independent dense evaluation of the edited model
 on the whole edited fact set (factorised and folded), and bit-identity of the
 outputs of every fact outside the re-solved buckets (the same batch of keys
-evaluated before and after, compared with ``np.array_equal``).
+evaluated before and after, compared with ``np.array_equal``; a bucket split
+widens the hidden layer, so there float rounding is allowed).
 
 One small construction (N = 128, d = 32) is shared by all tests; on a 2-core
 CPU nearly all the time is XLA compilation, cached per shape.
@@ -92,11 +93,13 @@ class _EditTest(parameterized.TestCase):
     expected = np.concatenate([_members(construction, j) for j in touched])
     np.testing.assert_array_equal(np.sort(report.facts), np.sort(expected))
 
-  def assert_untouched_identical(self, before, after, report, deleted=()):
+  def assert_untouched_identical(self, before, after, report, deleted=(),
+                                 exact=True):
     """Facts outside re-solved buckets keep bit-identical outputs.
 
     Both models are evaluated on the *old* keys (same batch); old fact ``o``
-    is new fact ``o - #(deleted < o)``.
+    is new fact ``o - #(deleted < o)``. ``exact=False`` (a bucket split: the
+    dense weights change shape) allows float rounding of the projections.
     """
     fs, c = before
     c2 = after
@@ -110,7 +113,10 @@ class _EditTest(parameterized.TestCase):
     self.assertGreater(len(keep), N // 2)
     out0 = np.asarray(_apply(c.model, fs.keys))
     out1 = np.asarray(_apply(c2.model, fs.keys))
-    self.assertTrue(np.array_equal(out0[keep], out1[keep]))
+    if exact:
+      self.assertTrue(np.array_equal(out0[keep], out1[keep]))
+    else:
+      np.testing.assert_allclose(out1[keep], out0[keep], atol=1e-5, rtol=0)
     # The folded gated MLP sums each window's neuron pair through the
     # decoder with FMA, so its far-away outputs move by rounding only.
     fold0 = np.asarray(_apply_mlp(c.mlp, fs.keys))
@@ -258,7 +264,7 @@ class InsertTest(_EditTest):
                       (c.report.num_buckets + 1, m, D))
     self.assert_edit_report(rep, c2)
     self.assert_stores(c2, fs2)
-    self.assert_untouched_identical((fs, c), c2, rep)
+    self.assert_untouched_identical((fs, c), c2, rep, exact=False)
 
   def test_insert_new_value_vector_grows_codes(self):
     fs, c = _base()

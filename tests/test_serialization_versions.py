@@ -38,7 +38,7 @@ def _models(dtype):
   return {
       'encoder_decoder': EncoderDecoder(
           w_gate=a(D, H), b_gate=a(H), w_up=a(D, H), routing=a(H, M),
-          decoder=a(D, M), activation='clipped'),
+          decoder=a(D, M), activation='clipped', window=2),
       'gated_mlp': GatedMLP(w_gate=a(D, H), w_up=a(D, H), w_down=a(H, D),
                             b_gate=a(H), activation='relu'),
       'gated_mlp_all_biases': GatedMLP(
@@ -75,6 +75,7 @@ def test_round_trip_bit_exact(tmp_path, dtype, ext):
       loaded, meta = serialization.load_model(path)
       assert type(loaded) is type(model), name
       assert loaded.activation == model.activation
+      assert getattr(loaded, 'window', 1) == getattr(model, 'window', 1)
       leaves, treedef = jax.tree.flatten(model)
       loaded_leaves, loaded_treedef = jax.tree.flatten(loaded)
       assert loaded_treedef == treedef, name  # same optional biases
@@ -157,6 +158,26 @@ def test_current_version_loads(tmp_path, ext):
   model, meta = serialization.load_model(path)
   assert isinstance(model, EncoderDecoder)
   assert meta['report'] == {'accuracy': 1.0}
+
+
+@pytest.mark.parametrize('ext', EXTS)
+def test_missing_window_means_one(tmp_path, ext):
+  path = _saved(tmp_path, ext, window=None)
+  model, _ = serialization.load_model(path)
+  assert model.window == 1
+  x = _arrays('float32', seed=1)(5, D)
+  np.testing.assert_allclose(  # the same function, summed in another order
+      np.asarray(model(x)),
+      np.asarray(_models('float32')['encoder_decoder'](x)), rtol=1e-5,
+      atol=1e-5)
+
+
+@pytest.mark.parametrize('ext', EXTS)
+@pytest.mark.parametrize('window', ['0', '5', 'two', '-2', ''])
+def test_invalid_window(tmp_path, ext, window):
+  path = _saved(tmp_path, ext, window=window)
+  with pytest.raises(FactStoreError, match='not a positive integer dividing'):
+    serialization.load_model(path)
 
 
 @pytest.mark.parametrize('ext', EXTS)

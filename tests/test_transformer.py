@@ -24,10 +24,12 @@ N, D, J = 32, 16, 4   # small problem of the data and model tests
 CONTEXT = 2           # L in the training tests
 
 # Key copy / schedule (a) on N=32 keys in d=32: reaches recall 1.0 and
-# delivers keys to within ~0.1 in ~400 steps.
+# delivers keys to within ~0.1 in ~400 steps. At rate 0.1 the outcome hangs
+# on float rounding (recall 0.97 or 1.0 by the CPU's vector ISA); at 0.05
+# every ISA gives loss 0.0088, recall 1.0 and keys within 0.14.
 COPY = train_lib.TrainConfig(max_steps=400, chunk_steps=200, batch_size=64,
                              context_len=CONTEXT, eval_batch_size=256,
-                             learning_rate=0.1, logit_scale=10.0)
+                             learning_rate=0.05, logit_scale=10.0)
 # A handful of steps: enough to move every trained parameter. The chunk is
 # longer than the step budget, which must still be honoured.
 TINY = train_lib.TrainConfig(max_steps=6, chunk_steps=8, batch_size=16,
@@ -741,7 +743,7 @@ class ScheduleTest(chex.TestCase):
     untrained = train_lib.recall(model, vocab, targets, jax.random.key(18),
                                  context_len=CONTEXT, contexts_per_fact=8)
     self.assertLess(untrained.accuracy, 0.5)
-    # COPY's learning rate 0.1 diverged here on an H100 (recall 0.54 after
+    # A learning rate of 0.1 diverged here on an H100 (recall 0.54 after
     # 50 steps, then chance) though not on CPU; 0.03 is stable on both.
     config = dataclasses.replace(COPY, chunk_steps=50, target_accuracy=0.95,
                                  learning_rate=0.03)

@@ -7,13 +7,14 @@ changes fall in, and returns a new construction (nothing is modified).
 Why other facts are untouched, bit for bit. Off its bucket a clipped-gate
 window's two neurons are either both silent (keys below the bucket) or both
 saturated at exactly 1 with opposite up-weights ``+-(M_j x)_r`` (keys above).
-Hidden neurons are ordered along the projection direction, so a key meets
-those pairs before its own neurons; the factorised model's routing (weights
-1) adds each pair to exactly 0 first, whatever ``M_j`` is. So ``model(x)``
-(:class:`EncoderDecoder`) of every fact outside the re-solved buckets is
-bit-identical after an edit, evaluated on the same batch of keys (XLA:CPU's
-dot accumulates hidden neurons in order; a backend that splits that sum,
-e.g. split-K on GPU, may round differently). The folded gated MLP
+The factorised model sums each window's two neurons before routing
+(:func:`encoder_decoder.route`), so such a pair adds exactly 0 whatever
+``M_j`` is and whatever order the backend's dot sums the rest in. So
+``model(x)`` (:class:`EncoderDecoder`) of every fact outside the re-solved
+buckets is bit-identical after an edit that keeps the hidden width,
+evaluated on the same batch of keys. A bucket split adds ``2 m`` hidden
+neurons: the projections ``x W`` are then differently-shaped matmuls, which
+may round each fact's own window differently (~1e-6 here). The folded gated MLP
 (``construction.mlp``) sums each pair through ``w_down = routing D^T``, where
 a fused multiply-add keeps one product's rounding error: its outputs above an
 edited bucket move by float rounding (~1e-7 here), far below any margin.
@@ -45,7 +46,7 @@ too. A bucket that would exceed the bucket size ``b`` is split at the widest
 gap near its middle: the upper part becomes a new bucket ``j + 1`` whose
 ``2 m`` hidden neurons are inserted right after bucket ``j``'s (later buckets
 are renumbered, their weights copied unchanged), keeping the hidden order
-along the projection, which the exactness above needs.
+along the projection.
 
 Each edit verifies every fact of every bucket it touched (own window exactly
 1, the windows of the buckets on either side exactly 0, margins against the
@@ -702,8 +703,9 @@ def edit(construction: ed.Construction, factset: FactSet, changes, *,
     ``(new_construction, new_factset, EditReport)``. The new fact set keeps
     the remaining old facts in order, then the inserted ones; appended value
     vectors follow the old values. Every fact outside the re-solved buckets
-    has a bit-identical output (evaluating the same batch of keys); the
-    report's checked facts all have positive margin.
+    has a bit-identical output (evaluating the same batch of keys; within
+    float rounding after a bucket split); the report's checked facts all
+    have positive margin.
 
   Raises:
     FactStoreError: bad input (names it), before any work.

@@ -58,6 +58,8 @@ class EncoderDecoder:
   routing: Array   # (h, m): hidden neuron -> code coordinate
   decoder: Array   # (d, m)
   activation: str = flax.struct.field(pytree_node=False, default='clipped')
+  # Neurons per gadget window (adjacent hidden neurons); see `route`.
+  window: int = flax.struct.field(pytree_node=False, default=1)
 
   @property
   def code_dim(self) -> int:
@@ -67,7 +69,7 @@ class EncoderDecoder:
     """Codes ``x (..., d) -> (..., m)``."""
     act = get_activation(self.activation)
     hidden = (x @ self.w_up) * act(x @ self.w_gate + self.b_gate)
-    return hidden @ self.routing
+    return route(hidden, self.routing, self.window)
 
   def __call__(self, x: Array) -> Array:
     """``x (..., d) -> (..., d)``."""
@@ -153,6 +155,27 @@ class Construction(NamedTuple):
     return GatedMLPModule(self.mlp)
 
 
+def route(hidden: Array, routing: Array, window: int = 1) -> Array:
+  """``hidden (..., h) @ routing (h, m)``, each window's neurons summed first.
+
+  Equal to ``hidden @ routing`` for any routing and ``window`` dividing ``h``,
+  computed as ``(sum_k hidden_k) @ routing_0 + sum_{k>0} hidden_k @
+  (routing_k - routing_0)`` over the ``window`` adjacent neurons ``k`` of
+  each window. With the construction's routing (a window's neurons share one
+  0/1 row) the second term is exactly zero and a window whose neurons cancel
+  (a key above its bucket) adds an exact 0, so a fact's code is its own
+  window's sum, bit for bit, whatever order the backend's dot sums in.
+  """
+  if window == 1:
+    return hidden @ routing
+  *batch, h = hidden.shape
+  grouped = hidden.reshape(*batch, h // window, window)
+  rows = routing.reshape(h // window, window, routing.shape[-1])
+  rest = jnp.einsum('...wk,wkm->...m', grouped[..., 1:],
+                    rows[:, 1:] - rows[:, :1])
+  return grouped.sum(-1) @ rows[:, 0] + rest
+
+
 # --------------------------------------------------------------------------
 # Pure fixed-shape core.
 
@@ -175,7 +198,7 @@ def assemble(direction: Array, maps: Array, scale: Array, bias: Array,
       jnp.eye(m, dtype=maps.dtype)[None, :, None, :], (n, m, k, m))
   return EncoderDecoder(w_gate=w_gate.reshape(d, h), b_gate=b_gate.reshape(h),
                         w_up=w_up.reshape(d, h), routing=routing.reshape(h, m),
-                        decoder=decoder, activation=activation)
+                        decoder=decoder, activation=activation, window=k)
 
 
 class Gadgets(NamedTuple):
