@@ -75,10 +75,19 @@ def save_model(path: str | os.PathLike, model, report: dict | None = None):
         np.savez(f, __metadata__=np.array(json.dumps(metadata)), **arrays)
 
 
+def _positive_int(raw) -> int | None:
+  """``raw`` metadata (a string) as an integer >= 1, else ``None``."""
+  try:
+    value = int(str(raw).strip())
+  except ValueError:
+    return None
+  return value if value >= 1 else None
+
+
 def _window(path: str, text, routing) -> int:
   """The ``window`` metadata of an encoder-decoder file, checked."""
-  window = int(text) if isinstance(text, str) and text.isdigit() else 0
-  if window < 1 or (routing is not None and routing.shape[0] % window):
+  window = _positive_int(text)
+  if window is None or (routing is not None and routing.shape[0] % window):
     raise FactStoreError(
         f'{path}: window {text!r} is not a positive integer dividing the '
         'hidden dimension')
@@ -158,11 +167,8 @@ def _check_version(path: str, metadata: dict) -> int:
         f'{path}: MLP file has no format_version (this library reads '
         f'versions 1 to {FORMAT_VERSION})')
   raw = metadata['format_version']
-  try:
-    version = int(str(raw).strip())
-  except ValueError:
-    version = None
-  if version is None or version < 1:
+  version = _positive_int(raw)
+  if version is None:
     raise FactStoreError(
         f'{path}: MLP file has an invalid format_version {raw!r} (versions '
         f'are integers from 1; this library reads 1 to {FORMAT_VERSION})')

@@ -191,7 +191,7 @@ def test_newer_version_names_both_versions(tmp_path, ext, version):
       for v in ('0', '-1', 'abc', '1.5', '')],
     # The hidden dimension is 12: 5 does not divide it.
     *[('window', v, 'not a positive integer dividing')
-      for v in ('0', '5', 'two', '-2', '')]])
+      for v in ('0', '5', 'two', '-2', '', '\u00b2')]])
 def test_invalid_metadata(tmp_path, ext, field, value, message):
   path = _saved(tmp_path, ext, **{field: value})
   with pytest.raises(FactStoreError, match=message):
