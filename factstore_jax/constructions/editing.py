@@ -1,23 +1,30 @@
-"""Bucket-local editing of closed-form encoder-decoder MLPs (DESIGN §3, §7).
+"""Bucket-local editing of closed-form encoder-decoder MLPs (docs/design.md).
 
 :func:`edit` inserts, updates and deletes facts of a :class:`Construction`
 built by :func:`encoder_decoder.construct` by re-solving only the buckets the
 changes fall in, and returns a new construction (nothing is modified).
 
-Why other facts are untouched, bit for bit. Off its bucket a clipped-gate
-window's two neurons are either both silent (keys below the bucket) or both
-saturated at exactly 1 with opposite up-weights ``+-(M_j x)_r`` (keys above).
-The factorised model sums each window's two neurons before routing
-(:func:`encoder_decoder.route`), so such a pair adds exactly 0 whatever
-``M_j`` is and whatever order the backend's dot sums the rest in. So
-``model(x)`` (:class:`EncoderDecoder`) of every fact outside the re-solved
-buckets is bit-identical after an edit that keeps the hidden width,
-evaluated on the same batch of keys. A bucket split adds ``2 m`` hidden
-neurons: the projections ``x W`` are then differently-shaped matmuls, which
-may round each fact's own window differently (~1e-6 here). The folded gated MLP
-(``construction.mlp``) sums each pair through ``w_down = routing D^T``, where
-a fused multiply-add keeps one product's rounding error: its outputs above an
-edited bucket move by float rounding (~1e-7 here), far below any margin.
+What changes. The encoder is the telescoped sum ``E(x) = sum_j S_j(t)
+(M_j - M_{j-1}) x`` (see :mod:`gadgets`). Re-solving bucket ``i``'s map
+``M_i`` changes the up-weights of the two cuts around it (``M_i - M_{i-1}``
+and ``M_{i+1} - M_i``); moving a cut changes that cut's gate rows only.
+
+* Facts *below* every touched bucket see those steps at exactly 0, so
+  their outputs are bit-identical (same batch of keys, same hidden width).
+* Facts *above* see both changed cuts at exactly 1: mathematically their
+  code is unchanged (``M_{i+1} - M_{i-1}``), but the float sum is rounded
+  differently (a few ulps of ``|M_j x|``). So the edit re-verifies every
+  fact from the lowest touched bucket upward, with the same check as
+  :func:`construct` (steps exactly 0/1, code, margins against the whole
+  value table). Its cost is that of verifying those facts.
+
+A bucket split adds ``m`` hidden neurons (one step): the projections ``x W``
+are then differently-shaped matmuls, which may round even the facts below
+by ~1e-7; they stay verified by their recorded margins, which exceed that
+by orders of magnitude. The dense weights are re-assembled from the
+per-bucket gadgets (:func:`encoder_decoder.assemble_gadgets`, ``O(n m d)``
+elementwise work), so steps whose up-weights become exactly zero are dropped
+and ones that come alive are added.
 
 Semantics of a change list (all indices refer to the fact set passed in;
 deletions are applied first, then updates, then inserts):
@@ -27,7 +34,7 @@ deletions are applied first, then updates, then inserts):
   anything.
 * ``Update(i, value)`` maps key ``i`` to ``value``; its bucket is re-solved.
 * ``Insert(key, value)`` appends a fact (inserted facts follow the kept old
-  ones, in list order) to the bucket whose window covers ``<g, key>``.
+  ones, in list order) to the bucket whose interval covers ``<g, key>``.
 * ``value`` is an index into the value table or a new value vector ``(d,)``,
   appended to the table (in list order). Its code is its separator on the
   projected table ``V D`` with the same decoder; it must be decodable
@@ -37,31 +44,21 @@ deletions are applied first, then updates, then inserts):
   full rebuild (a larger code dim).
 
 Insertion policy: a key whose projection lies inside a bucket (with the
-construction's slack to both ramps) joins it with no gate change. A key in
-the gap between two buckets joins the side that leaves the wider sub-gap (the
-other side if that bucket is full) and the shared ramp moves into that
-sub-gap, with the same slack: the neighbour gets new gate rows but keeps its
-map, and its keys stay exactly saturated, so their outputs stay bit-identical
-too. A bucket that would exceed the bucket size ``b`` is split at the widest
-gap near its middle: the upper part becomes a new bucket ``j + 1`` whose
-``2 m`` hidden neurons are inserted right after bucket ``j``'s (later buckets
-are renumbered, their weights copied unchanged), keeping the hidden order
-along the projection.
+construction's slack to both neighbouring steps) joins it with no gate
+change. A key in the gap between two buckets joins the side that leaves the
+wider sub-gap (the other side if that bucket is full) and the shared step
+moves into that sub-gap, with the same slack: the bucket above gets new gate
+rows but keeps its map, and every key stays exactly saturated. A bucket that
+would exceed the bucket size ``b`` is split at the widest gap near its
+middle: the upper part becomes a new bucket ``j + 1`` with its own step
+(later buckets are renumbered), keeping the order along the projection.
 
-Each edit verifies every fact of every bucket it touched (own window exactly
-1, the windows of the buckets on either side exactly 0, margins against the
-whole value table, code error), refits failing buckets in float64 and raises
-:class:`ConstructionError` if that fails. Facts elsewhere are not
-re-verified: their outputs are those the input construction verified.
-Per-bucket minimum margins kept in :class:`BucketStructure` give the new
-global report without an ``O(N)`` pass (with new value vectors, the
-certified bound above caps those of untouched buckets).
+Failing facts make their buckets refit in float64; if that fails the edit
+raises :class:`ConstructionError`. Per-bucket minimum margins kept in
+:class:`BucketStructure` give the new global report (with new value
+vectors, the certified bound above caps those of buckets below the edit).
 
-Cost: ``O(A b d (b + m) + A b P d)`` for ``A`` touched buckets of ``b`` keys
-and ``P`` values, plus one copy of the dense weights (``O(h d)``, no
-arithmetic; ``donate=True`` writes in place instead), ``O(N)`` host indexing
-and, for new value vectors, their decodability solve; never a rebuild. Only the clipped gate is supported: relu
-windows cancel only approximately, so one bucket leaks into others.
+Only the clipped gate is supported: relu steps cancel only approximately.
 """
 
 from __future__ import annotations
@@ -78,12 +75,11 @@ import jax.numpy as jnp
 import numpy as np
 import threadpoolctl
 
-from factstore_jax import storage
 from factstore_jax.constructions import decoders, gadgets
 from factstore_jax.constructions import encoder_decoder as ed
 from factstore_jax.errors import ConstructionError, FactStoreError
 from factstore_jax.factsets import FactSet
-from factstore_jax.mlp import get_activation, num_params
+from factstore_jax.mlp import num_params
 from factstore_jax.precision import full_precision
 
 Array = jax.Array
@@ -109,15 +105,15 @@ class Delete(NamedTuple):
 class EditReport(NamedTuple):
   """What an edit did and what it verified (bucket ids in the new numbering).
 
-  ``facts``/``margins`` cover every fact of every touched bucket (re-solved or
-  re-gated), the only facts whose outputs may differ from before.
+  ``facts``/``margins`` cover every fact from the lowest touched bucket
+  upward (re-verified); the facts below it keep bit-identical outputs.
   """
   num_inserted: int
   num_updated: int                # updates that changed a value
   num_deleted: int
   new_values: tuple               # indices of value vectors appended
   solved_buckets: tuple           # buckets whose maps were re-solved
-  regated_buckets: tuple          # buckets whose window moved, map kept
+  regated_buckets: tuple          # buckets whose step moved, map kept
   new_buckets: tuple              # buckets created by splits
   refit_buckets: tuple            # re-solved again in float64
   facts: np.ndarray               # (F,) checked facts (new fact set indices)
@@ -126,7 +122,7 @@ class EditReport(NamedTuple):
   min_margin: float               # over the checked facts
   min_normalized_margin: float
   code_error: float               # max |E(k) - c_f| over the checked facts
-  gate_slack: float               # min distance of their ramps from (0, 1)
+  gate_slack: float               # min distance of their steps from (0, 1)
   new_value_margin: float         # certified bound, other facts vs new values
   seconds: float
 
@@ -321,21 +317,21 @@ def _add_values(construction, values_dev, values, new_vectors, used_old,
 
 
 # --------------------------------------------------------------------------
-# Host-side plan: which keys go in which bucket, where the ramps sit.
+# Host-side plan: which keys go in which bucket, where the steps sit.
 
 
 @dataclasses.dataclass
 class _Plan:
   """Mutable host copy of the bucket bookkeeping during one edit.
 
-  Bucket members are in "extended" indices: old facts ``0..N-1``, inserted
-  facts ``N + q``.
+  Buckets stay in order along the projection: bucket ``j``'s step is the cut
+  below it (bucket 0's is always on). Members are in "extended" indices:
+  old facts ``0..N-1``, inserted facts ``N + q``.
   """
   index: np.ndarray          # (n, b)
   valid: np.ndarray          # (n, b)
-  ramp_start: np.ndarray     # (n, 2)
-  ramp_width: np.ndarray     # (n, 2)
-  ramp_fixed: np.ndarray     # (n, 2)
+  step_start: np.ndarray     # (n,) float64
+  step_width: np.ndarray     # (n,) float64
   direction: np.ndarray      # (d,) float64
   keys: np.ndarray           # (N, d) old keys
   new_keys: list             # inserted keys so far
@@ -348,7 +344,7 @@ class _Plan:
 
   @property
   def num_buckets(self) -> int:
-    return self.ramp_start.shape[0]
+    return self.step_start.shape[0]
 
   @property
   def bucket_size(self) -> int:
@@ -368,37 +364,25 @@ class _Plan:
   def project(self, ext) -> np.ndarray:
     return self.rows(ext).astype(np.float64) @ self.direction
 
-  def set_ramp(self, j: int, side: int, start, width, fixed: bool):
-    self.ramp_start[j, side] = start
-    self.ramp_width[j, side] = width
-    self.ramp_fixed[j, side] = fixed
-    self.regate.add(j)
-
-  def place_cut(self, left: int, right: int, lo: float, hi: float):
-    """Puts the ramp shared by ``left`` and ``right`` inside ``(lo, hi)``."""
+  def place_cut(self, j: int, lo: float, hi: float):
+    """Puts the step below bucket ``j >= 1`` inside ``(lo, hi)``."""
     gap = hi - lo
     if not gap > 0 or not math.isfinite(gap):
       raise ConstructionError(
-          f'no room for a window ramp between buckets {left} and {right} '
+          f'no room for a step between buckets {j - 1} and {j} '
           f'(gap {gap:.3g}); rebuild with construct()')
-    start, width = lo + self.slack * gap, (1.0 - 2.0 * self.slack) * gap
-    self.set_ramp(left, 1, start, width, False)
-    self.set_ramp(right, 0, start, width, False)
+    self.step_start[j] = lo + self.slack * gap
+    self.step_width[j] = (1.0 - 2.0 * self.slack) * gap
+    self.regate.add(j)
     self.cut_gaps.append(gap)
-
-  def order(self) -> np.ndarray:
-    """Buckets sorted along the projection direction."""
-    left = np.where(self.ramp_fixed[:, 0], -np.inf, self.ramp_start[:, 0])
-    return np.argsort(left, kind='stable')
 
   def insert_bucket(self, after: int) -> int:
     """A new empty bucket right after ``after`` (later ids shift by one)."""
     j = after + 1
     ins = lambda a, fill: np.insert(a, j, fill, axis=0)
     self.index, self.valid = ins(self.index, 0), ins(self.valid, False)
-    self.ramp_start = ins(self.ramp_start, 0)
-    self.ramp_width = ins(self.ramp_width, 1)
-    self.ramp_fixed = ins(self.ramp_fixed, False)
+    self.step_start = ins(self.step_start, 0.0)
+    self.step_width = ins(self.step_width, 1.0)
     self.origin.insert(j, -1)
     shift = lambda i: i + 1 if i >= j else i
     self.members = {shift(i): v for i, v in self.members.items()}
@@ -411,63 +395,58 @@ class _Plan:
 def _make_plan(structure, keys, slack) -> _Plan:
   b = structure.gadgets.buckets
   return _Plan(index=np.array(b.index), valid=np.array(b.valid),
-               ramp_start=np.array(b.ramp_start, np.float64),
-               ramp_width=np.array(b.ramp_width, np.float64),
-               ramp_fixed=np.array(b.ramp_fixed),
+               step_start=np.array(b.step_start, np.float64),
+               step_width=np.array(b.step_width, np.float64),
                direction=np.asarray(b.direction, np.float64), keys=keys,
                new_keys=[], slack=slack,
                origin=list(range(b.index.shape[0])))
 
 
-def _owner(plan: _Plan, n_keys: int) -> np.ndarray:
+def _owner(index: np.ndarray, valid: np.ndarray, n_keys: int) -> np.ndarray:
+  """``(n_keys,)`` bucket of each key (``-1`` for none)."""
   owner = np.full(n_keys, -1, np.int64)
-  rows = np.broadcast_to(np.arange(plan.num_buckets)[:, None],
-                         plan.index.shape)
-  owner[plan.index[plan.valid]] = rows[plan.valid]
+  rows = np.broadcast_to(np.arange(index.shape[0])[:, None], index.shape)
+  owner[index[valid]] = rows[valid]
   return owner
 
 
-def _locate(plan: _Plan, t: float):
-  """Bucket whose window covers ``t``, and its neighbours ``(left, right)``."""
-  order = plan.order()
-  starts = plan.ramp_start[order[1:], 0] + 0.5 * plan.ramp_width[order[1:], 0]
-  pos = int(np.searchsorted(starts, t, side='right'))
-  left = int(order[pos - 1]) if pos > 0 else None
-  right = int(order[pos + 1]) if pos + 1 < len(order) else None
-  return int(order[pos]), left, right
+def _locate(plan: _Plan, t: float) -> int:
+  """Bucket whose interval covers ``t`` (cut at the middle of each step)."""
+  mids = plan.step_start[1:] + 0.5 * plan.step_width[1:]
+  return int(np.searchsorted(mids, t, side='right'))
 
 
 def _edge(plan: _Plan, j: int, side: int) -> float:
   """Projection of the outermost key of bucket ``j`` on ``side`` (1 = high).
 
-  An empty bucket has no keys: its far ramp bounds it (``-/+inf`` if fixed).
+  An empty bucket has no keys: the step on its far side bounds it
+  (``-/+inf`` at the ends).
   """
   members = plan.bucket(j)
   if members:
     proj = plan.project(members)
     return float(proj.max() if side == 1 else proj.min())
-  far = 0 if side == 1 else 1
-  if plan.ramp_fixed[j, far]:
-    return -math.inf if side == 1 else math.inf
-  start, width = plan.ramp_start[j, far], plan.ramp_width[j, far]
-  return float(start + width if far == 0 else start)
+  if side == 1:
+    return (-math.inf if j == 0 else
+            float(plan.step_start[j] + plan.step_width[j]))
+  return (math.inf if j + 1 >= plan.num_buckets else
+          float(plan.step_start[j + 1]))
 
 
 def _insert(plan: _Plan, key: np.ndarray, ext: int) -> int:
-  """Adds key ``ext`` to a bucket (moving a ramp or splitting if needed)."""
+  """Adds key ``ext`` to a bucket (moving a step or splitting if needed)."""
   t = float(key.astype(np.float64) @ plan.direction)
-  j, left, right = _locate(plan, t)
+  j = _locate(plan, t)
+  n = plan.num_buckets
   guard = plan.slack / (1.0 - 2.0 * plan.slack)
-  rs, rw, fixed = plan.ramp_start[j], plan.ramp_width[j], plan.ramp_fixed[j]
-  z_left = math.inf if fixed[0] else (t - rs[0]) / rw[0]
-  z_right = -math.inf if fixed[1] else (t - rs[1]) / rw[1]
+  z_low = (math.inf if j == 0 else
+           (t - plan.step_start[j]) / plan.step_width[j])
+  z_high = (-math.inf if j + 1 >= n else
+            (t - plan.step_start[j + 1]) / plan.step_width[j + 1])
   target = j
-  if z_left < 1.0 + guard or z_right > -guard:
-    # Near a cut: between the last key on the left and the first on the right.
-    if z_left < 1.0 + guard:
-      lo_b, hi_b = left, j
-    else:
-      lo_b, hi_b = j, right
+  if z_low < 1.0 + guard or z_high > -guard:
+    # Near a cut: between the last key below it and the first above it.
+    lo_b, hi_b = (j - 1, j) if z_low < 1.0 + guard else (j, j + 1)
     lo, hi = _edge(plan, lo_b, 1), _edge(plan, hi_b, 0)
     if t <= lo:
       target = lo_b
@@ -475,24 +454,23 @@ def _insert(plan: _Plan, key: np.ndarray, ext: int) -> int:
       target = hi_b
     else:
       full = lambda i: len(plan.bucket(i)) >= plan.bucket_size
-      join_left = (hi - t) >= (t - lo)
+      join_low = (hi - t) >= (t - lo)
       if not plan.bucket(lo_b):
-        join_left = True
+        join_low = True
       elif not plan.bucket(hi_b):
-        join_left = False
-      elif full(lo_b if join_left else hi_b) and not full(
-          hi_b if join_left else lo_b):
-        join_left = not join_left
-      if join_left:
-        plan.place_cut(lo_b, hi_b, t, hi)
+        join_low = False
+      elif full(lo_b if join_low else hi_b) and not full(
+          hi_b if join_low else lo_b):
+        join_low = not join_low
+      if join_low:
+        plan.place_cut(hi_b, t, hi)
         target = lo_b
       else:
-        plan.place_cut(lo_b, hi_b, lo, t)
+        plan.place_cut(hi_b, lo, t)
         target = hi_b
   members = plan.bucket(target)
   for i in members:  # an identical row projects identically: same bucket
-    row = plan.rows([i])[0]
-    if np.array_equal(row, key):
+    if np.array_equal(plan.rows([i])[0], key):
       raise FactStoreError(f'inserted key equals the key of fact {i}')
   members.append(ext)
   plan.solve.add(target)
@@ -502,12 +480,8 @@ def _insert(plan: _Plan, key: np.ndarray, ext: int) -> int:
 
 
 def _split(plan: _Plan, j: int):
-  """Splits an over-full bucket; its upper part becomes a new bucket ``j+1``.
-
-  The new bucket's neurons go right after bucket ``j``'s, so the hidden
-  order stays the order along the projection: every key meets the (exactly
-  cancelling) neuron pairs of the windows to its left before its own.
-  """
+  """Splits an over-full bucket; its upper part becomes a new bucket ``j+1``
+  whose step sits in the widest gap near the middle of bucket ``j``."""
   members = plan.bucket(j)
   proj = plan.project(members)
   order = np.argsort(proj, kind='stable')
@@ -522,15 +496,24 @@ def _split(plan: _Plan, j: int):
   new = plan.insert_bucket(j)
   plan.members[j] = sorted_ext[:p]
   plan.members[new] = sorted_ext[p:]
-  # The new bucket inherits j's right ramp, j's right ramp is the new cut.
-  plan.set_ramp(new, 1, plan.ramp_start[j, 1], plan.ramp_width[j, 1],
-                bool(plan.ramp_fixed[j, 1]))
-  plan.place_cut(j, new, float(t[p - 1]), float(t[p]))
+  plan.place_cut(new, float(t[p - 1]), float(t[p]))
   plan.solve.update((j, new))
 
 
+def _write_index(plan: _Plan, deletes: np.ndarray):
+  """Writes the planned members into ``plan.index``, in new fact numbering."""
+  b = plan.bucket_size
+  for j, members in plan.members.items():
+    plan.index[j] = 0
+    plan.index[j, :len(members)] = members
+    plan.valid[j] = np.arange(b) < len(members)
+  if len(deletes):  # later facts shift down; inserted ones follow the kept
+    plan.index = plan.index - np.searchsorted(deletes, plan.index)
+    plan.index[~plan.valid] = 0
+
+
 # --------------------------------------------------------------------------
-# Device-side work on the touched buckets only.
+# Device-side work.
 
 
 @functools.cache
@@ -546,6 +529,12 @@ def _pad(n: int) -> int:
   return 1 << max(0, n - 1).bit_length()
 
 
+def _padded(rows: Sequence[int]) -> np.ndarray:
+  """``rows`` padded to a power of two by repeating the first (few shapes)."""
+  rows = list(rows)
+  return np.array(rows + rows[:1] * (_pad(len(rows)) - len(rows)), np.int64)
+
+
 @jax.jit
 def _solve(keys, targets, valid):
   """Exact maps of ``A`` buckets: ``(A, b, d), (A, b, m), (A, b)`` ->
@@ -553,118 +542,21 @@ def _solve(keys, targets, valid):
   return jax.vmap(gadgets.solve_bucket)(keys, targets, valid)
 
 
-@jax.jit
-def _gate_params(ramp_start, ramp_width, ramp_fixed):
-  """Clipped-gate ``scale, bias (A, 2)`` from ramps ``(A, 2)``."""
-  buckets = gadgets.Buckets(None, None, None, ramp_start, ramp_width,
-                            ramp_fixed, None)
-  return gadgets.window_gate_params(buckets, 'clipped')[:2]
+def _verify_from(parts, model, factset, codes, owner, lowest, chunk_size):
+  """Structured check of every fact in buckets ``>= lowest``.
 
-
-class _Check(NamedTuple):
-  margins: Array     # (A, b), +inf on padding
-  normalized: Array  # (A, b)
-  window_ok: Array   # (A, b)
-  code_error: Array  # (A, b)
-  gate_slack: Array  # (A, b)
-
-
-@jax.jit
-def _check_buckets(x, f, valid, maps, scale, bias, near_scale, near_bias,
-                   near_ok, free, values, codes, decoder, direction, sign):
-  """Structured check of ``A`` buckets' facts, as :func:`verify_structured`.
-
-  ``x (A, b, d)`` keys, ``f (A, b)`` values, ``maps (A, m, d)``, own gates
-  ``scale/bias (A, k)``, the gates of the buckets on either side
-  ``near_scale/near_bias (A, 2, k)`` (``near_ok (A, 2)`` where one exists),
-  ``free (A, k)`` the non-fixed ramps. Gate columns are formed as in the dense
-  MLP (``direction * scale``).
+  Returns ``(facts (F,), margins, normalized, code_error, steps_ok, slack)``
+  as numpy arrays over those facts.
   """
-  act = get_activation('clipped')
-
-  def one(args):
-    x, f, valid, maps, scale, bias, n_scale, n_bias, n_ok, free = args
-    z = x @ (direction[:, None] * scale[None, :]) + bias           # (b, k)
-    own = act(z) @ sign
-    z_near = jnp.einsum('bd,dnk->bnk', x,
-                        direction[:, None, None] * n_scale[None]) + n_bias
-    near = act(z_near) @ sign                                       # (b, 2)
-    ok = (own == 1) & jnp.all((near == 0) | ~n_ok[None, :], axis=1)
-    gap = jnp.where(free[None, :], jnp.maximum(-z, z - 1), jnp.inf)
-    code = own[:, None] * (x @ maps.T)                              # (b, m)
-    out = code @ decoder.T
-    gamma = storage.margins(out, values, f)
-    gamma = jnp.where(ok, gamma, -jnp.inf)
-    norm = jnp.linalg.norm(out, axis=1)
-    err = jnp.max(jnp.abs(code - codes[f]), axis=1)
-    pad = lambda a, fill: jnp.where(valid, a, fill)
-    return _Check(pad(gamma, jnp.inf),
-                  pad(gamma / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny),
-                      jnp.inf),
-                  pad(ok, True), pad(err, 0.0), pad(jnp.min(gap, 1), jnp.inf))
-
-  return jax.lax.map(one, (x, f, valid, maps, scale, bias, near_scale,
-                           near_bias, near_ok, free))
-
-
-def _write(w_gate, b_gate, w_up, maps, decoder, direction, sign, sel, maps_t,
-           scale_t, bias_t):
-  """Writes buckets ``sel (A,)``: their maps and dense columns (as assemble)."""
-  sub = ed.assemble(direction, maps_t, scale_t, bias_t, sign, decoder,
-                    'clipped')
-  width = maps_t.shape[1] * scale_t.shape[1]
-  cols = (sel[:, None] * width + jnp.arange(width)[None, :]).reshape(-1)
-  return (w_gate.at[:, cols].set(sub.w_gate), b_gate.at[cols].set(sub.b_gate),
-          w_up.at[:, cols].set(sub.w_up), maps.at[sel].set(maps_t))
-
-
-_write_copy = jax.jit(_write)
-# Updates in place: the input weights (first four arguments) are consumed.
-_write_donated = jax.jit(_write, donate_argnums=(0, 1, 2, 3))
-
-
-@jax.jit
-def _gather_columns(model, cols):
-  """The dense MLP restricted to hidden neurons ``cols (h',)`` (a copy)."""
-  return model.replace(w_gate=model.w_gate[:, cols],
-                       b_gate=model.b_gate[cols], w_up=model.w_up[:, cols],
-                       routing=model.routing[cols])
-
-
-def _refit(keys, targets, valid) -> np.ndarray:
-  """Float64 minimum-norm maps of some buckets (numpy lstsq)."""
-  out = np.zeros((keys.shape[0], targets.shape[2], keys.shape[2]))
-  for a in range(keys.shape[0]):
-    rows = valid[a]
-    if rows.any():
-      out[a] = np.linalg.lstsq(np.asarray(keys[a][rows], np.float64),
-                               np.asarray(targets[a][rows], np.float64),
-                               rcond=None)[0].T
-  return out
-
-
-def _write_index(plan: _Plan, deletes: np.ndarray):
-  """Writes the planned members into ``plan.index``, in new fact numbering."""
-  b = plan.bucket_size
-  for j, members in plan.members.items():
-    plan.index[j] = 0
-    plan.index[j, :len(members)] = members
-    plan.valid[j] = np.arange(b) < len(members)
-  if len(deletes):  # later facts shift down; inserted ones follow the kept
-    plan.index = plan.index - np.searchsorted(deletes, plan.index)
-    plan.index[~plan.valid] = 0
-
-
-def _neighbours(plan: _Plan, sel: np.ndarray) -> np.ndarray:
-  """``(A, 2)`` buckets just below / above each of ``sel`` (-1 if none)."""
-  order = plan.order()
-  rank = np.empty_like(order)
-  rank[order] = np.arange(len(order))
-  r = rank[sel]
-  below = np.where(r > 0, order[np.maximum(r - 1, 0)], -1)
-  above = np.where(r + 1 < len(order), order[np.minimum(r + 1,
-                                                        len(order) - 1)], -1)
-  return np.stack([below, above], 1)
+  facts = np.flatnonzero(owner >= lowest)
+  rows = _padded(facts) if len(facts) else facts
+  keys, values, mapping = factset
+  gamma, norms, err, ok, slack = jax.device_get(ed._structured_terms_jit(
+      parts, model, values, codes, keys[rows], mapping[rows],
+      jnp.asarray(owner[rows], jnp.int32), chunk_size=chunk_size))
+  f = len(facts)
+  norms = np.maximum(norms[:f], np.finfo(norms.dtype).tiny)
+  return facts, gamma[:f], gamma[:f] / norms, err[:f], ok[:f], slack[:f]
 
 
 # --------------------------------------------------------------------------
@@ -680,7 +572,7 @@ def _empty_report(start: float) -> EditReport:
 
 @full_precision
 def edit(construction: ed.Construction, factset: FactSet, changes, *,
-         donate: bool = False
+         chunk_size: int = 2048
          ) -> tuple[ed.Construction, FactSet, EditReport]:
   """Inserts, updates and deletes facts by re-solving only their buckets.
 
@@ -693,19 +585,15 @@ def edit(construction: ed.Construction, factset: FactSet, changes, *,
       (or one of them); indices refer to ``factset``. Deterministic: equal
       inputs give bit-identical results (no PRNG key is needed: the
       direction and decoder are reused).
-    donate: update the dense weights and maps in place instead of copying
-      them (``O(h d)`` memory traffic, the main cost of a small edit at
-      large ``N``); the input construction's ``model.w_gate, b_gate, w_up``
-      and ``structure.gadgets.maps`` are then consumed (deleted arrays) once
-      the edit succeeds. For chains of edits that keep only the result.
+    chunk_size: keys per vmapped chunk of the verification.
 
   Returns:
     ``(new_construction, new_factset, EditReport)``. The new fact set keeps
     the remaining old facts in order, then the inserted ones; appended value
-    vectors follow the old values. Every fact outside the re-solved buckets
-    has a bit-identical output (evaluating the same batch of keys; within
-    float rounding after a bucket split); the report's checked facts all
-    have positive margin.
+    vectors follow the old values. Facts below every touched bucket have
+    bit-identical outputs (same batch of keys, unchanged hidden width); every
+    fact from the lowest touched bucket upward is re-verified and has
+    positive margin.
 
   Raises:
     FactStoreError: bad input (names it), before any work.
@@ -745,10 +633,10 @@ def edit(construction: ed.Construction, factset: FactSet, changes, *,
         f'value(s) {bad[:10]} are not decodable after projection (rho <= 0); '
         'rebuild with construct()')
 
-  # Plan the bucket contents and ramps on the host (finds duplicate keys).
+  # Plan the bucket contents and steps on the host (finds duplicate keys).
   plan = _make_plan(structure, keys_np, structure.slack)
   if len(parsed.deletes) or updated:
-    owner = _owner(plan, n_keys)
+    owner = _owner(plan.index, plan.valid, n_keys)
     for i in parsed.deletes:
       plan.bucket(int(owner[i])).remove(int(i))
       plan.solve.add(int(owner[i]))
@@ -775,113 +663,85 @@ def edit(construction: ed.Construction, factset: FactSet, changes, *,
     keys_new, keys_out = keys_np, factset[0]
   factset_new = FactSet(keys_out, new_vals.values, jnp.asarray(mapping_new))
   _write_index(plan, dels)
+  n_facts = len(mapping_new)
 
-  # Per-bucket arrays in the new bucket numbering (splits insert buckets).
+  # Re-solve the solved buckets (in the new numbering; splits insert some).
   origin = np.array(plan.origin)
   src = np.maximum(origin, 0)
   split = len(origin) != parts.maps.shape[0]
-  touched = sorted(plan.solve | plan.regate)
   solved = sorted(plan.solve)
   dtype = keys_np.dtype
-  sign = parts.sign
-  scale_np, bias_np = np.asarray(parts.scale)[src], np.asarray(parts.bias)[src]
-  ramp_start = plan.ramp_start.astype(dtype)
-  ramp_width = plan.ramp_width.astype(dtype)
-  rows = np.array(touched)
-  n_t = len(touched)  # padded to a power of two: few compiled shapes
-  sel = np.array(touched + touched[:1] * (_pad(n_t) - n_t), np.int64)
-  s_t, b_t = _gate_params(ramp_start[sel], ramp_width[sel],
-                          plan.ramp_fixed[sel])
-  scale_np[sel], bias_np[sel] = np.asarray(s_t), np.asarray(b_t)
-  maps = parts.maps[jnp.asarray(src)] if split else parts.maps
-  model = construction.model
-  if split:
-    width = parts.maps.shape[1] * sign.shape[0]
-    cols = (src[:, None] * width + np.arange(width)).reshape(-1)
-    model = _gather_columns(model, jnp.asarray(cols))
-
-  # Re-solve the solved buckets (all touched ones are computed, same shapes).
-  slots, valid = plan.index[sel], plan.valid[sel]
-  x = keys_new[slots]                                          # (A, b, d)
-  f = mapping_new[slots]
   codes = new_vals.codes
-  targets = np.asarray(codes)[f]
-  maps_t = np.array(maps[jnp.asarray(sel)])
-  is_solved = np.isin(sel, solved)
+  targets = np.asarray(codes)[mapping_new]                     # (N', m)
+  maps = parts.maps[jnp.asarray(src)] if split else parts.maps
+  sel = _padded(solved)
+  slots, valid = plan.index[sel], plan.valid[sel]
   with _blas().limit(limits=1, user_api='blas'):  # as construct() does
-    fresh = np.asarray(jax.block_until_ready(_solve(x, targets, valid)))
-  maps_t[is_solved] = fresh[is_solved]
+    fresh = _solve(keys_new[slots], targets[slots], valid)
+  maps = maps.at[jnp.asarray(solved)].set(fresh[:len(solved)])
 
-  # Verify every fact of every touched bucket (own and nearby windows).
-  near = _neighbours(plan, sel)
-  free = ~plan.ramp_fixed[sel][:, np.array(gadgets.GADGETS['clipped'][2])]
-
-  def run_check(maps_t):
-    return jax.tree.map(np.asarray, _check_buckets(
-        x, f, valid, maps_t, scale_np[sel], bias_np[sel],
-        scale_np[np.maximum(near, 0)], bias_np[np.maximum(near, 0)],
-        near >= 0, free, new_vals.values, codes, construction.model.decoder,
-        parts.buckets.direction, sign))
-
-  check = run_check(maps_t)
-  if not check.window_ok.all():
-    a = int(np.argmin(check.window_ok.all(1)))
-    raise ConstructionError(
-        f'bucket {int(sel[a])}: {int((~check.window_ok[a]).sum())} fact(s) '
-        'are not exactly inside their window after the edit (keys too close '
-        'to a bucket boundary); rebuild with construct()')
-  failing = [a for a in range(n_t)
-             if not check.margins[a].min() > 0 and is_solved[a]]
-  refit = [int(sel[a]) for a in failing]
-  if failing:
-    idx = np.array(failing)
-    maps_t[idx] = _refit(x[idx], targets[idx], valid[idx]).astype(dtype)
-    check = run_check(maps_t)
-  if not check.margins.min() > 0:
-    a = int(np.argmin(np.nan_to_num(check.margins.min(1), nan=-np.inf)))
-    raise ConstructionError(
-        f'bucket {int(sel[a])} could not be re-solved: min margin '
-        f'{float(check.margins[a].min()):.3g} even after a float64 refit; '
-        'rebuild with construct() (smaller bucket_size or float64)')
-
-  # Write the touched buckets' gadgets and dense columns (after a split the
-  # gathered copies are ours to update in place).
-  write = _write_donated if donate or split else _write_copy
-  w_gate, b_gate, w_up, maps = write(
-      model.w_gate, model.b_gate, model.w_up, maps, model.decoder,
-      parts.buckets.direction, sign, jnp.asarray(sel), jnp.asarray(maps_t),
-      jnp.asarray(scale_np[sel]), jnp.asarray(bias_np[sel]))
-  model = model.replace(w_gate=w_gate, b_gate=b_gate, w_up=w_up)
-
-  # Per-bucket margins; untouched buckets are bounded by the new values.
-  min_m = np.minimum(np.asarray(structure.min_margin)[src], new_vals.margin)
-  min_n = np.minimum(np.asarray(structure.min_normalized_margin)[src],
-                     new_vals.normalized_margin)
-  min_m[rows] = check.margins[:n_t].min(1)
-  min_n[rows] = check.normalized[:n_t].min(1)
   rep = construction.report
   min_gap = min([float(rep.min_gap)] + plan.cut_gaps)
   buckets = gadgets.Buckets(
       parts.buckets.direction, jnp.asarray(plan.index, jnp.int32),
-      jnp.asarray(plan.valid), jnp.asarray(ramp_start),
-      jnp.asarray(ramp_width), jnp.asarray(plan.ramp_fixed),
+      jnp.asarray(plan.valid), jnp.asarray(plan.step_start.astype(dtype)),
+      jnp.asarray(plan.step_width.astype(dtype)),
       jnp.asarray(min_gap, dtype))
+  scale, bias, sign = ed._gate_params_jit(buckets, 'clipped')
+  new_parts = ed.Gadgets(buckets, maps, scale.astype(dtype),
+                         bias.astype(dtype), sign.astype(dtype))
+  decoder = construction.model.decoder
+  assemble = lambda p: ed.prune_dead(ed._assemble_jit(p, decoder, 'clipped'))
+  model = assemble(new_parts)
+
+  # Verify every fact from the lowest touched bucket upward: a moved step
+  # below bucket j also decides the keys of bucket j - 1.
+  lowest = min([j for j in solved] +
+               [max(j - 1, 0) for j in plan.regate - plan.solve])
+  owner = _owner(plan.index, plan.valid, n_facts)
+  check = lambda p, mdl: _verify_from(p, mdl, factset_new, codes, owner,
+                                      lowest, chunk_size)
+  facts, margins, normalized, errs, ok, slack = check(new_parts, model)
+  if not ok.all():
+    b = int(owner[facts[np.argmin(ok)]])
+    raise ConstructionError(
+        f'bucket {b}: {int((~ok).sum())} fact(s) are not exactly on their '
+        'side of every step after the edit (keys too close to a cut); '
+        'rebuild with construct()')
+  refit = sorted({int(owner[i]) for i in facts[~(margins > 0)]})
+  if refit:
+    new_parts = ed._refit_buckets(new_parts, keys_new, targets, refit)
+    model = assemble(new_parts)
+    facts, margins, normalized, errs, ok, slack = check(new_parts, model)
+  if not (ok.all() and margins.min() > 0):
+    b = int(owner[facts[np.argmin(np.nan_to_num(margins, nan=-np.inf))]])
+    raise ConstructionError(
+        f'bucket {b} could not be re-solved: min margin '
+        f'{float(np.nanmin(margins)):.3g} even after a float64 refit; '
+        'rebuild with construct() (smaller bucket_size or float64)')
+
+  # Per-bucket margins: re-verified buckets from the check, those below
+  # from the structure, capped by the new values' certified bound.
+  n_b = plan.num_buckets
+  seg_min = lambda x: np.asarray(jax.ops.segment_min(
+      jnp.asarray(x), jnp.asarray(owner[facts]), num_segments=n_b))
+  min_m = np.minimum(np.asarray(structure.min_margin)[src], new_vals.margin)
+  min_n = np.minimum(np.asarray(structure.min_normalized_margin)[src],
+                     new_vals.normalized_margin)
+  checked = np.arange(n_b) >= lowest
+  min_m = np.where(checked, seg_min(margins), min_m)
+  min_n = np.where(checked, seg_min(normalized), min_n)
   new_structure = structure.replace(
-      gadgets=ed.Gadgets(buckets, maps, jnp.asarray(scale_np),
-                         jnp.asarray(bias_np), sign),
-      min_margin=jnp.asarray(min_m, dtype),
+      gadgets=new_parts, min_margin=jnp.asarray(min_m, dtype),
       min_normalized_margin=jnp.asarray(min_n, dtype))
 
-  in_bucket = valid[:n_t]
-  margins = check.margins[:n_t][in_bucket]
-  checked_err = float(check.code_error[:n_t].max())
-  n_facts, h = len(mapping_new), model.w_gate.shape[1]
+  checked_err = float(errs.max()) if errs.size else 0.0
   n_params = num_params(model)
   seconds = time.perf_counter() - start
   report = rep._replace(
-      num_facts=n_facts, num_values=n_total, num_buckets=plan.num_buckets,
-      hidden_dim=h, num_params=n_params,
-      num_params_gated_mlp=2 * dim * h + h + h * dim,
+      num_facts=n_facts, num_values=n_total, num_buckets=n_b,
+      hidden_dim=int(model.w_gate.shape[1]), num_params=n_params,
+      num_params_gated_mlp=num_params(jax.eval_shape(model.as_mlp)),
       params_per_fact=n_params / max(n_facts, 1),
       bits_per_param=n_facts * math.log2(max(n_total, 2)) / n_params,
       accuracy=1.0, min_margin=float(min_m.min()),
@@ -889,7 +749,7 @@ def edit(construction: ed.Construction, factset: FactSet, changes, *,
       code_error=max(code_error, checked_err),
       rho_projected=float(np.asarray(new_vals.rho)[used].min()),
       min_gap=min_gap, repaired_buckets=rep.repaired_buckets + len(refit),
-      seconds=seconds)
+      max_map_norm=ed.max_map_norm(new_parts.maps), seconds=seconds)
   new_construction = ed.Construction(model=model, report=report, codes=codes,
                                      rho=new_vals.rho,
                                      structure=new_structure)
@@ -899,12 +759,12 @@ def edit(construction: ed.Construction, factset: FactSet, changes, *,
       solved_buckets=tuple(solved),
       regated_buckets=tuple(sorted(plan.regate - plan.solve)),
       new_buckets=tuple(int(j) for j in np.flatnonzero(origin < 0)),
-      refit_buckets=tuple(refit), facts=slots[:n_t][in_bucket],
-      margins=margins,
+      refit_buckets=tuple(refit), facts=facts, margins=margins,
       accuracy=float(np.mean(margins > 0)) if margins.size else 1.0,
       min_margin=float(margins.min()) if margins.size else math.inf,
-      min_normalized_margin=(float(check.normalized[:n_t][in_bucket].min())
-                             if margins.size else math.inf),
-      code_error=checked_err, gate_slack=float(check.gate_slack[:n_t].min()),
+      min_normalized_margin=(float(normalized.min()) if margins.size
+                             else math.inf),
+      code_error=checked_err,
+      gate_slack=float(slack.min()) if slack.size else math.inf,
       new_value_margin=new_vals.margin, seconds=seconds)
   return new_construction, factset_new, edit_report

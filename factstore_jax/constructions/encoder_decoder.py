@@ -1,8 +1,8 @@
-"""The closed-form encoder-decoder construction (DESIGN §3).
+"""The closed-form encoder-decoder construction (docs/design.md).
 
 ``g(x) = D E(x)``: a gated-MLP encoder ``E: R^d -> R^m`` that maps each key
-exactly to the code ``c_f(i)`` of its value (see :mod:`gadgets`) and a linear
-decoder ``D (d, m)``. The code of value ``j`` is its separator computed on the
+exactly to the code ``c_f(i)`` of its value (telescoped steps, see
+:mod:`gadgets`) and a linear decoder ``D (d, m)``. The code of value ``j`` is its separator computed on the
 projected table ``V D``, so every margin is at least
 ``rho(V D) * ||(V D)_f(i) - (V D)_j|| > 0``.
 
@@ -18,6 +18,9 @@ Parameter count: the entries of every array of the MLP as built. The
 factorised encoder-decoder holds ``w_gate, b_gate, w_up (encoder)``,
 ``routing (h, m)`` and ``decoder (d, m)``; folded into a standard gated MLP
 (``w_down = routing @ decoder.T``) it holds ``w_gate, b_gate, w_up, w_down``.
+With ``n`` buckets and code dim ``m`` the clipped gate has ``h = n m`` hidden
+neurons (fewer after :func:`prune_dead` drops those whose up-weights are
+exactly zero): ``h (2d + 1 + m) + d m`` factorised, ``h (3d + 1)`` folded.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class EncoderDecoder:
   routing: Array   # (h, m): hidden neuron -> code coordinate
   decoder: Array   # (d, m)
   activation: str = flax.struct.field(pytree_node=False, default='clipped')
-  # Neurons per gadget window (adjacent hidden neurons); see `route`.
+  # Neurons per step (adjacent hidden neurons, summed first); see `route`.
   window: int = flax.struct.field(pytree_node=False, default=1)
 
   @property
@@ -90,8 +93,12 @@ class ConstructionConfig:
     code_dim: code dimension ``m``; ``None`` searches ``min_code_dim, 2x, ...``
       until every used projected value has ``rho >= min_rho`` (``m >= d``
       means the identity decoder).
-    bucket_size: max keys per bucket ``b <= d``; ``None`` means ``d // 2``.
-    activation: ``'clipped'`` (exact windows) or ``'relu'``.
+    bucket_size: max keys per bucket ``b <= d``; ``None`` means ``d``.
+    fill: nominal bucket size as a fraction of ``bucket_size``, in
+      ``(0, 1]``; the rest is room to move each cut to the widest gap nearby.
+      Larger buckets need fewer neurons per fact but larger maps ``M_j``
+      (a larger Lipschitz constant, see ``ConstructionReport.max_map_norm``).
+    activation: ``'clipped'`` (exact steps) or ``'relu'``.
     min_code_dim: first ``m`` of the search.
     min_rho: decodability floor of projected values for the search.
     slack: fraction of each gap left flat on both sides of a ramp.
@@ -101,6 +108,7 @@ class ConstructionConfig:
   """
   code_dim: int | None = None
   bucket_size: int | None = None
+  fill: float = gadgets.DEFAULT_FILL
   activation: str = 'clipped'
   min_code_dim: int = 16
   min_rho: float = 0.02
@@ -130,6 +138,8 @@ class ConstructionReport(NamedTuple):
   repaired_buckets: int
   retries: int
   seconds: float
+  fill: float = gadgets.DEFAULT_FILL
+  max_map_norm: float = float('nan')  # max_j ||M_j||_2 of the bucket maps
 
   def as_dict(self) -> dict:
     return {k: (v.item() if hasattr(v, 'item') else v)
@@ -161,10 +171,9 @@ def route(hidden: Array, routing: Array, window: int = 1) -> Array:
   Equal to ``hidden @ routing`` for any routing and ``window`` dividing ``h``,
   computed as ``(sum_k hidden_k) @ routing_0 + sum_{k>0} hidden_k @
   (routing_k - routing_0)`` over the ``window`` adjacent neurons ``k`` of
-  each window. With the construction's routing (a window's neurons share one
-  0/1 row) the second term is exactly zero and a window whose neurons cancel
-  (a key above its bucket) adds an exact 0, so a fact's code is its own
-  window's sum, bit for bit, whatever order the backend's dot sums in.
+  each window. With the construction's routing (a step's neurons share one
+  0/1 row) the second term is exactly zero, and a relu step's two neurons
+  are summed into the step's value before anything else is added.
   """
   if window == 1:
     return hidden @ routing
@@ -184,8 +193,9 @@ def assemble(direction: Array, maps: Array, scale: Array, bias: Array,
              sign: Array, decoder: Array, activation: str) -> EncoderDecoder:
   """Gated-MLP weights from gadgets. ``maps (n, m, d)``, ``scale/bias (n, k)``.
 
-  Hidden neurons are ordered ``(bucket, code coordinate, window neuron)``,
-  ``h = n * m * k``.
+  Hidden neurons are ordered ``(cut, code coordinate, step neuron)``,
+  ``h = n * m * k``; the up-weights of cut ``j`` are the telescoped
+  differences ``M_j - M_{j-1}`` (:func:`gadgets.telescope`).
   """
   n, m, d = maps.shape
   k = scale.shape[1]
@@ -193,7 +203,7 @@ def assemble(direction: Array, maps: Array, scale: Array, bias: Array,
   w_gate = jnp.broadcast_to(direction[:, None, None, None] *
                             scale[None, :, None, :], (d, n, m, k))
   b_gate = jnp.broadcast_to(bias[:, None, :], (n, m, k))
-  w_up = jnp.transpose(maps, (2, 0, 1))[..., None] * sign
+  w_up = jnp.transpose(gadgets.telescope(maps), (2, 0, 1))[..., None] * sign
   routing = jnp.broadcast_to(
       jnp.eye(m, dtype=maps.dtype)[None, :, None, :], (n, m, k, m))
   return EncoderDecoder(w_gate=w_gate.reshape(d, h), b_gate=b_gate.reshape(h),
@@ -205,9 +215,9 @@ class Gadgets(NamedTuple):
   """The compact description the dense weights are assembled from."""
   buckets: gadgets.Buckets
   maps: Array    # (n, m, d) per-bucket exact maps M_j
-  scale: Array   # (n, k) gate scale of each window neuron
-  bias: Array    # (n, k) gate bias of each window neuron
-  sign: Array    # (k,) sign of each window neuron
+  scale: Array   # (n, k) gate scale of each step neuron
+  bias: Array    # (n, k) gate bias of each step neuron
+  sign: Array    # (k,) sign of each step neuron
 
 
 @flax.struct.dataclass
@@ -216,8 +226,9 @@ class BucketStructure:
   (:mod:`factstore_jax.constructions.editing`).
 
   ``gadgets`` holds the buckets (keys of each bucket, projection direction,
-  window ramps), the exact maps and the gate parameters the dense weights
-  are assembled from (``model == assemble_gadgets(gadgets, decoder)``);
+  step ramps), the exact maps and the gate parameters the dense weights
+  are assembled from (``model == prune_dead(assemble_gadgets(gadgets,
+  decoder))``);
   ``min_margin (n,)`` / ``min_normalized_margin (n,)`` are the smallest
   margins of each bucket's facts (``+inf`` for an empty bucket), so the
   global minimum is known without re-verifying every fact.
@@ -227,38 +238,42 @@ class BucketStructure:
   min_normalized_margin: Array  # (n,)
   slack: float = flax.struct.field(pytree_node=False, default=0.25)
   tol: float = flax.struct.field(pytree_node=False, default=1e-3)
+  fill: float = flax.struct.field(pytree_node=False,
+                                  default=gadgets.DEFAULT_FILL)
 
 
 def bucket_structure(parts: Gadgets, check_report: storage.StorageReport,
-                     num_keys: int, slack: float,
-                     tol: float) -> BucketStructure:
+                     num_keys: int, slack: float, tol: float,
+                     fill: float = gadgets.DEFAULT_FILL) -> BucketStructure:
   """:class:`BucketStructure` of verified gadgets (margins ``(N,)`` per key)."""
   owner = bucket_of_key(parts.buckets, num_keys)
   n = parts.maps.shape[0]
   seg_min = lambda x: jax.ops.segment_min(x, owner, num_segments=n)
   return BucketStructure(parts, seg_min(check_report.margins),
                          seg_min(check_report.normalized_margins),
-                         slack=slack, tol=tol)
+                         slack=slack, tol=tol, fill=fill)
 
 
 @full_precision
 def build_gadgets(key: Array, keys: Array, targets: Array, *, bucket_size: int,
-                  activation: str = 'clipped', slack: float = 0.25) -> Gadgets:
-  """Buckets, windows and exact maps with ``E(k_i) = targets_i``.
+                  activation: str = 'clipped', slack: float = 0.25,
+                  fill: float = gadgets.DEFAULT_FILL) -> Gadgets:
+  """Buckets, steps and exact maps with ``E(k_i) = targets_i``.
 
-  ``keys (N, d)``, ``targets (N, m)``. Pure; static ``N, d, m, b``.
+  ``keys (N, d)``, ``targets (N, m)``. Pure; static ``N, d, m, b, fill``.
   """
-  buckets = gadgets.make_buckets(key, keys, bucket_size, slack=slack)
+  buckets = gadgets.make_buckets(key, keys, bucket_size, fill=fill,
+                                 slack=slack)
   maps = gadgets.solve_buckets(keys, targets, buckets)
-  scale, bias, sign = gadgets.window_gate_params(buckets, activation)
+  scale, bias, sign = gadgets.step_gate_params(buckets, activation)
   dtype = keys.dtype
   return Gadgets(buckets, maps, scale.astype(dtype), bias.astype(dtype),
                  sign.astype(dtype))
 
 
-@functools.partial(jax.jit, static_argnames=('bucket_size', 'slack'))
-def _make_buckets_jit(key, keys, *, bucket_size, slack):
-  return gadgets.make_buckets(key, keys, bucket_size, slack=slack)
+@functools.partial(jax.jit, static_argnames=('bucket_size', 'fill', 'slack'))
+def _make_buckets_jit(key, keys, *, bucket_size, fill, slack):
+  return gadgets.make_buckets(key, keys, bucket_size, fill=fill, slack=slack)
 
 
 _solve_chunk_jit = jax.jit(gadgets.solve_indexed)
@@ -267,7 +282,9 @@ _solve_chunk_jit = jax.jit(gadgets.solve_indexed)
 @full_precision
 def build_gadgets_streamed(key: Array, keys: Array, targets: Array, *,
                            bucket_size: int, activation: str = 'clipped',
-                           slack: float = 0.25, stream_size: int = 1024,
+                           slack: float = 0.25,
+                           fill: float = gadgets.DEFAULT_FILL,
+                           stream_size: int = 1024,
                            progress=None,
                            mesh: jax.sharding.Mesh | None = None) -> Gadgets:
   """:func:`build_gadgets` with the bucket solves in a host loop.
@@ -281,7 +298,8 @@ def build_gadgets_streamed(key: Array, keys: Array, targets: Array, *,
   after each call. Call it inside
   :func:`~factstore_jax.threads.single_threaded_blas` on CPU.
   """
-  buckets = _make_buckets_jit(key, keys, bucket_size=bucket_size, slack=slack)
+  buckets = _make_buckets_jit(key, keys, bucket_size=bucket_size, fill=fill,
+                              slack=slack)
   n = buckets.index.shape[0]
   mesh = sweep.local_mesh() if mesh is None else mesh
   if mesh.size > 1:
@@ -311,7 +329,7 @@ def build_gadgets_streamed(key: Array, keys: Array, targets: Array, *,
                  sign.astype(dtype))
 
 
-_gate_params_jit = jax.jit(gadgets.window_gate_params,
+_gate_params_jit = jax.jit(gadgets.step_gate_params,
                            static_argnames=('activation',))
 
 
@@ -326,10 +344,10 @@ def assemble_gadgets(parts: Gadgets, decoder: Array,
 @full_precision
 def build_encoder(key: Array, keys: Array, targets: Array, decoder: Array, *,
                   bucket_size: int, activation: str = 'clipped',
-                  slack: float = 0.25):
+                  slack: float = 0.25, fill: float = gadgets.DEFAULT_FILL):
   """Encoder-decoder with ``E(k_i) = targets_i``. Returns ``(model, Gadgets)``."""
   parts = build_gadgets(key, keys, targets, bucket_size=bucket_size,
-                        activation=activation, slack=slack)
+                        activation=activation, slack=slack, fill=fill)
   return assemble_gadgets(parts, decoder, activation), parts
 
 
@@ -352,11 +370,13 @@ def value_codes(values: Array, decoder: Array, *, tol: float = 1e-3,
 
 
 @functools.partial(jax.jit, static_argnames=('code_dim', 'bucket_size',
-                                             'activation', 'slack', 'tol'))
+                                             'activation', 'slack', 'tol',
+                                             'fill'))
 @full_precision
 def construct_fixed(key: Array, factset: FactSet, *, code_dim: int,
                     bucket_size: int, activation: str = 'clipped',
-                    slack: float = 0.25, tol: float = 1e-3):
+                    slack: float = 0.25, tol: float = 1e-3,
+                    fill: float = gadgets.DEFAULT_FILL):
   """Fixed-shape construction for one fact set (jit- and vmap-able).
 
   Args:
@@ -376,7 +396,7 @@ def construct_fixed(key: Array, factset: FactSet, *, code_dim: int,
   codes, rho = value_codes(values, decoder, tol=tol)
   model, parts = build_encoder(k_dir, keys, codes[mapping], decoder,
                                bucket_size=bucket_size, activation=activation,
-                               slack=slack)
+                               slack=slack, fill=fill)
   return model, codes, rho, parts
 
 
@@ -411,50 +431,60 @@ def bucket_of_key(buckets: gadgets.Buckets, num_keys: int) -> Array:
   return owner.at[index].set(rows, mode='drop')
 
 
-@functools.partial(jax.jit, static_argnames=('activation', 'chunk_size'))
+@functools.partial(jax.jit, static_argnames=('chunk_size',))
 @full_precision
-def verify_structured(parts: Gadgets, decoder: Array, factset: FactSet,
-                      codes: Array, activation: str = 'clipped',
-                      chunk_size: int = 2048):
-  """Fast exact check of a clipped-gate construction, ``O(N (n k + m) d)``.
+def verify_structured(parts: Gadgets, model: EncoderDecoder, factset: FactSet,
+                      codes: Array, chunk_size: int = 2048):
+  """Check of a clipped-gate construction: steps, codes and margins.
 
-  Every window neuron's pre-activation is computed from the same gate column
-  the dense MLP holds (the dense ``w_gate`` repeats each one ``m`` times), so
-  the check sees the windows the dense MLP computes: each key's own window
-  must be exactly 1 and every other window exactly 0; the code is then its
-  bucket's map applied to the key. Returns ``(Verification, window_ok (N,),
-  gate_slack)`` where ``gate_slack`` is the smallest distance of a window
-  pre-activation from the open ramp ``(0, 1)`` (rounding below it cannot
-  change any window).
+  Every step's pre-activation is computed from the same gate column the
+  dense MLP holds (the dense ``w_gate`` repeats each one ``m`` times), so
+  the check sees the steps the dense MLP computes: for a key of bucket
+  ``j`` the steps of cuts ``0..j`` must be exactly 1 and all later ones
+  exactly 0. The code is the dense model's (``model.encode``), checked
+  against the value codes, and the output's margins against the whole
+  value table. Returns ``(Verification, steps_ok (N,), gate_slack)`` where
+  ``gate_slack`` is the smallest distance of a step pre-activation from the
+  open ramp ``(0, 1)`` (rounding below it cannot change any step).
   """
   keys, values, mapping = factset
   owner = bucket_of_key(parts.buckets, keys.shape[0])
   gamma, norms, err, ok, slack = _structured_terms(
-      parts, decoder, values, codes, keys, mapping, owner,
-      activation=activation, chunk_size=chunk_size)
+      parts, model, values, codes, keys, mapping, owner,
+      chunk_size=chunk_size)
   return (Verification(storage._report(gamma, norms), jnp.max(err)), ok,
           jnp.min(slack))
 
 
-def _structured_terms(parts: Gadgets, decoder: Array, values: Array,
-                      codes: Array, keys: Array, mapping: Array, owner: Array,
-                      *, activation: str, chunk_size: int):
-  """Per-key terms of :func:`verify_structured` for keys ``(S, d)``:
-  ``gamma, norm, code error, window_ok, gate slack``, each ``(S,)``."""
+def step_values(parts: Gadgets, x: Array, activation: str):
+  """Steps of every cut for keys ``x (..., d)``: ``(steps (..., n), z (..., n))``.
+
+  ``z`` is each cut's (unshifted) gate pre-activation, computed from the
+  dense gate columns ``direction * scale``.
+  """
   act = get_activation(activation)
   n, k = parts.scale.shape
-  w_win = parts.buckets.direction[:, None, None] * parts.scale[None]  # (d,n,k)
-  w_win = w_win.reshape(-1, n * k)
+  w_win = (parts.buckets.direction[:, None, None] * parts.scale[None])
+  z = (x @ w_win.reshape(-1, n * k) + parts.bias.reshape(-1))
+  z = z.reshape(*x.shape[:-1], n, k)
+  return act(z) @ parts.sign, z[..., 0]
+
+
+def _structured_terms(parts: Gadgets, model: EncoderDecoder, values: Array,
+                      codes: Array, keys: Array, mapping: Array, owner: Array,
+                      *, chunk_size: int):
+  """Per-key terms of :func:`verify_structured` for keys ``(S, d)``:
+  ``gamma, norm, code error, steps_ok, gate slack``, each ``(S,)``."""
+  n = parts.scale.shape[0]
+  cut = jnp.arange(n)
 
   def one(args):
     x, f, j = args
-    z = (x @ w_win + parts.bias.reshape(-1)).reshape(n, k)
-    windows = act(z) @ parts.sign                                  # (n,)
-    ok = (windows[j] == 1) & (jnp.sum(windows != 0) == 1)
-    fixed = parts.buckets.ramp_fixed[:, jnp.array(gadgets.GADGETS[activation][2])]
-    slack = jnp.min(jnp.where(fixed, jnp.inf, jnp.maximum(-z, z - 1)))
-    code = windows[j] * (parts.maps[j] @ x)
-    out = decoder @ code
+    steps, z = step_values(parts, x, model.activation)
+    ok = jnp.all(steps == (cut <= j).astype(steps.dtype))
+    slack = jnp.min(jnp.where(cut == 0, jnp.inf, jnp.maximum(-z, z - 1)))
+    code = model.encode(x)
+    out = model.decoder @ code
     gamma = storage.margins(out[None], values, f[None])[0]
     gamma = jnp.where(ok, gamma, -jnp.inf)
     err = jnp.max(jnp.abs(code - codes[f]))
@@ -464,27 +494,26 @@ def _structured_terms(parts: Gadgets, decoder: Array, values: Array,
 
 
 _structured_terms_jit = jax.jit(_structured_terms,
-                                static_argnames=('activation', 'chunk_size'))
+                                static_argnames=('chunk_size',))
 
 
 @full_precision
-def verify_structured_streamed(parts: Gadgets, decoder: Array,
+def verify_structured_streamed(parts: Gadgets, model: EncoderDecoder,
                                factset: FactSet, codes: Array,
-                               activation: str = 'clipped',
                                chunk_size: int = 2048,
                                stream_size: int = 65536, progress=None):
   """:func:`verify_structured` as a host loop over ``stream_size`` keys.
 
   Same result (every key is batched with the same ``chunk_size``
-  neighbours as in one call); peak memory ``O(chunk_size (P + n k))`` plus
+  neighbours as in one call); peak memory ``O(chunk_size (P + h))`` plus
   the ``(N,)`` outputs. ``progress(done, total)`` runs after each call.
   """
   keys, values, mapping = factset
   n_keys = keys.shape[0]
   step = -(-max(stream_size, 1) // chunk_size) * chunk_size
   if step >= n_keys or isinstance(keys, jax.core.Tracer):
-    out = verify_structured(parts, decoder, factset, codes,
-                            activation=activation, chunk_size=chunk_size)
+    out = verify_structured(parts, model, factset, codes,
+                            chunk_size=chunk_size)
     if progress is not None:
       jax.block_until_ready(out)
       progress(n_keys, n_keys)
@@ -494,14 +523,30 @@ def verify_structured_streamed(parts: Gadgets, decoder: Array,
   for start in range(0, n_keys, step):
     stop = min(start + step, n_keys)
     pieces.append(jax.device_get(_structured_terms_jit(
-        parts, decoder, values, codes, keys[start:stop], mapping[start:stop],
-        owner[start:stop], activation=activation, chunk_size=chunk_size)))
+        parts, model, values, codes, keys[start:stop], mapping[start:stop],
+        owner[start:stop], chunk_size=chunk_size)))
     if progress is not None:
       progress(stop, n_keys)
   gamma, norms, err, ok, slack = (jnp.asarray(np.concatenate(p))
                                   for p in zip(*pieces))
   return (Verification(storage._report(gamma, norms), jnp.max(err)), ok,
           jnp.min(slack))
+
+
+def prune_dead(model: EncoderDecoder) -> EncoderDecoder:
+  """Drops the steps whose up-weights are exactly zero (host-level).
+
+  Such neurons contribute an exact 0 to every output, so the function is
+  unchanged; a step's ``window`` neurons are kept or dropped together.
+  """
+  w_up = np.asarray(model.w_up)
+  k = model.window
+  live = np.any(w_up != 0, axis=0).reshape(-1, k).any(axis=1)
+  if live.all():
+    return model
+  cols = jnp.asarray(np.flatnonzero(np.repeat(live, k)))
+  return model.replace(w_gate=model.w_gate[:, cols], b_gate=model.b_gate[cols],
+                       w_up=model.w_up[:, cols], routing=model.routing[cols])
 
 
 # --------------------------------------------------------------------------
@@ -516,7 +561,7 @@ def as_key(key) -> Array:
 
 
 def _resolve_bucket_size(config: ConstructionConfig, dim: int) -> int:
-  b = config.bucket_size if config.bucket_size is not None else max(1, dim // 2)
+  b = config.bucket_size if config.bucket_size is not None else dim
   if not 1 <= b <= dim:
     raise FactStoreError(
         f'bucket_size must be in [1, d={dim}] (keys of a bucket must be '
@@ -542,6 +587,8 @@ def _check_config(config: ConstructionConfig):
                          f', got {config.activation!r}')
   if not 0 <= config.slack < 0.5:
     raise FactStoreError(f'slack must be in [0, 0.5), got {config.slack}')
+  if not 0 < config.fill <= 1:
+    raise FactStoreError(f'fill must be in (0, 1], got {config.fill}')
 
 
 def construction_decoder(key: Array, dim: int, code_dim: int,
@@ -675,15 +722,22 @@ STREAM_BUCKETS = 1024   # buckets per bucket-solve call
 STREAM_KEYS = 65536     # keys per verification call
 
 
-def _check(parts: Gadgets, decoder, factset, codes, activation, progress=None):
+def _check(parts: Gadgets, model: EncoderDecoder, factset, codes,
+           progress=None):
   """Verification of every fact, structured (clipped) or dense (relu)."""
-  if activation == 'clipped':
+  if model.activation == 'clipped':
     check, _, _ = verify_structured_streamed(
-        parts, decoder, factset, codes, stream_size=STREAM_KEYS,
+        parts, model, factset, codes, stream_size=STREAM_KEYS,
         progress=None if progress is None else
         lambda done, total: progress('verify', done, total))
     return check
-  return verify(_assemble_jit(parts, decoder, activation), factset, codes)
+  return verify(model, factset, codes)
+
+
+def max_map_norm(maps: Array) -> float:
+  """``max_j ||M_j||_2`` of bucket maps ``(n, m, d)`` (largest singular value)."""
+  return float(np.max(np.linalg.norm(np.asarray(maps, np.float64), ord=2,
+                                     axis=(1, 2))))
 
 
 @full_precision
@@ -737,11 +791,11 @@ def construct(factset: FactSet, key: Array | int = 0,
     with single_threaded_blas():
       parts = build_gadgets_streamed(
           k_dir, keys, targets, bucket_size=bucket_size,
-          activation=config.activation, slack=config.slack,
+          activation=config.activation, slack=config.slack, fill=config.fill,
           stream_size=STREAM_BUCKETS, progress=None if progress is None
           else lambda done, total: progress('buckets', done, total))
-    check = _check(parts, decoder, factset, codes, config.activation,
-                   progress)
+    model = prune_dead(_assemble_jit(parts, decoder, config.activation))
+    check = _check(parts, model, factset, codes, progress)
     # NaN margins (a singular bucket) count as failing.
     if not float(check.storage.min_margin) > 0:
       failing = np.flatnonzero(~(np.asarray(check.storage.margins) > 0))
@@ -750,8 +804,8 @@ def construct(factset: FactSet, key: Array | int = 0,
       logging.info('refitting %d bucket(s) in float64', len(bad))
       parts = _refit_buckets(parts, keys, targets, bad)
       repaired += len(bad)
-      check = _check(parts, decoder, factset, codes, config.activation,
-                     progress)
+      model = prune_dead(_assemble_jit(parts, decoder, config.activation))
+      check = _check(parts, model, factset, codes, progress)
     if float(check.storage.min_margin) > 0:
       break
     if retries >= config.max_retries:
@@ -768,9 +822,7 @@ def construct(factset: FactSet, key: Array | int = 0,
     bucket_size = max(1, bucket_size // 2)
     logging.info('rebuilding with a new direction, bucket_size %d', bucket_size)
 
-  model = _assemble_jit(parts, decoder, config.activation)
   if progress is not None:
-    jax.block_until_ready(model)
     progress('assemble', 1, 1)
   used = dec_lib.used_values(mapping)
   n_params = num_params(model)
@@ -789,9 +841,10 @@ def construct(factset: FactSet, key: Array | int = 0,
       code_error=float(check.code_error),
       rho_projected=float(np.asarray(rho)[used].min()),
       min_gap=float(parts.buckets.min_gap), repaired_buckets=repaired,
-      retries=retries, seconds=time.perf_counter() - start)
+      retries=retries, seconds=time.perf_counter() - start, fill=config.fill,
+      max_map_norm=max_map_norm(parts.maps))
   structure = bucket_structure(parts, check.storage, n_keys, config.slack,
-                               config.tol)
+                               config.tol, config.fill)
   return Construction(model=model, report=report, codes=codes, rho=rho,
                       structure=structure)
 
@@ -826,9 +879,10 @@ def _batched_rho(keys, values, *, code_dim, floor, tol):
 
 
 @functools.partial(jax.jit, static_argnames=('code_dim', 'bucket_size',
-                                             'activation', 'slack', 'tol'))
+                                             'activation', 'slack', 'tol',
+                                             'fill'))
 def _build_members(member_keys, factsets, *, code_dim, bucket_size,
-                   activation, slack, tol):
+                   activation, slack, tol, fill):
   """:func:`construct_fixed` over a stack of fact sets, in one jitted call.
 
   The codes come from an iterative solver whose path follows rounding, so
@@ -849,7 +903,7 @@ def _build_members(member_keys, factsets, *, code_dim, bucket_size,
     decoder = construction_decoder(key, dim, code_dim, fs.keys.dtype)
     return build_encoder(k_dir, fs.keys, codes_b[fs.mapping], decoder,
                          bucket_size=bucket_size, activation=activation,
-                         slack=slack)
+                         slack=slack, fill=fill)
 
   model, parts = jax.vmap(encoder)(member_keys, factsets, codes)
   return model, codes, rho, parts
@@ -909,31 +963,27 @@ def construct_batched(factsets: FactSet, key: Array | int = 0,
 
   build = functools.partial(
       _build_members, code_dim=code_dim, bucket_size=bucket_size,
-      activation=config.activation, slack=config.slack, tol=config.tol)
+      activation=config.activation, slack=config.slack, tol=config.tol,
+      fill=config.fill)
   with single_threaded_blas():
     model, codes, rho, parts = jax.block_until_ready(
         build(member_keys, factsets))
-  check = jax.vmap(lambda p, dec, fs, c: _check(p, dec, fs, c,
-                                                config.activation))(
-                                                    parts, model.decoder,
-                                                    factsets, codes)
+  check = jax.vmap(_check)(parts, model, factsets, codes)
   repaired = []
   for b in np.flatnonzero(~(np.asarray(check.storage.min_margin) > 0)):
     member = lambda tree: jax.tree.map(lambda a: a[b], tree)
     part_b, fs_b, codes_b = member(parts), member(factsets), codes[b]
-    check_b = _check(part_b, model.decoder[b], fs_b, codes_b,
-                     config.activation)
+    check_b = _check(part_b, member(model), fs_b, codes_b)
     failing = np.flatnonzero(~(np.asarray(check_b.storage.margins) > 0))
     owner = np.asarray(bucket_of_key(part_b.buckets, n_keys))
     part_b = _refit_buckets(part_b, fs_b.keys, codes_b[fs_b.mapping],
                             np.unique(owner[failing]))
-    check_b = _check(part_b, model.decoder[b], fs_b, codes_b,
-                     config.activation)
+    model_b = _assemble_jit(part_b, model.decoder[b], config.activation)
+    check_b = _check(part_b, model_b, fs_b, codes_b)
     if not float(check_b.storage.min_margin) > 0:
       raise ConstructionError(
           f'member {b}: could not certify storage (min margin '
           f'{float(check_b.storage.min_margin):.3g}) after a float64 refit')
-    model_b = _assemble_jit(part_b, model.decoder[b], config.activation)
     model = jax.tree.map(lambda s, x: s.at[b].set(x), model, model_b)
     check = jax.tree.map(lambda s, x: s.at[b].set(x), check, check_b)
     repaired.append(int(b))

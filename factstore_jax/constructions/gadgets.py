@@ -1,21 +1,26 @@
-"""Per-bucket window gadgets of the encoder (DESIGN §3).
+"""Telescoped step gadgets of the encoder (docs/design.md, "Encoder").
 
 Keys are projected on a random unit direction ``g`` and sorted; the sorted
-order is cut into ``n`` consecutive buckets of at most ``b`` keys, each cut
-placed at the widest gap near its nominal position. Bucket ``j`` gets a window
-``T_j(t)`` of the projection ``t = <g, x>`` that is exactly 1 on its keys and
-exactly 0 on every other key, and an exact minimum-norm linear map
-``M_j (m, d)`` with ``M_j k_i = c_i`` on its keys. The encoder is
-``E(x) = sum_j T_j(<g, x>) M_j x``.
+order is cut into ``n`` consecutive buckets of at most ``b`` keys (nominally
+``fill * b``, each cut then moved to the widest gap within reach). Bucket
+``j`` gets an exact minimum-norm linear map ``M_j (m, d)`` with
+``M_j k_i = c_i`` on its keys, and every cut gets one *step* ``S_j(t)`` of
+the projection ``t = <g, x>``: 0 on every key below the cut, 1 on every key
+above it. With ``S_0 = 1`` (always on) the encoder is the telescoped sum
 
-Windows (``z = (t - a) / delta`` rises from 0 to 1 inside a gap; the ramp
+  ``E(x) = sum_j S_j(<g, x>) (M_j - M_{j-1}) x``,   ``M_{-1} = 0``,
+
+which is ``M_i x`` on every key of bucket ``i`` (``S_j = 1`` for ``j <= i``,
+``0`` after): one step per cut instead of a two-sided window per bucket.
+
+Steps (``z = (t - a) / delta`` rises from 0 to 1 inside a gap; the ramp
 occupies the middle ``1 - 2 * slack`` of the gap, so float rounding of ``t``
 cannot move a key off a saturated value):
 
-* ``clipped`` (default): ``T = clip(z_L, 0, 1) - clip(z_R, 0, 1)``, 2 neurons.
-* ``relu``: ``T = relu(z_L) - relu(z_L - 1) - relu(z_R) + relu(z_R - 1)``,
-  4 neurons; the cancellation of far-right keys loses about
-  ``eps * |t - a| / delta`` per ramp in float32.
+* ``clipped`` (default): ``S = clip(z, 0, 1)``, 1 neuron per cut and code
+  coordinate; saturates exactly at 0 and 1.
+* ``relu``: ``S = relu(z) - relu(z - 1)``, 2 neurons; for keys far above the
+  cut the two cancel only to about ``eps * |t - a| / delta`` in float32.
 """
 
 from __future__ import annotations
@@ -27,41 +32,48 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-# Per activation: (neuron signs, shift of each neuron's pre-activation, which
-# ramp it belongs to: 0 = left gap, 1 = right gap).
+# Per activation: (neuron signs, shift of each neuron's pre-activation); a
+# step is sum_k sign_k act(z + shift_k).
 GADGETS = {
-    'clipped': ((1.0, -1.0), (0.0, 0.0), (0, 1)),
-    'relu': ((1.0, -1.0, -1.0, 1.0), (0.0, -1.0, 0.0, -1.0), (0, 0, 1, 1)),
+    'clipped': ((1.0,), (0.0,)),
+    'relu': ((1.0, -1.0), (0.0, -1.0)),
 }
+
+DEFAULT_FILL = 0.95
 
 
 class Buckets(NamedTuple):
+  """Buckets along the projection, in increasing order of ``<g, x>``.
+
+  Bucket ``j >= 1``'s step sits in the gap between bucket ``j - 1`` and
+  bucket ``j``; bucket 0's step is always on (its start/width are unused).
+  """
   direction: Array   # (d,) unit projection direction g
   index: Array       # (n, b) key indices of each bucket (padded)
   valid: Array       # (n, b) bool, False on padding
-  ramp_start: Array  # (n, 2) a: where the left / right ramp starts
-  ramp_width: Array  # (n, 2) delta (> 0), 1 for the always-on/off ramps
-  ramp_fixed: Array  # (n, 2) bool: left ramp of bucket 0 / right of last
-  min_gap: Array     # () smallest gap used by a cut (0 means degenerate)
+  step_start: Array  # (n,) a_j: where the step below bucket j starts
+  step_width: Array  # (n,) delta_j > 0 (1 for bucket 0)
+  min_gap: Array     # () smallest gap used by a cut (inf for one bucket)
 
 
-def num_buckets(num_keys: int, bucket_size: int) -> int:
+def num_buckets(num_keys: int, bucket_size: int,
+                fill: float = DEFAULT_FILL) -> int:
   """Buckets used for ``num_keys`` keys at most ``bucket_size`` per bucket.
 
-  Nominal bucket size is ``3/4`` of the maximum, leaving room to move each cut
-  to the widest gap nearby.
+  Nominal bucket size is ``fill * bucket_size``; the rest is room to move
+  each cut to the widest gap nearby.
   """
   if num_keys <= bucket_size:
     return 1
-  stride = max(1, (3 * bucket_size) // 4)
+  stride = max(1, int(fill * bucket_size))
   return -(-num_keys // stride)
 
 
 def make_buckets(key: Array, keys: Array, bucket_size: int, *,
-                 slack: float = 0.25) -> Buckets:
-  """Buckets of ``keys (N, d)`` along a random direction (static N, b)."""
+                 fill: float = DEFAULT_FILL, slack: float = 0.25) -> Buckets:
+  """Buckets of ``keys (N, d)`` along a random direction (static N, b, fill)."""
   n_keys, dim = keys.shape
-  n = num_buckets(n_keys, bucket_size)
+  n = num_buckets(n_keys, bucket_size, fill)
   direction = jax.random.normal(key, (dim,), keys.dtype)
   direction = direction / jnp.linalg.norm(direction)
   proj = keys @ direction
@@ -83,19 +95,11 @@ def make_buckets(key: Array, keys: Array, bucket_size: int, *,
 
   lo, hi = t[jnp.maximum(cuts - 1, 0)], t[cuts]
   gap = hi - lo
-  a = lo + slack * gap
-  width = (1.0 - 2.0 * slack) * gap
-  # Left ramp of bucket j sits in cut j-1, right ramp in cut j.
-  big = jnp.ones((1,), keys.dtype)
-  ramp_start = jnp.stack([jnp.concatenate([-big, a]),
-                          jnp.concatenate([a, big])], axis=1)
-  ramp_width = jnp.stack([jnp.concatenate([big, width]),
-                          jnp.concatenate([width, big])], axis=1)
-  fixed = jnp.zeros((n, 2), bool).at[0, 0].set(True).at[n - 1, 1].set(True)
-  ramp_width = jnp.where(fixed, 1.0, ramp_width)
+  one = jnp.ones((1,), keys.dtype)
+  step_start = jnp.concatenate([-one, lo + slack * gap])
+  step_width = jnp.concatenate([one, (1.0 - 2.0 * slack) * gap])
   min_gap = jnp.min(gap) if n > 1 else jnp.array(jnp.inf, keys.dtype)
-  return Buckets(direction, index, valid, ramp_start, ramp_width, fixed,
-                 min_gap)
+  return Buckets(direction, index, valid, step_start, step_width, min_gap)
 
 
 def solve_buckets(keys: Array, targets: Array, buckets: Buckets, *,
@@ -143,9 +147,10 @@ def solve_bucket(keys: Array, targets: Array, valid: Array) -> Array:
 
   ``M = alpha^T K`` with ``(K K^T) alpha = C``: a Cholesky factor of the
   Gram matrix (padding rows get a unit diagonal, so they never perturb the
-  real keys), one solve, then one step of iterative refinement with the
+  real keys), one solve, then two steps of iterative refinement with the
   residual ``C - K M^T`` formed from ``K`` itself (corrected semi-normal
-  equations). Keys that are (nearly) linearly dependent give non-finite or
+  equations), which keeps the residual small for buckets of up to ``d``
+  keys. Keys that are (nearly) linearly dependent give non-finite or
   inexact maps; :func:`~factstore_jax.constructions.encoder_decoder.construct`
   verifies every fact and re-solves such buckets in float64.
   """
@@ -155,24 +160,28 @@ def solve_bucket(keys: Array, targets: Array, valid: Array) -> Array:
   chol = jnp.linalg.cholesky(gram)
   solve = lambda rhs: jax.scipy.linalg.cho_solve((chol, True), rhs)
   maps = solve(c).T @ k                                        # (m, d)
-  residual = jnp.where(valid[:, None], c - k @ maps.T, 0.0)    # (b, m)
-  return maps + solve(residual).T @ k
+  for _ in range(2):
+    residual = jnp.where(valid[:, None], c - k @ maps.T, 0.0)  # (b, m)
+    maps = maps + solve(residual).T @ k
+  return maps
 
 
-def window_gate_params(buckets: Buckets, activation: str):
-  """Gate scale and bias per (bucket, neuron): ``z = scale * t + bias``.
+def step_gate_params(buckets: Buckets, activation: str):
+  """Gate scale and bias per (cut, neuron): ``z = scale * t + bias``.
 
   Returns ``scale (n, k)``, ``bias (n, k)``, ``sign (k,)`` with ``k`` neurons
-  per window (2 clipped, 4 relu); the window is ``sum_k sign_k act(z_k)``.
+  per step (1 clipped, 2 relu); the step is ``sum_k sign_k act(z_k)``. Bucket
+  0's step is always on: ``scale = 0``, ``z = 1``.
   """
-  signs, shifts, ramp = GADGETS[activation]
-  ramp = jnp.array(ramp)
-  start = buckets.ramp_start[:, ramp]                  # (n, k)
-  width = buckets.ramp_width[:, ramp]
-  fixed = buckets.ramp_fixed[:, ramp]
-  scale = jnp.where(fixed, 0.0, 1.0 / width)
-  # Fixed ramps: the left one of bucket 0 is always on (z = 1), the right
-  # one of the last bucket always off (z = 0).
-  const = jnp.where(jnp.array([0, 1])[ramp] == 0, 1.0, 0.0)
-  bias = jnp.where(fixed, const, -start / width) + jnp.array(shifts)
-  return scale, bias, jnp.array(signs)
+  signs, shifts = GADGETS[activation]
+  first = jnp.arange(buckets.step_start.shape[0]) == 0
+  scale = jnp.where(first, 0.0, 1.0 / buckets.step_width)
+  bias = jnp.where(first, 1.0, -buckets.step_start / buckets.step_width)
+  shifts = jnp.array(shifts, scale.dtype)
+  return (jnp.broadcast_to(scale[:, None], (scale.shape[0], len(signs))),
+          bias[:, None] + shifts, jnp.array(signs))
+
+
+def telescope(maps: Array) -> Array:
+  """Up-weights of the steps: ``M_j - M_{j-1}`` (``M_{-1} = 0``), ``(n, m, d)``."""
+  return jnp.concatenate([maps[:1], maps[1:] - maps[:-1]])
