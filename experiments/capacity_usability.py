@@ -17,15 +17,22 @@ W*):
 * Transformer recall with schedule (a)'s attention (trained once on key
   copy), whose noise floor ``||norm(h_Q) - k||`` is recorded too.
 
-Writes ``rows.csv`` (resumable), ``tradeoff.png`` and ``summary.md``, whose
-last section answers, with the measured numbers, whether whitening raised
-standalone capacity, raised the Lipschitz estimate and lowered recall.
+A second axis we control: the closed form's bucket fill (``--fills``; the
+nominal bucket holds ``fill * d`` keys). Fuller buckets need fewer neurons
+per fact but larger maps ``M_j`` (a larger Lipschitz constant): for each fill
+the closed form at its W* (unwhitened) gets the same measurements.
+
+Writes ``rows.csv`` (resumable), ``tradeoff.png``, ``fill.png`` and
+``summary.md``, whose last sections answer, with the measured numbers,
+whether whitening raised standalone capacity, raised the Lipschitz estimate
+and lowered recall, and how capacity, Lipschitz and recall move with fill.
 
   python experiments/capacity_usability.py
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -52,6 +59,8 @@ flags.DEFINE_integer('seed', 0, 'Seed.')
 flags.DEFINE_list('code_dims', ['16', '32', '64'], 'Closed-form code dims.')
 flags.DEFINE_list('bucket_sizes', ['8', '32'], 'Closed-form bucket sizes.')
 flags.DEFINE_list('gd_widths', ['16', '32', '64'], 'GD hidden widths.')
+flags.DEFINE_list('fills', ['0.25', '0.5', '0.75', '0.9', '0.95', '1.0'],
+                  'Closed-form bucket fills, each at its W*.')
 flags.DEFINE_integer('num_junk', 4, 'Junk vocabulary size J.')
 flags.DEFINE_integer('context_len', 4, 'Junk tokens L on each side of K.')
 flags.DEFINE_integer('steps', 3000, 'Attention training steps.')
@@ -84,6 +93,9 @@ def setup():
   return t, whiten, model, floor
 
 
+FILL = 'W*@fill='
+
+
 def build(method, whitened, knob, t, whiten):
   """``(Built on the space it was made for, MLP over the original space)``."""
   fs = t.mlp_factset
@@ -91,6 +103,9 @@ def build(method, whitened, knob, t, whiten):
     fs = factsets.FactSet(fs.keys @ whiten, fs.values @ whiten, fs.mapping)
   key = jax.random.key(100 + FLAGS.seed)
   options = tc.mlp_options(FLAGS.mlp_steps)
+  if knob.startswith(FILL):
+    options = dataclasses.replace(options, fill=float(knob[len(FILL):]))
+    knob = 'W*'
   if knob == 'W*':
     built, _ = methods.smallest_mlp(method, key, fs, options=options,
                                     rel_tol=FLAGS.rel_tol)
@@ -146,8 +161,64 @@ def configs():
   knobs = {'encoder_decoder': ['W*'] + [f'{m}/{b}' for m in FLAGS.code_dims
                                          for b in FLAGS.bucket_sizes],
            'gd': ['W*'] + list(FLAGS.gd_widths)}
-  return [dict(method=m, whitened=w, knob=k) for m, ks in knobs.items()
-          for k in ks for w in (False, True)]
+  return ([dict(method=m, whitened=w, knob=k) for m, ks in knobs.items()
+           for k in ks for w in (False, True)] +
+          [dict(method='encoder_decoder', whitened=False, knob=FILL + f)
+           for f in FLAGS.fills])
+
+
+def fill_rows(rows):
+  """The fill sweep's rows, by increasing fill."""
+  out = [r for r in ok(rows) if str(r['knob']).startswith(FILL)]
+  return sorted(out, key=lambda r: float(r['knob'][len(FILL):]))
+
+
+def plot_fill(rows, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  rows = fill_rows(rows)
+  fills = [float(r['knob'][len(FILL):]) for r in rows]
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+  axes[0].plot(fills, [r['params_per_fact'] for r in rows], 'o-')
+  axes[0].set_ylabel('W* parameters per fact')
+  axes[1].plot(fills, [r['jacobian_median'] for r in rows], 'o-',
+               label='Jacobian median at keys')
+  axes[1].plot(fills, [r['lipschitz_bound'] for r in rows], 's--',
+               label='weight-norm Lipschitz bound')
+  axes[1].set_yscale('log')
+  axes[1].legend(fontsize=7)
+  axes[2].plot(fills, [100 * r['recall'] for r in rows], 'o-')
+  axes[2].set_ylabel('Transformer recall (%)')
+  for ax in axes:
+    ax.set_xlabel('bucket fill (nominal keys per bucket / d)')
+  fig.suptitle(f'Closed form at W* vs bucket fill (d = {FLAGS.dim}, N = '
+               f'{FLAGS.num_facts}, spike β = {FLAGS.beta}, unwhitened)',
+               fontsize=9)
+  fig.tight_layout()
+  save_figure(fig, path)
+
+
+def fill_verdict(rows) -> list[str]:
+  """The fill sweep in numbers: capacity against Lipschitz and recall."""
+  rows = fill_rows(rows)
+  lines = ['', '## Bucket fill at W* (closed form, unwhitened)', '',
+           '| fill | params/fact | Jacobian median | Lipschitz bound | '
+           'radius median | recall |', '|---|---|---|---|---|---|']
+  for r in rows:
+    lines.append(
+        f"| {r['knob'][len(FILL):]} | {r['params_per_fact']:.1f} | "
+        f"{r['jacobian_median']:.3g} | {r['lipschitz_bound']:.3g} | "
+        f"{r['radius_median']:.3g} | {r['recall']:.4f} |")
+  if len(rows) >= 2:
+    lo, hi = rows[0], rows[-1]
+    lines += ['', f"From fill {lo['knob'][len(FILL):]} to "
+              f"{hi['knob'][len(FILL):]}: params/fact "
+              f"{lo['params_per_fact']:.1f} -> {hi['params_per_fact']:.1f}, "
+              f"Jacobian median {lo['jacobian_median']:.3g} -> "
+              f"{hi['jacobian_median']:.3g}, recall {lo['recall']:.4f} -> "
+              f"{hi['recall']:.4f}."]
+  return lines
 
 
 def ok(rows):
@@ -241,7 +312,7 @@ def summary(rows, floor) -> str:
         f"{r['jacobian_max']:.3g} | {r['relative_jacobian_median']:.3g} | "
         f"{r['radius_median']:.3g} / "
         f"{r['radius_min']:.3g} | {r['recall']:.4f} |")
-  return '\n'.join(lines + verdict(rows)) + '\n'
+  return '\n'.join(lines + verdict(rows) + fill_verdict(rows)) + '\n'
 
 
 def main(argv):
@@ -252,6 +323,7 @@ def main(argv):
                    desc='knobs')
   floor = setup()[3]
   plot(rows, os.path.join(FLAGS.out_dir, 'tradeoff.png'), floor)
+  plot_fill(rows, os.path.join(FLAGS.out_dir, 'fill.png'))
   text = summary(rows, floor)
   write_text(os.path.join(FLAGS.out_dir, 'summary.md'), text)
   print(text)

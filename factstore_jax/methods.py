@@ -50,6 +50,7 @@ class MethodOptions:
   Attributes:
     train: GD settings (``gd``, ``encoder_decoder_gd``).
     bucket_size: closed-form bucket size (``None``: the library default).
+    fill: closed-form nominal bucket fill (``None``: the library default).
     ridge: relative ridge of the Hebbian readouts.
     degree: Hermite degree of ``ntk``.
     chunk_size: how a round's GD members (``gd``, ``encoder_decoder_gd``)
@@ -60,6 +61,7 @@ class MethodOptions:
   """
   train: training.TrainConfig = training.TrainConfig()
   bucket_size: int | None = None
+  fill: float | None = None
   ridge: float = 1e-3
   degree: int = 1
   chunk_size: int | None = None
@@ -207,10 +209,17 @@ def evaluate_batched(method: str, keys: Sequence, factsets: Sequence[FactSet],
         chunk_size=options.chunk_size if method in _GD_METHODS else None))
 
 
+def closed_form_config(options: MethodOptions,
+                       code_dim: int | None) -> ConstructionConfig:
+  """The construction settings of ``options`` at ``code_dim``."""
+  fill = {} if options.fill is None else {'fill': options.fill}
+  return ConstructionConfig(code_dim=code_dim,
+                            bucket_size=options.bucket_size, **fill)
+
+
 def _closed_form(key, fs: FactSet, code_dim: int, options: MethodOptions):
   """``(accuracy, num_params)`` of the construction at ``code_dim``."""
-  config = ConstructionConfig(code_dim=code_dim,
-                              bucket_size=options.bucket_size)
+  config = closed_form_config(options, code_dim)
   try:
     report = construct(fs, key, config).report
   except ConstructionError:
@@ -357,9 +366,16 @@ def _closed_form_capacity(key, fs, options, max_width, start, rel_tol,
 
   r = capacity.search_width(evaluate, start=start, max_width=max_width,
                             rel_tol=rel_tol)
-  return Capacity('encoder_decoder', r.width,
-                  None if r.width is None else params[r.width], r.tested,
-                  r.rounds, None)
+  if r.width is None:
+    return Capacity('encoder_decoder', None, None, r.tested, r.rounds, None)
+  # With patched stragglers the count is not monotone in the code dim: a
+  # smaller m can cost more (more patched values). W* is the smallest count
+  # among the tested code dims that store every fact.
+  stored = [w for w, acc in r.tested.items()
+            if acc >= 1.0 and params.get(w) is not None]
+  best = min(stored, key=lambda w: (params[w], w))
+  return Capacity('encoder_decoder', best, params[best], r.tested, r.rounds,
+                  None)
 
 
 class Built(NamedTuple):
@@ -387,8 +403,7 @@ def build_mlp(method: str, key, factset: FactSet, width: int, *,
   width = int(width)
   dim = factset.keys.shape[-1]
   if method == 'encoder_decoder':
-    built = construct(factset, key, ConstructionConfig(
-        code_dim=width, bucket_size=options.bucket_size))
+    built = construct(factset, key, closed_form_config(options, width))
     return Built(built.model, built.report.num_params, built.report.accuracy,
                  built.report.min_margin)
   if method == 'gd':

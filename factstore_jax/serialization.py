@@ -4,16 +4,27 @@ A file holds the arrays of an :class:`EncoderDecoder` (``w_gate, b_gate, w_up,
 routing, decoder``) or a :class:`GatedMLP` (``w_gate, w_up, w_down`` and any
 biases), plus string metadata: ``format`` (``factstore_jax.mlp``),
 ``format_version``, ``kind``, ``activation``, an encoder-decoder's ``window``
-(neurons per gadget window; absent means 1) and an optional JSON ``report``.
-Writes are atomic: a temp file in the target folder, then ``os.replace``.
+(neurons summed first per group; absent means 1) and ``gadget``, and an
+optional JSON ``report``. Writes are atomic: a temp file in the target
+folder, then ``os.replace``.
 
-Format versions: ``1`` is the first (and current) version; there are no older
-ones. :func:`load_model` reads exactly the versions up to
-:data:`FORMAT_VERSION` and fails with a :class:`FactStoreError` naming the
-file's version and the library's for a newer (or invalid) version, and for a
-file without ``format``/``format_version`` metadata (e.g. a plain safetensors
-file). A future format change bumps :data:`FORMAT_VERSION` and keeps reading
-every older version (or names it as no longer supported).
+Format versions:
+
+* ``1``: encoder-decoders built from two-sided windows, two clipped neurons
+  per (bucket, code coordinate) (``window = 2``).
+* ``2`` (current): telescoped steps, one clipped neuron per (cut, code
+  coordinate) with up-weights ``M_j - M_{j-1}``; metadata ``gadget =
+  'telescoped'``.
+
+The arrays of an encoder-decoder file fully define its function (gate, up,
+routing, decoder and the ``window`` grouping), so a version-1 file loads as
+the same function it was saved as (``metadata['gadget'] == 'windowed'``); it
+is simply less efficient: rebuild it from its fact set with
+``factstore construct`` (or :func:`~factstore_jax.constructions.
+encoder_decoder.construct`) for a telescoped MLP. :func:`load_model` fails
+with a :class:`FactStoreError` naming the file's version and the library's
+for a newer (or invalid) version, and for a file without
+``format``/``format_version`` metadata (e.g. a plain safetensors file).
 
 Arrays keep their dtype: float32 and float64 models round-trip bit for bit,
 the report too. As everywhere in JAX, float64 arrays stay float64 only with
@@ -35,8 +46,10 @@ from factstore_jax.errors import FactStoreError
 from factstore_jax.mlp import GatedMLP, get_activation
 
 FORMAT = 'factstore_jax.mlp'
-# Version history: 1 — the first version (the layout described above).
-FORMAT_VERSION = 1
+# Version history: 1 — two-neuron windows; 2 — telescoped steps.
+FORMAT_VERSION = 2
+# The gadget layout of an encoder-decoder file, by format version.
+GADGETS = {1: 'windowed', 2: 'telescoped'}
 _FIELDS = {
     'encoder_decoder': ('w_gate', 'b_gate', 'w_up', 'routing', 'decoder'),
     'gated_mlp': ('w_gate', 'w_up', 'w_down', 'b_gate', 'b_up', 'b_down'),
@@ -67,6 +80,7 @@ def save_model(path: str | os.PathLike, model, report: dict | None = None):
               'report': json.dumps(report or {})}
   if kind == 'encoder_decoder':
     metadata['window'] = str(model.window)
+    metadata['gadget'] = GADGETS[FORMAT_VERSION]
   with atomic_output(path, suffix=ext) as tmp:
     if ext == '.safetensors':
       safetensors.numpy.save_file(arrays, tmp, metadata=metadata)
@@ -133,7 +147,7 @@ def load_model(path: str | os.PathLike):
     raise FactStoreError(
         f'{path}: not a factstore_jax MLP file (format '
         f'{metadata.get("format")!r}, expected {FORMAT!r})')
-  _check_version(path, metadata)
+  version = _check_version(path, metadata)
   kind = metadata.get('kind')
   if kind not in _FIELDS:
     raise FactStoreError(f'{path}: unknown model kind {kind!r}')
@@ -149,6 +163,7 @@ def load_model(path: str | os.PathLike):
   if kind == 'encoder_decoder':  # files without it: one neuron per window
     static['window'] = _window(path, metadata.get('window', '1'),
                                fields.get('routing'))
+    metadata.setdefault('gadget', GADGETS[version])
   try:
     model = cls(**fields, **static)
   except TypeError as e:

@@ -154,11 +154,12 @@ class StorageTest(parameterized.TestCase):
     chex.assert_shape(c.codes, (64, c.report.code_dim))
     chex.assert_shape(c.rho, (64,))
 
-  def test_relu_uses_four_neurons_per_window(self):
+  def test_relu_uses_two_neurons_per_step(self):
     c = _construction('relu', 0)
     r = c.report
     self.assertEqual(c.model.activation, 'relu')
-    self.assertEqual(r.hidden_dim, 4 * r.code_dim * r.num_buckets)
+    self.assertEqual(c.model.window, 2)
+    self.assertEqual(r.hidden_dim, 2 * r.code_dim * r.num_buckets)
 
 
 class ReportTest(chex.TestCase):
@@ -185,8 +186,14 @@ class ReportTest(chex.TestCase):
     r, model = self.c.report, self.c.model
     self.assertEqual((r.num_facts, r.num_values, r.dim), (N, N, D))
     self.assertEqual(r.hidden_dim, model.w_gate.shape[1])
-    self.assertEqual(r.hidden_dim, 2 * r.code_dim * r.num_buckets)
+    # One clipped step per (cut, code coordinate); none is dead here.
+    self.assertEqual(r.hidden_dim, r.code_dim * r.num_buckets)
     self.assertLessEqual(r.bucket_size, D)
+    self.assertEqual(r.fill, ed.ConstructionConfig().fill)
+    maps = np.asarray(self.c.structure.gadgets.maps, np.float64)
+    self.assertAlmostEqual(
+        r.max_map_norm, max(np.linalg.norm(a, 2) for a in maps), places=3)
+    self.assertEqual(r.patched_values, 0)
     self.assertGreaterEqual(r.num_buckets, math.ceil(N / r.bucket_size))
     self.assertLess(r.code_error, 1e-4)
     self.assertGreater(r.min_gap, 0.0)
@@ -259,7 +266,7 @@ class RouteTest(chex.TestCase):
 
   def test_construction_sets_window(self):
     c = _construction('sphere', 0)
-    self.assertEqual(c.model.window, 2)  # clipped: two neurons per window
+    self.assertEqual(c.model.window, 1)  # clipped: one neuron per step
     self.assertEqual(c.model.routing.shape[0] % c.model.window, 0)
 
 
@@ -301,68 +308,63 @@ class DeterminismTest(parameterized.TestCase):
 # ----------------------------------------------------------------------------
 
 
-class WindowTest(parameterized.TestCase):
+class StepTest(parameterized.TestCase):
 
   @parameterized.parameters(0, 1, 2)
-  def test_window_silence(self, b):
+  def test_steps_are_exact_and_telescope(self, b):
     model, _, _, parts = _fixed(b)
     fs = _small_factsets()[b]
     self.assertEqual(model.activation, 'clipped')
     n, m = parts.maps.shape[:2]
-    np.testing.assert_array_equal(parts.sign, [1.0, -1.0])
+    np.testing.assert_array_equal(parts.sign, [1.0])
     owner = np.asarray(ed.bucket_of_key(parts.buckets, NB))
-    # Buckets partition the keys: each key sits in exactly one bucket.
+    # Buckets partition the keys and follow the projection in order.
     members = np.asarray(parts.buckets.index)[np.asarray(parts.buckets.valid)]
     np.testing.assert_array_equal(np.sort(members), np.arange(NB))
-    # Dense hidden activations at every key, ordered (bucket, coordinate,
-    # window neuron) as the construction lays them out.
+    t = np.asarray(fs.keys @ parts.buckets.direction)
+    for j in range(1, n):
+      self.assertLess(t[owner == j - 1].max(), t[owner == j].min())
+    # Dense hidden activations at every key, ordered (cut, coordinate).
     x = fs.keys
     gate = np.asarray(M.clipped(x @ model.w_gate + model.b_gate))
-    hidden = np.asarray((x @ model.w_up)) * gate
-    gate = gate.reshape(NB, n, m, 2)
-    hidden = hidden.reshape(NB, n, m, 2)
-    window = gate[..., 0] - gate[..., 1]            # T_j(<g, x>), (N, n, m)
-    per_bucket = hidden.sum(axis=-1)                # bucket j's contribution
-    own = np.zeros((NB, n), bool)
-    own[np.arange(NB), owner] = True
-    # Exactly 1 on the key's own bucket, exactly 0 (bitwise) elsewhere.
-    np.testing.assert_array_equal(window[own], 1.0)
-    np.testing.assert_array_equal(window[~own], 0.0)
-    # Only the own bucket contributes. Individual neurons of other buckets
-    # are not all zero: for a bucket left of the key both gates saturate at 1
-    # and its pair outputs (+M x, -M x); right of the key both are 0. Either
-    # way the pair cancels exactly in floating point.
-    pairs = gate[~own]                               # (rows, m, 2)
-    both_off = (pairs[..., 0] == 0) & (pairs[..., 1] == 0)
-    both_on = (pairs[..., 0] == 1) & (pairs[..., 1] == 1)
-    self.assertTrue(np.all(both_off | both_on))
-    others = hidden[~own]
-    np.testing.assert_array_equal(others[both_off], 0.0)
-    np.testing.assert_array_equal(others[both_on][:, 0],
-                                  -others[both_on][:, 1])
-    np.testing.assert_array_equal(per_bucket[~own], 0.0)
-    self.assertTrue(np.all(np.abs(per_bucket[own]).max(axis=-1) > 0))
+    hidden = np.asarray(x @ model.w_up) * gate
+    gate = gate.reshape(NB, n, m)
+    hidden = hidden.reshape(NB, n, m)
+    below = np.arange(n)[None, :] <= owner[:, None]      # (N, n)
+    # Cuts at or below the key's bucket are exactly on, the rest exactly off.
+    np.testing.assert_array_equal(gate[below], 1.0)
+    np.testing.assert_array_equal(gate[~below], 0.0)
+    np.testing.assert_array_equal(hidden[~below], 0.0)
+    # The telescoped sum is the key's own bucket map, up to rounding.
+    maps = np.asarray(parts.maps)
+    own = np.einsum('imd,id->im', maps[owner], np.asarray(x))
+    np.testing.assert_allclose(hidden.sum(axis=1), own, atol=1e-5)
+    # Up-weights are the differences of consecutive maps.
+    up = np.asarray(model.w_up).reshape(DB, n, m)
+    np.testing.assert_array_equal(up[:, 0], maps[0].T)
+    np.testing.assert_array_equal(up[:, 1:],
+                                  np.transpose(maps[1:] - maps[:-1], (2, 0, 1)))
 
-  def test_window_silence_of_construct(self):
-    # Same check on a model from construct(): exactly one window is on.
+  def test_steps_of_construct(self):
+    # Same check on a model from construct(): the on-steps are a prefix.
     c = _construction('sphere', 1)
     r = c.report
     gate = np.asarray(M.clipped(_factset('sphere', 1).keys @ c.model.w_gate +
                                 c.model.b_gate))
-    gate = gate.reshape(N, r.num_buckets, r.code_dim, 2)
-    window = gate[..., 0] - gate[..., 1]
-    on = np.all(window == 1.0, axis=-1)
-    self.assertTrue(np.all(on.sum(axis=1) == 1))
-    self.assertTrue(np.all((window == 1.0) | (window == 0.0)))
+    gate = gate.reshape(N, r.num_buckets, r.code_dim)
+    self.assertTrue(np.all((gate == 1.0) | (gate == 0.0)))
+    on = gate[..., 0] == 1.0
+    owner = np.asarray(ed.bucket_of_key(c.structure.gadgets.buckets, N))
+    np.testing.assert_array_equal(
+        on, np.arange(r.num_buckets)[None, :] <= owner[:, None])
 
   @parameterized.parameters(0, 1, 2)
   def test_verify_dense_vs_structured(self, b):
     model, codes, _, parts = _fixed(b)
     fs = _small_factsets()[b]
     dense = ed.verify(model, fs, codes)
-    fast, window_ok, slack = ed.verify_structured(parts, model.decoder, fs,
-                                                  codes)
-    self.assertTrue(bool(np.all(np.asarray(window_ok))))
+    fast, steps_ok, slack = ed.verify_structured(parts, model, fs, codes)
+    self.assertTrue(bool(np.all(np.asarray(steps_ok))))
     # Ramps fill the middle half of each gap: keys sit >= 0.5 from (0, 1).
     self.assertGreater(float(slack), 0.45)
     self.assertLess(float(slack), 0.55)
@@ -375,6 +377,24 @@ class WindowTest(parameterized.TestCase):
                                fast.storage.normalized_margins, atol=1e-4)
     self.assertLess(float(dense.code_error), 1e-4)
     self.assertLess(float(fast.code_error), 1e-4)
+
+  def test_structured_check_rejects_a_flipped_step(self):
+    model, codes, _, parts = _fixed(0)
+    fs = _small_factsets()[0]
+    # Move cut 2's ramp onto the keys of bucket 1: some keys now see a step
+    # strictly inside (0, 1) or on the wrong side.
+    buckets = parts.buckets
+    t = np.asarray(fs.keys @ buckets.direction)
+    owner = np.asarray(ed.bucket_of_key(buckets, NB))
+    start = np.asarray(buckets.step_start).copy()
+    start[2] = np.median(t[owner == 1])
+    moved = buckets._replace(step_start=jnp.asarray(start))
+    scale, bias, sign = gadgets.step_gate_params(moved, 'clipped')
+    bad = parts._replace(buckets=moved, scale=scale, bias=bias, sign=sign)
+    bad_model = ed.assemble_gadgets(bad, model.decoder, 'clipped')
+    check, steps_ok, _ = ed.verify_structured(bad, bad_model, fs, codes)
+    self.assertFalse(bool(np.all(np.asarray(steps_ok))))
+    self.assertLess(float(check.storage.accuracy), 1.0)
 
   def test_assemble_gadgets_round_trip(self):
     model, _, _, parts = _fixed(0)
@@ -573,12 +593,12 @@ class BatchedTest(chex.TestCase):
       # rounding may differ between the builds (it does on a GPU); the gate
       # scale 1 / width and bias -start / width amplify it by 1 / width.
       ramps = batched.buckets, single.buckets
-      np.testing.assert_allclose(ramps[0].ramp_start[b], ramps[1].ramp_start,
+      np.testing.assert_allclose(ramps[0].step_start[b], ramps[1].step_start,
                                  atol=1e-6)
-      np.testing.assert_allclose(ramps[0].ramp_width[b], ramps[1].ramp_width,
+      np.testing.assert_allclose(ramps[0].step_width[b], ramps[1].step_width,
                                  atol=1e-6)
       scale, start = np.asarray(single.scale), np.asarray(
-          single.buckets.ramp_start)[:, [0, 1]]
+          single.buckets.step_start)[:, None]
       slack = 1e-6 * (np.abs(scale) + (1 + np.abs(start)) * scale ** 2)
       np.testing.assert_array_less(
           np.abs(np.asarray(batched.scale[b]) - scale), 1e-5 * np.abs(scale)

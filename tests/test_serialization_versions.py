@@ -1,6 +1,7 @@
 """Model files (``factstore_jax.serialization``): versions and exact round trips.
 
-Format version 1 is the first version: there is no older one to read. The
+Format version 2 (telescoped steps) is current; version-1 files (two-neuron
+windows) still load as the function they were saved as. The
 CLI tests cover construct -> save -> evaluate end to end; this file covers
 what they do not: the version checks, foreign files, and bit-exact round trips
 of both model kinds in float32 and float64 (random arrays with full float64
@@ -57,7 +58,8 @@ def _report() -> dict:
       min_margin=0.1 + 0.2, min_normalized_margin=1 / 3,
       code_error=5e-324, rho_projected=np.float32(0.1).item(),
       min_gap=-0.0, repaired_buckets=0, retries=1,
-      seconds=1e308).as_dict()
+      seconds=1e308, fill=0.95, max_map_norm=2.0 ** 0.5,
+      patched_values=3).as_dict()
 
 
 def _x64(dtype):
@@ -147,17 +149,33 @@ def _saved(tmp_path, ext, **changes):
   return path
 
 
-def test_current_version_is_the_first():
-  # Version 1 is the first format version: no older files exist to read.
-  assert serialization.FORMAT_VERSION == 1
+def test_current_version_is_telescoped():
+  assert serialization.FORMAT_VERSION == 2
+  assert serialization.GADGETS[serialization.FORMAT_VERSION] == 'telescoped'
 
 
 @pytest.mark.parametrize('ext', EXTS)
 def test_current_version_loads(tmp_path, ext):
-  path = _saved(tmp_path, ext, format_version='1')
+  path = _saved(tmp_path, ext)
   model, meta = serialization.load_model(path)
   assert isinstance(model, EncoderDecoder)
   assert meta['report'] == {'accuracy': 1.0}
+  assert meta['format_version'] == '2' and meta['gadget'] == 'telescoped'
+
+
+@pytest.mark.parametrize('ext', EXTS)
+def test_version_1_file_loads_as_the_same_function(tmp_path, ext):
+  """A file written by the two-neuron-window library (version 1, no
+  ``gadget`` metadata) loads bit for bit and computes the same outputs."""
+  path = _saved(tmp_path, ext, format_version='1', gadget=None)
+  model, meta = serialization.load_model(path)
+  assert meta['gadget'] == 'windowed'
+  saved = _models('float32')['encoder_decoder']
+  assert model.window == saved.window == 2
+  for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(saved)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  x = _arrays('float32', seed=2)(5, D)
+  np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(saved(x)))
 
 
 @pytest.mark.parametrize('ext', EXTS)
@@ -173,7 +191,7 @@ def test_missing_window_means_one(tmp_path, ext):
 
 
 @pytest.mark.parametrize('ext', EXTS)
-@pytest.mark.parametrize('version', ['2', '17'])
+@pytest.mark.parametrize('version', ['3', '17'])
 def test_newer_version_names_both_versions(tmp_path, ext, version):
   path = _saved(tmp_path, ext, format_version=version)
   with pytest.raises(FactStoreError) as info:

@@ -118,9 +118,9 @@ def built():
 
 def test_streamed_verification_equals_one_call(built):
   fs, c = built
-  parts, decoder = c.structure.gadgets, c.model.decoder
-  whole = ed.verify_structured(parts, decoder, fs, c.codes, chunk_size=64)
-  streamed = ed.verify_structured_streamed(parts, decoder, fs, c.codes,
+  parts = c.structure.gadgets
+  whole = ed.verify_structured(parts, c.model, fs, c.codes, chunk_size=64)
+  streamed = ed.verify_structured_streamed(parts, c.model, fs, c.codes,
                                            chunk_size=64, stream_size=150)
   # Equal on CPU; a GPU picks matmul kernels per call shape (seen: 1 ulp).
   for x, y in zip(jax.tree.leaves(whole), jax.tree.leaves(streamed)):

@@ -708,7 +708,10 @@ def edit(construction: ed.Construction, factset: FactSet, changes, *,
         f'bucket {b}: {int((~ok).sum())} fact(s) are not exactly on their '
         'side of every step after the edit (keys too close to a cut); '
         'rebuild with construct()')
-  refit = sorted({int(owner[i]) for i in facts[~(margins > 0)]})
+  margins_all = np.full(n_facts, np.inf, margins.dtype)
+  margins_all[facts] = margins
+  refit = [int(j) for j in ed.failing_buckets(new_parts, keys_new, targets,
+                                              margins_all)]
   if refit:
     new_parts = ed._refit_buckets(new_parts, keys_new, targets, refit)
     model = assemble(new_parts)

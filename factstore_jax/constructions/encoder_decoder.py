@@ -101,6 +101,12 @@ class ConstructionConfig:
     activation: ``'clipped'`` (exact steps) or ``'relu'``.
     min_code_dim: first ``m`` of the search.
     min_rho: decodability floor of projected values for the search.
+    patch: with a fixed ``code_dim < d``, the largest fraction of the used
+      values that may be undecodable after projection and are then
+      *patched*: each gets an extra decoder column (its separator in the
+      full space) and a code that is 1 on that column and 0 elsewhere, so
+      only the buckets holding its keys get neurons for it. ``0`` disables
+      patching (a fixed code dim then fails on any undecodable used value).
     slack: fraction of each gap left flat on both sides of a ramp.
     tol: certificate gap of the decodability solver.
     max_retries: rebuilds (new direction, half the bucket size) after a
@@ -112,6 +118,7 @@ class ConstructionConfig:
   activation: str = 'clipped'
   min_code_dim: int = 16
   min_rho: float = 0.02
+  patch: float = 0.01
   slack: float = 0.25
   tol: float = 1e-3
   max_retries: int = 2
@@ -140,6 +147,7 @@ class ConstructionReport(NamedTuple):
   seconds: float
   fill: float = gadgets.DEFAULT_FILL
   max_map_norm: float = float('nan')  # max_j ||M_j||_2 of the bucket maps
+  patched_values: int = 0             # decoder columns added for stragglers
 
   def as_dict(self) -> dict:
     return {k: (v.item() if hasattr(v, 'item') else v)
@@ -589,6 +597,8 @@ def _check_config(config: ConstructionConfig):
     raise FactStoreError(f'slack must be in [0, 0.5), got {config.slack}')
   if not 0 < config.fill <= 1:
     raise FactStoreError(f'fill must be in (0, 1], got {config.fill}')
+  if not 0 <= config.patch <= 1:
+    raise FactStoreError(f'patch must be in [0, 1], got {config.patch}')
 
 
 def construction_decoder(key: Array, dim: int, code_dim: int,
@@ -637,8 +647,10 @@ def choose_code_dim(key: Array, values: Array, mapping, config:
   for m in dims:
     decoder = construction_decoder(key, dim, m, values.dtype)
     floor = config.min_rho if m < dim and config.code_dim is None else 0.0
-    # A fixed m < d fails on its first certified undecodable used value.
+    # A fixed m < d fails as soon as more used values are certified
+    # undecodable than may be patched.
     fail_fast = config.code_dim is not None and m < dim
+    budget = patch_budget(config, len(used)) if fail_fast else 0
     t0 = time.perf_counter()
     if floor > 0 and len(probe) < len(used):
       # A random sample of used values rejects a too-small m cheaply.
@@ -651,14 +663,16 @@ def choose_code_dim(key: Array, values: Array, mapping, config:
     if fail_fast and len(probe) < len(used):
       part = dec_lib.decodability(decoders.project_values(values, decoder),
                                   tol=config.tol, indices=probe)
-      _undecodable(m, certified(probe, part, floor))
+      bad_probe = certified(probe, part, floor)
+      if len(bad_probe) > budget:
+        _undecodable(m, bad_probe)
     stream, bad = {}, []
     if stream_size is not None and stream_size < values.shape[0]:
       def abort(rows, part, floor=floor):
         if not (floor > 0 or fail_fast):
           return False
         bad.extend(certified(rows, part, floor))
-        return bool(bad)
+        return len(bad) > budget
       stage = f'decodability m={m}'
       stream = dict(stream_size=stream_size, abort=abort, progress=(
           None if progress is None else
@@ -681,8 +695,46 @@ def choose_code_dim(key: Array, values: Array, mapping, config:
     bad = used[np.asarray(rho)[used] <= 0]
     if m >= dim:
       raise InfeasibleFactSetError(bad)
-    _undecodable(m, bad)
+    if not (config.code_dim is not None and
+            len(bad) <= patch_budget(config, len(used))):
+      _undecodable(m, bad)
+    logging.info('code_dim %d: %d used value(s) to patch', m, len(bad))
   return min(m, dim), codes, rho
+
+
+def patch_budget(config: ConstructionConfig, num_used: int) -> int:
+  """How many used values a fixed code dim may leave to patching."""
+  return int(config.patch * num_used)
+
+
+@full_precision
+def patch_stragglers(values: Array, decoder: Array, codes: Array, rho: Array,
+                     stragglers, *, tol: float = 1e-3):
+  """Extra decoder columns for values undecodable after projection.
+
+  Straggler ``s_k`` gets the column ``u_k``, its separator in the full
+  space (``<u_k, v_s - v_j> >= rho_s ||v_s - v_j||`` for every ``j``), and
+  the code ``e_{m+k}``; every other code gets zeros there, so its logits are
+  unchanged. Returns ``(decoder (d, m+S), codes (P, m+S), rho (P,))`` with
+  the stragglers' full-space ``rho``.
+
+  Raises:
+    InfeasibleFactSetError: a straggler is not decodable even in the full
+    space.
+  """
+  stragglers = np.asarray(stragglers, np.int64)
+  full = dec_lib.decodability(values, tol=tol, indices=stragglers)
+  bad = stragglers[np.asarray(full.rho) <= 0]
+  if len(bad):
+    raise InfeasibleFactSetError(bad)
+  s, m = len(stragglers), decoder.shape[1]
+  decoder = jnp.concatenate([decoder, full.separators.T.astype(decoder.dtype)],
+                            axis=1)
+  extra = jnp.zeros((codes.shape[0], s), codes.dtype).at[
+      stragglers, jnp.arange(s)].set(1)
+  codes = jnp.concatenate([codes.at[stragglers].set(0), extra], axis=1)
+  rho = rho.at[stragglers].set(full.rho.astype(rho.dtype))
+  return decoder, codes, rho
 
 
 def _undecodable(code_dim: int, bad: np.ndarray):
@@ -692,6 +744,38 @@ def _undecodable(code_dim: int, bad: np.ndarray):
         f'code_dim={code_dim} leaves used value(s) undecodable after '
         f'projection (e.g. {np.sort(bad)[:10].tolist()}); use a larger '
         'code_dim or leave it unset to search')
+
+
+@jax.jit
+@full_precision
+def _direct_residual(maps, keys, targets, owner):
+  """``max_r |(M_own k_i - c_i)_r|`` per key, from its own bucket's map."""
+  def one(args):
+    k, c, j = args
+    err = jnp.abs(maps[j] @ k - c)
+    return jnp.max(jnp.where(jnp.isnan(err), jnp.inf, err))  # NaN: a miss
+  return jax.lax.map(one, (keys, targets, owner), batch_size=4096)
+
+
+def failing_buckets(parts: Gadgets, keys, targets, margins) -> np.ndarray:
+  """Buckets to refit, given the per-key ``margins (N,)`` of a check.
+
+  A bad map ``M_j`` spoils every key at or above bucket ``j`` (the
+  telescoped sum carries ``M_j - M_{j-1}`` and ``M_{j+1} - M_j``), so the
+  culprits are the buckets of failing facts whose own map misses its keys
+  (non-finite, or off by more than ``1e-3 (1 + |c|)``); if there is none,
+  every bucket holding a failing fact. NaN margins count as failing.
+  """
+  failing = ~(np.asarray(margins) > 0)
+  if not failing.any():
+    return np.zeros(0, np.int64)
+  owner = np.asarray(bucket_of_key(parts.buckets, keys.shape[0]))
+  residual = np.asarray(_direct_residual(parts.maps, keys, targets,
+                                         jnp.asarray(owner)))
+  scale = 1e-3 * (1 + np.abs(np.asarray(targets)).max(axis=1))
+  missed = ~(residual <= scale)
+  culprits = np.unique(owner[failing & missed])
+  return culprits if culprits.size else np.unique(owner[failing])
 
 
 def _refit_buckets(parts: Gadgets, keys, targets, bad_buckets) -> Gadgets:
@@ -784,6 +868,12 @@ def construct(factset: FactSet, key: Array | int = 0,
                                          progress=progress)
   _, k_dir = jax.random.split(key)
   decoder = construction_decoder(key, dim, code_dim, keys.dtype)
+  used = dec_lib.used_values(mapping)
+  stragglers = used[np.asarray(rho)[used] <= 0]
+  if len(stragglers):
+    decoder, codes, rho = patch_stragglers(values, decoder, codes, rho,
+                                           stragglers, tol=config.tol)
+  code_dim = decoder.shape[1]
   targets = codes[mapping]
 
   repaired, retries = 0, 0
@@ -798,9 +888,7 @@ def construct(factset: FactSet, key: Array | int = 0,
     check = _check(parts, model, factset, codes, progress)
     # NaN margins (a singular bucket) count as failing.
     if not float(check.storage.min_margin) > 0:
-      failing = np.flatnonzero(~(np.asarray(check.storage.margins) > 0))
-      owner = np.asarray(bucket_of_key(parts.buckets, n_keys))
-      bad = np.unique(owner[failing])
+      bad = failing_buckets(parts, keys, targets, check.storage.margins)
       logging.info('refitting %d bucket(s) in float64', len(bad))
       parts = _refit_buckets(parts, keys, targets, bad)
       repaired += len(bad)
@@ -824,7 +912,6 @@ def construct(factset: FactSet, key: Array | int = 0,
 
   if progress is not None:
     progress('assemble', 1, 1)
-  used = dec_lib.used_values(mapping)
   n_params = num_params(model)
   n_values = values.shape[0]
   report = ConstructionReport(
@@ -842,7 +929,8 @@ def construct(factset: FactSet, key: Array | int = 0,
       rho_projected=float(np.asarray(rho)[used].min()),
       min_gap=float(parts.buckets.min_gap), repaired_buckets=repaired,
       retries=retries, seconds=time.perf_counter() - start, fill=config.fill,
-      max_map_norm=max_map_norm(parts.maps))
+      max_map_norm=max_map_norm(parts.maps),
+      patched_values=len(stragglers))
   structure = bucket_structure(parts, check.storage, n_keys, config.slack,
                                config.tol, config.fill)
   return Construction(model=model, report=report, codes=codes, rho=rho,
@@ -974,10 +1062,9 @@ def construct_batched(factsets: FactSet, key: Array | int = 0,
     member = lambda tree: jax.tree.map(lambda a: a[b], tree)
     part_b, fs_b, codes_b = member(parts), member(factsets), codes[b]
     check_b = _check(part_b, member(model), fs_b, codes_b)
-    failing = np.flatnonzero(~(np.asarray(check_b.storage.margins) > 0))
-    owner = np.asarray(bucket_of_key(part_b.buckets, n_keys))
-    part_b = _refit_buckets(part_b, fs_b.keys, codes_b[fs_b.mapping],
-                            np.unique(owner[failing]))
+    targets_b = codes_b[fs_b.mapping]
+    part_b = _refit_buckets(part_b, fs_b.keys, targets_b, failing_buckets(
+        part_b, fs_b.keys, targets_b, check_b.storage.margins))
     model_b = _assemble_jit(part_b, model.decoder[b], config.activation)
     check_b = _check(part_b, model_b, fs_b, codes_b)
     if not float(check_b.storage.min_margin) > 0:
