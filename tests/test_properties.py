@@ -2,7 +2,9 @@
 
 Construction (``encoder_decoder.construct``) on random small fact sets —
 tied/untied, float32/float64, anisotropic geometries from ``factsets``
-(a power-law covariance spectrum, then a rank-1 spike): whenever it returns,
+(a power-law covariance spectrum, then a rank-1 spike), bucket fills from
+half to full, searched or fixed code dims (patched stragglers): whenever it
+returns,
 its report says accuracy 1.0 with a positive margin and an independent dense
 evaluation of the folded gated MLP agrees; otherwise it raises one of its
 documented errors (``InfeasibleFactSetError`` naming values that really are
@@ -97,14 +99,17 @@ def _factset(seed, beta, exponent, tied, dtype):
 @pytest.mark.parametrize('tied', [True, False], ids=['tied', 'untied'])
 @_settings(max_examples=4)
 @given(seed=st.integers(0, 2**31 - 1), beta=st.floats(0.0, 6.0),
-       exponent=st.floats(0.0, 2.0))
+       exponent=st.floats(0.0, 2.0), fill=st.sampled_from((0.5, 0.95, 1.0)),
+       code_dim=st.sampled_from((None, 10)))
 def test_construct_stores_every_fact_or_raises(tied, dtype, seed, beta,
-                                               exponent):
+                                               exponent, fill, code_dim):
+  # A fixed code_dim of 10 < d may leave values undecodable: up to a quarter
+  # of the used ones are then patched with extra decoder columns.
   with jax.enable_x64(dtype == 'float64'):
     fs = _factset(seed, beta, exponent, tied, dtype)
     assert fs.keys.dtype == jnp.dtype(dtype)
     try:
-      c = construct(fs, key=seed)
+      c = construct(fs, key=seed, fill=fill, code_dim=code_dim, patch=0.25)
     except InfeasibleFactSetError as e:
       # Documented: only values that really are not strict vertices.
       dual = np.asarray(decodability(fs.values).dual_bound)
@@ -116,6 +121,10 @@ def test_construct_stores_every_fact_or_raises(tied, dtype, seed, beta,
     assert r.accuracy == 1.0
     assert r.min_margin > 0 and r.min_normalized_margin > 0
     assert r.rho_projected > 0
+    assert r.fill == fill
+    if code_dim is not None:
+      assert r.code_dim == code_dim + r.patched_values
+      assert c.model.decoder.shape == (D, r.code_dim)
     assert c.model.w_up.dtype == jnp.dtype(dtype)
     # Independent dense check of the folded gated MLP, in the same dtype.
     dense = storage.evaluate_mlp(c.mlp, *fs)

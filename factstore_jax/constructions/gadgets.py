@@ -185,3 +185,38 @@ def step_gate_params(buckets: Buckets, activation: str):
 def telescope(maps: Array) -> Array:
   """Up-weights of the steps: ``M_j - M_{j-1}`` (``M_{-1} = 0``), ``(n, m, d)``."""
   return jnp.concatenate([maps[:1], maps[1:] - maps[:-1]])
+
+
+def telescope_error_bound(maps, keys, owner, *, dtype=jnp.float32):
+  """A-priori bound on the float error of the telescoped code, per key.
+
+  For a key ``x`` of bucket ``i`` the dense model sums, per code coordinate
+  ``r``, the ``i + 1`` dot products ``(M_j - M_{j-1})_r . x`` (the stored,
+  rounded differences) and exact zeros. With unit roundoff ``u`` of
+  ``dtype`` and ``γ_k = k u / (1 - k u)``:
+
+    ``|E_r(x) - (M_i x)_r| <= (u + γ_d + γ_{i+1} (1 + γ_d))
+    sum_{j<=i} |M_j - M_{j-1}|_r . |x|``
+
+  (rounding of the stored differences, of the dot products, of the sum over
+  cuts). Host-side, float64.
+
+  Args:
+    maps: ``(n, m, d)`` bucket maps.
+    keys: ``(S, d)`` keys.
+    owner: ``(S,)`` bucket of each key.
+
+  Returns:
+    ``(S, m)`` bounds.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  maps = np.asarray(maps, np.float64)
+  keys = np.abs(np.asarray(keys, np.float64))
+  owner = np.asarray(owner)
+  d = maps.shape[2]
+  u = float(jnp.finfo(dtype).eps) / 2
+  gamma = lambda k: k * u / (1 - k * u)
+  diffs = np.abs(np.concatenate([maps[:1], maps[1:] - maps[:-1]]))
+  prefix = np.cumsum(diffs, axis=0)                       # (n, m, d)
+  coef = u + gamma(d) + gamma(owner + 1.0) * (1 + gamma(d))   # (S,)
+  return coef[:, None] * np.einsum('smd,sd->sm', prefix[owner], keys)
