@@ -77,6 +77,8 @@ class Capacity(NamedTuple):
   tested: dict           # width -> accuracy
   rounds: int
   code_dim: int | None   # encoder_decoder_gd's fixed code dim
+  # The closed form's ConstructionReport at W* (as a dict), else None.
+  report: dict | None = None
 
 
 def num_params(method: str, dim: int, width: int, *,
@@ -218,13 +220,14 @@ def closed_form_config(options: MethodOptions,
 
 
 def _closed_form(key, fs: FactSet, code_dim: int, options: MethodOptions):
-  """``(accuracy, num_params)`` of the construction at ``code_dim``."""
+  """``(accuracy, report)`` of the construction at ``code_dim`` (``None``
+  where it raised)."""
   config = closed_form_config(options, code_dim)
   try:
     report = construct(fs, key, config).report
   except ConstructionError:
     return 0.0, None
-  return report.accuracy, report.num_params
+  return report.accuracy, report
 
 
 def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
@@ -354,12 +357,12 @@ def gd_code_dim(key, fs: FactSet) -> int:
 
 def _closed_form_capacity(key, fs, options, max_width, start, rel_tol,
                           report):
-  params: dict[int, int | None] = {}
+  reports: dict = {}
 
   def evaluate(widths):
     accs = []
     for m in widths:
-      acc, params[m] = _closed_form(key, fs, m, options)
+      acc, reports[m] = _closed_form(key, fs, m, options)
       accs.append(float(acc))
     report(list(widths), accs)
     return accs
@@ -372,10 +375,10 @@ def _closed_form_capacity(key, fs, options, max_width, start, rel_tol,
   # smaller m can cost more (more patched values). W* is the smallest count
   # among the tested code dims that store every fact.
   stored = [w for w, acc in r.tested.items()
-            if acc >= 1.0 and params.get(w) is not None]
-  best = min(stored, key=lambda w: (params[w], w))
-  return Capacity('encoder_decoder', best, params[best], r.tested, r.rounds,
-                  None)
+            if acc >= 1.0 and reports.get(w) is not None]
+  best = min(stored, key=lambda w: (reports[w].num_params, w))
+  return Capacity('encoder_decoder', best, reports[best].num_params, r.tested,
+                  r.rounds, None, reports[best].as_dict())
 
 
 class Built(NamedTuple):

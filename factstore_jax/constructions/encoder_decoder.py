@@ -1008,7 +1008,9 @@ def construct_batched(factsets: FactSet, key: Array | int = 0,
   factsets[b])`` to float tolerance; the bucket solves are vmapped, the
   value codes solved member by member); all members are verified, and
   failing buckets are refit in float64. ``code_dim=None`` picks the smallest
-  ``m`` of the search that suits every member.
+  ``m`` of the search that suits every member. Shapes are fixed, so nothing
+  is patched or pruned: a fixed ``code_dim`` that leaves a used value
+  undecodable raises (``construct`` patches such values instead).
 
   Raises:
     FactStoreError on bad input; InfeasibleFactSetError naming
