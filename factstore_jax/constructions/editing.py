@@ -674,11 +674,12 @@ def edit(construction: ed.Construction, factset: FactSet, changes, *,
   codes = new_vals.codes
   targets = np.asarray(codes)[mapping_new]                     # (N', m)
   maps = parts.maps[jnp.asarray(src)] if split else parts.maps
-  sel = _padded(solved)
-  slots, valid = plan.index[sel], plan.valid[sel]
-  with _blas().limit(limits=1, user_api='blas'):  # as construct() does
-    fresh = _solve(keys_new[slots], targets[slots], valid)
-  maps = maps.at[jnp.asarray(solved)].set(fresh[:len(solved)])
+  if solved:  # (every change re-solves the bucket it lands in)
+    sel = _padded(solved)
+    slots, valid = plan.index[sel], plan.valid[sel]
+    with _blas().limit(limits=1, user_api='blas'):  # as construct() does
+      fresh = _solve(keys_new[slots], targets[slots], valid)
+    maps = maps.at[jnp.asarray(solved)].set(fresh[:len(solved)])
 
   rep = construction.report
   min_gap = min([float(rep.min_gap)] + plan.cut_gaps)
