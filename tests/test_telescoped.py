@@ -209,6 +209,64 @@ class BoundTest(parameterized.TestCase):
     self.assertTrue(np.all(np.diff(bound.max(axis=1)) >= 0))
 
 
+def _dependent_factset():
+  """6 keys in d = 6 with k_2 ∝ k_0 + k_1 and k_5 ∝ k_3 - k_4, one bucket.
+
+  The identity decoder's codes are not linear in the keys, so no exact map
+  of the whole bucket exists (float64 lstsq misses too).
+  """
+  rng = np.random.default_rng(0)
+  k = rng.normal(size=(6, 6))
+  k[2], k[5] = k[0] + k[1], k[3] - k[4]
+  k /= np.linalg.norm(k, axis=1, keepdims=True)
+  return F.make_factset(k, rng.normal(size=(6, 6)), np.arange(6))
+
+
+class SplitGuardTest(parameterized.TestCase):
+
+  def test_dependent_keys_are_split_not_rebuilt(self):
+    fs = _dependent_factset()
+    c = ed.construct(fs, 0, code_dim=6)
+    r = c.report
+    assert_stores(self, c, fs)
+    self.assertGreaterEqual(r.split_buckets, 1)
+    self.assertEqual(r.retries, 0)          # no global rebuild was needed
+    self.assertEqual(r.num_buckets, 1 + r.split_buckets)
+    # The repaired structure still supports bucket-local edits.
+    c2, fs2, rep = E.edit(c, fs, [E.Delete(2)])
+    self.assertEqual(rep.accuracy, 1.0)
+    self.assertEqual(fs2.keys.shape[0], 5)
+    assert_stores(self, c2, fs2)
+
+  def test_split_bucket_places_a_step_in_the_widest_gap(self):
+    keys = jnp.asarray(np.random.default_rng(1).normal(size=(40, 8)),
+                       jnp.float32)
+    buckets = gadgets.make_buckets(jax.random.PRNGKey(0), keys, 16)
+    j = 1
+    split = gadgets.split_bucket(buckets, keys, j)
+    n = buckets.index.shape[0]
+    self.assertEqual(split.index.shape, (n + 1, 16))
+    before = set(np.asarray(buckets.index[j])[np.asarray(buckets.valid[j])])
+    lo = np.asarray(split.index[j])[np.asarray(split.valid[j])]
+    hi = np.asarray(split.index[j + 1])[np.asarray(split.valid[j + 1])]
+    self.assertEqual(set(lo) | set(hi), before)
+    self.assertTrue(len(lo) and len(hi))
+    t = np.asarray(keys, np.float64) @ np.asarray(buckets.direction, np.float64)
+    start, width = float(split.step_start[j + 1]), float(split.step_width[j + 1])
+    self.assertLess(t[lo].max(), start)
+    self.assertGreater(t[hi].min(), start + width)
+    gaps = np.diff(np.sort(t[list(before)]))
+    np.testing.assert_allclose(width, 0.5 * gaps.max(), rtol=1e-5)
+    # Other buckets and their steps are unchanged, shifted by one above j.
+    np.testing.assert_array_equal(split.index[:j], buckets.index[:j])
+    np.testing.assert_array_equal(split.index[j + 2:], buckets.index[j + 1:])
+    np.testing.assert_array_equal(split.step_start[j + 2:],
+                                  buckets.step_start[j + 1:])
+    with self.assertRaisesRegex(ValueError, 'cannot split'):
+      one = gadgets.make_buckets(jax.random.PRNGKey(0), keys[:1], 16)
+      gadgets.split_bucket(one, keys[:1], 0)
+
+
 class PruneTest(parameterized.TestCase):
 
   def test_prune_dead_keeps_the_function(self):

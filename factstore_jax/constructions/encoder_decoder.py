@@ -148,6 +148,7 @@ class ConstructionReport(NamedTuple):
   fill: float = gadgets.DEFAULT_FILL
   max_map_norm: float = float('nan')  # max_j ||M_j||_2 of the bucket maps
   patched_values: int = 0             # decoder columns added for stragglers
+  split_buckets: int = 0              # ill-conditioned buckets split in two
 
   def as_dict(self) -> dict:
     return {k: (v.item() if hasattr(v, 'item') else v)
@@ -799,6 +800,54 @@ def _refit_buckets(parts: Gadgets, keys, targets, bad_buckets) -> Gadgets:
   return parts._replace(maps=maps)
 
 
+def _bucket_misses(parts: Gadgets, keys, targets, j: int) -> bool:
+  """Whether bucket ``j``'s own map misses one of its keys' codes.
+
+  Misses are non-finite or off by more than ``1e-3 (1 + |c|)`` (the
+  threshold of :func:`failing_buckets`).
+  """
+  index, valid = np.asarray(parts.buckets.index), np.asarray(parts.buckets.valid)
+  rows = index[j][valid[j]]
+  c = np.asarray(targets, np.float64)[rows]
+  err = np.abs(np.asarray(keys, np.float64)[rows]
+               @ np.asarray(parts.maps[j], np.float64).T - c)
+  return not np.all(err <= 1e-3 * (1 + np.abs(c).max(axis=1, keepdims=True)))
+
+
+def _split_unsolved(parts: Gadgets, keys, targets, candidates, *,
+                    slack: float, activation: str,
+                    max_rounds: int = 16) -> tuple[Gadgets, int]:
+  """Guard: splits buckets whose float64 solve still misses their keys.
+
+  Such a bucket's keys are (nearly) linearly dependent with inconsistent
+  codes, so no accurate exact map exists; it is cut in two at its widest
+  projection gap (:func:`gadgets.split_bucket`) and each half is solved in
+  float64, repeatedly (up to ``max_rounds``) until every half is solved or
+  holds one key. Host-side; returns the new gadgets and the number of
+  splits.
+  """
+  todo = sorted(int(j) for j in np.asarray(candidates).reshape(-1))
+  splits = 0
+  for _ in range(max_rounds):
+    missed = [j for j in todo if _bucket_misses(parts, keys, targets, j)
+              and int(np.asarray(parts.buckets.valid[j]).sum()) > 1]
+    if not missed:
+      break
+    todo = []
+    for j in sorted(missed, reverse=True):
+      buckets = gadgets.split_bucket(parts.buckets, keys, j, slack=slack)
+      maps = jnp.concatenate([parts.maps[:j + 1], parts.maps[j:]])
+      scale, bias, sign = gadgets.step_gate_params(buckets, activation)
+      parts = _refit_buckets(
+          Gadgets(buckets, maps, scale.astype(maps.dtype),
+                  bias.astype(maps.dtype), sign.astype(maps.dtype)),
+          keys, targets, [j, j + 1])
+      todo = [t + 1 for t in todo] + [j, j + 1]
+      splits += 1
+    todo = sorted(todo)
+  return parts, splits
+
+
 # Above these sizes construct() streams: host loops over jitted chunks, so
 # peak memory stays bounded (results are the same as one call's).
 STREAM_VALUES = 2048    # values per decodability call
@@ -876,7 +925,7 @@ def construct(factset: FactSet, key: Array | int = 0,
   code_dim = decoder.shape[1]
   targets = codes[mapping]
 
-  repaired, retries = 0, 0
+  repaired, retries, split = 0, 0, 0
   while True:
     with single_threaded_blas():
       parts = build_gadgets_streamed(
@@ -891,7 +940,11 @@ def construct(factset: FactSet, key: Array | int = 0,
       bad = failing_buckets(parts, keys, targets, check.storage.margins)
       logging.info('refitting %d bucket(s) in float64', len(bad))
       parts = _refit_buckets(parts, keys, targets, bad)
+      parts, n_split = _split_unsolved(parts, keys, targets, bad,
+                                       slack=config.slack,
+                                       activation=config.activation)
       repaired += len(bad)
+      split += n_split
       model = prune_dead(_assemble_jit(parts, decoder, config.activation))
       check = _check(parts, model, factset, codes, progress)
     if float(check.storage.min_margin) > 0:
@@ -930,7 +983,7 @@ def construct(factset: FactSet, key: Array | int = 0,
       min_gap=float(parts.buckets.min_gap), repaired_buckets=repaired,
       retries=retries, seconds=time.perf_counter() - start, fill=config.fill,
       max_map_norm=max_map_norm(parts.maps),
-      patched_values=len(stragglers))
+      patched_values=len(stragglers), split_buckets=split)
   structure = bucket_structure(parts, check.storage, n_keys, config.slack,
                                config.tol, config.fill)
   return Construction(model=model, report=report, codes=codes, rho=rho,

@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -100,6 +101,47 @@ def make_buckets(key: Array, keys: Array, bucket_size: int, *,
   step_width = jnp.concatenate([one, (1.0 - 2.0 * slack) * gap])
   min_gap = jnp.min(gap) if n > 1 else jnp.array(jnp.inf, keys.dtype)
   return Buckets(direction, index, valid, step_start, step_width, min_gap)
+
+
+def split_bucket(buckets: Buckets, keys, j: int, *,
+                 slack: float = 0.25) -> Buckets:
+  """Bucket ``j`` split in two at its widest internal projection gap.
+
+  Host-side (concrete arrays, not traced): the repair guard of
+  :func:`~factstore_jax.constructions.encoder_decoder.construct` splits a
+  bucket whose keys admit no accurate exact map (nearly linearly dependent
+  keys with inconsistent codes), since each half's solve is better
+  conditioned. The new cut gets a step in the middle ``1 - 2 * slack`` of
+  the gap, as :func:`make_buckets` places it; buckets after ``j`` move up by
+  one. ``keys (N, d)``; returns ``Buckets`` with ``n + 1`` buckets of the
+  same size ``b``.
+  """
+  index, valid = np.asarray(buckets.index), np.asarray(buckets.valid)
+  rows = index[j][valid[j]]                       # ascending projection
+  if rows.size < 2:
+    raise ValueError(f'bucket {j} holds {rows.size} key(s); cannot split it')
+  t = (np.asarray(keys, np.float64)[rows]
+       @ np.asarray(buckets.direction, np.float64))
+  cut = 1 + int(np.argmax(np.diff(t)))
+  b = index.shape[1]
+  pad = lambda r: np.concatenate([r, np.full(b - r.size, rows[0], r.dtype)])
+  halves = np.stack([pad(rows[:cut]), pad(rows[cut:])])
+  half_valid = np.arange(b)[None, :] < np.array([[cut], [rows.size - cut]])
+  gap = t[cut] - t[cut - 1]
+  dtype = np.asarray(buckets.step_start).dtype
+  insert = lambda a, new, axis=0: np.concatenate(
+      [a[:j], new, a[j + 1:]], axis=axis)
+  step_start = np.asarray(buckets.step_start)
+  step_width = np.asarray(buckets.step_width)
+  return Buckets(
+      direction=buckets.direction,
+      index=jnp.asarray(insert(index, halves.astype(index.dtype))),
+      valid=jnp.asarray(insert(valid, half_valid)),
+      step_start=jnp.asarray(insert(step_start, np.array(
+          [step_start[j], t[cut - 1] + slack * gap], dtype))),
+      step_width=jnp.asarray(insert(step_width, np.array(
+          [step_width[j], (1.0 - 2.0 * slack) * gap], dtype))),
+      min_gap=jnp.minimum(buckets.min_gap, jnp.asarray(gap, dtype)))
 
 
 def solve_buckets(keys: Array, targets: Array, buckets: Buckets, *,
@@ -209,7 +251,6 @@ def telescope_error_bound(maps, keys, owner, *, dtype=jnp.float32):
   Returns:
     ``(S, m)`` bounds.
   """
-  import numpy as np  # pylint: disable=g-import-not-at-top
   maps = np.asarray(maps, np.float64)
   keys = np.abs(np.asarray(keys, np.float64))
   owner = np.asarray(owner)
