@@ -350,8 +350,9 @@ def gd_code_dim(key, fs: FactSet) -> int:
   of ``fs`` decodable (``rho`` above the construction's floor); encoder-
   decoder GD trains with that decoder.
   """
-  m, _, _ = choose_code_dim(key, fs.values, np.asarray(fs.mapping),
-                            ConstructionConfig())
+  # No patching: GD's decoder has no straggler columns.
+  m = choose_code_dim(key, fs.values, np.asarray(fs.mapping),
+                      ConstructionConfig(patch=0.0)).code_dim
   return int(m)
 
 

@@ -40,7 +40,7 @@ from absl import logging
 from factstore_jax import decodability as dec_lib
 from factstore_jax import storage
 from factstore_jax import sweep
-from factstore_jax.constructions import decoders, gadgets
+from factstore_jax.constructions import certificate, decoders, gadgets
 from factstore_jax.errors import (ConstructionError, FactStoreError,
                                   InfeasibleFactSetError)
 from factstore_jax.factsets import FactSet, validate_factset
@@ -111,6 +111,11 @@ class ConstructionConfig:
     tol: certificate gap of the decodability solver.
     max_retries: rebuilds (new direction, half the bucket size) after a
       failed certificate that float64 refits could not mend.
+    verify: ``'certificate'`` (default): the structured margin certificate
+      (:mod:`~factstore_jax.constructions.certificate`, ``O(N m d + P^2
+      m)``), falling back to the dense check when it cannot certify every
+      fact; ``'dense'``: evaluate every key against every neuron and value
+      (``O(N (h + P) d)``). The relu gate always uses the dense check.
   """
   code_dim: int | None = None
   bucket_size: int | None = None
@@ -122,6 +127,7 @@ class ConstructionConfig:
   slack: float = 0.25
   tol: float = 1e-3
   max_retries: int = 2
+  verify: str = 'certificate'
 
 
 class ConstructionReport(NamedTuple):
@@ -149,6 +155,8 @@ class ConstructionReport(NamedTuple):
   max_map_norm: float = float('nan')  # max_j ||M_j||_2 of the bucket maps
   patched_values: int = 0             # decoder columns added for stragglers
   split_buckets: int = 0              # ill-conditioned buckets split in two
+  check: str = 'dense'                # which check certified the margins
+  float32_bound: str = ''             # certificate: 'worst-case'/'sampled'
 
   def as_dict(self) -> dict:
     return {k: (v.item() if hasattr(v, 'item') else v)
@@ -600,6 +608,9 @@ def _check_config(config: ConstructionConfig):
     raise FactStoreError(f'fill must be in (0, 1], got {config.fill}')
   if not 0 <= config.patch <= 1:
     raise FactStoreError(f'patch must be in [0, 1], got {config.patch}')
+  if config.verify not in VERIFY_METHODS:
+    raise FactStoreError(f'verify must be one of {VERIFY_METHODS}, got '
+                         f'{config.verify!r}')
 
 
 def construction_decoder(key: Array, dim: int, code_dim: int,
@@ -612,22 +623,45 @@ def construction_decoder(key: Array, dim: int, code_dim: int,
   return decoders.jl_decoder(jax.random.split(key)[0], dim, code_dim, dtype)
 
 
+class CodeChoice(NamedTuple):
+  """What :func:`choose_code_dim` picked."""
+  code_dim: int
+  codes: Array             # (P, m) separators of the projected values
+  rho: Array               # (P,) their decodability after projection
+  stragglers: np.ndarray   # used values to patch (rho at or below the floor)
+
+
+def _probe_limit(config: ConstructionConfig, size: int) -> int:
+  """Probe failures above which a code dim is rejected without a full solve.
+
+  With patching a few stragglers are fine; at the budget fraction ``p`` a
+  sample of ``size`` has ``p size`` failures on average, so the limit is
+  twice that plus 3 (a false rejection only costs a larger ``m``).
+  """
+  return int(2 * config.patch * size) + 3 if config.patch > 0 else 0
+
+
 @full_precision
 def choose_code_dim(key: Array, values: Array, mapping, config:
                     ConstructionConfig, *, stream_size: int | None = None,
-                    progress=None):
-  """Smallest ``m`` of the search whose used projected values are decodable.
+                    progress=None) -> CodeChoice:
+  """Smallest ``m`` of the search whose used projected values are decodable,
+  up to ``config.patch`` of them left to patching.
 
-  With ``stream_size`` the values are solved that many per jitted call and
-  a code dimension is rejected as soon as one used value is certified below
-  the floor (same result, less work for rejected ``m``);
-  ``progress(stage, done, total)`` runs after each call. A fixed
-  ``config.code_dim`` below ``d`` fails as soon as a sample of used values,
-  or a streamed call, certifies one at ``rho <= 0`` (the error the full
-  solve would raise, sooner).
+  A searched ``m < d`` is accepted when at most ``patch_budget`` used values
+  have ``rho <= min_rho`` after projection (those become the stragglers
+  :func:`patch_stragglers` gives their own decoder columns); a fixed
+  ``config.code_dim < d`` when at most that many have ``rho <= 0``. With
+  ``stream_size`` the values are solved that many per jitted call and a
+  code dimension is rejected as soon as more used values are certified
+  below the floor than may be patched (same result, less work for rejected
+  ``m``); a random sample of 256 used values rejects a clearly too small
+  ``m`` first. ``progress(stage, done, total)`` runs after each call. A
+  fixed code dim that leaves too many values undecodable raises
+  :class:`ConstructionError` as soon as that is certified.
 
-  Returns ``(m, codes, rho)``; raises :class:`InfeasibleFactSetError` if some
-  used value is not decodable even with the identity decoder.
+  Returns a :class:`CodeChoice`; raises :class:`InfeasibleFactSetError` if
+  some used value is not decodable even with the identity decoder.
   """
   dim = values.shape[1]
   used = dec_lib.used_values(mapping)
@@ -647,30 +681,25 @@ def choose_code_dim(key: Array, values: Array, mapping, config:
 
   for m in dims:
     decoder = construction_decoder(key, dim, m, values.dtype)
-    floor = config.min_rho if m < dim and config.code_dim is None else 0.0
-    # A fixed m < d fails as soon as more used values are certified
-    # undecodable than may be patched.
-    fail_fast = config.code_dim is not None and m < dim
-    budget = patch_budget(config, len(used)) if fail_fast else 0
+    fixed = config.code_dim is not None
+    floor = config.min_rho if m < dim and not fixed else 0.0
+    budget = patch_budget(config, len(used)) if m < dim else 0
     t0 = time.perf_counter()
-    if floor > 0 and len(probe) < len(used):
+    if m < dim and len(probe) < len(used):
       # A random sample of used values rejects a too-small m cheaply.
-      _, rho_probe = value_codes(values, decoder, tol=config.tol, floor=floor,
-                                 indices=probe)
-      if np.asarray(rho_probe).min() <= floor:
+      part = dec_lib.decodability(decoders.project_values(values, decoder),
+                                  tol=config.tol, floor=floor, indices=probe)
+      bad_probe = certified(probe, part, floor)
+      if len(bad_probe) > min(budget, _probe_limit(config, len(probe))):
+        if fixed:
+          _undecodable(m, bad_probe)
         logging.info('code_dim %d rejected by a sample (%.1fs)', m,
                      time.perf_counter() - t0)
         continue
-    if fail_fast and len(probe) < len(used):
-      part = dec_lib.decodability(decoders.project_values(values, decoder),
-                                  tol=config.tol, indices=probe)
-      bad_probe = certified(probe, part, floor)
-      if len(bad_probe) > budget:
-        _undecodable(m, bad_probe)
     stream, bad = {}, []
     if stream_size is not None and stream_size < values.shape[0]:
-      def abort(rows, part, floor=floor):
-        if not (floor > 0 or fail_fast):
+      def abort(rows, part, floor=floor, budget=budget):
+        if not (floor > 0 or fixed):
           return False
         bad.extend(certified(rows, part, floor))
         return len(bad) > budget
@@ -681,26 +710,26 @@ def choose_code_dim(key: Array, values: Array, mapping, config:
     solved = value_codes(values, decoder, tol=config.tol, floor=floor,
                          **stream)
     if solved is None:
-      if fail_fast:
+      if fixed:
         _undecodable(m, np.asarray(bad))
       logging.info('code_dim %d rejected while streaming (%.1fs)', m,
                    time.perf_counter() - t0)
       continue
     codes, rho = solved
     rho_used = np.asarray(rho)[used]
-    logging.info('code_dim %d: min rho of used projected values %.4f (%.1fs)',
-                 m, rho_used.min(), time.perf_counter() - t0)
-    if config.code_dim is not None or rho_used.min() > floor:
+    stragglers = used[rho_used <= floor]
+    logging.info('code_dim %d: min rho of used projected values %.4f, %d at '
+                 'or below %.3g (%.1fs)', m, rho_used.min(), len(stragglers),
+                 floor, time.perf_counter() - t0)
+    if fixed or len(stragglers) <= budget:
       break
-  if np.asarray(rho)[used].min() <= 0:
-    bad = used[np.asarray(rho)[used] <= 0]
+  if len(stragglers):
     if m >= dim:
-      raise InfeasibleFactSetError(bad)
-    if not (config.code_dim is not None and
-            len(bad) <= patch_budget(config, len(used))):
-      _undecodable(m, bad)
-    logging.info('code_dim %d: %d used value(s) to patch', m, len(bad))
-  return min(m, dim), codes, rho
+      raise InfeasibleFactSetError(stragglers)
+    if len(stragglers) > budget:
+      _undecodable(m, stragglers)
+    logging.info('code_dim %d: %d used value(s) to patch', m, len(stragglers))
+  return CodeChoice(min(m, dim), codes, rho, stragglers)
 
 
 def patch_budget(config: ConstructionConfig, num_used: int) -> int:
@@ -855,16 +884,67 @@ STREAM_BUCKETS = 1024   # buckets per bucket-solve call
 STREAM_KEYS = 65536     # keys per verification call
 
 
+VERIFY_METHODS = ('certificate', 'dense')
+
+
+def _round_down(x: np.ndarray) -> np.ndarray:
+  """float64 -> float32, rounded towards -inf (lower bounds stay bounds)."""
+  y = x.astype(np.float32)
+  return np.where(y > x, np.nextafter(y, np.float32(-np.inf)), y)
+
+
+def _round_up(x: np.ndarray) -> np.ndarray:
+  y = x.astype(np.float32)
+  return np.where(y < x, np.nextafter(y, np.float32(np.inf)), y)
+
+
+def certify_gadgets(parts: Gadgets, model: EncoderDecoder, factset, codes, *,
+                    assembled: EncoderDecoder | None = None, progress=None):
+  """The structured certificate of ``model`` as a :class:`Verification`.
+
+  ``assembled`` is ``prune_dead(assemble_gadgets(parts, model.decoder))``
+  (built here when omitted); ``model`` must equal it bitwise, else every
+  margin is ``-inf``. Margins are lower bounds (rounded down to float32),
+  ``code_error`` an upper bound. Returns ``(Verification, Certificate)``.
+  """
+  keys, values, mapping = factset
+  if assembled is None:
+    assembled = prune_dead(_assemble_jit(parts, model.decoder,
+                                         model.activation))
+  cert = certificate.certify(parts, model, assembled, keys, values, mapping,
+                             codes, stream_size=STREAM_KEYS,
+                             progress=progress)
+  report = storage._report(jnp.asarray(_round_down(cert.margins)),
+                           jnp.asarray(_round_up(cert.output_norms)))
+  return Verification(report, jnp.asarray(_round_up(
+      cert.code_bounds.max(keepdims=True))[0])), cert
+
+
 def _check(parts: Gadgets, model: EncoderDecoder, factset, codes,
-           progress=None):
-  """Verification of every fact, structured (clipped) or dense (relu)."""
+           progress=None, method: str = 'certificate'):
+  """Verification of every fact: ``(Verification, check name, float32 bound)``.
+
+  The certificate (clipped gate) is tried first; if it cannot certify every
+  fact the dense check decides (it sees the margins the dense float32
+  evaluation computes).
+  """
+  if model.activation == 'clipped' and method == 'certificate':
+    check, cert = certify_gadgets(
+        parts, model, factset, codes, assembled=model,
+        progress=None if progress is None else
+        lambda done, total: progress('certify', done, total))
+    if float(check.storage.min_margin) > 0:
+      return check, 'certificate', cert.float32_bound
+    logging.info('certificate: min margin %.3g (float32 bound %s); running '
+                 'the dense check', float(check.storage.min_margin),
+                 cert.float32_bound)
   if model.activation == 'clipped':
     check, _, _ = verify_structured_streamed(
         parts, model, factset, codes, stream_size=STREAM_KEYS,
         progress=None if progress is None else
         lambda done, total: progress('verify', done, total))
-    return check
-  return verify(model, factset, codes)
+    return check, 'dense', ''
+  return verify(model, factset, codes), 'dense', ''
 
 
 def max_map_norm(maps: Array) -> float:
@@ -912,13 +992,12 @@ def construct(factset: FactSet, key: Array | int = 0,
   n_keys, dim = keys.shape
   bucket_size = _resolve_bucket_size(config, dim)
   factset = FactSet(keys, values, mapping)
-  code_dim, codes, rho = choose_code_dim(key, values, mapping, config,
-                                         stream_size=STREAM_VALUES,
-                                         progress=progress)
+  code_dim, codes, rho, stragglers = choose_code_dim(
+      key, values, mapping, config, stream_size=STREAM_VALUES,
+      progress=progress)
   _, k_dir = jax.random.split(key)
   decoder = construction_decoder(key, dim, code_dim, keys.dtype)
   used = dec_lib.used_values(mapping)
-  stragglers = used[np.asarray(rho)[used] <= 0]
   if len(stragglers):
     decoder, codes, rho = patch_stragglers(values, decoder, codes, rho,
                                            stragglers, tol=config.tol)
@@ -934,7 +1013,8 @@ def construct(factset: FactSet, key: Array | int = 0,
           stream_size=STREAM_BUCKETS, progress=None if progress is None
           else lambda done, total: progress('buckets', done, total))
     model = prune_dead(_assemble_jit(parts, decoder, config.activation))
-    check = _check(parts, model, factset, codes, progress)
+    check, check_name, f32 = _check(parts, model, factset, codes, progress,
+                                    config.verify)
     # NaN margins (a singular bucket) count as failing.
     if not float(check.storage.min_margin) > 0:
       bad = failing_buckets(parts, keys, targets, check.storage.margins)
@@ -946,7 +1026,8 @@ def construct(factset: FactSet, key: Array | int = 0,
       repaired += len(bad)
       split += n_split
       model = prune_dead(_assemble_jit(parts, decoder, config.activation))
-      check = _check(parts, model, factset, codes, progress)
+      check, check_name, f32 = _check(parts, model, factset, codes, progress,
+                                    config.verify)
     if float(check.storage.min_margin) > 0:
       break
     if retries >= config.max_retries:
@@ -983,7 +1064,8 @@ def construct(factset: FactSet, key: Array | int = 0,
       min_gap=float(parts.buckets.min_gap), repaired_buckets=repaired,
       retries=retries, seconds=time.perf_counter() - start, fill=config.fill,
       max_map_norm=max_map_norm(parts.maps),
-      patched_values=len(stragglers), split_buckets=split)
+      patched_values=len(stragglers), split_buckets=split,
+      check=check_name, float32_bound=f32)
   structure = bucket_structure(parts, check.storage, n_keys, config.slack,
                                config.tol, config.fill)
   return Construction(model=model, report=report, codes=codes, rho=rho,
@@ -1111,17 +1193,18 @@ def construct_batched(factsets: FactSet, key: Array | int = 0,
   with single_threaded_blas():
     model, codes, rho, parts = jax.block_until_ready(
         build(member_keys, factsets))
-  check = jax.vmap(_check)(parts, model, factsets, codes)
+  check = jax.vmap(lambda *a: _check(*a, method='dense')[0])(
+      parts, model, factsets, codes)
   repaired = []
   for b in np.flatnonzero(~(np.asarray(check.storage.min_margin) > 0)):
     member = lambda tree: jax.tree.map(lambda a: a[b], tree)
     part_b, fs_b, codes_b = member(parts), member(factsets), codes[b]
-    check_b = _check(part_b, member(model), fs_b, codes_b)
+    check_b, _, _ = _check(part_b, member(model), fs_b, codes_b)
     targets_b = codes_b[fs_b.mapping]
     part_b = _refit_buckets(part_b, fs_b.keys, targets_b, failing_buckets(
         part_b, fs_b.keys, targets_b, check_b.storage.margins))
     model_b = _assemble_jit(part_b, model.decoder[b], config.activation)
-    check_b = _check(part_b, model_b, fs_b, codes_b)
+    check_b, _, _ = _check(part_b, model_b, fs_b, codes_b)
     if not float(check_b.storage.min_margin) > 0:
       raise ConstructionError(
           f'member {b}: could not certify storage (min margin '

@@ -1,6 +1,6 @@
 """Telescoped step gadgets of the encoder (docs/design.md, "Encoder").
 
-Keys are projected on a random unit direction ``g`` and sorted; the sorted
+Keys are projected on a random sparse direction ``g`` and sorted; the sorted
 order is cut into ``n`` consecutive buckets of at most ``b`` keys (nominally
 ``fill * b``, each cut then moved to the widest gap within reach). Bucket
 ``j`` gets an exact minimum-norm linear map ``M_j (m, d)`` with
@@ -49,7 +49,7 @@ class Buckets(NamedTuple):
   Bucket ``j >= 1``'s step sits in the gap between bucket ``j - 1`` and
   bucket ``j``; bucket 0's step is always on (its start/width are unused).
   """
-  direction: Array   # (d,) unit projection direction g
+  direction: Array   # (d,) projection direction g (see `projection`)
   index: Array       # (n, b) key indices of each bucket (padded)
   valid: Array       # (n, b) bool, False on padding
   step_start: Array  # (n,) a_j: where the step below bucket j starts
@@ -70,25 +70,69 @@ def num_buckets(num_keys: int, bucket_size: int,
   return -(-num_keys // stride)
 
 
+SPARSE_SUPPORTS = (2, 8, 32)
+
+
+def directions(key: Array, dim: int, dtype=jnp.float32) -> list[Array]:
+  """Candidate projection directions ``(d,)``, preferred first.
+
+  ``+-1`` on ``k`` random coordinates and 0 elsewhere for each ``k`` in
+  ``SPARSE_SUPPORTS`` (below ``d``), then a dense Gaussian unit vector.
+  A sparse direction's entries are powers of two, so every product in the
+  dense gate column ``g * s`` is exact and the float32 pre-activation
+  ``x @ (g * s)`` is within ``gamma_k sum_{g_i != 0} |x_i| s`` of
+  ``s <g, x>``: steps can be certified from ``t`` alone
+  (:mod:`~factstore_jax.constructions.certificate`). A dense direction's
+  ``gamma_d |x| |g|`` bound exceeds the cut gaps beyond ~10^5 keys.
+  """
+  k_coord, k_sign, k_dense = jax.random.split(key, 3)
+  perm = jax.random.permutation(k_coord, dim)
+  signs = jnp.where(jax.random.bernoulli(k_sign, 0.5, (dim,)), 1.0, -1.0)
+  dense = jax.random.normal(k_dense, (dim,), dtype)
+  out = [jnp.zeros((dim,), dtype).at[perm[:k]].set(signs[:k].astype(dtype))
+         for k in SPARSE_SUPPORTS if k < dim]
+  return out + [dense / jnp.linalg.norm(dense)]
+
+
+def _cuts(t: Array, n: int, bucket_size: int):
+  """Cut positions ``(n-1,)`` in the sorted projections ``t (N,)`` and their
+  gaps: each nominal cut moves to the widest gap within reach."""
+  n_keys = t.shape[0]
+  if n == 1:
+    return jnp.zeros((0,), jnp.int32), jnp.zeros((0,), t.dtype)
+  nominal = jnp.round(jnp.arange(1, n) * (n_keys / n)).astype(jnp.int32)
+  half = max(0, (bucket_size - -(-n_keys // n)) // 2)
+  offsets = jnp.arange(-half, half + 1)
+  window = jnp.clip(nominal[:, None] + offsets[None, :], 1, n_keys - 1)
+  gaps = t[window] - t[window - 1]
+  best = jnp.argmax(gaps, 1)[:, None]
+  return (jnp.take_along_axis(window, best, 1)[:, 0],
+          jnp.take_along_axis(gaps, best, 1)[:, 0])
+
+
 def make_buckets(key: Array, keys: Array, bucket_size: int, *,
                  fill: float = DEFAULT_FILL, slack: float = 0.25) -> Buckets:
-  """Buckets of ``keys (N, d)`` along a random direction (static N, b, fill)."""
+  """Buckets of ``keys (N, d)`` along a random direction (static N, b, fill).
+
+  The direction is the first of :func:`directions` whose cuts all fall in
+  gaps of positive width (keys tied along a sparse direction may share a
+  bucket, not straddle a cut); the dense one is the last resort.
+  """
   n_keys, dim = keys.shape
   n = num_buckets(n_keys, bucket_size, fill)
-  direction = jax.random.normal(key, (dim,), keys.dtype)
-  direction = direction / jnp.linalg.norm(direction)
-  proj = keys @ direction
-  order = jnp.argsort(proj)
-  t = proj[order]
-  if n > 1:
-    nominal = jnp.round(jnp.arange(1, n) * (n_keys / n)).astype(jnp.int32)
-    half = max(0, (bucket_size - -(-n_keys // n)) // 2)
-    offsets = jnp.arange(-half, half + 1)
-    window = jnp.clip(nominal[:, None] + offsets[None, :], 1, n_keys - 1)
-    gaps = t[window] - t[window - 1]
-    cuts = jnp.take_along_axis(window, jnp.argmax(gaps, 1)[:, None], 1)[:, 0]
-  else:
-    cuts = jnp.zeros((0,), jnp.int32)
+  chosen = None
+  for g in reversed(directions(key, dim, keys.dtype)):
+    proj = keys @ g
+    order = jnp.argsort(proj)
+    t = proj[order]
+    cuts, gap = _cuts(t, n, bucket_size)
+    if chosen is None:
+      chosen = (g, order, t, cuts)
+      continue
+    ok = jnp.all(gap > 0)
+    chosen = tuple(jnp.where(ok, a, b) for a, b in
+                   zip((g, order, t, cuts), chosen))
+  direction, order, t, cuts = chosen
   starts = jnp.concatenate([jnp.array([0]), cuts, jnp.array([n_keys])])
   pos = starts[:-1, None] + jnp.arange(bucket_size)[None, :]
   valid = pos < starts[1:, None]

@@ -1,0 +1,377 @@
+r"""Structured margin certificate of a clipped-gate encoder-decoder MLP.
+
+The dense check (:func:`~factstore_jax.constructions.encoder_decoder.verify`)
+evaluates every key against every hidden neuron and every value:
+``O(N (h d + P d))``, about 70 TFLOP at 2^20 facts. The certificate gets a
+lower bound on every fact's margin from the construction's structure
+instead (docs/design.md, "Certificate"):
+
+1. **Identity.** The dense weights must equal, bit for bit, the assembly of
+   the gadgets (``prune_dead(assemble_gadgets(parts, decoder))``); every
+   statement below is about those weights. A corrupted weight is rejected
+   here.
+2. **Steps.** Each key's projection ``t = <g, x>`` is computed once. The
+   dense pre-activation of cut ``j`` is ``fl(fl(x . w_j) + b_j)`` with
+   ``w_j = fl(g s_j)``; standard dot-product bounds put it within
+   ``s_j kappa(x)`` of ``s_j t + b_j``, so the step is exactly 1 if
+   ``t - kappa >= L_j = (1/(1-u) - b_j)/s_j`` and exactly 0 if
+   ``t + kappa <= U_j = -b_j/s_j``. With prefix maxima of ``L`` and suffix
+   minima of ``U`` every key is checked against all cuts in ``O(1)``.
+3. **Codes.** In exact arithmetic the dense code of a key of bucket ``o``
+   is ``P_o x`` with ``P_o`` the prefix sum of the stored differences
+   ``M_j - M_{j-1}``; its error ``|P_o x - c|`` is computed per bucket in
+   float64 with its own rounding bound. Float32 evaluation adds at most
+   ``(gamma_d + gamma_{o+1}(1 + gamma_d)) A_o |x|`` per coordinate
+   (``A_o`` the prefix sum of ``|M_j - M_{j-1}|``), whatever the summation
+   order: the *worst-case* allowance. It grows like ``o^2 u`` and exceeds
+   the margins beyond ~10^5 facts (docs/design.md gives the measurements);
+   then the allowance is *sampled*: ``SAMPLED_SAFETY`` times the largest
+   float32-vs-exact code deviation of the dense model on the keys of the top
+   buckets (the longest sums) and a uniform sample. That one is a measured
+   bound, not a proof, and the certificate says which one it used.
+4. **Values.** Once per used value ``f``: ``G_f = min_{j != f} <c_f, w_f -
+   w_j>`` over the projected table ``w = V D`` (float32 matmuls, with
+   rounding bounds). A key's margin is at least ``G_f - |B| Delta_f`` minus
+   the decoder's and the logits' rounding, where ``B`` bounds its code error
+   and ``Delta_f >= max_j |w_f - w_j|``.
+
+Cost: ``O(N m d)`` for the codes, ``O(P_used P m)`` for the values, no
+``N h d`` or ``N P d`` term. The bound never exceeds the margin the dense
+float32 evaluation computes (tested against :func:`verify` up to 65,536
+facts, with the worst-case allowance; with the sampled one this holds
+empirically).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from factstore_jax.constructions import gadgets
+from factstore_jax.precision import full_precision
+
+Array = jax.Array
+
+U32 = 2.0 ** -24          # unit roundoff of float32
+U64 = 2.0 ** -53
+SAMPLED_SAFETY = 8.0      # sampled float32 allowance = this x max deviation
+SAMPLE_KEYS = 2048        # uniform keys of the sampled allowance
+SAMPLE_TOP_BUCKETS = 2    # plus every key of this many top buckets
+TOP_RIVALS = 16           # rivals per value checked with the exact code
+
+
+def gamma(k, u: float = U32):
+  """``k u / (1 - k u)``, the classic bound for ``k`` rounded operations."""
+  k = np.asarray(k, np.float64)
+  return k * u / (1.0 - k * u)
+
+
+class Certificate(NamedTuple):
+  """What :func:`certify` proved. Per-key arrays are ``(N,)`` numpy."""
+  margins: np.ndarray       # lower bounds on the margins (-inf: not certified)
+  output_norms: np.ndarray  # upper bounds on |g(x)| (for normalized margins)
+  code_bounds: np.ndarray   # bound on max_r |E_r(x) - c_r| incl. float32
+  steps_ok: np.ndarray      # every step of the key certified exactly 0 / 1
+  identical: bool           # dense weights == assembly of the gadgets
+  step_slack: float         # min distance of t from a ramp, minus kappa
+  float32_bound: str        # 'worst-case' (any order) or 'sampled'
+  float32_worst_case: float   # max worst-case float32 code allowance
+  float32_sampled: float      # max measured float32 code deviation
+  exact_code_error: float     # max exact-arithmetic code error bound
+
+  @property
+  def min_margin(self) -> float:
+    return float(self.margins.min()) if self.margins.size else math.inf
+
+
+def _same(a, b) -> bool:
+  a, b = np.asarray(a), np.asarray(b)
+  return a.shape == b.shape and a.dtype == b.dtype and bool(
+      np.array_equal(a, b))
+
+
+def weights_identical(model, assembled) -> bool:
+  """Whether every dense array of ``model`` equals ``assembled``'s, bitwise."""
+  return (model.activation == assembled.activation and
+          model.window == assembled.window and
+          all(_same(getattr(model, n), getattr(assembled, n)) for n in
+              ('w_gate', 'b_gate', 'w_up', 'routing', 'decoder')))
+
+
+def step_thresholds(scale: np.ndarray, bias: np.ndarray):
+  """``(lo (n,), hi (n,))``: a key of bucket ``o`` with projection ``t`` and
+  float allowance ``kappa`` has every step exactly right iff
+  ``t - kappa >= lo[o]`` and ``t + kappa <= hi[o]`` (sufficient).
+
+  ``lo[o] = max_{1<=j<=o} (1/(1-u) - b_j)/s_j`` (steps at or below its
+  bucket reach 1), ``hi[o] = min_{j>o} -b_j/s_j`` (later steps stay 0);
+  rounded outwards.
+  """
+  s = np.asarray(scale, np.float64)
+  b = np.asarray(bias, np.float64)
+  n = s.shape[0]
+  with np.errstate(divide='ignore', invalid='ignore'):
+    up = (1.0 / (1.0 - U32) - b[1:]) / s[1:]
+    down = -b[1:] / s[1:]
+  bad = ~(np.isfinite(up) & np.isfinite(down) & (s[1:] > 0))
+  up = np.where(bad, np.inf, up + 8 * U64 * np.abs(up))
+  down = np.where(bad, -np.inf, down - 8 * U64 * np.abs(down))
+  lo = np.concatenate([[-np.inf], np.maximum.accumulate(up)]) if n > 1 else (
+      np.array([-np.inf]))
+  hi = np.concatenate([np.minimum.accumulate(down[::-1])[::-1], [np.inf]])
+  if not (s[0] == 0 and b[0] == 1):   # bucket 0's step must be exactly 1
+    lo = np.full(n, np.inf)
+  return lo, hi
+
+
+def _projection_bound(direction: np.ndarray) -> tuple[np.ndarray, float]:
+  """Nonzero coordinates of ``g`` and the factor ``c`` with
+  ``|fl(x . fl(g s)) / s - <g, x>| <= c sum_k |x_k g_k|``."""
+  g = np.asarray(direction, np.float64)
+  nz = np.flatnonzero(g)
+  mant = np.frexp(g[nz])[0]
+  u_w = 0.0 if np.all(np.abs(mant) == 0.5) else U32   # powers of two: exact
+  c = u_w + float(gamma(max(len(nz), 1))) * (1 + u_w)
+  return nz, c
+
+
+@jax.jit
+@full_precision
+def _projected(values, decoder):
+  """``w = V D (P, m)``, ``max_j |(|V| |D|)_j|``, ``|v_j|``."""
+  w = values @ decoder
+  err_w = jnp.abs(values) @ jnp.abs(decoder)
+  return (w, jnp.max(jnp.linalg.norm(err_w, axis=1)),
+          jnp.linalg.norm(values, axis=1))
+
+
+@functools.partial(jax.jit, static_argnames=('k',))
+@full_precision
+def _rivals(codes, w, used, k: int):
+  """The ``k`` closest rivals of each value in ``used (U,)``: ``(U, k)``
+  indices and separations ``<c_f, w_f> - <c_f, w_j>`` (ascending, as
+  float32 computes them), and ``|c_f|``."""
+  c = codes[used]                                           # (U, m)
+  scores = c @ w.T                                          # (U, P)
+  own = jnp.take_along_axis(scores, used[:, None], axis=1)
+  rival = jnp.where(jnp.arange(w.shape[0])[None, :] == used[:, None],
+                    -jnp.inf, scores)
+  top, idx = jax.lax.top_k(rival, k)
+  return idx, own - top, jnp.linalg.norm(c, axis=1)
+
+
+class _Values(NamedTuple):
+  """Host float64 quantities of the value table the margin bound needs."""
+  w: np.ndarray         # (P, m) float32 V D, widened
+  ew: float             # max_j |w_j - (V D)_j| (exact V D)
+  wn: np.ndarray        # (P,) upper bounds on |(V D)_j|
+  wmax: float
+  vn: np.ndarray        # (P,) upper bounds on |v_j|
+  vmax: float
+  rivals: np.ndarray    # (U, K) closest rivals of each used value
+  rest: np.ndarray      # (U,) lower bound on the (K+1)-th separation
+  cn: np.ndarray        # (U,) upper bounds on |c_f|
+
+
+def _value_bounds(values, decoder, codes, used, k: int,
+                  chunk: int = 1024) -> _Values:
+  dim, m = decoder.shape
+  w, ew, vn = _projected(values, decoder)
+  k1 = min(k + 1, values.shape[0] - 1)
+  idx, sep, cn = [], [], []
+  if k1 > 0:
+    for start in range(0, len(used), chunk):
+      part = jax.device_get(_rivals(codes, w, jnp.asarray(
+          used[start:start + chunk]), k1))
+      idx.append(part[0]), sep.append(part[1]), cn.append(part[2])
+    idx, sep = np.concatenate(idx), np.concatenate(sep).astype(np.float64)
+    cn = np.concatenate(cn).astype(np.float64)
+  else:   # a single value: no rivals
+    idx, sep = np.zeros((len(used), 0), np.int64), np.zeros((len(used), 0))
+    cn = np.linalg.norm(np.asarray(codes, np.float64)[used], axis=1)
+  cn = cn * (1 + gamma(m + 1))
+  w = np.asarray(w, np.float64)
+  ew = float(ew) * float(gamma(dim)) * (1 + gamma(dim + m + 2))
+  wn = np.linalg.norm(w, axis=1) * (1 + gamma(m + 1, U64)) + ew
+  wmax = float(wn.max())
+  vn = np.asarray(vn, np.float64) * (1 + gamma(dim + 1))
+  if k1 == k + 1:
+    # Each <c_f, w_j> as float32 computed it: operand error (ew) and the
+    # dot's (gamma_m), twice, plus the subtraction.
+    s = sep[:, -1]
+    rest = s - (2 * cn * (ew + float(gamma(m)) * wmax) * (1 + 2 * U32) +
+                2 * U32 * (np.abs(s) + 2 * cn * wmax))
+  else:   # every rival is among the closest
+    rest = np.full(len(used), np.inf)
+  return _Values(w=w, ew=ew, wn=wn, wmax=wmax, vn=vn, vmax=float(vn.max()),
+                 rivals=idx[:, :k], rest=rest, cn=cn)
+
+
+def _key_margins(code, bound, f, slot, codes, vals: _Values, decoder_norms):
+  """Margin lower bounds of keys with exact-arithmetic codes ``code (b, m)``
+  (computed in float64) whose dense float32 codes lie within ``bound (b,
+  m)`` of them. Returns ``(lower (b,), |g(x)| upper (b,), code bound (b,))``.
+  """
+  d_spec, d_frob, m, dim = decoder_norms
+  cf = codes[f]                                             # (b, m)
+  wf = vals.w[f]                                            # (b, m)
+  diff = wf[:, None, :] - vals.w[vals.rivals[slot]]         # (b, K, m)
+  c_norm = np.linalg.norm(code, axis=1) + np.linalg.norm(bound, axis=1)
+  near = (np.einsum('bm,bkm->bk', code, diff)
+          - np.einsum('bm,bkm->bk', bound, np.abs(diff))
+          - float(gamma(m + 1, U64)) * np.einsum('bm,bkm->bk', np.abs(code),
+                                                 np.abs(diff))
+          - (2 * vals.ew * c_norm)[:, None])
+  near = near.min(axis=1) if near.shape[1] else np.full(len(f), np.inf)
+  full = np.abs(code - cf) + bound                          # vs c_f
+  far = vals.rest[slot] - np.linalg.norm(full, axis=1) * (vals.wn[f] +
+                                                          vals.wmax)
+  dy = float(gamma(m)) * d_frob * c_norm
+  y_norm = d_spec * c_norm + dy
+  lower = (np.minimum(near, far) - dy * (vals.vn[f] + vals.vmax)
+           - (2 * float(gamma(dim)) + 2 * U32) * y_norm * vals.vmax * 1.01)
+  return lower, y_norm, full.max(axis=1)
+
+
+def certify(parts, model, assembled, keys, values, mapping, codes, *,
+            stream_size: int = 65536, seed: int = 0,
+            progress=None) -> Certificate:
+  """Certificate of every fact of a clipped-gate construction (host-level).
+
+  Args:
+    parts: the construction's gadgets (``buckets``, ``maps (n, m, d)``,
+      ``scale``/``bias (n, 1)``).
+    model: the dense :class:`EncoderDecoder` to certify.
+    assembled: ``prune_dead(assemble_gadgets(parts, model.decoder))``; the
+      certificate holds for ``model`` only if it equals this bitwise.
+    keys: ``(N, d)``; values: ``(P, d)``; mapping: ``(N,)``.
+    codes: ``(P, m)`` value codes.
+    stream_size: keys per host chunk of the step check.
+    seed: seed of the uniform key sample of the sampled float32 allowance.
+    progress: optional ``progress(done, total)`` over the buckets.
+
+  Returns:
+    :class:`Certificate`.
+  """
+  if model.activation != 'clipped' or model.window != 1:
+    raise ValueError('the structured certificate needs the clipped gate '
+                     f'(got {model.activation!r}); use the dense check')
+  keys_np = np.asarray(keys)
+  mapping_np = np.asarray(mapping).astype(np.int64)
+  codes_np = np.asarray(codes, np.float64)
+  n_keys, dim = keys_np.shape
+  identical = weights_identical(model, assembled)
+  index = np.asarray(parts.buckets.index)
+  valid = np.asarray(parts.buckets.valid)
+  n = index.shape[0]
+  owner = np.zeros(n_keys, np.int64)
+  owner[index[valid]] = np.broadcast_to(np.arange(n)[:, None],
+                                        index.shape)[valid]
+
+  # Steps.
+  lo, hi = step_thresholds(np.asarray(parts.scale)[:, 0],
+                           np.asarray(parts.bias)[:, 0])
+  g = np.asarray(parts.buckets.direction, np.float64)
+  nz, c_proj = _projection_bound(g)
+  steps_ok = np.zeros(n_keys, bool)
+  slack = np.inf
+  for start in range(0, n_keys, stream_size):
+    x = keys_np[start:start + stream_size][:, nz].astype(np.float64)
+    t = x @ g[nz]
+    a = np.abs(x) @ np.abs(g[nz]) * (1 + gamma(len(nz) + 1, U64))
+    kappa = (c_proj + float(gamma(len(nz), U64))) * a * (1 + 1e-12)
+    o = owner[start:start + stream_size]
+    room = np.minimum(t - kappa - lo[o], hi[o] - t - kappa)
+    steps_ok[start:start + stream_size] = room >= 0
+    slack = min(slack, float(room.min()))
+
+  # Values: projected table, closest rivals of every used value.
+  used = np.unique(mapping_np)
+  slot_of = np.searchsorted(used, mapping_np)
+  vals = _value_bounds(jnp.asarray(values), model.decoder, jnp.asarray(codes),
+                       used, TOP_RIVALS)
+  d_np = np.asarray(model.decoder, np.float64)
+  m = d_np.shape[1]
+  norms = (float(np.linalg.norm(d_np, 2)) * (1 + 1e-6),
+           float(np.linalg.norm(d_np)) * (1 + 1e-6), m, d_np.shape[0])
+  tele = np.asarray(gadgets.telescope(parts.maps))           # stored w_up
+
+  def buckets():
+    """Per bucket: ``(o, rows, keys, exact code, its rounding bound,
+    |x| . A_o)`` in float64, with the prefix sums carried along."""
+    prefix, prefix_abs = np.zeros((m, dim)), np.zeros((m, dim))
+    g64d, g64o = float(gamma(dim + 1, U64)), float(gamma(n + 1, U64))
+    for o in range(n):
+      prefix += tele[o]
+      prefix_abs += np.abs(tele[o])
+      rows = index[o][valid[o]]
+      if not rows.size:
+        continue
+      k = keys_np[rows].astype(np.float64)
+      ka = np.abs(k) @ prefix_abs.T
+      code = k @ prefix.T
+      err = (g64d * (np.abs(k) @ np.abs(prefix.T)) + g64o * ka) * (1 + 1e-12)
+      yield o, rows, code, err, ka
+
+  # The sampled float32 allowance: dense codes vs exact ones.
+  top = np.arange(max(0, n - SAMPLE_TOP_BUCKETS), n)
+  rng = np.random.default_rng(seed)
+  sample = np.unique(np.concatenate([
+      rng.choice(n_keys, min(SAMPLE_KEYS, n_keys), replace=False),
+      index[top][valid[top]]]))
+  in_sample = np.zeros(n_keys, bool)
+  in_sample[sample] = True
+  exact_s = {}
+  for o, rows, code, err, _ in buckets():
+    pick = in_sample[rows]
+    for r, c, e in zip(rows[pick], code[pick], err[pick]):
+      exact_s[int(r)] = (c, e)
+  dense = np.asarray(_encode(model, jnp.asarray(keys_np[sample])), np.float64)
+  sampled = max((float(np.max(np.abs(dense[i] - exact_s[int(r)][0]) +
+                              exact_s[int(r)][1]))
+                 for i, r in enumerate(sample)), default=0.0)
+
+  margins = {'worst-case': np.empty(n_keys), 'sampled': np.empty(n_keys)}
+  y_norms = {k: np.empty(n_keys) for k in margins}
+  code_bounds = {k: np.empty(n_keys) for k in margins}
+  exact_err, worst_max = 0.0, 0.0
+  for o, rows, code, err, ka in buckets():
+    worst = float(gamma(dim) + gamma(o + 1) * (1 + gamma(dim))) * ka * (
+        1 + 1e-12)
+    worst_max = max(worst_max, float(worst.max()))
+    f, slot = mapping_np[rows], slot_of[rows]
+    exact_err = max(exact_err, float(np.max(np.abs(code - codes_np[f]) + err)))
+    for kind, allowance in (('worst-case', worst),
+                            ('sampled', SAMPLED_SAFETY * sampled)):
+      lower, y_norm, cb = _key_margins(code, err + allowance, f, slot,
+                                       codes_np, vals, norms)
+      margins[kind][rows], y_norms[kind][rows] = lower, y_norm
+      code_bounds[kind][rows] = cb
+    if progress is not None and (o + 1) % 256 == 0:
+      progress(o + 1, n)
+  if progress is not None:
+    progress(n, n)
+
+  kind = 'worst-case'
+  ok = steps_ok & identical
+  if not (np.all(ok) and margins[kind].min() > 0) and (
+      margins['sampled'].min() > 0):
+    kind = 'sampled'
+  return Certificate(
+      margins=np.where(ok, margins[kind], -np.inf),
+      output_norms=y_norms[kind], code_bounds=code_bounds[kind],
+      steps_ok=steps_ok, identical=identical, step_slack=slack,
+      float32_bound=kind, float32_worst_case=worst_max,
+      float32_sampled=sampled, exact_code_error=exact_err)
+
+
+@jax.jit
+@full_precision
+def _encode(model, x):
+  return model.encode(x)
+
