@@ -9,12 +9,19 @@ peak):
 * the fact set is generated in chunks (``--gen_chunk`` keys per step of a
   jitted ``lax.map``; key chunk ``c`` is ``sample_sphere(fold_in(k, c))``),
   so the keys (2 GiB at N = 2^20) are the only N-sized buffer;
-* ``encoder_decoder.construct`` builds it and verifies every fact against
-  all P values (exact accuracy, min margin), streaming: decodability in
-  calls of ``STREAM_VALUES`` values (a code dimension is rejected at the
-  first used value certified below the floor), bucket solves in calls of
-  ``STREAM_BUCKETS`` buckets, verification in calls of ``STREAM_KEYS`` keys;
-  a tqdm bar per stage (stderr) follows the calls;
+* ``encoder_decoder.construct`` builds it and certifies every fact
+  (``--verify=certificate``, the structured margin certificate; or
+  ``--verify=dense``, every key against every hidden neuron and all P
+  values), streaming: decodability in calls of ``STREAM_VALUES`` values (a
+  code dimension is rejected once more used values are certified below the
+  floor than may be patched), bucket solves in calls of ``STREAM_BUCKETS``
+  buckets, the dense check in calls of ``STREAM_KEYS`` keys; a tqdm bar per
+  stage (stderr) follows the calls; ``--dense_check`` also runs the dense
+  check after a certified build and records its min margin (the
+  certificate's must not be larger);
+* per stage: seconds, GFLOP (as the library does the work; the
+  decodability solver's is not counted), GFLOP/s and the fraction of the
+  float32 matmul peak measured in the same process;
 * recorded: wall time of generation and of ``construct`` (cold: compile
   included, one run), the time of each stage (from the progress calls),
   peak RSS, the construction report, and the CPU time other processes took
@@ -69,6 +76,10 @@ flags.DEFINE_float('quiet_wait_s', 60.0,
                    'processes to use < --max_foreign of the CPU.')
 flags.DEFINE_float('max_foreign', 0.1, 'See --quiet_wait_s.')
 flags.DEFINE_string('out', 'benchmarks/results/million.json', 'JSON output.')
+flags.DEFINE_enum('verify', 'certificate', ['certificate', 'dense'],
+                  "construct()'s check (ConstructionConfig.verify).")
+flags.DEFINE_bool('dense_check', False, 'After a certified construction, also '
+                  'run the dense check and record its min margin and time.')
 flags.DEFINE_integer('single_size', None,
                      'Internal: run only this N here and print one JSON line.')
 
@@ -138,19 +149,39 @@ def run_single(n: int) -> dict:
   rss_gen = _rss_mib()
   logging.info('N=%d: fact set in %.1fs (peak %.0f MiB)', n, gen_s, rss_gen)
 
+  peak = common.matmul_peak(2048, 3)
   progress = _Progress()
   t0 = time.perf_counter()
   with common.ForeignCpu() as foreign:
-    result = ed.construct(factset, FLAGS.seed, progress=progress)
+    result = ed.construct(factset, FLAGS.seed, progress=progress,
+                          verify=FLAGS.verify)
     jax.block_until_ready((result.model, result.codes, result.rho))
   seconds = time.perf_counter() - t0
   rep = result.report
+  dense = None
+  if FLAGS.dense_check:
+    t1 = time.perf_counter()
+    check, _, _ = ed.verify_structured_streamed(
+        result.structure.gadgets, result.model, factset, result.codes,
+        stream_size=ed.STREAM_KEYS,
+        progress=lambda done, total: progress('dense check', done, total))
+    dense = {'seconds': time.perf_counter() - t1,
+             'min_margin': float(check.storage.min_margin),
+             'accuracy': float(check.storage.accuracy),
+             'certificate_below_dense': rep.min_margin <= float(
+                 check.storage.min_margin)}
+  stages = progress.stage_seconds()
   return {
       'num_facts': n, 'dim': d, 'num_values': p, 'seed': FLAGS.seed,
       'generate_seconds': gen_s,
       'construct_seconds': seconds,
       'total_seconds': gen_s + seconds,
-      'stage_seconds': progress.stage_seconds(),
+      'stage_seconds': stages,
+      'stage_rates': stage_rates(stages, n, d, p, rep, peak['gflops']),
+      'matmul_peak': peak,
+      'check': rep.check,
+      'float32_bound': rep.float32_bound,
+      'dense_check': dense,
       'peak_rss_mib': _rss_mib(),
       'rss_after_generate_mib': rss_gen,
       'start_rss_mib': rss_start,
@@ -171,9 +202,39 @@ def run_single(n: int) -> dict:
   }
 
 
+def stage_flops(stage: str, n: int, d: int, p: int, rep) -> float | None:
+  """Floating-point operations of a stage as the library does it (the
+  decodability solver's work depends on its iterations: not counted)."""
+  m, b, nb, h = rep.code_dim, rep.bucket_size, rep.num_buckets, rep.hidden_dim
+  if stage == 'buckets':   # Gram, Cholesky, solves + 2 refinements
+    return nb * (2 * b * b * d + b ** 3 / 3 + 6 * (2 * b * m * d + 2 * b * b * m))
+  if stage == 'certify':   # three (b, d) x (d, m) products per bucket, the
+    # rivals' einsums and the (U, P, m) separations
+    return 6 * n * m * d + 2 * 16 * 3 * n * m + 2 * p * p * m
+  if stage in ('verify', 'dense check'):   # steps, encode, logits
+    return n * (2 * d * h * 2 + 2 * d * m + 2 * p * d)
+  return None
+
+
+def stage_rates(stages: dict, n: int, d: int, p: int, rep,
+                peak_gflops: float) -> dict:
+  """GFLOP/s and fraction of the matmul peak per stage (where counted)."""
+  out = {}
+  for stage, seconds in stages.items():
+    flops = stage_flops(stage, n, d, p, rep)
+    if flops is None or seconds <= 0:
+      out[stage] = {'seconds': seconds, 'gflops': None, 'fraction_of_peak': None}
+      continue
+    rate = flops / seconds / 1e9
+    out[stage] = {'seconds': seconds, 'gflop': flops / 1e9, 'gflops': rate,
+                  'fraction_of_peak': rate / peak_gflops}
+  return out
+
+
 def _run_child(n: int) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), f'--single_size={n}',
          f'--dim={FLAGS.dim}', f'--num_values={FLAGS.num_values}',
+         f'--verify={FLAGS.verify}', f'--dense_check={FLAGS.dense_check}',
          f'--seed={FLAGS.seed}', f'--gen_chunk={FLAGS.gen_chunk}']
   proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True,
                         check=False)
@@ -194,7 +255,7 @@ def project_seconds(r: dict, n_new: int) -> float:
   stages = r['stage_seconds']
   dec = sum(v for k, v in stages.items() if k.startswith('decodability'))
   buckets = stages.get('buckets', 0.0)
-  verify = stages.get('verify', 0.0)
+  verify = stages.get('verify', 0.0) + stages.get('certify', 0.0)
   assemble = stages.get('assemble', 0.0)
   b = r['bucket_size']
   nk = lambda m: 2 * gadgets.num_buckets(m, b)
@@ -206,7 +267,8 @@ def project_seconds(r: dict, n_new: int) -> float:
 
 def _table(results: list[dict]) -> str:
   head = ['N', 'gen s', 'construct s', 'total min', 'peak MiB', 'acc',
-          'min margin', 'm', 'bkts', 'dec s', 'bkt s', 'verify s', 'other%']
+          'min margin', 'm', 'bkts', 'dec s', 'bkt s', 'check', 'check s',
+          'other%']
   rows = []
   for r in results:
     if 'error' in r or 'skipped' in r:
@@ -222,7 +284,8 @@ def _table(results: list[dict]) -> str:
         f"{r['peak_rss_mib']:.0f}", f"{r['accuracy']:.4f}",
         f"{r['min_margin']:.4f}", str(r['code_dim']), str(r['num_buckets']),
         f'{dec:.0f}', f"{st.get('buckets', 0):.0f}",
-        f"{st.get('verify', 0):.0f}",
+        r.get('check', 'dense'),
+        f"{st.get('verify', 0) + st.get('certify', 0):.0f}",
         'n/a' if frac is None else f'{100 * frac:.0f}'])
   full = [row for row in rows if len(row) == len(head)]
   widths = [max([len(h)] + [len(row[i]) for row in full])
@@ -233,9 +296,11 @@ def _table(results: list[dict]) -> str:
       lines.append('  '.join(c.rjust(w) for c, w in zip(row, widths)))
     else:
       lines.append(f'{row[0].rjust(widths[0])}  {row[1]}')
-  lines.append('construct s: cold (compile included), every fact verified '
-               'against all P values; other% = share of core-seconds used '
-               'by other processes during construct')
+  lines.append('construct s: cold (compile included), every fact certified '
+               '(check: the structured certificate, or the dense check of '
+               'every key against all hidden neurons and all P values); '
+               'other% = share of core-seconds used by other processes '
+               'during construct')
   return '\n'.join(lines)
 
 

@@ -1,7 +1,7 @@
 """The ``factstore`` command.
 
   factstore construct --keys K.npy --values V.npy --mapping F.npy --out M.safetensors
-  factstore construct --factset X.npz --out M.npz [--code_dim --bucket_size --fill --seed --dtype]
+  factstore construct --factset X.npz --out M.npz [--code_dim --bucket_size --fill --verify --seed --dtype]
   factstore evaluate --mlp M.safetensors (--keys K --values V --mapping F | --factset X)
   factstore decodability (--values V [--mapping F] | --factset X)
   factstore demo [--png factstore_demo_margins.png]
@@ -32,6 +32,11 @@ flags.DEFINE_integer('code_dim', None, 'Code dimension m (default: search).')
 flags.DEFINE_integer('bucket_size', None, 'Max keys per bucket (default d).')
 flags.DEFINE_float('fill', None, 'Nominal bucket size as a fraction of '
                    'bucket_size, in (0, 1] (default: the library default).')
+flags.DEFINE_enum('verify', 'certificate', ['certificate', 'dense'],
+                  'construct: the structured margin certificate (falls back '
+                  'to the dense check when it cannot certify every fact) or '
+                  'the dense check of every key against every neuron and '
+                  'value.')
 flags.DEFINE_integer('seed', 0, 'PRNG seed.')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'float64'], 'Float type.')
 flags.DEFINE_enum('activation', 'clipped', ['clipped', 'relu'], 'Gate.')
@@ -87,7 +92,8 @@ def cmd_construct(start: float):
   fill = {} if FLAGS.fill is None else {'fill': FLAGS.fill}
   result = construct(fs, FLAGS.seed, code_dim=FLAGS.code_dim,
                      bucket_size=FLAGS.bucket_size,
-                     activation=FLAGS.activation, **fill)
+                     activation=FLAGS.activation, verify=FLAGS.verify,
+                     **fill)
   report = result.report.as_dict()
   serialization.save_model(FLAGS.out, result.model, report)
   _emit(dict(report, rho=report['rho_projected'], out=FLAGS.out,

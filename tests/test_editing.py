@@ -70,7 +70,7 @@ def _key_at(construction, t, rng):
   """A random unit-ish key whose projection on the bucket direction is t."""
   g = np.asarray(construction.structure.gadgets.buckets.direction, np.float64)
   r = _unit(rng).astype(np.float64)
-  return (r + (t - r @ g) * g).astype(np.float32)
+  return (r + (t - r @ g) * g / (g @ g)).astype(np.float32)   # any |g|
 
 
 class _EditTest(parameterized.TestCase):
@@ -84,9 +84,12 @@ class _EditTest(parameterized.TestCase):
                    _dense(construction.mlp, *factset)):
       self.assertAlmostEqual(float(report.accuracy), 1.0, places=6)
       self.assertGreater(float(report.min_margin), 0.0)
-    # The report's global margin is the per-bucket minima, not a new pass.
+    # The report's global margin is the per-bucket minima, not a new pass:
+    # certified lower bounds (construct's certificate) for untouched
+    # buckets, dense margins for re-verified ones; never above the dense.
     dense = _factorised(construction.model, factset)
-    self.assertAlmostEqual(rep.min_margin, float(dense.min_margin), places=5)
+    self.assertLessEqual(rep.min_margin, float(dense.min_margin) + 1e-6)
+    self.assertGreater(rep.min_margin, 0.25 * float(dense.min_margin))
     self.assertEqual(rep.num_facts, factset.keys.shape[0])
     self.assertEqual(rep.num_values, factset.values.shape[0])
     self.assertEqual(rep.hidden_dim, construction.model.w_gate.shape[1])

@@ -130,8 +130,12 @@ def test_construct_stores_every_fact_or_raises(tied, dtype, seed, beta,
     dense = storage.evaluate_mlp(c.mlp, *fs)
     assert float(dense.accuracy) == 1.0
     assert float(dense.min_margin) > 0
-    np.testing.assert_allclose(float(dense.min_margin), r.min_margin,
-                               rtol=1e-3, atol=1e-4)
+    if r.check == 'certificate':   # a lower bound for the factorised model
+      assert r.min_margin <= float(dense.min_margin) + 1e-5
+      assert r.min_margin > 0.25 * float(dense.min_margin)
+    else:
+      np.testing.assert_allclose(float(dense.min_margin), r.min_margin,
+                                 rtol=1e-3, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------

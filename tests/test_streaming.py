@@ -138,7 +138,9 @@ def test_streamed_construct_equals_one_call(built, monkeypatch):
   streamed = ed.construct(fs, 0, bucket_size=6,
                           progress=lambda stage, done, total: stages.add(
                               stage.split()[0]))
-  assert stages == {'decodability', 'buckets', 'verify', 'assemble'}
+  # The certificate certifies; the dense check ('verify') runs only if not.
+  assert stages == {'decodability', 'buckets', 'certify', 'assemble'}
+  assert streamed.report.check == 'certificate'
   _assert_trees_equal((whole.model, whole.codes, whole.rho, whole.structure),
                       (streamed.model, streamed.codes, streamed.rho,
                        streamed.structure))

@@ -103,7 +103,7 @@ def weights_identical(model, assembled) -> bool:
               ('w_gate', 'b_gate', 'w_up', 'routing', 'decoder')))
 
 
-def step_thresholds(scale: np.ndarray, bias: np.ndarray):
+def step_thresholds(scale: np.ndarray, bias: np.ndarray, u: float = U32):
   """``(lo (n,), hi (n,))``: a key of bucket ``o`` with projection ``t`` and
   float allowance ``kappa`` has every step exactly right iff
   ``t - kappa >= lo[o]`` and ``t + kappa <= hi[o]`` (sufficient).
@@ -116,7 +116,7 @@ def step_thresholds(scale: np.ndarray, bias: np.ndarray):
   b = np.asarray(bias, np.float64)
   n = s.shape[0]
   with np.errstate(divide='ignore', invalid='ignore'):
-    up = (1.0 / (1.0 - U32) - b[1:]) / s[1:]
+    up = (1.0 / (1.0 - u) - b[1:]) / s[1:]
     down = -b[1:] / s[1:]
   bad = ~(np.isfinite(up) & np.isfinite(down) & (s[1:] > 0))
   up = np.where(bad, np.inf, up + 8 * U64 * np.abs(up))
@@ -129,14 +129,15 @@ def step_thresholds(scale: np.ndarray, bias: np.ndarray):
   return lo, hi
 
 
-def _projection_bound(direction: np.ndarray) -> tuple[np.ndarray, float]:
+def _projection_bound(direction: np.ndarray,
+                      u: float = U32) -> tuple[np.ndarray, float]:
   """Nonzero coordinates of ``g`` and the factor ``c`` with
   ``|fl(x . fl(g s)) / s - <g, x>| <= c sum_k |x_k g_k|``."""
   g = np.asarray(direction, np.float64)
   nz = np.flatnonzero(g)
   mant = np.frexp(g[nz])[0]
-  u_w = 0.0 if np.all(np.abs(mant) == 0.5) else U32   # powers of two: exact
-  c = u_w + float(gamma(max(len(nz), 1))) * (1 + u_w)
+  u_w = 0.0 if np.all(np.abs(mant) == 0.5) else u   # powers of two: exact
+  c = u_w + float(gamma(max(len(nz), 1), u)) * (1 + u_w)
   return nz, c
 
 
@@ -178,7 +179,7 @@ class _Values(NamedTuple):
   cn: np.ndarray        # (U,) upper bounds on |c_f|
 
 
-def _value_bounds(values, decoder, codes, used, k: int,
+def _value_bounds(values, decoder, codes, used, k: int, u: float = U32,
                   chunk: int = 1024) -> _Values:
   dim, m = decoder.shape
   w, ew, vn = _projected(values, decoder)
@@ -194,25 +195,26 @@ def _value_bounds(values, decoder, codes, used, k: int,
   else:   # a single value: no rivals
     idx, sep = np.zeros((len(used), 0), np.int64), np.zeros((len(used), 0))
     cn = np.linalg.norm(np.asarray(codes, np.float64)[used], axis=1)
-  cn = cn * (1 + gamma(m + 1))
+  cn = cn * (1 + gamma(m + 1, u))
   w = np.asarray(w, np.float64)
-  ew = float(ew) * float(gamma(dim)) * (1 + gamma(dim + m + 2))
+  ew = float(ew) * float(gamma(dim, u)) * (1 + gamma(dim + m + 2, u))
   wn = np.linalg.norm(w, axis=1) * (1 + gamma(m + 1, U64)) + ew
   wmax = float(wn.max())
-  vn = np.asarray(vn, np.float64) * (1 + gamma(dim + 1))
+  vn = np.asarray(vn, np.float64) * (1 + gamma(dim + 1, u))
   if k1 == k + 1:
     # Each <c_f, w_j> as float32 computed it: operand error (ew) and the
     # dot's (gamma_m), twice, plus the subtraction.
     s = sep[:, -1]
-    rest = s - (2 * cn * (ew + float(gamma(m)) * wmax) * (1 + 2 * U32) +
-                2 * U32 * (np.abs(s) + 2 * cn * wmax))
+    rest = s - (2 * cn * (ew + float(gamma(m, u)) * wmax) * (1 + 2 * u) +
+                2 * u * (np.abs(s) + 2 * cn * wmax))
   else:   # every rival is among the closest
     rest = np.full(len(used), np.inf)
   return _Values(w=w, ew=ew, wn=wn, wmax=wmax, vn=vn, vmax=float(vn.max()),
                  rivals=idx[:, :k], rest=rest, cn=cn)
 
 
-def _key_margins(code, bound, f, slot, codes, vals: _Values, decoder_norms):
+def _key_margins(code, bound, f, slot, codes, vals: _Values, decoder_norms,
+                 u: float = U32):
   """Margin lower bounds of keys with exact-arithmetic codes ``code (b, m)``
   (computed in float64) whose dense float32 codes lie within ``bound (b,
   m)`` of them. Returns ``(lower (b,), |g(x)| upper (b,), code bound (b,))``.
@@ -231,10 +233,10 @@ def _key_margins(code, bound, f, slot, codes, vals: _Values, decoder_norms):
   full = np.abs(code - cf) + bound                          # vs c_f
   far = vals.rest[slot] - np.linalg.norm(full, axis=1) * (vals.wn[f] +
                                                           vals.wmax)
-  dy = float(gamma(m)) * d_frob * c_norm
+  dy = float(gamma(m, u)) * d_frob * c_norm
   y_norm = d_spec * c_norm + dy
   lower = (np.minimum(near, far) - dy * (vals.vn[f] + vals.vmax)
-           - (2 * float(gamma(dim)) + 2 * U32) * y_norm * vals.vmax * 1.01)
+           - (2 * float(gamma(dim, u)) + 2 * u) * y_norm * vals.vmax * 1.01)
   return lower, y_norm, full.max(axis=1)
 
 
@@ -274,10 +276,11 @@ def certify(parts, model, assembled, keys, values, mapping, codes, *,
                                         index.shape)[valid]
 
   # Steps.
+  u = float(np.finfo(np.dtype(model.w_up.dtype)).eps) / 2   # model's roundoff
   lo, hi = step_thresholds(np.asarray(parts.scale)[:, 0],
-                           np.asarray(parts.bias)[:, 0])
+                           np.asarray(parts.bias)[:, 0], u)
   g = np.asarray(parts.buckets.direction, np.float64)
-  nz, c_proj = _projection_bound(g)
+  nz, c_proj = _projection_bound(g, u)
   steps_ok = np.zeros(n_keys, bool)
   slack = np.inf
   for start in range(0, n_keys, stream_size):
@@ -294,7 +297,7 @@ def certify(parts, model, assembled, keys, values, mapping, codes, *,
   used = np.unique(mapping_np)
   slot_of = np.searchsorted(used, mapping_np)
   vals = _value_bounds(jnp.asarray(values), model.decoder, jnp.asarray(codes),
-                       used, TOP_RIVALS)
+                       used, TOP_RIVALS, u)
   d_np = np.asarray(model.decoder, np.float64)
   m = d_np.shape[1]
   norms = (float(np.linalg.norm(d_np, 2)) * (1 + 1e-6),
@@ -341,15 +344,15 @@ def certify(parts, model, assembled, keys, values, mapping, codes, *,
   code_bounds = {k: np.empty(n_keys) for k in margins}
   exact_err, worst_max = 0.0, 0.0
   for o, rows, code, err, ka in buckets():
-    worst = float(gamma(dim) + gamma(o + 1) * (1 + gamma(dim))) * ka * (
-        1 + 1e-12)
+    worst = float(gamma(dim, u) + gamma(o + 1, u) * (1 + gamma(dim, u))) * (
+        ka * (1 + 1e-12))
     worst_max = max(worst_max, float(worst.max()))
     f, slot = mapping_np[rows], slot_of[rows]
     exact_err = max(exact_err, float(np.max(np.abs(code - codes_np[f]) + err)))
     for kind, allowance in (('worst-case', worst),
                             ('sampled', SAMPLED_SAFETY * sampled)):
       lower, y_norm, cb = _key_margins(code, err + allowance, f, slot,
-                                       codes_np, vals, norms)
+                                       codes_np, vals, norms, u)
       margins[kind][rows], y_norms[kind][rows] = lower, y_norm
       code_bounds[kind][rows] = cb
     if progress is not None and (o + 1) % 256 == 0:

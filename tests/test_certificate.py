@@ -1,0 +1,239 @@
+"""Tests of the structured margin certificate (constructions/certificate.py).
+
+The certificate must never claim more than the dense float32 check sees, and
+must reject MLPs that differ from the gadgets, steps on the wrong side of a
+key, wrong maps and wrong codes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from factstore_jax import factsets as F
+from factstore_jax.constructions import certificate as C
+from factstore_jax.constructions import encoder_decoder as ed
+from factstore_jax.constructions import gadgets
+from factstore_jax.errors import FactStoreError
+
+N, D = 1024, 32
+
+FACTSETS = {
+    'tied': lambda: F.random_factset(jax.random.PRNGKey(0), N, D),
+    'many_to_one': lambda: F.random_factset(
+        jax.random.PRNGKey(1), N, D, 128, tied=False, mapping='many_to_one'),
+    'spiked': lambda: F.random_factset(jax.random.PRNGKey(2), N, D,
+                                       embedding='spiked', beta=3.0),
+    'clustered': lambda: F.random_factset(jax.random.PRNGKey(3), N, D,
+                                          embedding='clustered'),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _fs(name):
+  return FACTSETS[name]()
+
+
+@functools.lru_cache(maxsize=None)
+def _built(name, **overrides):
+  return ed.construct(_fs(name), 0, **overrides)
+
+
+def _dense(c, fs):
+  check, _, _ = ed.verify_structured(c.structure.gadgets, c.model, fs, c.codes)
+  return check
+
+
+def _certify(parts, model, fs, codes):
+  return ed.certify_gadgets(parts, model, fs, codes)
+
+
+def _reassembled(parts, decoder):
+  return ed.prune_dead(ed.assemble_gadgets(parts, decoder, 'clipped'))
+
+
+class AgreementTest(parameterized.TestCase):
+
+  @parameterized.parameters(*FACTSETS)
+  def test_certificate_below_dense_and_positive(self, name):
+    fs, c = _fs(name), _built(name)
+    self.assertEqual(c.report.check, 'certificate')
+    check, cert = _certify(c.structure.gadgets, c.model, fs, c.codes)
+    dense = _dense(c, fs)
+    lower = np.asarray(check.storage.margins)
+    exact = np.asarray(dense.storage.margins)
+    self.assertTrue(cert.identical)
+    self.assertTrue(cert.steps_ok.all())
+    self.assertGreater(float(lower.min()), 0.0)
+    # Per fact, never above the dense float32 margin.
+    self.assertTrue(np.all(lower <= exact), float(np.max(lower - exact)))
+    self.assertGreater(float(lower.min()), 0.25 * float(exact.min()))
+    # The reported code error bounds the dense model's.
+    self.assertGreaterEqual(float(check.code_error), float(dense.code_error))
+
+  def test_float64(self):
+    with jax.enable_x64(True):
+      fs = F.random_factset(jax.random.PRNGKey(4), 512, D, dtype=jnp.float64)
+      c = ed.construct(fs, 0)
+      self.assertEqual(c.report.check, 'certificate')
+      self.assertEqual(c.report.float32_bound, 'worst-case')
+      lower = np.asarray(_certify(c.structure.gadgets, c.model, fs,
+                                  c.codes)[0].storage.margins)
+      dense = np.asarray(_dense(c, fs).storage.margins)
+      self.assertTrue(np.all(lower <= dense))
+      self.assertGreater(lower.min(), 0.9 * dense.min())   # float64: tight
+      self.assertLess(c.report.code_error, 1e-9)
+
+  def test_dense_option_and_bad_option(self):
+    fs = _fs('tied')
+    dense = _built('tied', verify='dense')
+    self.assertEqual(dense.report.check, 'dense')
+    cert = _built('tied')
+    # Same construction, only the check differs.
+    np.testing.assert_array_equal(dense.model.w_up, cert.model.w_up)
+    self.assertLessEqual(cert.report.min_margin, dense.report.min_margin)
+    with self.assertRaisesRegex(FactStoreError, 'verify must be one of'):
+      ed.construct(fs, 0, verify='fast')
+
+  def test_relu_uses_the_dense_check(self):
+    c = _built('tied', activation='relu')
+    self.assertEqual(c.report.check, 'dense')
+    with self.assertRaisesRegex(ValueError, 'clipped gate'):
+      _certify(c.structure.gadgets, c.model, _fs('tied'), c.codes)
+
+
+class RejectionTest(parameterized.TestCase):
+  """Broken MLPs: the certificate must not certify the broken facts."""
+
+  def setUp(self):
+    super().setUp()
+    self.fs, self.c = _fs('many_to_one'), _built('many_to_one')
+    self.parts = self.c.structure.gadgets
+
+  def test_corrupted_decoder(self):
+    # The decoder is not part of the gadgets: the certificate uses the
+    # model's own, so it must follow the dense check of the changed model.
+    for scale in (1e-3, -2.0):
+      dec = np.array(self.c.model.decoder)
+      dec[:, 0] *= scale
+      model = self.c.model.replace(decoder=jnp.asarray(dec))
+      check, cert = _certify(self.parts, model, self.fs, self.c.codes)
+      self.assertTrue(cert.identical)
+      dense, _, _ = ed.verify_structured(self.parts, model, self.fs,
+                                         self.c.codes)
+      lower = np.asarray(check.storage.margins)
+      self.assertTrue(np.all(lower <= np.asarray(dense.storage.margins)))
+      if float(dense.storage.min_margin) <= 0:
+        self.assertLessEqual(float(lower.min()), 0.0)
+    self.assertLess(float(dense.storage.min_margin), 0.0)   # -2 breaks it
+
+  def test_corrupted_dense_weight(self):
+    for name in ('w_gate', 'b_gate', 'w_up', 'routing'):
+      arr = np.array(getattr(self.c.model, name))
+      arr.reshape(-1)[arr.size // 2] += 1e-3
+      model = self.c.model.replace(**{name: jnp.asarray(arr)})
+      check, cert = _certify(self.parts, model, self.fs, self.c.codes)
+      self.assertFalse(cert.identical, name)
+      self.assertEqual(float(check.storage.min_margin), -np.inf, name)
+
+  def test_flipped_steps(self):
+    b = self.parts.buckets
+    start = np.array(b.step_start)
+    width = np.array(b.step_width)
+    # Cut 2's step moved into bucket 2's keys: some keys sit on its ramp.
+    j = 2
+    rows = np.asarray(b.index[j])[np.asarray(b.valid[j])]
+    t = np.asarray(self.fs.keys, np.float64)[rows] @ np.asarray(
+        b.direction, np.float64)
+    start[j] = float(np.median(t))
+    buckets = b._replace(step_start=jnp.asarray(start, b.step_start.dtype),
+                         step_width=jnp.asarray(width, b.step_width.dtype))
+    scale, bias, sign = gadgets.step_gate_params(buckets, 'clipped')
+    parts = self.parts._replace(buckets=buckets, scale=scale.astype(
+        self.parts.scale.dtype), bias=bias.astype(self.parts.bias.dtype))
+    model = _reassembled(parts, self.c.model.decoder)
+    check, cert = _certify(parts, model, self.fs, self.c.codes)
+    self.assertTrue(cert.identical)
+    self.assertFalse(cert.steps_ok.all())
+    margins = np.asarray(check.storage.margins)
+    self.assertTrue(np.all(margins[~cert.steps_ok] == -np.inf))
+    self.assertLessEqual(float(check.storage.min_margin), 0.0)
+
+  def test_wrong_map(self):
+    maps = np.array(self.parts.maps)
+    maps[3] = -maps[3]   # bucket 3's keys now map to minus their codes
+    parts = self.parts._replace(maps=jnp.asarray(maps, self.parts.maps.dtype))
+    model = _reassembled(parts, self.c.model.decoder)
+    check, cert = _certify(parts, model, self.fs, self.c.codes)
+    self.assertTrue(cert.identical)
+    dense, _, _ = ed.verify_structured(parts, model, self.fs, self.c.codes)
+    self.assertLess(float(dense.storage.min_margin), 0.0)   # really broken
+    self.assertLessEqual(float(check.storage.min_margin),
+                         float(dense.storage.min_margin))
+
+  def test_wrong_codes(self):
+    codes = np.array(self.c.codes)
+    used = np.unique(np.asarray(self.fs.mapping))
+    codes[used[[0, 1]]] = codes[used[[1, 0]]]   # two values swap codes
+    check, _ = _certify(self.parts, self.c.model, self.fs,
+                        jnp.asarray(codes))
+    margins = np.asarray(check.storage.margins)
+    bad = np.isin(np.asarray(self.fs.mapping), used[[0, 1]])
+    self.assertTrue(np.all(margins[bad] <= 0))
+
+
+class ThresholdTest(absltest.TestCase):
+
+  def test_step_thresholds(self):
+    # Cuts at t = 0 (width 1) and t = 2 (width 0.5): s = 1/w, b = -a/w.
+    scale = np.array([0.0, 1.0, 2.0], np.float32)
+    bias = np.array([1.0, 0.0, -4.0], np.float32)
+    lo, hi = C.step_thresholds(scale, bias)
+    self.assertEqual(lo[0], -np.inf)
+    self.assertAlmostEqual(lo[1], 1.0, places=6)     # step 1 reaches 1
+    self.assertAlmostEqual(lo[2], 2.5, places=6)     # max of 1 and 2.5
+    self.assertAlmostEqual(hi[0], 0.0, places=6)     # min of 0 and 2
+    self.assertAlmostEqual(hi[1], 2.0, places=6)
+    self.assertEqual(hi[2], np.inf)
+    self.assertGreater(lo[1], 1.0)                   # rounded outwards
+    self.assertLess(hi[1], 2.0)
+    # Bucket 0's step must be the constant 1.
+    lo_bad, _ = C.step_thresholds(np.array([0.5, 1.0]), np.array([1.0, 0.0]))
+    self.assertTrue(np.all(lo_bad == np.inf))
+
+  def test_sparse_directions_are_powers_of_two(self):
+    dirs = gadgets.directions(jax.random.PRNGKey(0), 64)
+    for g, k in zip(dirs[:-1], gadgets.SPARSE_SUPPORTS):
+      g = np.asarray(g)
+      self.assertEqual(np.count_nonzero(g), k)
+      nz, c = C._projection_bound(g)
+      self.assertEqual(len(nz), k)
+      self.assertAlmostEqual(c, float(C.gamma(k)), places=15)
+    self.assertEqual(np.count_nonzero(np.asarray(dirs[-1])), 64)
+    self.assertGreater(C._projection_bound(np.asarray(dirs[-1]))[1],
+                       float(C.gamma(64)))
+
+
+@pytest.mark.slow
+class LargeTest(absltest.TestCase):
+
+  def test_65536_facts(self):
+    fs = F.random_factset(jax.random.PRNGKey(5), 65536, 64, 4096, tied=False,
+                          mapping='many_to_one')
+    c = ed.construct(fs, 0)
+    self.assertEqual(c.report.check, 'certificate')
+    lower = np.asarray(_certify(c.structure.gadgets, c.model, fs,
+                                c.codes)[0].storage.margins)
+    exact = np.asarray(_dense(c, fs).storage.margins)
+    self.assertGreater(lower.min(), 0.0)
+    self.assertTrue(np.all(lower <= exact))
+
+
+if __name__ == '__main__':
+  absltest.main()
