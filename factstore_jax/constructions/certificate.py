@@ -304,15 +304,18 @@ def certify(parts, model, assembled, keys, values, mapping, codes, *,
            float(np.linalg.norm(d_np)) * (1 + 1e-6), m, d_np.shape[0])
   tele = np.asarray(gadgets.telescope(parts.maps))           # stored w_up
 
-  def buckets():
-    """Per bucket: ``(o, rows, keys, exact code, its rounding bound,
-    |x| . A_o)`` in float64, with the prefix sums carried along."""
+  def buckets(only=None):
+    """Per bucket: ``(o, rows, exact code, its rounding bound, |x| . A_o)``
+    in float64, with the prefix sums carried along; ``only (N,)`` bool
+    restricts the rows."""
     prefix, prefix_abs = np.zeros((m, dim)), np.zeros((m, dim))
     g64d, g64o = float(gamma(dim + 1, U64)), float(gamma(n + 1, U64))
     for o in range(n):
       prefix += tele[o]
       prefix_abs += np.abs(tele[o])
       rows = index[o][valid[o]]
+      if only is not None:
+        rows = rows[only[rows]]
       if not rows.size:
         continue
       k = keys_np[rows].astype(np.float64)
@@ -330,9 +333,8 @@ def certify(parts, model, assembled, keys, values, mapping, codes, *,
   in_sample = np.zeros(n_keys, bool)
   in_sample[sample] = True
   exact_s = {}
-  for o, rows, code, err, _ in buckets():
-    pick = in_sample[rows]
-    for r, c, e in zip(rows[pick], code[pick], err[pick]):
+  for _, rows, code, err, _ in buckets(only=in_sample):
+    for r, c, e in zip(rows, code, err):
       exact_s[int(r)] = (c, e)
   dense = np.asarray(_encode(model, jnp.asarray(keys_np[sample])), np.float64)
   sampled = max((float(np.max(np.abs(dense[i] - exact_s[int(r)][0]) +
