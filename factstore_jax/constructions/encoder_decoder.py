@@ -143,9 +143,10 @@ class ConstructionReport(NamedTuple):
   params_per_fact: float
   bits_per_param: float
   accuracy: float
-  min_margin: float
+  min_margin: float            # certified lower bound (see `check`)
   min_normalized_margin: float
-  code_error: float            # max_i ||E(k_i) - c_f(i)||_inf
+  code_error: float            # max_i ||E(k_i) - c_f(i)||_inf (a bound
+                               # when check == 'certificate')
   rho_projected: float         # min rho of used values of V D
   min_gap: float               # smallest cut gap of the projections
   repaired_buckets: int
