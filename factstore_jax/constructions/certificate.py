@@ -271,9 +271,7 @@ def certify(parts, model, assembled, keys, values, mapping, codes, *,
   index = np.asarray(parts.buckets.index)
   valid = np.asarray(parts.buckets.valid)
   n = index.shape[0]
-  owner = np.zeros(n_keys, np.int64)
-  owner[index[valid]] = np.broadcast_to(np.arange(n)[:, None],
-                                        index.shape)[valid]
+  owner = gadgets.key_owner(index, valid, n_keys)   # -1: in no bucket
 
   # Steps.
   u = float(np.finfo(np.dtype(model.w_up.dtype)).eps) / 2   # model's roundoff
@@ -290,7 +288,7 @@ def certify(parts, model, assembled, keys, values, mapping, codes, *,
     kappa = (c_proj + float(gamma(len(nz), U64))) * a * (1 + 1e-12)
     o = owner[start:start + stream_size]
     room = np.minimum(t - kappa - lo[o], hi[o] - t - kappa)
-    steps_ok[start:start + stream_size] = room >= 0
+    steps_ok[start:start + stream_size] = (room >= 0) & (o >= 0)
     slack = min(slack, float(room.min()))
 
   # Values: projected table, closest rivals of every used value.

@@ -402,14 +402,6 @@ def _make_plan(structure, keys, slack) -> _Plan:
                origin=list(range(b.index.shape[0])))
 
 
-def _owner(index: np.ndarray, valid: np.ndarray, n_keys: int) -> np.ndarray:
-  """``(n_keys,)`` bucket of each key (``-1`` for none)."""
-  owner = np.full(n_keys, -1, np.int64)
-  rows = np.broadcast_to(np.arange(index.shape[0])[:, None], index.shape)
-  owner[index[valid]] = rows[valid]
-  return owner
-
-
 def _locate(plan: _Plan, t: float) -> int:
   """Bucket whose interval covers ``t`` (cut at the middle of each step)."""
   mids = plan.step_start[1:] + 0.5 * plan.step_width[1:]
@@ -636,7 +628,7 @@ def edit(construction: ed.Construction, factset: FactSet, changes, *,
   # Plan the bucket contents and steps on the host (finds duplicate keys).
   plan = _make_plan(structure, keys_np, structure.slack)
   if len(parsed.deletes) or updated:
-    owner = _owner(plan.index, plan.valid, n_keys)
+    owner = gadgets.key_owner(plan.index, plan.valid, n_keys)
     for i in parsed.deletes:
       plan.bucket(int(owner[i])).remove(int(i))
       plan.solve.add(int(owner[i]))
@@ -699,7 +691,7 @@ def edit(construction: ed.Construction, factset: FactSet, changes, *,
   # below bucket j also decides the keys of bucket j - 1.
   lowest = min([j for j in solved] +
                [max(j - 1, 0) for j in plan.regate - plan.solve])
-  owner = _owner(plan.index, plan.valid, n_facts)
+  owner = gadgets.key_owner(plan.index, plan.valid, n_facts)
   check = lambda p, mdl: _verify_from(p, mdl, factset_new, codes, owner,
                                       lowest, chunk_size)
   facts, margins, normalized, errs, ok, slack = check(new_parts, model)

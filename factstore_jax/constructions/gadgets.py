@@ -147,6 +147,18 @@ def make_buckets(key: Array, keys: Array, bucket_size: int, *,
   return Buckets(direction, index, valid, step_start, step_width, min_gap)
 
 
+def key_owner(index, valid, num_keys: int) -> np.ndarray:
+  """``(num_keys,)`` bucket of each key (``-1`` for none), host numpy.
+
+  ``index``/``valid (n, b)`` as in :class:`Buckets`.
+  """
+  index, valid = np.asarray(index), np.asarray(valid)
+  owner = np.full(num_keys, -1, np.int64)
+  rows = np.broadcast_to(np.arange(index.shape[0])[:, None], index.shape)
+  owner[index[valid]] = rows[valid]
+  return owner
+
+
 def split_bucket(buckets: Buckets, keys, j: int, *,
                  slack: float = 0.25) -> Buckets:
   """Bucket ``j`` split in two at its widest internal projection gap.
