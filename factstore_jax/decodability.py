@@ -7,16 +7,28 @@ For value ``i`` of a table ``V (P, d)``::
 equals the distance from the origin to the convex hull of ``{w_ij}_j``
 (``rho_i > 0`` iff ``v_i`` is a strict vertex of the hull of ``V``).
 
-Solver (batched over ``i`` with ``vmap``, chunked with ``lax.map`` so memory is
-``O(chunk * (P + K d))``; the ``P x P x d`` difference tensor is never built):
-an active set of ``K`` competitors per value, chosen by the current direction;
-pairwise Frank-Wolfe on the ``K x K`` Gram matrix of their normalised
-differences (min-norm point, warm-started); then one matmul
-``x @ V^T`` scores all ``P`` competitors, violators replace inactive slots,
-repeat. Each value gets a certificate: the primal margin achieved by its
-separator ``u_i = x_i / ||x_i||`` against *all* competitors (a lower bound on
-``rho_i``) and the dual bound ``||x_i||`` (an upper bound), whose gap is
-driven below ``tol``.
+Solver, per block of ``B`` values (``lax.map`` over blocks; every pass is a
+tiled matmul over all ``P`` competitors, reduced per subtile of ``S`` to its
+minimum, so no ``(B, P)`` array and no ``P x P x d`` tensor is built):
+
+1. *pool*: one pass scores every competitor against the start direction
+   ``v_i / |v_i|`` (exact, from ``V_B V^T`` and the norms) and keeps the
+   ``Kp`` lowest subtile minima as the value's candidate pool;
+2. *refine*: an active set of ``K`` pool members, pairwise Frank-Wolfe on
+   their ``K x K`` Gram matrix (min-norm point, warm-started), the pool
+   rescored and violators swapped into zero-weight slots, until the pool
+   gap is small;
+3. *certify*: one pass scores every competitor against ``x_i`` (from
+   ``[V_B; X_B] V^T``; the ``K`` lowest subtiles are rescored from exact
+   differences); a value whose gap is still above ``tol`` takes the most
+   violating competitors into its pool and repeats 2-3.
+
+Each value gets a certificate: the primal margin achieved by its separator
+``u_i = x_i / ||x_i||`` against *all* competitors (a lower bound on
+``rho_i``) and the dual bound ``||x_i||`` (the norm of a point of the hull of
+a subset, an upper bound), whose gap is driven below ``tol``. Cost per value:
+two or three passes of ``2 P d`` multiply-adds plus the Frank-Wolfe steps;
+``benchmarks/decodability.py`` times it against the previous solver.
 """
 
 from __future__ import annotations
@@ -33,6 +45,10 @@ from factstore_jax.precision import full_precision
 
 Array = jax.Array
 
+# Active-set refreshes within a value's candidate pool per certification pass
+# (each a pairwise Frank-Wolfe solve on the active set and one pool scoring).
+POOL_REFRESHES = 20
+
 
 class Decodability(NamedTuple):
   rho: Array         # (P,) certified lower bound on rho_i (primal margin)
@@ -46,39 +62,24 @@ class Decodability(NamedTuple):
     return jnp.min(self.rho)
 
 
-class _Outer(NamedTuple):
-  step: Array
-  cand: Array    # (K,) int competitor indices
-  lam: Array     # (K,) simplex weights
-  done: Array    # () bool
-  x: Array       # (d,) min-norm point of the last certificate
-  dual: Array    # () its norm
-  smin: Array    # () its smallest score against all competitors
+class _Table(NamedTuple):
+  """The centred, rescaled value table, zero-padded to whole tiles."""
+  values: Array   # (P', d); rows >= P are padding
+  sqnorm: Array   # (P',)
+  valid: Array    # (P',) bool, False on the padding
+  tile: int       # competitors per pass step (divides P')
+  subtile: int    # competitors per reduced slot (divides tile)
 
 
-def _top_k_indices(y: Array, k: int) -> Array:
-  """``jax.lax.top_k(y, k)[1]`` of a 1-D ``y``, exactly (ties included).
-
-  For long ``y`` a two-level selection: the ``k`` blocks with the largest
-  maxima (ties to the lower block) hold the ``k`` largest entries (ties to
-  the lower index), so one ``top_k`` over the block maxima and one over the
-  ``k`` selected blocks (kept in index order) replace a ``top_k`` over all
-  of ``y``; on CPU this is 2-3x faster at ``len(y) = 65,536``, ``k = 64``.
-  """
-  n = y.shape[0]
-  if n < 8192 or k < 1:
-    return jax.lax.top_k(y, k)[1]
-  block = 16
-  while block * block * k < n:  # block ~ sqrt(n / k)
-    block *= 2
-  if k * block * 4 > n:
-    return jax.lax.top_k(y, k)[1]
-  num_blocks = -(-n // block)
-  padded = jnp.pad(y, (0, num_blocks * block - n), constant_values=-jnp.inf)
-  blocks = padded.reshape(num_blocks, block)
-  chosen = jnp.sort(jax.lax.top_k(jnp.max(blocks, axis=1), k)[1])
-  pos = jax.lax.top_k(blocks[chosen].reshape(-1), k)[1]
-  return chosen[pos // block] * block + pos % block
+class _Round(NamedTuple):
+  step: Array      # () int
+  pool: Array      # (B, Kp) int competitor indices
+  act: Array       # (B, K) positions in the pool of the active set
+  lam: Array       # (B, K) simplex weights on the active set
+  done: Array      # (B,) bool
+  x: Array         # (B, d) min-norm point of the last certificate
+  dual: Array      # (B,) its norm
+  smin: Array      # (B,) its smallest score against all competitors
 
 
 def _pairwise_frank_wolfe(q: Array, lam: Array, tol: float,
@@ -86,10 +87,14 @@ def _pairwise_frank_wolfe(q: Array, lam: Array, tol: float,
   """Min of ``lam^T q lam`` over the simplex, from ``lam`` (one problem).
 
   ``q (K, K)`` is a Gram matrix of unit vectors. Stops when the Frank-Wolfe
-  gap, in rho units (``gap / ||x||``), is below ``tol``.
+  gap, in rho units (``gap / ||x||``), is below ``tol``. Each step moves
+  weight from the worst held point to the best point and updates
+  ``q lam`` from two columns of ``q`` (no ``K x K`` product per step).
   """
+  ar = jnp.arange(lam.shape[0])
+
   def gap_of(lam, qlam):
-    sq = jnp.maximum(lam @ qlam, 0.0)
+    sq = jnp.maximum(jnp.sum(lam * qlam), 0.0)
     return (sq - jnp.min(qlam)) / jnp.maximum(jnp.sqrt(sq), 1e-12)
 
   def cond(state):
@@ -100,98 +105,215 @@ def _pairwise_frank_wolfe(q: Array, lam: Array, tol: float,
     t, lam, qlam = state
     s = jnp.argmin(qlam)
     a = jnp.argmax(jnp.where(lam > 0, qlam, -jnp.inf))
-    curv = q[s, s] + q[a, a] - 2 * q[s, a]
+    q_s, q_a = q[s], q[a]
+    curv = q_s[s] + q_a[a] - 2 * q_s[a]
+    lam_a = jnp.sum(jnp.where(ar == a, lam, 0.0))
     step = (qlam[a] - qlam[s]) / jnp.maximum(curv, 1e-12)
-    step = jnp.clip(step, 0.0, lam[a])
-    lam = lam.at[s].add(step).at[a].add(-step)
+    step = jnp.clip(step, 0.0, lam_a)
+    lam = lam + step * ((ar == s).astype(lam.dtype) - (ar == a).astype(lam.dtype))
     lam = jnp.where(lam < 1e-12, 0.0, lam)  # keeps the support tight
-    qlam = q @ lam
-    return t + 1, lam, qlam
+    return t + 1, lam, qlam + step * (q_s - q_a)
 
   _, lam, _ = jax.lax.while_loop(cond, body, (0, lam, q @ lam))
   return lam
 
 
-def _solve_one(i: Array, values: Array, sqnorm: Array, *,
-               num_candidates: int, tol: float, atol: float, floor: float,
-               max_outer: int, max_inner: int):
-  """Separator, primal and dual of value ``i`` (vmapped by the caller)."""
+def _table(values: Array, pool: int) -> _Table:
+  """Centres and rescales ``values`` (rho is invariant) and pads to tiles.
+
+  One slot per subtile of ``S`` competitors survives a pass; ``S`` is kept
+  small enough (``P / S >= 4 x pool``) that a pool member rarely loses its
+  slot to a better competitor in the same subtile.
+  """
   num_values = values.shape[0]
-  k = num_candidates
-  vi = values[i]
-  others = jnp.arange(num_values)
-  excluded = others == i
-  dist = jnp.sqrt(jnp.maximum(sqnorm[i] + sqnorm - 2 * (values @ vi), 0.0))
-  safe_dist = jnp.where(excluded, 1.0, jnp.maximum(dist, 1e-30))
+  subtile = int(min(8, max(1, num_values // (4 * pool))))
+  tile = min(4096, -(-num_values // subtile) * subtile)
+  padded = -(-num_values // tile) * tile
+  values = values - jnp.mean(values, axis=0)
+  values = values / jnp.maximum(jnp.max(jnp.abs(values)), 1e-30)
+  values = jnp.pad(values, ((0, padded - num_values), (0, 0)))
+  valid = jnp.arange(padded) < num_values
+  return _Table(values, jnp.sum(values**2, axis=1), valid, tile, subtile)
 
-  def scores(x):  # <x, w_ij> for every j, self at +inf.
-    s = (x @ vi - values @ x) / safe_dist
-    return jnp.where(excluded, jnp.inf, s)
 
-  def differences(cand):  # exact normalised differences (K, d) and norms.
-    diff = vi[None, :] - values[cand]
-    norm = jnp.linalg.norm(diff, axis=1)
-    return diff / jnp.maximum(norm, 1e-30)[:, None], norm
+def _ordered_int(x: Array) -> Array:
+  """float32 -> int32 with the same order (``-0.0 < +0.0``)."""
+  i = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  return jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)
 
-  # Initial active set: half nearest neighbours, half best-scored by v_i
-  # (values are centred, so v_i points away from the mean).
-  x0 = vi
-  x0 = x0 / jnp.maximum(jnp.linalg.norm(x0), 1e-30)
-  near = _top_k_indices(-jnp.where(excluded, jnp.inf, dist), k - k // 2)
-  taken = excluded.at[near].set(True)
-  best = _top_k_indices(-jnp.where(taken, jnp.inf, scores(x0)), k // 2)
-  cand0 = jnp.concatenate([near, best])
-  w0, _ = differences(cand0)
-  lam0 = jax.nn.one_hot(jnp.argmin(w0 @ x0), k, dtype=values.dtype)
 
-  def certificate(cand, lam):
-    w, _ = differences(cand)
-    x = lam @ w
-    dual = jnp.linalg.norm(x)
-    s = scores(x)
-    # Recompute the K smallest scores from exact differences (Gram-based
-    # distances lose precision for near neighbours).
-    worst = _top_k_indices(-s, k)
-    w_worst, _ = differences(worst)
-    s = s.at[worst].set(w_worst @ x)
-    return x, dual, s
+def _ordered_float(i: Array) -> Array:
+  """Inverse of :func:`_ordered_int`."""
+  i = jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)
+  return jax.lax.bitcast_convert_type(i, jnp.float32)
 
-  def cond(state: _Outer):
-    return (state.step < max_outer) & ~state.done
 
-  def body(state: _Outer):
-    w, _ = differences(state.cand)
-    lam = _pairwise_frank_wolfe(w @ w.T, state.lam, tol / 4, max_inner)
-    x, dual, s = certificate(state.cand, lam)
-    primal = jnp.min(s) / jnp.maximum(dual, 1e-30)
-    done = (dual - primal <= tol) | (dual <= max(atol, floor))
-    # Replace inactive slots by the most violating competitors not yet held.
-    held = jnp.zeros(num_values, bool).at[state.cand].max(lam > 0)
-    new = _top_k_indices(-jnp.where(held, jnp.inf, s), k)
-    free = lam <= 0
-    rank = jnp.clip(jnp.cumsum(free) - 1, 0, k - 1)
-    cand = jnp.where(free, new[rank], state.cand)
-    cand = jnp.where(done, state.cand, cand)
-    return _Outer(state.step + 1, cand, lam, done, x, dual, jnp.min(s))
+def _sweep(table: _Table, own: Array, lhs: Array, score) -> tuple[Array, Array]:
+  """One pass over every competitor, reduced to a minimum per subtile.
 
-  zero = jnp.zeros((), values.dtype)
-  state = jax.lax.while_loop(
-      cond, body, _Outer(jnp.array(0), cand0, lam0, jnp.array(False),
-                         jnp.zeros_like(vi), zero, zero))
-  if max_outer > 0:
-    # The last step's certificate is the final one: a step that is not done
-    # only replaces competitors of zero weight, which leaves x unchanged.
-    x, dual, smin = state.x, state.dual, state.smin
-  else:
-    x, dual, s = certificate(state.cand, state.lam)
-    smin = jnp.min(s)
-  u = x / jnp.maximum(dual, 1e-30)
+  Args:
+    table: the padded value table.
+    own: ``(B,)`` the rows' own indices (their ``j = i`` entry is skipped).
+    lhs: ``(R, d)`` vectors multiplied with every competitor; the first
+      ``B`` are the rows' own values.
+    score: ``score(prod (R, T), sq (T,)) -> (B, T)`` scores a tile from
+      ``prod = lhs @ tile.T`` and the tile's squared norms.
+
+  Returns:
+    ``(mins, index)``, both ``(B, P' / S)``: each subtile's smallest score
+    (``+inf`` for padding and ``j = i``) and the competitor that has it.
+    The tile loop keeps the working set in cache: one ``(R, d) x (d, T)``
+    product per step, no ``(B, P)`` array.
+  """
+  tile, sub = table.tile, table.subtile
+  b = own.shape[0]
+  bits = max(1, (sub - 1).bit_length())
+
+  def step(t):
+    vt = jax.lax.dynamic_slice_in_dim(table.values, t * tile, tile)
+    sqt = jax.lax.dynamic_slice_in_dim(table.sqnorm, t * tile, tile)
+    ok = jax.lax.dynamic_slice_in_dim(table.valid, t * tile, tile)
+    j = t * tile + jnp.arange(tile)
+    s = score(lhs @ vt.T, sqt)
+    s = jnp.where(ok[None, :] & (j[None, :] != own[:, None]), s, jnp.inf)
+    if sub == 1:
+      return s, jnp.broadcast_to(j, s.shape)
+    # argmin per subtile as one integer min: the score's order-preserving
+    # int32 image with its position in the low bits (rounded down, so the
+    # decoded score never exceeds the true one).
+    key = _ordered_int(s) & ~(2**bits - 1) | (j % sub)[None, :]
+    key = jnp.min(key.reshape(b, tile // sub, sub), axis=2)
+    return (_ordered_float(key & ~(2**bits - 1)),
+            j[::sub][None, :] + (key & (2**bits - 1)))
+
+  mins, index = jax.lax.map(step, jnp.arange(table.values.shape[0] // tile))
+  return (jnp.moveaxis(mins, 0, 1).reshape(b, -1),
+          jnp.moveaxis(index, 0, 1).reshape(b, -1))
+
+
+def _solve_block(table: _Table, own: Array, *, num_candidates: int,
+                 pool_size: int, tol: float, atol: float, floor: float,
+                 max_outer: int, max_inner: int):
+  """Separators, primal and dual bounds of the values ``own (B,)``."""
+  k, kp = num_candidates, pool_size
+  vals = table.values
+  vb, sqb = vals[own], table.sqnorm[own]
+  stop = max(atol, floor)
+
+  # Pass 1: the pool, the kp competitors scoring lowest against the start
+  # direction x0 = v_i / |v_i| (values are centred, so v_i points away from
+  # the mean). Competitors at a distance the Gram-based d^2 cannot resolve
+  # (within its rounding, ~u (|v_i|^2 + |v_j|^2)) come first: the pool's
+  # exact differences then tell duplicates from close neighbours.
+  eps = 64 * float(jnp.finfo(vals.dtype).eps)
+  def start_score(gram, sqt):
+    total = sqb[:, None] + sqt[None, :]
+    d2 = total - 2 * gram
+    s = (sqb[:, None] - gram) * jax.lax.rsqrt(jnp.maximum(d2, 1e-30))
+    return jnp.where(d2 <= eps * total, -jnp.inf, s)
+  key, index = _sweep(table, own, vb, start_score)
+  pool = jnp.take_along_axis(index, jax.lax.top_k(-key, kp)[1], axis=1)
+
+  def differences(cand):  # (B, n) -> exact normalised (B, n, d), norms
+    diff = vb[:, None, :] - vals[cand]
+    norm = jnp.linalg.norm(diff, axis=-1)
+    return diff / jnp.maximum(norm, 1e-30)[..., None], norm
+
+  def refine(w, act, lam):  # active-set min-norm point over one pool
+    def cond(state):
+      t, _, _, done = state
+      return (t < POOL_REFRESHES) & ~done
+
+    def body(state):
+      t, act, lam, _ = state
+      wa = w[act]
+      lam = _pairwise_frank_wolfe(wa @ wa.T, lam, tol / 2, max_inner)
+      x = lam @ wa
+      dual = jnp.linalg.norm(x)
+      s = w @ x
+      done = (dual - jnp.min(s) / jnp.maximum(dual, 1e-30) <= 0.75 * tol) | (
+          dual <= stop)
+      # Zero-weight slots take the pool's most violating non-members.
+      held = jnp.zeros(kp, bool).at[act].max(lam > 0)
+      new = jax.lax.top_k(-jnp.where(held, jnp.inf, s), k)[1]
+      free = lam <= 0
+      rank = jnp.clip(jnp.cumsum(free) - 1, 0, k - 1)
+      act = jnp.where(done | ~free, act, new[rank])
+      return t + 1, act, lam, done
+
+    _, act, lam, _ = jax.lax.while_loop(
+        cond, body, (0, act, lam, jnp.array(False)))
+    return act, lam
+
+  def certify(x):  # (B, d) -> smallest exact-ish score over all competitors
+    xv = jnp.sum(x * vb, axis=1)
+    def score(prod, sqt):
+      gram, cross = prod[:own.shape[0]], prod[own.shape[0]:]
+      d2 = jnp.maximum(sqb[:, None] + sqt[None, :] - 2 * gram, 0.0)
+      return (xv[:, None] - cross) * jax.lax.rsqrt(jnp.maximum(d2, 1e-30))
+    mins, index = _sweep(table, own, jnp.concatenate([vb, x]), score)
+    # Gram-based distances lose precision for near neighbours: rescore the
+    # k lowest slots from exact differences.
+    worst = jax.lax.top_k(-mins, min(k, mins.shape[1]))[1]
+    w_worst, _ = differences(jnp.take_along_axis(index, worst, axis=1))
+    exact = jnp.einsum('bnd,bd->bn', w_worst, x)
+    mins = jax.vmap(lambda m, i, e: m.at[i].set(e))(mins, worst, exact)
+    return mins, index
+
+  # A competitor within rounding of v_i (rows equal in the input can differ
+  # by an ulp once centred and rescaled under jit) is a duplicate.
+  w, norm = differences(pool)
+  scale = jnp.sqrt(sqb)[:, None] + jnp.sqrt(table.sqnorm[pool])
+  has_duplicate = jnp.any(norm <= eps * scale, axis=1)
+  act0 = jnp.broadcast_to(jnp.arange(k), (own.shape[0], k))
+  x0 = vb / jnp.maximum(jnp.sqrt(sqb), 1e-30)[:, None]
+  first = jnp.argmin(jnp.einsum('bkd,bd->bk', w[:, :k], x0), axis=1)
+  lam0 = jax.nn.one_hot(first, k, dtype=vals.dtype)
+
+  def cond(state: _Round):
+    return (state.step < max_outer) & ~jnp.all(state.done)
+
+  def body(state: _Round):
+    w, _ = differences(state.pool)
+    act, lam = jax.vmap(refine)(w, state.act, state.lam)
+    x = jnp.einsum('bk,bkd->bd', lam, jnp.take_along_axis(
+        w, act[..., None], axis=1))
+    dual = jnp.linalg.norm(x, axis=1)
+    mins, index = certify(x)
+    smin = jnp.min(mins, axis=1)
+    primal = smin / jnp.maximum(dual, 1e-30)
+    done = (dual - primal <= tol) | (dual <= stop)
+    # Open values: the k most violating competitors outside the pool
+    # replace its highest-scoring non-support members.
+    viol = jnp.take_along_axis(
+        index, jax.lax.top_k(-mins, min(k, mins.shape[1]))[1], axis=1)
+    fresh = ~jnp.any(viol[:, :, None] == state.pool[:, None, :], axis=2)
+    held = jax.vmap(lambda a, l: jnp.zeros(kp, bool).at[a].max(l > 0))(
+        act, lam)
+    s_pool = jnp.einsum('bnd,bd->bn', w, x)
+    slots = jax.lax.top_k(jnp.where(held, -jnp.inf, s_pool), k)[1]
+    replaced = jnp.where(fresh, viol, jnp.take_along_axis(
+        state.pool, slots, axis=1))
+    pool = jax.vmap(lambda p, s, r: p.at[s].set(r))(state.pool, slots,
+                                                    replaced)
+    keep = state.done
+    sel = lambda old, new: jnp.where(
+        keep.reshape(keep.shape + (1,) * (new.ndim - 1)), old, new)
+    return _Round(state.step + 1, sel(state.pool, pool), sel(state.act, act),
+                  sel(state.lam, lam), keep | done, sel(state.x, x),
+                  sel(state.dual, dual), sel(state.smin, smin))
+
+  zero = jnp.zeros(own.shape, vals.dtype)
+  state = jax.lax.while_loop(cond, body, _Round(
+      jnp.array(0), pool, act0, lam0, jnp.zeros(own.shape, bool),
+      jnp.zeros_like(vb), zero, zero))
+  x, dual, smin = state.x, state.dual, state.smin
+  u = x / jnp.maximum(dual, 1e-30)[:, None]
   primal = smin / jnp.maximum(dual, 1e-30)
   # An exact duplicate of v_i (or a min-norm point at the origin) means no
   # direction separates it: report rho <= 0.
-  has_duplicate = jnp.min(jnp.where(excluded, jnp.inf, dist)) <= 0.0
-  zero = (dual <= atol) | has_duplicate
-  primal = jnp.where(zero, jnp.minimum(primal, 0.0), primal)
+  zero_norm = (dual <= atol) | has_duplicate
+  primal = jnp.where(zero_norm, jnp.minimum(primal, 0.0), primal)
   primal = jnp.where(has_duplicate, 0.0, primal)
   dual = jnp.where(has_duplicate, 0.0, dual)
   return u, primal, dual
@@ -201,6 +323,7 @@ def _solve_one(i: Array, values: Array, sqnorm: Array, *,
 def decodability(values: Array, *, num_candidates: int | None = None,
                  tol: float = 1e-3, atol: float = 1e-6,
                  floor: float = 0.0, chunk_size: int | None = None,
+                 pool_size: int | None = None,
                  max_outer: int = 20, max_inner: int = 2000,
                  indices=None, stream_size: int | None = None,
                  abort=None, progress=None) -> Decodability | None:
@@ -220,11 +343,13 @@ def decodability(values: Array, *, num_candidates: int | None = None,
     atol: a dual bound at or below this means "not decodable".
     floor: stop refining a value once its dual bound is <= ``floor`` (its
       rho is then known to be below the floor; its gap may exceed ``tol``).
-    chunk_size: values solved at once (memory ``O(chunk * (P + K d))``);
-      default 32 on CPU (a vmapped chunk runs until its slowest value
-      converges: at P = 4,096, d = 32 chunks of 8-64 took 3.4-3.8 s, of 256
-      6.0 s), 256 elsewhere (parallel lanes).
-    max_outer: active-set refreshes; ``max_inner``: Frank-Wolfe steps each.
+    chunk_size: values solved at once, ``B`` (memory
+      ``O(B (Kp d + P / S))``); default 64 on CPU, 256 elsewhere. A block
+      runs until its slowest value is certified.
+    pool_size: candidate pool per value, ``Kp`` (clipped to ``P - 1``,
+      at least ``2 K``); default ``max(512, 4 K)``; doubled with ``K``.
+    max_outer: certification passes per value (and active-set refreshes
+      within the pool per pass); ``max_inner``: Frank-Wolfe steps each.
     indices: optional ``(S,)`` values to solve (against all competitors);
       the result then has ``S`` rows instead of ``P``.
     stream_size: outside ``jit`` only: solve at most this many values per
@@ -241,8 +366,11 @@ def decodability(values: Array, *, num_candidates: int | None = None,
     (``None`` if ``abort`` stopped it).
   """
   values = jnp.asarray(values)
+  if max_outer < 1 or max_inner < 1:
+    raise FactStoreError(f'max_outer and max_inner must be >= 1, got '
+                         f'{max_outer} and {max_inner}')
   if chunk_size is None:
-    chunk_size = 32 if jax.default_backend() == 'cpu' else 256
+    chunk_size = 64 if jax.default_backend() == 'cpu' else 256
   if values.ndim != 2 or values.shape[0] < 2:
     raise FactStoreError(
         f'values must have shape (P, d) with P >= 2, got {values.shape}')
@@ -250,74 +378,87 @@ def decodability(values: Array, *, num_candidates: int | None = None,
   if num_candidates is None:
     num_candidates = min(max(values.shape[1] // 2, 64), 256)
   k = max(1, min(num_candidates, num_values - 1))
+  if pool_size is None:
+    pool_size = max(512, 4 * k)
+  pool_size = max(2 * k, pool_size)
   if indices is None:
     indices = jnp.arange(num_values)
   indices = jnp.asarray(indices, jnp.int32)
-  def solve(idx, k):
+  base_k = k
+  traced = any(isinstance(a, jax.core.Tracer) for a in (values, indices))
+  k_max = min(num_values - 1, values.shape[1] + 1)
+
+  def solve(idx, k, rounds):
     static = dict(num_candidates=k, tol=tol, atol=atol, floor=floor,
+                  pool_size=min(num_values - 1, pool_size * k // base_k),
                   chunk_size=max(1, min(chunk_size, idx.shape[0])),
-                  max_outer=max_outer, max_inner=max_inner)
-    if isinstance(values, jax.core.Tracer) or isinstance(idx, jax.core.Tracer):
+                  max_outer=rounds, max_inner=max_inner)
+    if traced:
       return _decodability(values, idx, **static)
     # Outside jit: values split over the local devices, whole chunks each.
     return sweep.shard_rows(_decodability, (values,), (idx,),
                             static_kwargs=static,
                             row_multiple=static['chunk_size'])
+
+  def finish(idx):
+    result = solve(idx, k, max_outer)
+    # Outside jit: values whose certificate is still open may need a larger
+    # active set (the support can hold up to d + 1 competitors, e.g. all
+    # P - 1 for orthonormal values); re-solve just those with K (and the
+    # pool) doubled.
+    k_retry = k
+    while k_retry < k_max and not traced:
+      gap, dual = np.asarray(result.gap), np.asarray(result.dual_bound)
+      open_ = np.flatnonzero((gap > tol) & (dual > max(atol, floor)))
+      if not open_.size:
+        break
+      k_retry = min(2 * k_retry, k_max)
+      again = solve(idx[open_], k_retry, max_outer)
+      result = Decodability(*(
+          full.at[open_].set(part) for full, part in zip(result, again)))
+    return result
+
   total = indices.shape[0]
   if stream_size is None or stream_size >= total:
-    result = solve(indices, k)
+    result = finish(indices)
     if abort is not None and abort(np.arange(total), result):
       return None
     if progress is not None:
       jax.block_until_ready(result)
       progress(total, total)
-  else:
-    # Chunk boundaries on multiples of chunk_size: every value is batched
-    # with the same neighbours as in a single call.
-    step = -(-max(stream_size, 1) // chunk_size) * chunk_size
-    parts = []
-    for start in range(0, total, step):
-      rows = np.arange(start, min(start + step, total))
-      part = solve(indices[start:start + step], k)
-      if abort is not None and abort(rows, part):
-        return None
-      parts.append(part)
-      if progress is not None:
-        jax.block_until_ready(part)
-        progress(int(rows[-1]) + 1, total)
-    result = Decodability(*(jnp.concatenate(f) for f in zip(*parts)))
-  # Outside jit: values whose certificate is still open may need a larger
-  # active set (the support can hold up to d + 1 competitors, e.g. all P - 1
-  # for orthonormal values); re-solve just those with K doubled.
-  k_max = min(num_values - 1, values.shape[1] + 1)
-  while k < k_max:
-    try:
-      gap, dual = np.asarray(result.gap), np.asarray(result.dual_bound)
-    except (jax.errors.TracerArrayConversionError,
-            jax.errors.ConcretizationTypeError):
-      break
-    open_ = np.flatnonzero((gap > tol) & (dual > max(atol, floor)))
-    if not open_.size:
-      break
-    k = min(2 * k, k_max)
-    again = solve(indices[open_], k)
-    result = Decodability(*(
-        full.at[open_].set(part) for full, part in zip(result, again)))
-  return result
+    return result
+  # Chunk boundaries on multiples of chunk_size: every value is batched with
+  # the same neighbours as in a single call.
+  step = -(-max(stream_size, 1) // chunk_size) * chunk_size
+  parts = []
+  for start in range(0, total, step):
+    rows = np.arange(start, min(start + step, total))
+    part = finish(indices[start:start + step])
+    if abort is not None and abort(rows, part):
+      return None
+    parts.append(part)
+    if progress is not None:
+      jax.block_until_ready(part)
+      progress(int(rows[-1]) + 1, total)
+  return Decodability(*(jnp.concatenate(f) for f in zip(*parts)))
 
 
-@jax.jit(static_argnames=('num_candidates', 'tol', 'atol', 'floor',
-                          'chunk_size', 'max_outer', 'max_inner'))
+@jax.jit(static_argnames=('num_candidates', 'pool_size', 'tol', 'atol',
+                          'floor', 'chunk_size', 'max_outer', 'max_inner'))
 @full_precision
-def _decodability(values, indices, *, num_candidates, tol, atol, floor, chunk_size,
-                  max_outer, max_inner):
-  values = values - jnp.mean(values, axis=0)
-  values = values / jnp.maximum(jnp.max(jnp.abs(values)), 1e-30)
-  sqnorm = jnp.sum(values**2, axis=1)
-  solve = lambda i: _solve_one(
-      i, values, sqnorm, num_candidates=num_candidates, tol=tol,
-      atol=atol, floor=floor, max_outer=max_outer, max_inner=max_inner)
-  u, primal, dual = jax.lax.map(solve, indices, batch_size=chunk_size)
+def _decodability(values, indices, *, num_candidates, pool_size, tol, atol,
+                  floor, chunk_size, max_outer, max_inner):
+  table = _table(values, pool_size)
+  num = indices.shape[0]
+  blocks = -(-num // chunk_size)
+  own = jnp.pad(indices, (0, blocks * chunk_size - num), mode='edge')
+  solve = lambda rows: _solve_block(
+      table, rows, num_candidates=num_candidates, pool_size=pool_size,
+      tol=tol, atol=atol, floor=floor, max_outer=max_outer,
+      max_inner=max_inner)
+  u, primal, dual = jax.lax.map(solve, own.reshape(blocks, chunk_size))
+  u = u.reshape(-1, u.shape[-1])[:num]
+  primal, dual = primal.reshape(-1)[:num], dual.reshape(-1)[:num]
   return Decodability(rho=primal, separators=u, dual_bound=dual,
                       gap=dual - primal, decodable=primal > atol)
 

@@ -23,7 +23,8 @@ from factstore_jax.factsets import (FactSet, _first_copy, many_to_one_map,
 from factstore_jax.threads import single_threaded_blas
 # Import names: ``factstore_jax.decodability`` the package attribute is the
 # re-exported function.
-from factstore_jax.decodability import _top_k_indices, decodability
+from factstore_jax.constructions.certificate import _top_k_indices
+from factstore_jax.decodability import decodability
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +44,7 @@ def test_top_k_blocked_equals_top_k_with_ties():
   y = jnp.round(jax.random.normal(jax.random.key(1), (3, 20001)) * 20) / 20
   y = y.at[0, :5000].set(-jnp.inf).at[1, 7:30000:3].set(jnp.inf)
   for row in y:
-    for k in (5, 64):
+    for k in (5, 17, 64):
       np.testing.assert_array_equal(
           np.asarray(_top_k_indices(row, k)),
           np.asarray(jax.lax.top_k(row, k)[1]))
@@ -193,10 +194,12 @@ _MULTI_DEVICE = textwrap.dedent('''
     ed.STREAM_BUCKETS = 40  # several sharded calls, 40 = 3 * 13 + 1 buckets
     c = ed.construct(fs, 0, bucket_size=6)
     r = c.report
-    # One call of the jitted solver on one device, as the reference.
-    one = dec._decodability(fs.values, np.arange(300), num_candidates=64,
-                            tol=1e-3, atol=1e-6, floor=0.0, chunk_size=32,
-                            max_outer=20, max_inner=2000)
+    # The same solver on this process's first device only, as the reference.
+    from unittest import mock
+    from factstore_jax import sweep
+    with mock.patch.object(sweep, 'local_mesh',
+                           lambda: sweep.batch_mesh(jax.local_devices()[:1])):
+      one = dec.decodability(fs.values, num_candidates=64)
     split = dec.decodability(fs.values, num_candidates=64)
     np.savez(sys.argv[1], accuracy=r.accuracy, **t._saved(c),
              rho_one=one.rho, rho_split=split.rho,

