@@ -1,4 +1,6 @@
-"""Facts-per-parameter scaling: W* vs N for every method (DESIGN §5).
+"""Facts-per-parameter scaling: W* vs N for every method.
+
+See docs/design.md, "Capacity and scaling".
 
 For each geometry (isotropic: tied spherical keys/values; anisotropic: a
 rank-1 spike of strength ``beta`` on keys and values), dimension d, size

@@ -1,5 +1,5 @@
 r"""Fact editing in a 1-layer Transformer: MLP swap vs ROME / MEMIT / AlphaEdit
-/ fine-tuning, one harness (DESIGN §7).
+/ fine-tuning, one harness (docs/design.md, "Fact editing").
 
 Base: the synthetic relation of :mod:`factstore_jax.editing.relation`
 (``--num_facts`` books onto ``--num_objects`` authors, 8 training and 4

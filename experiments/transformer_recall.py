@@ -3,7 +3,7 @@ r"""Recall of a 1-layer Transformer through a plugged-in fact MLP.
 For each method (closed-form encoder-decoder, GD MLP, Hebbian ridge), size
 (d, N) and seed: the fact MLP at the method's standalone W* (built for the
 whole vocabulary, see ``transformer_common``), then both schedules of
-DESIGN §6:
+docs/design.md, "Transformers and usability":
 
 * (a) attention trained on key copy with the identity MLP, the fact MLP
   inserted untouched;
@@ -38,7 +38,8 @@ flags.DEFINE_list('num_facts', ['512'], 'Fact counts N.')
 flags.DEFINE_list('seeds', ['0'], 'Seeds.')
 flags.DEFINE_list('methods', ['encoder_decoder', 'gd', 'hebbian_ridge'],
                   'Fact-MLP methods (see factstore_jax.methods).')
-flags.DEFINE_list('schedules', ['a', 'b'], 'Schedules (DESIGN §6).')
+flags.DEFINE_list('schedules', ['a', 'b'],
+                  'Schedules (docs/design.md, "Transformers and usability").')
 flags.DEFINE_integer('num_junk', 4, 'Junk vocabulary size J.')
 flags.DEFINE_integer('context_len', 4, 'Junk tokens L on each side of K.')
 flags.DEFINE_integer('steps', 3000, 'Attention training steps.')

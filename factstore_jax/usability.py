@@ -1,4 +1,6 @@
-"""Usability instruments of a fact MLP (DESIGN §6): can attention use it.
+"""Usability instruments of a fact MLP: can attention use it.
+
+See docs/design.md, "Transformers and usability".
 
 A Transformer's attention delivers a noisy key ``norm(h_Q) ≈ k`` to the fact
 MLP. Whether the MLP still recalls the fact depends on how far the delivered
@@ -571,9 +573,9 @@ class NoiseFloor(NamedTuple):
 def noise_floor(inputs: Array, targets: Array) -> NoiseFloor:
   """Distance statistics of delivered vectors from the true keys.
 
-  The attention noise floor of DESIGN §6: ``inputs`` are what attention
-  delivers to the MLP (already normalised by the caller, e.g.
-  ``norm(h_Q)``), ``targets`` the keys they should be.
+  The attention noise floor: ``inputs`` are what attention delivers to the
+  MLP (already normalised by the caller, e.g. ``norm(h_Q)``), ``targets``
+  the keys they should be.
 
   Args:
     inputs: ``(M, d)`` delivered vectors.

@@ -1,4 +1,6 @@
-"""Tests for the NTK and Hebbian / bilinear baselines (DESIGN §4).
+"""Tests for the NTK and Hebbian / bilinear baselines.
+
+See docs/design.md, "Baselines".
 
 Shapes are small and shared between tests on purpose: on a 2-core CPU most of
 the time goes to XLA compilation, which is cached per shape.

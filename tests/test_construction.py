@@ -1,4 +1,6 @@
-"""Tests for the closed-form encoder-decoder construction (DESIGN §3).
+"""Tests for the closed-form encoder-decoder construction.
+
+See docs/design.md, "The closed-form encoder–decoder".
 
 Every construction is checked twice: by the library's own report and by an
 independent dense evaluation of the folded gated MLP

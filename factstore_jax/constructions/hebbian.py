@@ -1,4 +1,4 @@
-"""Hebbian / bilinear random-feature baselines (DESIGN §4).
+"""Hebbian / bilinear random-feature baselines (docs/design.md, "Baselines").
 
 Features ``phi(x) = (A_0 x) * (A_1 x) / sqrt(m)`` with ``A_0, A_1 (m, d)``
 and a linear readout ``g(x) = W phi(x)``, ``W (d, m)``. Targets are

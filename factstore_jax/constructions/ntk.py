@@ -1,4 +1,6 @@
-"""NTK / associative-memory baseline (Nichani, Lee, Bietti 2024; DESIGN §4).
+"""NTK / associative-memory baseline (Nichani, Lee, Bietti 2024).
+
+See docs/design.md, "Baselines".
 
 The MLP is ``g(x) = D[(U x) * relu(G x)]`` with
 
@@ -23,7 +25,7 @@ degrees alternating in sign, and ``c_k = 0`` for odd ``k >= 3`` (``relu(z) -
 z/2 = |z|/2`` is even). So with the relu gate odd degrees ``k >= 3`` carry no
 signal in expectation (storage rests on fluctuations: near-chance accuracy)
 and ``k = 4, 8, ...`` store with the wrong sign (accuracy near 0). Degrees 1
-and 2 are the useful ones; the formula is kept as specified (DESIGN §4).
+and 2 are the useful ones; the formula is kept as the baseline specifies it.
 
 Widths are nested: unit ``r``'s random weights depend only on ``(key, r)``,
 so the width-``m`` MLP holds the first ``m`` units of any wider one (up to

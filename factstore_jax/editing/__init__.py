@@ -1,4 +1,4 @@
-"""Fact editing inside a Transformer (DESIGN §7).
+"""Fact editing inside a Transformer (docs/design.md, "Fact editing").
 
 ``locate``: ROME, MEMIT and AlphaEdit updates of an MLP's down-projection.
 ``relation``: the synthetic relation task and its base model.

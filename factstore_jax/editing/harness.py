@@ -1,4 +1,6 @@
-"""One harness for every fact-editing method, one evaluation (DESIGN §7).
+"""One harness for every fact-editing method, one evaluation.
+
+See docs/design.md, "Fact editing".
 
 An edit set changes the object of some facts of a :class:`~.relation.Relation`.
 Each method turns the base model into an edited copy:

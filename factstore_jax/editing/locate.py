@@ -1,4 +1,6 @@
-"""Locate-and-edit updates of a gated MLP's down-projection (DESIGN §7).
+"""Locate-and-edit updates of a gated MLP's down-projection.
+
+See docs/design.md, "Fact editing".
 
 ROME (Meng et al. 2022), MEMIT (Meng et al. 2023) and AlphaEdit (Fang et al.
 2025) in this project's row-vector convention (as in :mod:`factstore_jax.mlp`):

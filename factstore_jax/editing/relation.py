@@ -1,4 +1,6 @@
-"""A synthetic relation in templates, and its 1-layer base model (DESIGN §7).
+"""A synthetic relation in templates, and its 1-layer base model.
+
+See docs/design.md, "Fact editing".
 
 The relation is "⟨book⟩ was written by ⟨author⟩": ``N`` subject tokens (books)
 each map to one of ``M`` object tokens (authors); both are atomic tokens with

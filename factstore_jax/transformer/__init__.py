@@ -1,4 +1,6 @@
-"""A 1-layer, 1-head Transformer with a pluggable fact MLP (DESIGN §6).
+"""A 1-layer, 1-head Transformer with a pluggable fact MLP.
+
+See docs/design.md, "Transformers and usability".
 
 * :mod:`.data` — vocabulary (keys, values, junk and query tokens as rows of
   one frozen embedding table) and the on-device ``junk^L K junk^L Q -> V``

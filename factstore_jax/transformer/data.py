@@ -1,4 +1,6 @@
-"""Vocabulary and the ``junk^L K junk^L Q -> V`` recall task (DESIGN §6).
+"""Vocabulary and the ``junk^L K junk^L Q -> V`` recall task.
+
+See docs/design.md, "Transformers and usability".
 
 Token embeddings are tied and frozen: the fact keys and values *are* rows of
 the embedding table. Layout of the ``V`` rows::

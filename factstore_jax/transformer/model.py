@@ -1,4 +1,6 @@
-"""1-layer, 1-head causal Transformer with a pluggable fact MLP (DESIGN §6).
+"""1-layer, 1-head causal Transformer with a pluggable fact MLP.
+
+See docs/design.md, "Transformers and usability".
 
 For tokens ``t (B, T)`` and the frozen, tied embedding table ``E (V, d)``::
 

@@ -1,4 +1,6 @@
-"""Training and evaluation of the 1-layer Transformer (DESIGN §6).
+"""Training and evaluation of the 1-layer Transformer.
+
+See docs/design.md, "Transformers and usability".
 
 :func:`train` runs Optax AdamW on the chosen parameter groups in jitted
 chunks of ``lax.scan`` steps, each step on a fresh on-device batch, with an
@@ -7,8 +9,8 @@ accuracy). :func:`recall` measures accuracy at the query over every fact in
 several random contexts; :func:`key_delivery` measures how far the MLP's
 input ``norm(h_Q)`` is from the key embedding (the attention noise floor).
 
-The two schedules of DESIGN §6 are :func:`schedule_a` (train attention on key
-copy with the identity MLP, then insert the fact MLP untouched) and
+The two schedules are :func:`schedule_a` (train attention on key copy with
+the identity MLP, then insert the fact MLP untouched) and
 :func:`schedule_b` (train attention through the frozen fact MLP).
 """
 
