@@ -12,7 +12,7 @@ other processes took, ``common.ForeignCpu``):
 1. **Construction bucket solves** at N = 65,536, d = 256, P = 4,096 (as
    ``construct.py``): ``jit(build_gadgets)`` and ``jit(solve_buckets)`` on
    one device, and ``build_gadgets_streamed`` as ``construct`` runs it (the
-   solves split over all devices by ``sweep.shard_rows``; this script
+   solves split over all devices by ``sharding.shard_rows``; this script
    exposes each CPU core as a device, ``threads.expose_cpu_cores``), all
    with the construction's ``m`` and ``b``, FLOPs from
    ``construct.bucket_solve_flops`` (analytic), and the whole
@@ -60,7 +60,7 @@ import optax
 from flax import nnx
 
 from factstore_jax import decodability as _  # noqa: F401  (module import)
-from factstore_jax import sweep, training
+from factstore_jax import sharding, training
 from factstore_jax.constructions import decoders, gadgets
 from factstore_jax.constructions import encoder_decoder as ed
 from factstore_jax.factsets import FactSet, random_factset
@@ -152,8 +152,8 @@ def construction(peak, bw) -> list[dict]:
         lambda: solve_c(fs.keys, targets, parts.buckets),
         FLAGS.timing_repeats)
     # construct()'s own path: bucketing, then the solves split over all
-    # devices (sweep.shard_rows), the maps gathered back on one device.
-    mesh = sweep.local_mesh()
+    # devices (sharding.shard_rows), the maps gathered back on one device.
+    mesh = sharding.local_mesh()
     split_s, split_times, split_f = _timed(
         lambda: ed.build_gadgets_streamed(
             key, fs.keys, targets, bucket_size=rep.bucket_size,
@@ -300,7 +300,7 @@ def transformer_entry(peak, bw) -> dict:
   model = tf_model.Transformer(vocab.embeddings,
                                vocab.embeddings[vocab.key_ids], None,
                                key=jax.random.key(2))
-  config = tf_train.TrainConfig()
+  config = tf_train.TransformerTrainConfig()
   targets = tf_data.copy_targets(vocab)
   graphdef, params, rest = nnx.split(
       model, tf_model.group_filter(config.groups), ...)
