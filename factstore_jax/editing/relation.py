@@ -272,7 +272,7 @@ FACT_GAP = 4.0   # median logit gap every fact MLP is scaled to
 def gd_options(steps: int = 3_000) -> methods.MethodOptions:
   """GD fact-MLP settings: no early stop at 100%, so the margins keep growing
   and the calibrated MLP is robust to what attention lets through."""
-  return methods.MethodOptions(train=training.TransformerTrainConfig(
+  return methods.MethodOptions(train=training.TrainConfig(
       early_stop=False, max_steps=steps))
 
 
