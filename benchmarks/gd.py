@@ -118,7 +118,7 @@ def plain(fs) -> dict:
     else:
       lo = mid
   return dict(seconds=time.perf_counter() - t0, width=hi,
-              num_params=methods.num_params('gd', FLAGS.dim, hi),
+              num_params=methods.width_params('gd', FLAGS.dim, hi),
               tested=tested)
 
 

@@ -12,18 +12,21 @@ other processes took, ``common.ForeignCpu``):
 1. **Construction bucket solves** at N = 65,536, d = 256, P = 4,096 (as
    ``construct.py``): ``jit(build_gadgets)`` and ``jit(solve_buckets)`` on
    one device, and ``build_gadgets_streamed`` as ``construct`` runs it (the
-   solves split over all devices by ``sweep.shard_rows``; this script
+   solves split over all devices by ``sharding.shard_rows``; this script
    exposes each CPU core as a device, ``threads.expose_cpu_cores``), all
    with the construction's ``m`` and ``b``, FLOPs from
    ``construct.bucket_solve_flops`` (analytic), and the whole
    ``construct`` (decodability + bucket solves + verification) for context.
 2. **Decodability solver** on the construction's projected table (P = 4,096,
-   m = the construction's code dim). Its work depends on the path (active-set
-   refreshes), so the FLOP count is a *lower bound*: per value, the scoring
-   matmuls it cannot skip (distances + initial scores + the first refresh:
-   3 passes of ``2 P m``) plus one ``K x K`` Gram per pass; the solver's
-   time goes mostly to ``top_k`` selections over ``P`` scores, which are
-   neither FLOP- nor DRAM-bound; the score arrays are reported as GB/s too.
+   m = the construction's code dim). Its work depends on the path
+   (certification passes, Frank-Wolfe steps), so the FLOP count is a *lower
+   bound*: per value, the pool pass (``2 P m``: ``V_B V^T``) and one
+   certification pass (``4 P m``: ``[V_B; X_B] V^T``) plus one ``K x K``
+   Gram; the table is read once per block of values and pass.
+   **Structured certificate** of the same construction
+   (``encoder_decoder.certify_gadgets``): FLOPs of its value pass (each used
+   value's code against all ``P`` projected values, ``2 U P m``) and of the
+   per-key bounds (``~ N (2 d + 34 m)``).
 3. **GD training step** (``training.fit``, gated MLP, d = 128, N = P = 2048,
    width 64, full batch): FLOPs per step from ``training.step_flops``.
 4. **Transformer training step** (``transformer.train.fit_groups`` step:
@@ -56,11 +59,12 @@ from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from factstore_jax import decodability as _  # noqa: F401  (module import)
-from factstore_jax import sweep, training
+from factstore_jax import sharding, training
 from factstore_jax.constructions import decoders, gadgets
 from factstore_jax.constructions import encoder_decoder as ed
 from factstore_jax.factsets import FactSet, random_factset
@@ -152,8 +156,8 @@ def construction(peak, bw) -> list[dict]:
         lambda: solve_c(fs.keys, targets, parts.buckets),
         FLAGS.timing_repeats)
     # construct()'s own path: bucketing, then the solves split over all
-    # devices (sweep.shard_rows), the maps gathered back on one device.
-    mesh = sweep.local_mesh()
+    # devices (sharding.shard_rows), the maps gathered back on one device.
+    mesh = sharding.local_mesh()
     split_s, split_times, split_f = _timed(
         lambda: ed.build_gadgets_streamed(
             key, fs.keys, targets, bucket_size=rep.bucket_size,
@@ -247,6 +251,23 @@ def bucket_profile(c, fs, peak) -> dict:
   return out
 
 
+def certificate_entry(c, fs, peak, bw) -> dict:
+  parts = c.structure.gadgets
+  run = lambda: ed.certify_gadgets(parts, c.model, fs, c.codes)[0]
+  run()  # compile
+  seconds, times, foreign = _timed(run, FLAGS.timing_repeats)
+  n, d = fs.keys.shape
+  p, m = fs.values.shape[0], c.report.code_dim
+  used = len(np.unique(np.asarray(fs.mapping)))
+  flops = 2.0 * used * p * m + n * (2.0 * d + 34.0 * m)
+  # The projected table (P, m) once per chunk of 1,024 used values, the keys.
+  moved = 4.0 * (-(-used // 1024) * p * m + n * d)
+  return _entry('structured certificate (value pass + per-key bounds)',
+                flops, seconds, peak, bytes_moved=moved, bw=bw, times=times,
+                foreign_cpu=foreign, num_facts=n, num_values=p, code_dim=m,
+                used_values=used)
+
+
 def decodability_entry(c, fs, peak, bw) -> dict:
   d = fs.keys.shape[1]
   m = c.report.code_dim
@@ -257,12 +278,12 @@ def decodability_entry(c, fs, peak, bw) -> dict:
   k = min(max(m // 2, 64), 256, p - 1)
   run = lambda: dec_lib.decodability(table, tol=1e-3)
   seconds, times, foreign = _timed(run, FLAGS.timing_repeats)
-  passes = 3
-  flops = p * passes * (2.0 * p * m + 2.0 * k * k * m)
-  # Per pass and value: read the (P, m) table and write/read a (P,) score
-  # row (the table stays in cache; the score rows do not).
-  moved = p * passes * (4.0 * p * m + 2 * 4.0 * p)
-  return _entry('decodability solver (lower-bound FLOPs: 3 scoring passes)',
+  flops = p * (6.0 * p * m + 2.0 * k * k * m)
+  # The (P, m) table read once per block of 64 values in each of the two
+  # passes; no (B, P) score array is written (reduced per subtile in cache).
+  moved = 2 * -(-p // 64) * 4.0 * p * m
+  return _entry('decodability solver (lower-bound FLOPs: pool + '
+                'certification pass)',
                 flops, seconds, peak, bytes_moved=moved, bw=bw, times=times,
                 foreign_cpu=foreign, num_values=p, code_dim=m,
                 num_candidates=k)
@@ -300,7 +321,7 @@ def transformer_entry(peak, bw) -> dict:
   model = tf_model.Transformer(vocab.embeddings,
                                vocab.embeddings[vocab.key_ids], None,
                                key=jax.random.key(2))
-  config = tf_train.TrainConfig()
+  config = tf_train.TransformerTrainConfig()
   targets = tf_data.copy_targets(vocab)
   graphdef, params, rest = nnx.split(
       model, tf_model.group_filter(config.groups), ...)
@@ -388,6 +409,7 @@ def main(argv):
   entries, c, fs = construction(peak, bw)
   profile = bucket_profile(c, fs, peak)
   entries.append(decodability_entry(c, fs, peak, bw))
+  entries.append(certificate_entry(c, fs, peak, bw))
   del c, fs
   entries.append(gd_entry(peak, bw))
   entries.append(transformer_entry(peak, bw))

@@ -5,7 +5,7 @@ r"""Sweep benchmark: many small fact sets in one vmapped call vs a Python loop.
 (gated MLP of width ``--width`` = 32, exactly ``--steps`` = 500 full-batch
 steps, early stopping off so both sides do identical work):
 
-* ``vmapped``: one :func:`factstore_jax.sweep.map_batched` call (``jit`` of
+* ``vmapped``: one :func:`factstore_jax.sharding.map_batched` call (``jit`` of
   ``vmap``, batch axis sharded over all devices);
 * ``mapped``: one ``map_batched(..., chunk_size=1)`` call (each device maps
   over its items one at a time, ``lax.map``);
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from factstore_jax import factsets, storage, sweep, training
+from factstore_jax import factsets, sharding, storage, training
 from factstore_jax.constructions import hebbian
 
 import common  # benchmarks/common.py
@@ -62,10 +62,10 @@ def _ridge(item, *, width):
 def compare(fn, static, keys, sets, stacked) -> dict:
   """Best-of-repeats seconds: one vmapped call, one mapped call, a loop."""
   def vmapped():
-    return sweep.map_batched(fn, (keys, stacked), static_kwargs=static)
+    return sharding.map_batched(fn, (keys, stacked), static_kwargs=static)
 
   def mapped():
-    return sweep.map_batched(fn, (keys, stacked), static_kwargs=static,
+    return sharding.map_batched(fn, (keys, stacked), static_kwargs=static,
                              chunk_size=1)
 
   single = jax.jit(lambda k, fs: fn((k, fs), **static))

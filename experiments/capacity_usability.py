@@ -46,7 +46,6 @@ from factstore_jax import factsets, methods, storage, usability
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.errors import ConstructionError
 from factstore_jax.mlp import fold_linear
-from factstore_jax.constructions.encoder_decoder import EncoderDecoder
 from factstore_jax.sweep import ResultsTable, run_sweep
 from factstore_jax.transformer import data, train
 
@@ -85,7 +84,7 @@ def setup():
               data.vocab_factset(vocab, fs.mapping), None)
   whiten = factsets.whitening_matrix(fs.keys)
   model = tc.new_model(t, FLAGS.seed)
-  config = train.TrainConfig(max_steps=FLAGS.steps,
+  config = train.TransformerTrainConfig(max_steps=FLAGS.steps,
                              context_len=FLAGS.context_len)
   train.schedule_a(model, vocab, None, jax.random.key(300 + FLAGS.seed),
                    config)
@@ -115,8 +114,7 @@ def build(method, whitened, knob, t, whiten):
     built = methods.build_mlp(method, key, fs, code_dim, options=options)
   else:
     built = methods.build_mlp(method, key, fs, int(knob), options=options)
-  mlp = built.mlp.as_mlp() if isinstance(built.mlp, EncoderDecoder) \
-      else built.mlp
+  mlp = built.mlp.as_mlp()
   if whitened:
     mlp = fold_linear(mlp, whiten, whiten)
   return built, mlp
@@ -130,7 +128,7 @@ def compute_one(c) -> dict:
   except ConstructionError as e:
     return dict(error=str(e)[:120], seconds=time.perf_counter() - start)
   fs = t.mlp_factset
-  fn = lambda x: methods.storage_apply(mlp, x)
+  fn = mlp
   keys = jnp.asarray(fs.keys)
   key_norm = float(jnp.max(jnp.linalg.norm(keys, axis=-1)))
   jac = np.asarray(usability.jacobian_norm(fn, keys, jax.random.key(7)))

@@ -92,7 +92,7 @@ def base():
                                     ('heldout', relation.heldout_templates))}
   info = dict(base_train_accuracy=float(scores['train'].correct.mean()),
               base_heldout_accuracy=float(scores['heldout'].correct.mean()),
-              base_word_ppl=rel_lib.word_perplexity(scores['train']),
+              base_word_ppl=scores['train'].word_perplexity,
               base_mlp_params=built.num_params,
               base_mlp_accuracy=built.accuracy,
               base_train_seconds=report.seconds,

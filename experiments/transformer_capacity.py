@@ -55,7 +55,7 @@ def compute_one(c) -> dict:
   t = tc.task(dim, n, seed, FLAGS.num_junk)
   options = tc.mlp_options(FLAGS.mlp_steps)
   key = jax.random.key(100 + seed)
-  config = train.TrainConfig(max_steps=FLAGS.steps,
+  config = train.TransformerTrainConfig(max_steps=FLAGS.steps,
                              context_len=FLAGS.context_len)
   model, _, floor = tc.copy_trained(dim, n, seed, FLAGS.num_junk, config)
   alone, cap = methods.smallest_mlp(method, key, t.mlp_factset,

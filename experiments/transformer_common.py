@@ -93,7 +93,7 @@ def new_model(t: Task, seed: int, mlp=None,
 
 @functools.lru_cache(maxsize=None)
 def copy_trained(dim: int, num_facts: int, seed: int, num_junk: int,
-                 config: train.TrainConfig):
+                 config: train.TransformerTrainConfig):
   """Schedule (a)'s attention: ``(model, report, noise stats)``."""
   t = task(dim, num_facts, seed, num_junk)
   model = new_model(t, seed)

@@ -53,8 +53,8 @@ FLAGS = flags.FLAGS
 KEY_FIELDS = ('method', 'dim', 'num_facts', 'seed', 'schedule', 'swap')
 
 
-def attn_config() -> train.TrainConfig:
-  return train.TrainConfig(max_steps=FLAGS.steps,
+def attn_config() -> train.TransformerTrainConfig:
+  return train.TransformerTrainConfig(max_steps=FLAGS.steps,
                            learning_rate=FLAGS.learning_rate,
                            context_len=FLAGS.context_len)
 

@@ -9,14 +9,14 @@ Main entry points::
 
 from factstore_jax.constructions.encoder_decoder import (
     BatchedConstruction, Construction, ConstructionConfig, ConstructionReport,
-    EncoderDecoder, construct, construct_batched, construct_fixed)
+    construct, construct_batched, construct_fixed)
 from factstore_jax.decodability import Decodability, undecodable_values
 from factstore_jax.errors import (ConstructionError, FactStoreError,
                                   InfeasibleFactSetError)
 from factstore_jax.factsets import (FactSet, load_factset, make_factset,
                                     random_factset, save_factset,
                                     stack_factsets)
-from factstore_jax.mlp import GatedMLP, GatedMLPModule, apply_mlp, num_params
+from factstore_jax.mlp import EncoderDecoder, GatedMLP, GatedMLPModule, num_params
 from factstore_jax.serialization import load_model, save_model
 from factstore_jax.storage import (StorageReport, evaluate_fn, evaluate_mlp,
                                    evaluate_outputs)

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from factstore_jax import sweep
+from factstore_jax import sharding
 from factstore_jax.errors import FactStoreError
 from factstore_jax.precision import full_precision
 
@@ -110,7 +110,8 @@ def _pairwise_frank_wolfe(q: Array, lam: Array, tol: float,
     lam_a = jnp.sum(jnp.where(ar == a, lam, 0.0))
     step = (qlam[a] - qlam[s]) / jnp.maximum(curv, 1e-12)
     step = jnp.clip(step, 0.0, lam_a)
-    lam = lam + step * ((ar == s).astype(lam.dtype) - (ar == a).astype(lam.dtype))
+    lam = lam + step * ((ar == s).astype(lam.dtype) -
+                        (ar == a).astype(lam.dtype))
     lam = jnp.where(lam < 1e-12, 0.0, lam)  # keeps the support tight
     return t + 1, lam, qlam + step * (q_s - q_a)
 
@@ -148,7 +149,7 @@ def _ordered_float(i: Array) -> Array:
   return jax.lax.bitcast_convert_type(i, jnp.float32)
 
 
-def _sweep(table: _Table, own: Array, lhs: Array, score) -> tuple[Array, Array]:
+def _pass(table: _Table, own: Array, lhs: Array, score) -> tuple[Array, Array]:
   """One pass over every competitor, reduced to a minimum per subtile.
 
   Args:
@@ -211,7 +212,7 @@ def _solve_block(table: _Table, own: Array, *, num_candidates: int,
     d2 = total - 2 * gram
     s = (sqb[:, None] - gram) * jax.lax.rsqrt(jnp.maximum(d2, 1e-30))
     return jnp.where(d2 <= eps * total, -jnp.inf, s)
-  key, index = _sweep(table, own, vb, start_score)
+  key, index = _pass(table, own, vb, start_score)
   pool = jnp.take_along_axis(index, jax.lax.top_k(-key, kp)[1], axis=1)
 
   def differences(cand):  # (B, n) -> exact normalised (B, n, d), norms
@@ -251,7 +252,7 @@ def _solve_block(table: _Table, own: Array, *, num_candidates: int,
       gram, cross = prod[:own.shape[0]], prod[own.shape[0]:]
       d2 = jnp.maximum(sqb[:, None] + sqt[None, :] - 2 * gram, 0.0)
       return (xv[:, None] - cross) * jax.lax.rsqrt(jnp.maximum(d2, 1e-30))
-    mins, index = _sweep(table, own, jnp.concatenate([vb, x]), score)
+    mins, index = _pass(table, own, jnp.concatenate([vb, x]), score)
     # Gram-based distances lose precision for near neighbours: rescore the
     # k lowest slots from exact differences.
     worst = jax.lax.top_k(-mins, min(k, mins.shape[1]))[1]
@@ -396,7 +397,7 @@ def decodability(values: Array, *, num_candidates: int | None = None,
     if traced:
       return _decodability(values, idx, **static)
     # Outside jit: values split over the local devices, whole chunks each.
-    return sweep.shard_rows(_decodability, (values,), (idx,),
+    return sharding.shard_rows(_decodability, (values,), (idx,),
                             static_kwargs=static,
                             row_multiple=static['chunk_size'])
 

@@ -16,7 +16,7 @@ Batched methods train or build every member of a round in one ``vmap``-ed
 program (widths masked up to the round's largest, rounded up to a multiple
 of 8 for GD, whose cost grows with it, and to a power of two for the cheap
 baselines, so few shapes compile), sharded over devices by
-:func:`factstore_jax.sweep.map_batched`. The closed form runs member by member
+:func:`factstore_jax.sharding.map_batched`. The closed form runs member by member
 (its repair step is host-level).
 """
 
@@ -29,13 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from factstore_jax import capacity, storage, sweep, training
+from factstore_jax import capacity, sharding, storage, training
 from factstore_jax.constructions import hebbian, ntk
 from factstore_jax.constructions.encoder_decoder import (
     ConstructionConfig, choose_code_dim, construct, construction_decoder)
 from factstore_jax.errors import ConstructionError, FactStoreError
 from factstore_jax.factsets import FactSet, stack_factsets
-from factstore_jax.mlp import GatedMLP, apply_mlp
 from factstore_jax.threads import single_threaded_blas
 
 METHODS = ('encoder_decoder', 'encoder_decoder_gd', 'gd', 'ntk',
@@ -55,7 +54,7 @@ class MethodOptions:
     degree: Hermite degree of ``ntk``.
     chunk_size: how a round's GD members (``gd``, ``encoder_decoder_gd``)
       run on each device: ``None`` in one ``vmap``; an int ``k``: ``k`` at a
-      time (``lax.map``, see :func:`factstore_jax.sweep.map_batched`), each
+      time (``lax.map``, see :func:`factstore_jax.sharding.map_batched`), each
       stopping early on its own. On CPU ``1`` is faster (8% on a d = 128,
       N = 2,048 round of 3); the closed-form baselines always ``vmap``.
   """
@@ -67,7 +66,7 @@ class MethodOptions:
   chunk_size: int | None = None
 
   def __post_init__(self):
-    sweep.check_chunk_size(self.chunk_size, 'MethodOptions.chunk_size')
+    sharding.check_chunk_size(self.chunk_size, 'MethodOptions.chunk_size')
 
 
 class Capacity(NamedTuple):
@@ -81,9 +80,12 @@ class Capacity(NamedTuple):
   report: dict | None = None
 
 
-def num_params(method: str, dim: int, width: int, *,
-               code_dim: int | None = None) -> int:
-  """Parameter count of a batched method at ``width`` (see the table)."""
+def width_params(method: str, dim: int, width: int, *,
+                 code_dim: int | None = None) -> int:
+  """Parameter count of a batched method at ``width`` (see the table).
+
+  (The count of an MLP you hold is :func:`factstore_jax.mlp.num_params`.)
+  """
   if method == 'ntk':
     return ntk.ntk_num_params(dim, width)
   if method in ('hebbian_ridge', 'hebbian_data'):
@@ -206,7 +208,7 @@ def evaluate_batched(method: str, keys: Sequence, factsets: Sequence[FactSet],
   # Ridge / data-dependent fits are batched LAPACK calls: on CPU, one BLAS
   # thread each (see factstore_jax.threads); map_batched blocks inside.
   with single_threaded_blas():
-    return np.asarray(sweep.map_batched(
+    return np.asarray(sharding.map_batched(
         fn, inputs, static_kwargs=static,
         chunk_size=options.chunk_size if method in _GD_METHODS else None))
 
@@ -323,7 +325,7 @@ def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
       threshold=threshold, batch=batch, rel_tol=rel_tol)
   code_dims = code_dims or [None] * len(found)
   return [Capacity(method, r.width,
-                   None if r.width is None else num_params(
+                   None if r.width is None else width_params(
                        method, dim, r.width, code_dim=m),
                    r.tested, r.rounds, m) for r, m in zip(found, code_dims)]
 
@@ -425,15 +427,10 @@ def build_mlp(method: str, key, factset: FactSet, width: int, *,
     with single_threaded_blas():
       mlp = hebbian.hebbian_mlp(key, factset, width, readout=readout,
                                 ridge=options.ridge)
-  report = storage.evaluate_fn(lambda x: storage_apply(mlp, x), factset.keys,
+  report = storage.evaluate_fn(mlp, factset.keys,
                                factset.values, factset.mapping)
-  return Built(mlp, num_params(method, dim, width, code_dim=code_dim),
+  return Built(mlp, width_params(method, dim, width, code_dim=code_dim),
                float(report.accuracy), float(report.min_margin))
-
-
-def storage_apply(mlp, x):
-  """Applies a ``GatedMLP`` or ``EncoderDecoder`` to ``x (..., d)``."""
-  return apply_mlp(mlp, x) if isinstance(mlp, GatedMLP) else mlp(x)
 
 
 def smallest_mlp(method: str, key, factset: FactSet, *,

@@ -12,7 +12,7 @@ every array the MLP holds, weights and biases, as built. Absent biases count 0.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, ClassVar
 
 import flax.struct
 import jax
@@ -47,7 +47,11 @@ def get_activation(name: str) -> Callable[[Array], Array]:
 
 @flax.struct.dataclass
 class GatedMLP:
-  """Parameters of a gated MLP (a pytree; ``activation`` is static)."""
+  """Parameters of a gated MLP (a pytree; ``activation`` is static).
+
+  ``mlp(x)`` applies it (``x (..., d) -> (..., d_out)``), as for every MLP
+  kind of the library; ``mlp.as_mlp()`` is the MLP itself.
+  """
   w_gate: Array            # (d, h)
   w_up: Array              # (d, h)
   w_down: Array            # (h, d_out)
@@ -56,9 +60,24 @@ class GatedMLP:
   b_down: Array | None = None   # (d_out,)
   activation: str = flax.struct.field(pytree_node=False, default='clipped')
 
+  # What a saved file calls this kind, and what training updates by default.
+  KIND: ClassVar[str] = 'gated_mlp'
+  TRAINABLE: ClassVar[tuple[str, ...]] = ('w_gate', 'w_up', 'w_down',
+                                          'b_gate', 'b_up', 'b_down')
+
   @property
   def hidden_dim(self) -> int:
     return self.w_gate.shape[-1]
+
+  def __call__(self, x: Array) -> Array:
+    """Applies the MLP. ``x (..., d) -> (..., d_out)``."""
+    out = hidden(self, x) @ self.w_down
+    if self.b_down is not None:
+      out = out + self.b_down
+    return out
+
+  def as_mlp(self) -> GatedMLP:
+    return self
 
 
 def hidden(params: GatedMLP, x: Array) -> Array:
@@ -76,12 +95,84 @@ def hidden(params: GatedMLP, x: Array) -> Array:
   return up * act(gate)
 
 
-def apply_mlp(params: GatedMLP, x: Array) -> Array:
-  """Applies a gated MLP. ``x (..., d) -> (..., d_out)``."""
-  out = hidden(params, x) @ params.w_down
-  if params.b_down is not None:
-    out = out + params.b_down
-  return out
+def route(hidden: Array, routing: Array, window: int = 1) -> Array:
+  """``hidden (..., h) @ routing (h, m)``, each window's neurons summed first.
+
+  Equal to ``hidden @ routing`` for any routing and ``window`` dividing ``h``,
+  computed as ``(sum_k hidden_k) @ routing_0 + sum_{k>0} hidden_k @
+  (routing_k - routing_0)`` over the ``window`` adjacent neurons ``k`` of
+  each window. With the construction's routing (a step's neurons share one
+  0/1 row) the second term is exactly zero, and a relu step's two neurons
+  are summed into the step's value before anything else is added.
+  """
+  if window == 1:
+    return hidden @ routing
+  *batch, h = hidden.shape
+  grouped = hidden.reshape(*batch, h // window, window)
+  rows = routing.reshape(h // window, window, routing.shape[-1])
+  rest = jnp.einsum('...wk,wkm->...m', grouped[..., 1:],
+                    rows[:, 1:] - rows[:, :1])
+  return grouped.sum(-1) @ rows[:, 0] + rest
+
+
+
+@flax.struct.dataclass
+class EncoderDecoder:
+  """The closed form's factorised MLP ``g(x) = decoder @ E(x)``; a pytree.
+
+  ``E(x) = route((x w_up) * act(x w_gate + b_gate))`` maps keys to codes of
+  dim ``m``; ``mlp(x)`` applies it, ``mlp.as_mlp()`` folds the decoder into
+  a standard :class:`GatedMLP` (the same function).
+  """
+  w_gate: Array    # (d, h)
+  b_gate: Array    # (h,)
+  w_up: Array      # (d, h)
+  routing: Array   # (h, m): hidden neuron -> code coordinate
+  decoder: Array   # (d, m)
+  activation: str = flax.struct.field(pytree_node=False, default='clipped')
+  # Neurons per step (adjacent hidden neurons, summed first); see `route`.
+  window: int = flax.struct.field(pytree_node=False, default=1)
+
+  KIND: ClassVar[str] = 'encoder_decoder'
+  TRAINABLE: ClassVar[tuple[str, ...]] = ('w_gate', 'b_gate', 'w_up',
+                                          'routing')
+
+  @property
+  def code_dim(self) -> int:
+    return self.decoder.shape[-1]
+
+  def encode(self, x: Array) -> Array:
+    """Codes ``x (..., d) -> (..., m)``."""
+    act = get_activation(self.activation)
+    hidden = (x @ self.w_up) * act(x @ self.w_gate + self.b_gate)
+    return route(hidden, self.routing, self.window)
+
+  def __call__(self, x: Array) -> Array:
+    """``x (..., d) -> (..., d)``."""
+    return self.encode(x) @ self.decoder.T
+
+  def as_mlp(self) -> GatedMLP:
+    """The same function as a standard gated MLP (decoder folded in)."""
+    return GatedMLP(w_gate=self.w_gate, b_gate=self.b_gate, w_up=self.w_up,
+                    w_down=self.routing @ self.decoder.T,
+                    activation=self.activation)
+
+
+
+def as_gated(model) -> GatedMLP:
+  """Any MLP kind of the library as a standard :class:`GatedMLP`.
+
+  The one place that converts between kinds: a :class:`GatedMLP` is
+  returned as is, an :class:`EncoderDecoder` with its decoder folded in.
+
+  Raises:
+    FactStoreError: ``model`` is not an MLP of this library.
+  """
+  convert = getattr(model, 'as_mlp', None)
+  if convert is None:
+    raise FactStoreError(f'expected a GatedMLP or an EncoderDecoder, got '
+                         f'{type(model).__name__}')
+  return convert()
 
 
 def num_params(tree) -> int:
@@ -134,7 +225,7 @@ class GatedMLPModule(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     """``x (..., d) -> (..., d_out)``."""
-    return apply_mlp(self.to_params(), x)
+    return self.to_params()(x)
 
 
 def fold_linear(params: GatedMLP, w_in: Array, w_out: Array) -> GatedMLP:

@@ -16,6 +16,7 @@ import functools
 from typing import Callable, TypeVar
 
 import jax
+import jax.numpy as jnp
 
 from factstore_jax.errors import FactStoreError
 
@@ -32,6 +33,15 @@ def check_compute_dtype(name: str | None) -> str | None:
     raise FactStoreError(f"compute_dtype must be None, {', '.join(head)} or "
                          f"{last}, got {name!r}")
   return name
+
+
+def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``a @ b`` at ``'highest'`` precision, whatever the surrounding setting.
+
+  For a single product inside code that otherwise keeps the platform
+  default; wrap whole functions with :func:`full_precision` instead.
+  """
+  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
 def full_precision(fn: F) -> F:

@@ -41,9 +41,8 @@ import numpy as np
 import safetensors.numpy
 
 from factstore_jax.atomic import atomic_output
-from factstore_jax.constructions.encoder_decoder import EncoderDecoder
 from factstore_jax.errors import FactStoreError
-from factstore_jax.mlp import GatedMLP, get_activation
+from factstore_jax.mlp import EncoderDecoder, GatedMLP, get_activation
 
 FORMAT = 'factstore_jax.mlp'
 # Version history: 1 — two-neuron windows; 2 — telescoped steps.
@@ -57,10 +56,9 @@ _FIELDS = {
 
 
 def _kind(model) -> str:
-  if isinstance(model, EncoderDecoder):
-    return 'encoder_decoder'
-  if isinstance(model, GatedMLP):
-    return 'gated_mlp'
+  kind = getattr(model, 'KIND', None)
+  if kind in _FIELDS:
+    return kind
   raise FactStoreError(f'cannot save a {type(model).__name__}; expected an '
                        'EncoderDecoder or a GatedMLP')
 

@@ -12,7 +12,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from factstore_jax.mlp import GatedMLP, apply_mlp
+from factstore_jax.mlp import GatedMLP
 from factstore_jax.precision import check_compute_dtype, full_precision
 
 Array = jax.Array
@@ -114,9 +114,9 @@ def evaluate_mlp(params: GatedMLP, keys: Array, values: Array, mapping: Array,
     storage.evaluate_mlp(c.model.as_mlp(), *fs, compute_dtype='bfloat16')
   """
   if check_compute_dtype(compute_dtype) is None:
-    fn = lambda k: apply_mlp(params, k)
+    fn = lambda k: params(k)
   else:
     low = jax.tree.map(lambda a: a.astype(compute_dtype), params)
-    fn = lambda k: apply_mlp(low, k.astype(compute_dtype)).astype(
+    fn = lambda k: low(k.astype(compute_dtype)).astype(
         values.dtype)
   return evaluate_fn(fn, keys, values, mapping, chunk_size=chunk_size)

@@ -35,14 +35,14 @@ def expose_cpu_cores() -> int:
 
   XLA runs each small matrix product or LAPACK call of the bucket solves and
   the decodability solver on a single core; with the cores exposed as
-  devices, :func:`~factstore_jax.sweep.shard_rows` splits that work over
+  devices, :func:`~factstore_jax.sharding.shard_rows` splits that work over
   them (measured on 2 cores: construction at N = 65,536 about 1.5x
   faster). Sets ``XLA_FLAGS=--xla_force_host_platform_device_count=<cores>``
   unless the flag is already there; it has no effect once JAX has created
   its CPU backend. The ``factstore`` CLI and the construction benchmarks
   call it.
 
-  Do not run vmapped LAPACK work (e.g. ``sweep.map_batched`` over Hebbian
+  Do not run vmapped LAPACK work (e.g. ``sharding.map_batched`` over Hebbian
   ridge solves) on several CPU devices at once: jaxlib's batched LAPACK
   kernels then wait on each other's share of the thread pool (seen: a
   2-device ``benchmarks/sweep.py`` hung at 0% CPU). The construction's own

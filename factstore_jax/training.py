@@ -17,7 +17,7 @@ Models trained (both are pytrees of named arrays; ``trainable`` names the
 fields that get gradients, the value table is never trained):
 
 * :class:`~factstore_jax.mlp.GatedMLP` ``[(x U + b_u) * act(x G + b_g)] W + b``;
-* :class:`~factstore_jax.constructions.encoder_decoder.EncoderDecoder`
+* :class:`~factstore_jax.mlp.EncoderDecoder`
   ``D [((x U) * act(x G + b_g)) A]`` (encoder ``w_gate, b_gate, w_up,
   routing``; decoder ``decoder``).
 
@@ -42,10 +42,10 @@ import optax
 
 from factstore_jax import storage
 from factstore_jax.constructions import decoders
-from factstore_jax.constructions.encoder_decoder import EncoderDecoder
 from factstore_jax.errors import FactStoreError
 from factstore_jax.factsets import FactSet
-from factstore_jax.mlp import GatedMLP, GatedMLPModule, get_activation
+from factstore_jax.mlp import (EncoderDecoder, GatedMLP, GatedMLPModule,
+                               get_activation)
 from factstore_jax.precision import check_compute_dtype
 
 Array = jax.Array
@@ -198,12 +198,12 @@ def _features(model: Model, x: Array, hidden_mask: Array | None,
   if model.b_gate is not None:
     gate = gate + model.b_gate
   up = _dense(x, model.w_up, x_t)
-  if isinstance(model, GatedMLP) and model.b_up is not None:
+  if getattr(model, 'b_up', None) is not None:
     up = up + model.b_up
   hidden = up * act(gate)
   if hidden_mask is not None:
     hidden = hidden * hidden_mask
-  if isinstance(model, EncoderDecoder):
+  if model.KIND == 'encoder_decoder':  # the decoder stays a separate factor
     hidden_t = None if x_t is None else _transposed(hidden)
     return _dense(hidden, model.routing, hidden_t), model.decoder.T, None
   return hidden, model.w_down, model.b_down
@@ -495,7 +495,7 @@ def init_encoder_decoder(key: Array, dim: int, hidden_dim: int, code_dim: int,
 
 def _check_fit_args(model, factset, trainable, config):
   config.validate()
-  if not isinstance(model, (GatedMLP, EncoderDecoder)):
+  if getattr(model, 'KIND', None) not in ('gated_mlp', 'encoder_decoder'):
     raise FactStoreError(
         f'model must be a GatedMLP or EncoderDecoder, got {type(model).__name__}')
   fields = [f.name for f in dataclasses.fields(model) if f.name != 'activation']
@@ -553,12 +553,8 @@ def fit(model: Model, factset: FactSet, *,
     :class:`TrainResult`; ``params`` is the model at the stopping step.
   """
   if trainable is None:
-    if isinstance(model, EncoderDecoder):
-      trainable = ('w_gate', 'b_gate', 'w_up', 'routing')
-    else:
-      trainable = tuple(n for n in ('w_gate', 'w_up', 'w_down', 'b_gate',
-                                    'b_up', 'b_down')
-                        if getattr(model, n, None) is not None)
+    trainable = tuple(n for n in model.TRAINABLE
+                      if getattr(model, n, None) is not None)
   trainable = tuple(trainable)
   _check_fit_args(model, factset, trainable, config)
   if config.batch_size is not None and key is None:

@@ -17,8 +17,8 @@ actually strays (the *noise floor*). This module measures all four:
 * :func:`noise_floor` — ``max / mean / p95`` of ``||inputs - targets||``.
 
 Every function that takes an MLP takes it as a callable
-``fn: (..., d) -> (..., d)`` (``lambda x: mlp.apply_mlp(params, x)``, an
-:class:`~factstore_jax.constructions.encoder_decoder.EncoderDecoder`, ...),
+``fn: (..., d) -> (..., d)`` (``lambda x: params(x)``, an
+:class:`~factstore_jax.mlp.EncoderDecoder`, ...),
 uses explicit PRNG keys and is ``jit``-able with ``fn`` closed over, e.g.
 ``jax.jit(lambda k, v, f, key: robustness_radius(fn, k, v, f, key))``. Each
 call runs one compiled program; a callable that is a pytree of arrays (an
@@ -45,7 +45,6 @@ import numpy as np
 
 from factstore_jax import mlp as mlp_lib
 from factstore_jax import storage
-from factstore_jax.constructions.encoder_decoder import EncoderDecoder
 from factstore_jax.errors import FactStoreError
 
 Array = jax.Array
@@ -422,7 +421,7 @@ def _check_gated_mlp(params: mlp_lib.GatedMLP) -> None:
   mlp_lib.get_activation(params.activation)
 
 
-def lipschitz_bound(params: mlp_lib.GatedMLP | EncoderDecoder, *,
+def lipschitz_bound(params: mlp_lib.GatedMLP | mlp_lib.EncoderDecoder, *,
                     radius: float = 1.0) -> Array:
   """Weight-norm upper bound of the Lipschitz constant on ``||x|| <= radius``.
 
@@ -456,7 +455,7 @@ def lipschitz_bound(params: mlp_lib.GatedMLP | EncoderDecoder, *,
 
   Args:
     params: a :class:`~factstore_jax.mlp.GatedMLP` or an
-      :class:`~factstore_jax.constructions.encoder_decoder.EncoderDecoder`
+      :class:`~factstore_jax.mlp.EncoderDecoder`
       (bounded through its :meth:`as_mlp`).
     radius: ``R > 0``, radius of the ball around the origin.
 
@@ -467,12 +466,7 @@ def lipschitz_bound(params: mlp_lib.GatedMLP | EncoderDecoder, *,
     FactStoreError: ``params`` of another type or inconsistent shapes,
       ``radius <= 0``.
   """
-  if isinstance(params, EncoderDecoder):
-    params = params.as_mlp()
-  if not isinstance(params, mlp_lib.GatedMLP):
-    raise FactStoreError(
-        'params must be a GatedMLP or an EncoderDecoder, got '
-        f'{type(params).__name__}')
+  params = mlp_lib.as_gated(params)
   _check_gated_mlp(params)
   _check_positive(radius, 'radius')
   return _lipschitz_bound(params, radius)

@@ -51,7 +51,7 @@ def _factset(seed: int = 0, n: int = N, d: int = D, **kw) -> F.FactSet:
 
 
 def _outputs(mlp: M.GatedMLP, x) -> np.ndarray:
-  return np.asarray(M.apply_mlp(mlp, x))
+  return np.asarray(mlp(x))
 
 
 def _assert_outputs_close(a, b, rel=1e-4):
@@ -206,7 +206,7 @@ class BaselineTest(parameterized.TestCase):
                                  rtol=1e-8, atol=1e-10)
       np.testing.assert_allclose(masked.w_down[:width], dual.w_down,
                                  rtol=1e-8, atol=1e-10)
-      np.testing.assert_allclose(M.apply_mlp(interp, fs.keys),
+      np.testing.assert_allclose(interp(fs.keys),
                                  fs.values[fs.mapping], atol=1e-8)
 
 

@@ -135,7 +135,8 @@ def test_bad_input_fails_cleanly(files, case):
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and message in lines[0], proc.stderr
   assert not os.path.exists(folder / out)
-  assert not [f for f in os.listdir(folder) if f.startswith('.tmp')]
+  # No temporary file of the atomic writer (``.<name>.<random><ext>``).
+  assert not [f for f in os.listdir(folder) if f.startswith(f'.{out}.')]
 
 
 def test_usage_errors(files):

@@ -227,13 +227,13 @@ class ReportTest(chex.TestCase):
     model = self.c.model
     keys = self.fs.keys
     direct = self.variant(lambda mdl, x: mdl(x))(model, keys)
-    folded = self.variant(M.apply_mlp)(model.as_mlp(), keys)
+    folded = self.variant(M.GatedMLP.__call__)(model.as_mlp(), keys)
     chex.assert_shape(direct, (N, D))
     chex.assert_trees_all_close(direct, folded, atol=1e-5, rtol=1e-5)
     # Also off the keys (random inputs), where many windows are partial.
     x = jax.random.normal(jax.random.PRNGKey(0), (64, D))
     chex.assert_trees_all_close(self.variant(lambda mdl, x: mdl(x))(model, x),
-                                M.apply_mlp(model.as_mlp(), x), atol=1e-4,
+                                model.as_mlp()(x), atol=1e-4,
                                 rtol=1e-4)
 
   def test_encode_hits_codes(self):
@@ -254,7 +254,7 @@ class RouteTest(chex.TestCase):
     k1, k2 = jax.random.split(jax.random.PRNGKey(0))
     hidden = jax.random.normal(k1, (2, 5, 12))
     routing = jax.random.normal(k2, (12, 3))
-    out = self.variant(ed.route, static_argnums=2)(hidden, routing, window)
+    out = self.variant(M.route, static_argnums=2)(hidden, routing, window)
     chex.assert_shape(out, (2, 5, 3))
     np.testing.assert_allclose(out, hidden @ routing, rtol=1e-5, atol=1e-5)
 
@@ -270,13 +270,13 @@ class RouteTest(chex.TestCase):
     pairs = rng.normal(size=(64, 12)).astype(np.float32) * 1e3
     cancel = silent.copy()
     cancel[:, 8::2], cancel[:, 9::2] = pairs, -pairs
-    want = np.asarray(ed.route(jnp.asarray(silent), routing, 2))
-    got = np.asarray(ed.route(jnp.asarray(cancel), routing, 2))
+    want = np.asarray(M.route(jnp.asarray(silent), routing, 2))
+    got = np.asarray(M.route(jnp.asarray(cancel), routing, 2))
     self.assertTrue(np.array_equal(got, want))
     # In-place edits of those windows' weights leave it unchanged too.
     cancel[:, 8::2], cancel[:, 9::2] = 2 * pairs, -2 * pairs
     self.assertTrue(np.array_equal(
-        np.asarray(ed.route(jnp.asarray(cancel), routing, 2)), want))
+        np.asarray(M.route(jnp.asarray(cancel), routing, 2)), want))
 
   def test_construction_sets_window(self):
     c = _construction('sphere', 0)
@@ -644,6 +644,26 @@ class BatchedTest(chex.TestCase):
         self.assertEqual(float(dense.accuracy), 1.0)
         self.assertGreater(float(dense.min_margin), 0.0)
 
+  def test_member_with_a_broken_bucket_is_refit(self):
+    # Member 1's bucket 1 comes back NaN (as a singular solve would): the
+    # batched check must flag that member only and refit it in float64.
+    real = ed._build_members
+
+    def broken(member_keys, factsets, **kwargs):
+      model, codes, rho, parts = real(member_keys, factsets, **kwargs)
+      parts = parts._replace(maps=parts.maps.at[1, 1].set(jnp.nan))
+      model = jax.vmap(lambda p, dec: ed._assemble_jit(
+          p, dec, kwargs['activation']))(parts, model.decoder)
+      return model, codes, rho, parts
+    with mock.patch.object(ed, '_build_members', broken):
+      bc = ed.construct_batched(F.stack_factsets(_small_factsets()), key=7)
+    self.assertEqual(bc.repaired, [1])
+    np.testing.assert_array_equal(bc.accuracy, np.ones(B))
+    self.assertTrue((np.asarray(bc.min_margin) > 0).all())
+    for b, fs in enumerate(_small_factsets()):
+      dense = _dense_eval(_member(bc.model, b).as_mlp(), *fs)
+      self.assertEqual(float(dense.accuracy), 1.0)
+
   def test_projected_rho_vmapped_vs_looped(self):
     # bc.rho was computed inside one vmapped program; recompute each member's
     # projected decodability on its own.
@@ -685,6 +705,33 @@ class BucketSolveTest(parameterized.TestCase):
     self.assertEqual(c.report.accuracy, 1.0)
     self.assertGreater(c.report.min_margin, 0.0)
     self.assertTrue(np.isfinite(np.asarray(c.model.w_up)).all())
+
+  def test_failed_refit_rebuilds_with_a_new_direction(self):
+    # A broken bucket that the float64 refit cannot mend (refit and split
+    # mocked to do nothing): construct must rebuild with a new direction and
+    # half the bucket size, and give up after max_retries rebuilds.
+    fs = _factset('sphere', 0)
+    real, sizes = ed.build_gadgets_streamed, []
+
+    def broken_first(*args, **kwargs):
+      parts = real(*args, **kwargs)
+      sizes.append(kwargs['bucket_size'])
+      if len(sizes) == 1:
+        parts = parts._replace(maps=parts.maps.at[1].set(jnp.nan))
+      return parts
+    with mock.patch.object(ed, 'build_gadgets_streamed', broken_first), \
+        mock.patch.object(ed, '_refit_buckets', lambda parts, *a: parts), \
+        mock.patch.object(ed, '_split_unsolved',
+                          lambda parts, *a, **k: (parts, 0)):
+      c = ed.construct(fs, key=0)
+      self.assertEqual(sizes, [sizes[0], sizes[0] // 2])
+      self.assertEqual(c.report.accuracy, 1.0)
+      self.assertGreater(c.report.min_margin, 0.0)
+      sizes.clear()
+      with self.assertRaisesRegex(ConstructionError,
+                                  'could not certify storage.*0 rebuild'):
+        ed.construct(fs, key=0, max_retries=0)
+      self.assertLen(sizes, 1)
 
 
 @pytest.mark.slow

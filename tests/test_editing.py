@@ -16,6 +16,7 @@ CPU nearly all the time is XLA compilation, cached per shape.
 from __future__ import annotations
 
 import functools
+from unittest import mock
 
 from absl.testing import parameterized
 import chex
@@ -44,7 +45,7 @@ def _apply(model, keys):
   return model(keys)
 
 
-_apply_mlp = jax.jit(M.apply_mlp)
+_apply_mlp = jax.jit(M.GatedMLP.__call__)
 _dense = jax.jit(storage.evaluate_mlp)
 _factorised = jax.jit(lambda model, fs: storage.evaluate_fn(model, *fs))
 
@@ -165,6 +166,21 @@ class UpdateTest(_EditTest):
     self.assert_stores(c2, fs2)
     self.assert_untouched_identical((fs, c), c2, rep)
     # The edited fact decodes to its new value.
+    out = _apply(c2.model, fs2.keys[i])
+    self.assertEqual(int(jnp.argmax(fs2.values @ out)), v)
+
+  def test_failed_bucket_solve_is_refit_in_float64(self):
+    # The edited bucket's solve breaks (NaN maps): the check must see it
+    # fail, refit that bucket in float64, and store every fact.
+    fs, c = _base()
+    i, v = 17, (int(fs.mapping[17]) + 5) % N
+    real = E._solve
+    broken = lambda *args: real(*args) * jnp.nan
+    with mock.patch.object(E, '_solve', broken):
+      c2, fs2, rep = E.edit(c, fs, [E.Update(i, v)])
+    self.assertEqual(rep.refit_buckets, rep.solved_buckets)
+    self.assertLen(rep.refit_buckets, 1)
+    self.assert_stores(c2, fs2)
     out = _apply(c2.model, fs2.keys[i])
     self.assertEqual(int(jnp.argmax(fs2.values @ out)), v)
 

@@ -97,7 +97,7 @@ class HiddenStatesTest(chex.TestCase):
     x = np.random.default_rng(1).normal(size=(5, 6)).astype(np.float32)
     hidden = _np(L.hidden_states(params, x))
     chex.assert_shape(hidden, (5, H))
-    want = _np(jax.jit(M.apply_mlp)(params, x))
+    want = _np(jax.jit(M.GatedMLP.__call__)(params, x))
     np.testing.assert_allclose(
         hidden @ _np(params.w_down) + _np(params.b_down), want, rtol=1e-5,
         atol=1e-5)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from factstore_jax import factsets, methods, sweep, training
+from factstore_jax import factsets, methods, sharding, training
 from factstore_jax.constructions.encoder_decoder import (construct,
                                                          construction_decoder)
 from factstore_jax.errors import FactStoreError
@@ -41,7 +41,7 @@ def test_wstar_is_the_smallest_passing_width(sets, method, threshold):
             for m, w, a in zip(members, widths, accs) if m == i} == cap.tested
     assert cap.width is not None
     assert cap.tested[cap.width] >= threshold
-    assert cap.num_params == methods.num_params(method, 16, cap.width)
+    assert cap.num_params == methods.width_params(method, 16, cap.width)
     # Re-evaluating W* and W* - 1 alone agrees with the search.
     accs = methods.evaluate_batched(method, [key, key], [fs, fs],
                                     [cap.width, max(cap.width - 1, 1)],
@@ -98,7 +98,7 @@ def test_encoder_decoder_gd_code_dim(sets, monkeypatch):
     assert used and all(u == want for u in used)
     for cap, m in zip(caps, want):
       assert (cap.width, cap.code_dim) == (5, m)
-      assert cap.num_params == methods.num_params(
+      assert cap.num_params == methods.width_params(
           'encoder_decoder_gd', 16, 5, code_dim=m)
   for method, bad in (('gd', 8), ('encoder_decoder', 8),
                       ('encoder_decoder_gd', 0), ('encoder_decoder_gd', True),
@@ -119,11 +119,11 @@ def test_encoder_decoder_gd_trains_with_the_construction_decoder(
   np.testing.assert_array_equal(c.model.decoder, construction_decoder(
       keys[0], 16, c.report.code_dim))
   assert methods.gd_code_dim(keys[0], sets[0]) == c.report.code_dim
-  calls, map_batched = [], sweep.map_batched
+  calls, map_batched = [], sharding.map_batched
   def spy(*args, static_kwargs=None, **kwargs):
     calls.append(static_kwargs['code_dim'])
     return map_batched(*args, static_kwargs=static_kwargs, **kwargs)
-  monkeypatch.setattr(sweep, 'map_batched', spy)
+  monkeypatch.setattr(sharding, 'map_batched', spy)
   short = methods.MethodOptions(train=dataclasses.replace(
       FAST.train, max_steps=200, chunk_steps=100))
   accs = methods.evaluate_batched('encoder_decoder_gd', keys, sets, [12, 12],
@@ -156,12 +156,12 @@ def test_batched_evaluation_equals_single_calls(sets):
 def test_chunked_gd_members_equal_vmapped(sets, monkeypatch):
   # One member stops early (the wide one), the other trains on: mapped
   # members, each stopping on its own, give the vmapped accuracies.
-  used, map_batched = [], sweep.map_batched
+  used, map_batched = [], sharding.map_batched
   def spy(*args, chunk_size=None, static_kwargs=None, **kwargs):
     used.append((chunk_size, static_kwargs.get('hidden')))
     return map_batched(*args, chunk_size=chunk_size,
                        static_kwargs=static_kwargs, **kwargs)
-  monkeypatch.setattr(sweep, 'map_batched', spy)
+  monkeypatch.setattr(sharding, 'map_batched', spy)
   keys = [jax.random.key(5), jax.random.key(6)]
   mapped = dataclasses.replace(FAST, chunk_size=1)
   accs = [methods.evaluate_batched('gd', keys, sets, [3, 32], options=o)
@@ -209,7 +209,7 @@ def test_errors(sets):
   with pytest.raises(FactStoreError, match='equal shapes'):
     methods.find_capacity('gd', [sets[0], other], [jax.random.key(0)] * 2)
   with pytest.raises(FactStoreError, match='code_dim'):
-    methods.num_params('encoder_decoder_gd', 16, 8)
+    methods.width_params('encoder_decoder_gd', 16, 8)
   for bad in (0, True, 1.5):
     with pytest.raises(FactStoreError, match='chunk_size'):
       methods.MethodOptions(chunk_size=bad)

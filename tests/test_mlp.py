@@ -57,7 +57,7 @@ class ApplyTest(chex.TestCase):
       ('identity', 'identity'))
   def test_shapes_and_values(self, activation):
     params = _params(activation=activation)
-    apply = self.variant(M.apply_mlp)
+    apply = self.variant(M.GatedMLP.__call__)
     x = jax.random.normal(jax.random.PRNGKey(1), (BATCH, D))
     out = apply(params, x)
     chex.assert_shape(out, (BATCH, D_OUT))
@@ -68,7 +68,7 @@ class ApplyTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_leading_batch_axes(self):
     params = _params()
-    apply = self.variant(M.apply_mlp)
+    apply = self.variant(M.GatedMLP.__call__)
     x = jax.random.normal(jax.random.PRNGKey(2), (2, 3, D))
     out = apply(params, x)
     chex.assert_shape(out, (2, 3, D_OUT))
@@ -79,7 +79,7 @@ class ApplyTest(chex.TestCase):
   def test_default_out_dim_is_dim(self):
     params = M.init_mlp(jax.random.PRNGKey(0), D, H)
     chex.assert_shape(params.w_down, (H, D))
-    chex.assert_shape(M.apply_mlp(params, jnp.ones((3, D))), (3, D))
+    chex.assert_shape(params(jnp.ones((3, D))), (3, D))
     self.assertEqual(params.hidden_dim, H)
 
   def test_without_biases(self):
@@ -88,7 +88,7 @@ class ApplyTest(chex.TestCase):
     self.assertIsNone(params.b_up)
     self.assertIsNone(params.b_down)
     x = jax.random.normal(jax.random.PRNGKey(3), (BATCH, D))
-    np.testing.assert_allclose(M.apply_mlp(params, x),
+    np.testing.assert_allclose(params(x),
                                _reference_apply(params, x), rtol=1e-5,
                                atol=1e-5)
 
@@ -141,7 +141,7 @@ class ModuleTest(chex.TestCase):
     params = _params(activation='silu', biases=biases)
     module = M.GatedMLPModule(params)
     x = jax.random.normal(jax.random.PRNGKey(4), (BATCH, D))
-    chex.assert_trees_all_close(module(x), M.apply_mlp(params, x), atol=1e-6,
+    chex.assert_trees_all_close(module(x), params(x), atol=1e-6,
                                 rtol=1e-6)
     back = module.to_params()
     self.assertEqual(back.activation, 'silu')
@@ -155,7 +155,7 @@ class ModuleTest(chex.TestCase):
     x = jax.random.normal(jax.random.PRNGKey(5), (BATCH, D))
     module = M.GatedMLPModule(params)
     loss_m = lambda m: jnp.sum(jnp.sin(m(x)))
-    loss_p = lambda p: jnp.sum(jnp.sin(M.apply_mlp(p, x)))
+    loss_p = lambda p: jnp.sum(jnp.sin(p(x)))
     grads_m = nnx.grad(loss_m)(module)
     grads_p = jax.grad(loss_p)(params)
     for name in ('w_gate', 'w_up', 'w_down', 'b_gate', 'b_up', 'b_down'):
@@ -167,7 +167,7 @@ class ModuleTest(chex.TestCase):
     module = M.GatedMLPModule(params)
     x = jax.random.normal(jax.random.PRNGKey(6), (BATCH, D))
     out = nnx.jit(lambda m, x: m(x))(module, x)
-    chex.assert_trees_all_close(out, M.apply_mlp(params, x), atol=1e-6,
+    chex.assert_trees_all_close(out, params(x), atol=1e-6,
                                 rtol=1e-6)
 
 
@@ -180,7 +180,7 @@ class GradTest(chex.TestCase):
     params = _params(activation=activation)
     x = jax.random.normal(jax.random.PRNGKey(7), (BATCH, D))
     g_params, g_x = jax.grad(
-        lambda p, x: jnp.sum(M.apply_mlp(p, x) ** 2), argnums=(0, 1))(params, x)
+        lambda p, x: jnp.sum(p(x) ** 2), argnums=(0, 1))(params, x)
     chex.assert_tree_all_finite((g_params, g_x))
     chex.assert_trees_all_equal_shapes(g_params, params)
     self.assertEqual(g_params.activation, activation)
@@ -194,7 +194,7 @@ class GradTest(chex.TestCase):
       to64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)
       params = to64(_params(seed=3, activation=activation))
       x = to64(np.random.default_rng(8).normal(size=(BATCH, D)))
-      loss = jax.jit(lambda p, x: jnp.sum(jnp.tanh(M.apply_mlp(p, x))))
+      loss = jax.jit(lambda p, x: jnp.sum(jnp.tanh(p(x))))
       g_params, g_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
       leaves, treedef = jax.tree.flatten((params, x))
       rng = np.random.default_rng(9)
@@ -230,4 +230,4 @@ class ActivationTest(parameterized.TestCase):
   def test_apply_rejects_unknown(self):
     params = _params().replace(activation='nope')
     with pytest.raises(FactStoreError, match='unknown activation'):
-      M.apply_mlp(params, jnp.ones((D,)))
+      params(jnp.ones((D,)))

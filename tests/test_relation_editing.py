@@ -106,11 +106,11 @@ def test_calibrate_sets_the_median_gap():
   fs = R.fact_factset(rel)
   mlp = methods.build_mlp('encoder_decoder', jax.random.key(0), fs, 16).mlp
   cal = R.calibrate(mlp, fs, gap=3.0)
-  gaps = storage.margins(methods.storage_apply(cal, fs.keys), fs.values,
+  gaps = storage.margins(cal(fs.keys), fs.values,
                          fs.mapping)
   np.testing.assert_allclose(np.median(gaps), 3.0, rtol=1e-4)
   low = R.calibrate(mlp, fs, gap=3.0, quantile=0.0)
-  gaps = storage.margins(methods.storage_apply(low, fs.keys), fs.values,
+  gaps = storage.margins(low(fs.keys), fs.values,
                          fs.mapping)
   np.testing.assert_allclose(np.min(gaps), 3.0, rtol=1e-4)
   for bad in (dict(gap=0.0), dict(quantile=1.5)):
@@ -130,8 +130,8 @@ def test_fact_slot_reads_and_replaces_fact_coordinates():
   np.testing.assert_allclose(slot.inputs(h), s, atol=1e-3)
   out = h + slot(h)
   # Word coordinates pass through; fact coordinates are the MLP's output.
-  np.testing.assert_allclose(out, 2.0 * word + methods.storage_apply(
-      mlp, slot.inputs(h)), atol=1e-5)
+  np.testing.assert_allclose(out, 2.0 * word + mlp(slot.inputs(h)),
+                             atol=1e-5)
 
 
 def test_base_model_learns_and_keeps_fact_blocks():
@@ -194,16 +194,24 @@ def test_no_edit_scores_base():
   assert scores.specificity >= 0.95
 
 
-def test_swap_stores_the_edits_and_leaves_the_model_alone():
+# The closed form (code dim F = d: the identity decoder) stores the edits as
+# exactly; its calibrated outputs lowered the word perplexity here (ratio
+# 0.83 measured), so only an increase is bounded.
+@pytest.mark.parametrize('builder, width, low_ppl', [
+    ('gd', 48, 0.95),
+    ('encoder_decoder', F, 0.0),
+])
+def test_swap_stores_the_edits_and_leaves_the_model_alone(builder, width,
+                                                          low_ppl):
   model, opts = trained()
   rel, ctx = small_relation(), context()
   before = jax.tree.map(np.asarray, nnx.state(model))
   ppl = harness.word_perplexity(model, rel)
   trial = harness.run_trial('swap', model, ctx, ppl,
-                            dict(builder='gd', width=48, options=opts))
-  assert trial.scores.efficacy == 1.0
+                            dict(builder=builder, width=width, options=opts))
+  assert trial.scores.efficacy == 1.0, trial
   assert trial.scores.specificity >= 0.95
-  assert abs(np.log(trial.scores.ppl_ratio)) < 0.05
+  assert low_ppl <= trial.scores.ppl_ratio <= 1.05, trial
   chex.assert_trees_all_equal(before, jax.tree.map(np.asarray,
                                                    nnx.state(model)))
 
@@ -211,6 +219,7 @@ def test_swap_stores_the_edits_and_leaves_the_model_alone():
 @pytest.mark.parametrize('method, config', [
     ('rome', dict(ridge=1e-6)),
     ('memit', dict(lam=1e-2)),
+    ('alphaedit', dict(lam=1e-2, rel_tol=1e-2)),
     ('finetune', dict(learning_rate=1e-2, steps=100, down_only=False)),
 ])
 def test_locate_and_finetune_reach_the_edits(method, config):

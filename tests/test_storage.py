@@ -143,12 +143,12 @@ class RandomTest(chex.TestCase):
     _, values, mapping = _random_problem(d=8, seed=1)
     keys = jax.random.normal(jax.random.PRNGKey(0), (100, 8))
     params = M.init_mlp(jax.random.PRNGKey(1), 8, 32, activation='silu')
-    direct = storage.margins(M.apply_mlp(params, keys), values, mapping)
+    direct = storage.margins(params(keys), values, mapping)
     by_mlp = self.variant(functools.partial(storage.evaluate_mlp,
                                             chunk_size=7))(params, keys,
                                                            values, mapping)
     chex.assert_trees_all_close(by_mlp.margins, direct, atol=1e-5, rtol=1e-5)
-    by_fn = storage.evaluate_fn(lambda k: M.apply_mlp(params, k), keys, values,
+    by_fn = storage.evaluate_fn(lambda k: params(k), keys, values,
                                 mapping, chunk_size=33)
     chex.assert_trees_all_close(by_fn, by_mlp, atol=1e-5, rtol=1e-5)
 
@@ -162,7 +162,7 @@ class RandomTest(chex.TestCase):
                              compute_dtype='float32'), default)
     # bfloat16: the forward pass as run in bf16, margins in float32.
     low = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
-    outputs = M.apply_mlp(low, keys.astype(jnp.bfloat16))
+    outputs = low(keys.astype(jnp.bfloat16))
     self.assertEqual(outputs.dtype, jnp.bfloat16)
     expected = storage.margins(outputs.astype(jnp.float32), values, mapping)
     report = storage.evaluate_mlp(params, keys, values, mapping,

@@ -196,9 +196,9 @@ _MULTI_DEVICE = textwrap.dedent('''
     r = c.report
     # The same solver on this process's first device only, as the reference.
     from unittest import mock
-    from factstore_jax import sweep
-    with mock.patch.object(sweep, 'local_mesh',
-                           lambda: sweep.batch_mesh(jax.local_devices()[:1])):
+    from factstore_jax import sharding
+    with mock.patch.object(sharding, 'local_mesh',
+                           lambda: sharding.batch_mesh(jax.local_devices()[:1])):
       one = dec.decodability(fs.values, num_candidates=64)
     split = dec.decodability(fs.values, num_candidates=64)
     np.savez(sys.argv[1], accuracy=r.accuracy, **t._saved(c),

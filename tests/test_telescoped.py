@@ -274,7 +274,7 @@ class PruneTest(parameterized.TestCase):
     h, m = 12, 3
     w_up = rng.normal(size=(D, h)).astype(np.float32)
     w_up[:, [2, 5, 6]] = 0.0
-    model = ed.EncoderDecoder(
+    model = M.EncoderDecoder(
         w_gate=jnp.asarray(rng.normal(size=(D, h)), jnp.float32),
         b_gate=jnp.asarray(rng.normal(size=h), jnp.float32),
         w_up=jnp.asarray(w_up),
@@ -293,7 +293,7 @@ class PruneTest(parameterized.TestCase):
     w_up = rng.normal(size=(D, h)).astype(np.float32)
     w_up[:, 2:4] = 0.0   # one whole step (window 2): dropped
     w_up[:, 4] = 0.0     # half a step: kept
-    model = ed.EncoderDecoder(
+    model = M.EncoderDecoder(
         w_gate=jnp.zeros((D, h)), b_gate=jnp.ones(h),
         w_up=jnp.asarray(w_up), routing=jnp.ones((h, m)),
         decoder=jnp.ones((D, m)), activation='relu', window=2)

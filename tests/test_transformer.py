@@ -27,14 +27,14 @@ CONTEXT = 2           # L in the training tests
 # delivers keys to within ~0.1 in ~400 steps. At rate 0.1 the outcome hangs
 # on float rounding (recall 0.97 or 1.0 by the CPU's vector ISA); at 0.05
 # every ISA gives loss 0.0088, recall 1.0 and keys within 0.14.
-COPY = train_lib.TrainConfig(max_steps=400, chunk_steps=200, batch_size=64,
-                             context_len=CONTEXT, eval_batch_size=256,
-                             learning_rate=0.05, logit_scale=10.0)
+COPY = train_lib.TransformerTrainConfig(
+    max_steps=400, chunk_steps=200, batch_size=64, context_len=CONTEXT,
+    eval_batch_size=256, learning_rate=0.05, logit_scale=10.0)
 # A handful of steps: enough to move every trained parameter. The chunk is
 # longer than the step budget, which must still be honoured.
-TINY = train_lib.TrainConfig(max_steps=6, chunk_steps=8, batch_size=16,
-                             context_len=CONTEXT, eval_batch_size=32,
-                             learning_rate=1e-2, weight_decay=0.1)
+TINY = train_lib.TransformerTrainConfig(
+    max_steps=6, chunk_steps=8, batch_size=16, context_len=CONTEXT,
+    eval_batch_size=32, learning_rate=1e-2, weight_decay=0.1)
 
 
 def _factset(tied=True, num_values=None, mapping='permutation', seed=0,
@@ -456,7 +456,7 @@ class ModelTest(chex.TestCase):
     params = mlp_lib.init_mlp(jax.random.key(1), D, 8)
     module = model_lib.as_mlp_module(params)
     self.assertIsInstance(module, mlp_lib.GatedMLPModule)
-    np.testing.assert_allclose(module(x), mlp_lib.apply_mlp(params, x),
+    np.testing.assert_allclose(module(x), params(x),
                                rtol=1e-6)
     self.assertIs(model_lib.as_mlp_module(module), module)
     for bad in ({'w_up': 1}, np.eye(D), 'mlp'):
@@ -595,7 +595,7 @@ class TrainTest(chex.TestCase):
       ('weight_decay', dict(weight_decay=-0.1), 'weight_decay'),
       ('logit_scale', dict(logit_scale=0.0), 'logit_scale'))
   def test_config_errors(self, kwargs, match):
-    config = train_lib.TrainConfig(**kwargs)
+    config = train_lib.TransformerTrainConfig(**kwargs)
     with self.assertRaisesRegex(FactStoreError, match):
       config.check()
     vocab = _vocab()

@@ -134,7 +134,7 @@ class JacobianNormTest(chex.TestCase, parameterized.TestCase):
 
   def test_gated_identity_mlp_matches_jacfwd(self):
     params = _random_mlp(0, 8, 16, 'identity')
-    fn = lambda z: M.apply_mlp(params, z)
+    fn = lambda z: params(z)
     x = _normal(5, 10, 8)
     norms = U.jacobian_norm(fn, x, jax.random.PRNGKey(6), iters=200)
     np.testing.assert_allclose(norms, _exact_jacobian_norms(fn, x), rtol=1e-3)
@@ -146,7 +146,7 @@ class JacobianNormTest(chex.TestCase, parameterized.TestCase):
 
   def test_deterministic_and_chunking(self):
     params = _random_mlp(1, 6, 12, 'relu')
-    fn = lambda z: M.apply_mlp(params, z)
+    fn = lambda z: params(z)
     x = _normal(0, 7, 6)
     key = jax.random.key(4)
     a = U.jacobian_norm(fn, x, key, iters=10)
@@ -162,7 +162,7 @@ class LipschitzBoundTest(chex.TestCase, parameterized.TestCase):
   def test_bounds_jacobian_and_finite_differences(self, activation):
     d, h = 6, 24
     params = _random_mlp(7, d, h, activation)
-    fn = lambda z: M.apply_mlp(params, z)
+    fn = lambda z: params(z)
     exact_norms = jax.jit(jax.vmap(jax.jacfwd(fn)))
     for radius in (1.0, 2.5):
       bound = float(U.lipschitz_bound(params, radius=radius))
@@ -281,7 +281,7 @@ class RobustnessRadiusTest(chex.TestCase, parameterized.TestCase):
     # The factorised model and its gated-MLP form agree.
     mlp = c.mlp
     radii_mlp = U.robustness_radius(
-        lambda x: M.apply_mlp(mlp, x), fs.keys, fs.values, fs.mapping,
+        lambda x: mlp(x), fs.keys, fs.values, fs.mapping,
         jax.random.PRNGKey(0), num_directions=8, max_radius=0.5, iters=16)
     np.testing.assert_allclose(radii, radii_mlp, atol=1e-4)
 

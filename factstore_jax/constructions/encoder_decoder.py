@@ -39,50 +39,17 @@ from absl import logging
 
 from factstore_jax import decodability as dec_lib
 from factstore_jax import storage
-from factstore_jax import sweep
+from factstore_jax import sharding
 from factstore_jax.constructions import certificate, decoders, gadgets
 from factstore_jax.errors import (ConstructionError, FactStoreError,
                                   InfeasibleFactSetError)
 from factstore_jax.factsets import FactSet, validate_factset
 from factstore_jax.precision import full_precision
 from factstore_jax.threads import single_threaded_blas
-from factstore_jax.mlp import (GatedMLP, GatedMLPModule, get_activation,
-                               num_params)
+from factstore_jax.mlp import (EncoderDecoder, GatedMLP, GatedMLPModule,
+                               get_activation, num_params)
 
 Array = jax.Array
-
-
-@flax.struct.dataclass
-class EncoderDecoder:
-  """Factorised view: ``g(x) = decoder @ E(x)``; a pytree."""
-  w_gate: Array    # (d, h)
-  b_gate: Array    # (h,)
-  w_up: Array      # (d, h)
-  routing: Array   # (h, m): hidden neuron -> code coordinate
-  decoder: Array   # (d, m)
-  activation: str = flax.struct.field(pytree_node=False, default='clipped')
-  # Neurons per step (adjacent hidden neurons, summed first); see `route`.
-  window: int = flax.struct.field(pytree_node=False, default=1)
-
-  @property
-  def code_dim(self) -> int:
-    return self.decoder.shape[-1]
-
-  def encode(self, x: Array) -> Array:
-    """Codes ``x (..., d) -> (..., m)``."""
-    act = get_activation(self.activation)
-    hidden = (x @ self.w_up) * act(x @ self.w_gate + self.b_gate)
-    return route(hidden, self.routing, self.window)
-
-  def __call__(self, x: Array) -> Array:
-    """``x (..., d) -> (..., d)``."""
-    return self.encode(x) @ self.decoder.T
-
-  def as_mlp(self) -> GatedMLP:
-    """The same function as a standard gated MLP (decoder folded in)."""
-    return GatedMLP(w_gate=self.w_gate, b_gate=self.b_gate, w_up=self.w_up,
-                    w_down=self.routing @ self.decoder.T,
-                    activation=self.activation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,26 +148,6 @@ class Construction(NamedTuple):
   def module(self) -> GatedMLPModule:
     """The constructed MLP as a Flax NNX module."""
     return GatedMLPModule(self.mlp)
-
-
-def route(hidden: Array, routing: Array, window: int = 1) -> Array:
-  """``hidden (..., h) @ routing (h, m)``, each window's neurons summed first.
-
-  Equal to ``hidden @ routing`` for any routing and ``window`` dividing ``h``,
-  computed as ``(sum_k hidden_k) @ routing_0 + sum_{k>0} hidden_k @
-  (routing_k - routing_0)`` over the ``window`` adjacent neurons ``k`` of
-  each window. With the construction's routing (a step's neurons share one
-  0/1 row) the second term is exactly zero, and a relu step's two neurons
-  are summed into the step's value before anything else is added.
-  """
-  if window == 1:
-    return hidden @ routing
-  *batch, h = hidden.shape
-  grouped = hidden.reshape(*batch, h // window, window)
-  rows = routing.reshape(h // window, window, routing.shape[-1])
-  rest = jnp.einsum('...wk,wkm->...m', grouped[..., 1:],
-                    rows[:, 1:] - rows[:, :1])
-  return grouped.sum(-1) @ rows[:, 0] + rest
 
 
 # --------------------------------------------------------------------------
@@ -310,8 +257,8 @@ def build_gadgets_streamed(key: Array, keys: Array, targets: Array, *,
   ``stream_size`` buckets are solved per call (the last call padded to the
   same shape, so one program serves all), so the gathered keys take
   ``O(stream_size b d)`` memory instead of ``O(n b d)``; each call splits
-  its buckets over the devices of ``mesh`` (:func:`sweep.shard_rows`,
-  default :func:`sweep.local_mesh`). The maps equal :func:`build_gadgets`'s
+  its buckets over the devices of ``mesh`` (:func:`sharding.shard_rows`,
+  default :func:`sharding.local_mesh`). The maps equal :func:`build_gadgets`'s
   (each bucket's solve is the same program). ``progress(done, total)`` runs
   after each call. Call it inside
   :func:`~factstore_jax.threads.single_threaded_blas` on CPU.
@@ -319,10 +266,10 @@ def build_gadgets_streamed(key: Array, keys: Array, targets: Array, *,
   buckets = _make_buckets_jit(key, keys, bucket_size=bucket_size, fill=fill,
                               slack=slack)
   n = buckets.index.shape[0]
-  mesh = sweep.local_mesh() if mesh is None else mesh
+  mesh = sharding.local_mesh() if mesh is None else mesh
   if mesh.size > 1:
-    keys, targets = sweep.replicate((keys, targets), mesh)
-  solve = lambda index, valid: sweep.shard_rows(
+    keys, targets = sharding.replicate((keys, targets), mesh)
+  solve = lambda index, valid: sharding.shard_rows(
       _solve_chunk_jit, (keys, targets), (index, valid), mesh=mesh)
   if stream_size >= n:
     maps = solve(buckets.index, buckets.valid)
@@ -758,7 +705,7 @@ def patch_stragglers(values: Array, decoder: Array, codes: Array, rho: Array,
   bad = stragglers[np.asarray(full.rho) <= 0]
   if len(bad):
     raise InfeasibleFactSetError(bad)
-  s, m = len(stragglers), decoder.shape[1]
+  s = len(stragglers)
   decoder = jnp.concatenate([decoder, full.separators.T.astype(decoder.dtype)],
                             axis=1)
   extra = jnp.zeros((codes.shape[0], s), codes.dtype).at[

@@ -45,6 +45,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from factstore_jax import precision
 from factstore_jax.constructions.ntk import (check_factset_shapes,
                                              check_widths, clip_width,
                                              unit_mask, unit_normal)
@@ -56,11 +57,7 @@ Array = jax.Array
 
 READOUTS = ('hebbian', 'ridge', 'data_dependent')
 SOLVERS = ('auto', 'primal', 'dual')
-_HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _mm(a: Array, b: Array) -> Array:
-  return jnp.matmul(a, b, precision=_HIGHEST)
+_mm = precision.matmul
 
 
 class BilinearFeatures(NamedTuple):

@@ -50,10 +50,10 @@ import numpy as np
 from factstore_jax.errors import FactStoreError
 from factstore_jax.factsets import FactSet
 from factstore_jax.mlp import GatedMLP
+from factstore_jax.precision import matmul
 
 Array = jax.Array
 
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 # ----------------------------------------------------------------------------
@@ -221,10 +221,10 @@ def _ntk(key: Array, factset: FactSet, width: Array | int, max_width: int,
   keys, values, mapping = factset
   gate, down = ntk_features(key, keys, max_width)
   mask = unit_mask(width, max_width, keys.dtype)
-  feats = hermite(jnp.matmul(keys, gate.T, precision=_HIGHEST), degree)
-  proj = jnp.matmul(values[mapping], down.T, precision=_HIGHEST)  # (N, m)
+  feats = hermite(matmul(keys, gate.T), degree)
+  proj = matmul(values[mapping], down.T)  # (N, m)
   coef = feats * proj * (mask / jnp.asarray(width, keys.dtype))[None, :]
-  w_up = jnp.matmul(keys.T, coef, precision=_HIGHEST)            # (d, m)
+  w_up = matmul(keys.T, coef)            # (d, m)
   return GatedMLP(w_gate=gate.T, w_up=w_up, w_down=down * mask[:, None],
                   activation='relu')
 

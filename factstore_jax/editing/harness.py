@@ -43,7 +43,7 @@ from factstore_jax import methods
 from factstore_jax.editing import locate
 from factstore_jax.editing import relation as rel_lib
 from factstore_jax.errors import FactStoreError
-from factstore_jax.mlp import GatedMLP, apply_mlp
+from factstore_jax.mlp import GatedMLP
 from factstore_jax.transformer.model import Transformer
 
 Array = jax.Array
@@ -86,8 +86,9 @@ class EditScores(NamedTuple):
 def word_perplexity(model: Transformer, relation: rel_lib.Relation) -> float:
   """Perplexity of the word (non-fact) tokens over every fact and training
   template."""
-  return rel_lib.word_perplexity(rel_lib.evaluate(model, rel_lib.all_sequences(
-      relation, relation.train_templates, np.arange(relation.num_facts))))
+  return rel_lib.evaluate(model, rel_lib.all_sequences(
+      relation, relation.train_templates,
+      np.arange(relation.num_facts))).word_perplexity
 
 
 def harmonic_mean(*xs: float) -> float:
@@ -112,7 +113,7 @@ def evaluate_edit(model: Transformer, relation: rel_lib.Relation,
   specificity = float(correct[~edited].mean()) if (~edited).any() else 1.0
   return EditScores(efficacy, paraphrase, specificity,
                     harmonic_mean(efficacy, paraphrase, specificity),
-                    rel_lib.word_perplexity(train) / base_ppl)
+                    train.word_perplexity / base_ppl)
 
 
 # ----------------------------------------------------------------------------
@@ -143,7 +144,7 @@ def cue_stream(model: Transformer, relation: rel_lib.Relation,
 
 
 def _cue_loss(mlp: GatedMLP, stream: CueStream, embeddings: Array) -> Array:
-  logits = (stream.words + apply_mlp(mlp, stream.inputs)) @ embeddings.T
+  logits = (stream.words + mlp(stream.inputs)) @ embeddings.T
   return optax.softmax_cross_entropy_with_integer_labels(
       logits, stream.targets[:, None]).mean()
 
@@ -171,7 +172,7 @@ def target_outputs(mlp: GatedMLP, stream: CueStream, embeddings: Array, *,
   mean cross-entropy over training templates plus ``decay * |delta|^2``
   (Adam, ``steps`` steps, batched over edits).
   """
-  base = apply_mlp(mlp, stream.inputs)                   # (E, K, d)
+  base = mlp(stream.inputs)                   # (E, K, d)
 
   def loss(delta):
     logits = (stream.words + base + delta[:, None]) @ embeddings.T

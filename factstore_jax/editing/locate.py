@@ -23,12 +23,11 @@ skipped for traced ones (e.g. under an outer ``jax.jit`` or ``jax.vmap``).
 Arithmetic runs in the inputs' common floating dtype, at least float32
 (float64 inputs under ``jax_enable_x64`` give float64 results); the edits'
 matrix products use ``Precision.HIGHEST`` (:func:`hidden_states` keeps
-:func:`~factstore_jax.mlp.apply_mlp`'s default, to match the model).
+:meth:`~factstore_jax.mlp.GatedMLP.__call__`'s default, to match the model).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -37,12 +36,12 @@ import numpy as np
 from jax import lax
 
 from factstore_jax import mlp as mlp_lib
+from factstore_jax import precision
 from factstore_jax.errors import FactStoreError
 
 Array = jax.Array
 
-_HIGHEST = lax.Precision.HIGHEST
-_mm = functools.partial(jnp.matmul, precision=_HIGHEST)
+_mm = precision.matmul
 # Relative tolerance of the symmetry check of ``cov`` and ``projector``.
 _SYMMETRY_RTOL = 1e-4
 
@@ -209,7 +208,7 @@ def hidden_states(params: mlp_lib.GatedMLP, x: Array) -> Array:
   """The down-projection's inputs (the "keys") of a gated MLP.
 
   ``hidden = (x @ w_up + b_up) * act(x @ w_gate + b_gate)``, so that
-  ``apply_mlp(params, x) == hidden @ w_down (+ b_down)``.
+  ``params(x) == hidden @ w_down (+ b_down)``.
 
   Args:
     params: a :class:`~factstore_jax.mlp.GatedMLP`, ``w_gate, w_up (d, h)``.
@@ -218,9 +217,7 @@ def hidden_states(params: mlp_lib.GatedMLP, x: Array) -> Array:
   Returns:
     ``(M, h)`` (or ``(..., h)``) hidden vectors.
   """
-  if not isinstance(params, mlp_lib.GatedMLP):
-    raise FactStoreError(
-        f'params must be a GatedMLP, got {type(params).__name__}')
+  params = mlp_lib.as_gated(params)
   mlp_lib.get_activation(params.activation)
   w_gate = _matrix(params.w_gate, 'params.w_gate', 'd, h')
   d, h = w_gate.shape
@@ -288,7 +285,7 @@ def _rome(w: Array, keys: Array, values: Array, cov: Array,
   def step(w, edit):
     k, u_k, v = edit
     r = v - _mm(k, w)                                         # (d,)
-    w = w + jnp.outer(u_k, r) / jnp.dot(u_k, k, precision=_HIGHEST)
+    w = w + jnp.outer(u_k, r) / _mm(u_k, k)
     return w, None
 
   w, _ = lax.scan(step, w, (keys, u, values))

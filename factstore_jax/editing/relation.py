@@ -35,13 +35,13 @@ import optax
 from flax import nnx
 
 from factstore_jax import factsets, methods, storage, training
-from factstore_jax.constructions.encoder_decoder import EncoderDecoder
 from factstore_jax.errors import FactStoreError
 from factstore_jax.factsets import FactSet
-from factstore_jax.mlp import GatedMLP, GatedMLPModule, apply_mlp
+from factstore_jax.mlp import GatedMLP, as_gated
 from factstore_jax.transformer.model import (Frozen, Transformer,
                                              TransformerConfig, as_mlp_module)
-from factstore_jax.transformer.train import (TrainConfig, TrainReport,
+from factstore_jax.transformer.train import (TrainReport,
+                                             TransformerTrainConfig,
                                              fit_groups)
 
 Array = jax.Array
@@ -288,11 +288,8 @@ def calibrate(mlp, factset: FactSet, gap: float = FACT_GAP,
   if not gap > 0 or not 0 <= quantile <= 1:
     raise FactStoreError(
         f'need gap > 0 and 0 <= quantile <= 1, got {gap}, {quantile}')
-  if isinstance(mlp, EncoderDecoder):
-    mlp = mlp.as_mlp()
-  if not isinstance(mlp, GatedMLP):
-    raise FactStoreError(f'cannot calibrate a {type(mlp).__name__}')
-  gaps = storage.margins(apply_mlp(mlp, factset.keys), factset.values,
+  mlp = as_gated(mlp)
+  gaps = storage.margins(mlp(factset.keys), factset.values,
                          factset.mapping)
   at = float(jnp.quantile(gaps, quantile))
   if not at > 0:
@@ -351,20 +348,16 @@ def swap_fact_mlp(model: Transformer, mlp) -> None:
 def fact_mlp(model: Transformer):
   """The fact MLP's params (``GatedMLP``) of a base model."""
   inner = model.mlp.mlp
-  if not isinstance(inner, GatedMLPModule):
+  to_params = getattr(inner, 'to_params', None)
+  if to_params is None:
     raise FactStoreError(f'the fact slot holds a {type(inner).__name__}, '
                          'not a gated MLP')
-  return inner.to_params()
+  return to_params()
 
 
 def at_cue(x: Array, cue: Array) -> Array:
   """``x (B, T, ...)`` at each row's cue position ``cue (B,)``: ``(B, ...)``."""
   return jnp.take_along_axis(x, cue[:, None, None], 1)[:, 0]
-
-
-def word_perplexity(scores: 'Scores') -> float:
-  """Perplexity of the word targets of the sequences behind ``scores``."""
-  return float(np.exp(scores.word_nll.sum() / scores.num_words.sum()))
 
 
 def lm_loss(model: Transformer, seqs: Sequences, logit_scale: float = 1.0
@@ -379,13 +372,13 @@ def lm_loss(model: Transformer, seqs: Sequences, logit_scale: float = 1.0
   return loss, accuracy
 
 
-BASE_TRAIN = TrainConfig(groups=('qk', 'vo'), learning_rate=1e-2,
+BASE_TRAIN = TransformerTrainConfig(groups=('qk', 'vo'), learning_rate=1e-2,
                          max_steps=3_000, chunk_steps=250, batch_size=256,
                          target_accuracy=None, eval_batch_size=1_024)
 
 
 def train_base(model: Transformer, relation: Relation, key: Array,
-               config: TrainConfig = BASE_TRAIN, *,
+               config: TransformerTrainConfig = BASE_TRAIN, *,
                progress: bool = False) -> TrainReport:
   """Trains the base model in place with next-token loss on training templates.
 
@@ -423,6 +416,11 @@ class Scores(NamedTuple):
   correct: np.ndarray     # (B,) bool: argmax at the cue is the object
   word_nll: np.ndarray    # (B,) summed NLL of the word targets
   num_words: np.ndarray   # (B,) number of word targets
+
+  @property
+  def word_perplexity(self) -> float:
+    """Perplexity of the word targets of these sequences."""
+    return float(np.exp(self.word_nll.sum() / self.num_words.sum()))
 
 
 @functools.partial(jax.jit, static_argnames=('batch',))

@@ -36,9 +36,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from factstore_jax.constructions.encoder_decoder import EncoderDecoder
 from factstore_jax.errors import FactStoreError
-from factstore_jax.mlp import GatedMLP, GatedMLPModule
+from factstore_jax.mlp import GatedMLPModule, as_gated
 
 Array = jax.Array
 
@@ -95,12 +94,10 @@ def as_mlp_module(mlp) -> nnx.Module:
   """``None`` | ``GatedMLP`` | ``EncoderDecoder`` | module -> an MLP module."""
   if mlp is None:
     return IdentityMLP()
-  if isinstance(mlp, EncoderDecoder):
-    mlp = mlp.as_mlp()
-  if isinstance(mlp, GatedMLP):
-    return GatedMLPModule(mlp)
   if isinstance(mlp, nnx.Module):
     return mlp
+  if hasattr(mlp, 'as_mlp'):
+    return GatedMLPModule(as_gated(mlp))
   raise FactStoreError(
       f'cannot plug {type(mlp).__name__} into the MLP slot; pass None, a '
       'GatedMLP, an EncoderDecoder or an nnx.Module')

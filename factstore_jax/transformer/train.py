@@ -37,7 +37,7 @@ Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TransformerTrainConfig:
   """Settings of :func:`train`.
 
   Attributes:
@@ -123,7 +123,8 @@ def _check_targets(vocab: data_lib.Vocabulary, targets: Array) -> Array:
 
 
 def train(model: Transformer, vocab: data_lib.Vocabulary, targets: Array,
-          key: Array, config: TrainConfig = TrainConfig(), *,
+          key: Array,
+          config: TransformerTrainConfig = TransformerTrainConfig(), *,
           progress: bool = False) -> TrainReport:
   """Trains ``config.groups`` of ``model`` in place on the recall task.
 
@@ -133,7 +134,7 @@ def train(model: Transformer, vocab: data_lib.Vocabulary, targets: Array,
     targets: ``(N,)`` token to emit for each fact (``data.fact_targets`` or
       ``data.copy_targets``).
     key: PRNG key for the batches.
-    config: :class:`TrainConfig`.
+    config: :class:`TransformerTrainConfig`.
     progress: show a tqdm bar.
 
   Returns:
@@ -153,7 +154,7 @@ def train(model: Transformer, vocab: data_lib.Vocabulary, targets: Array,
 
 
 def fit_groups(model: nnx.Module, loss_fn, sample, key: Array,
-               config: TrainConfig, *, progress: bool = False,
+               config: TransformerTrainConfig, *, progress: bool = False,
                desc: str = 'train', grad_map=None) -> TrainReport:
   """Trains ``config.groups`` of ``model`` in place on any batch task.
 
@@ -169,7 +170,7 @@ def fit_groups(model: nnx.Module, loss_fn, sample, key: Array,
     loss_fn: ``(model, batch) -> (loss, accuracy)`` scalars, traceable.
     sample: ``(key, size) -> batch`` (a pytree), traceable; ``size`` static.
     key: PRNG key for the batches.
-    config: :class:`TrainConfig`.
+    config: :class:`TransformerTrainConfig`.
     progress: show a tqdm bar labelled ``desc``.
     grad_map: optional ``grads -> grads`` applied before AdamW (e.g. a mask
       that freezes blocks of a matrix: a zero gradient gives a zero update).
@@ -295,7 +296,7 @@ def key_delivery(model: Transformer, vocab: data_lib.Vocabulary, key: Array,
   return np.concatenate(zs), np.concatenate(ds)
 
 
-def _check_frozen_mlp(config: TrainConfig) -> None:
+def _check_frozen_mlp(config: TransformerTrainConfig) -> None:
   if 'mlp' in config.groups:
     raise FactStoreError(
         "the fact MLP stays frozen in both schedules: drop 'mlp' from "
@@ -303,7 +304,8 @@ def _check_frozen_mlp(config: TrainConfig) -> None:
 
 
 def schedule_a(model: Transformer, vocab: data_lib.Vocabulary, fact_mlp,
-               key: Array, config: TrainConfig = TrainConfig(), *,
+               key: Array,
+               config: TransformerTrainConfig = TransformerTrainConfig(), *,
                progress: bool = False) -> TrainReport:
   """Schedule (a): train on key copy with the identity MLP, then insert.
 
@@ -320,7 +322,8 @@ def schedule_a(model: Transformer, vocab: data_lib.Vocabulary, fact_mlp,
 
 
 def schedule_b(model: Transformer, vocab: data_lib.Vocabulary, fact_mlp,
-               targets: Array, key: Array, config: TrainConfig = TrainConfig(),
+               targets: Array, key: Array,
+               config: TransformerTrainConfig = TransformerTrainConfig(),
                *, progress: bool = False) -> TrainReport:
   """Schedule (b): insert the frozen ``fact_mlp``, then train through it."""
   _check_frozen_mlp(config)
