@@ -21,10 +21,7 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import tempfile
 
 from absl import app
@@ -46,19 +43,10 @@ flags.mark_flag_as_required('embeddings')
 
 def run_cli(pythonpath: str, factset: str, out: str) -> dict:
   """One ``factstore construct`` run; its JSON line plus the checkout's commit."""
-  env = dict(os.environ, PYTHONPATH=os.path.abspath(pythonpath))
-  proc = subprocess.run(
-      [sys.executable, '-m', 'factstore_jax.cli', 'construct',
-       f'--factset={factset}', f'--out={out}'],
-      env=env, capture_output=True, text=True, check=False,
-      cwd=tempfile.gettempdir())
-  if proc.returncode:
-    raise RuntimeError(f'factstore construct failed under {pythonpath}: '
-                       f'{proc.stderr.strip().splitlines()[-1:]}')
-  commit = subprocess.run(['git', '-C', pythonpath, 'rev-parse', 'HEAD'],
-                          capture_output=True, text=True, check=False)
-  return dict(json.loads(proc.stdout.strip().splitlines()[-1]),
-              pythonpath=pythonpath, commit=commit.stdout.strip())
+  return common.run_checkout(
+      pythonpath, ['-m', 'factstore_jax.cli', 'construct',
+                   f'--factset={factset}', f'--out={out}'],
+      'factstore construct')
 
 
 def main(argv):

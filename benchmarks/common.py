@@ -6,6 +6,9 @@ import json
 import os
 import platform
 import resource
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -145,3 +148,25 @@ def write_json(path: str, data: dict) -> None:
   with atomic_output(path, suffix='.json.tmp') as tmp, open(tmp, 'w') as f:
     json.dump(data, f, indent=2)
     f.write('\n')
+
+
+def run_checkout(pythonpath: str, argv: list[str], what: str,
+                 env: dict | None = None) -> dict:
+  """``python argv`` with the library of the checkout ``pythonpath``.
+
+  Runs in a fresh process (from the temp folder, so the current checkout is
+  not imported by accident) and parses its last stdout line as JSON.
+  Returns that dict plus ``pythonpath`` and the checkout's ``commit``;
+  raises ``RuntimeError`` naming ``what`` if the process fails.
+  """
+  env = dict(os.environ if env is None else env,
+             PYTHONPATH=os.path.abspath(pythonpath))
+  proc = subprocess.run([sys.executable, *argv], env=env, capture_output=True,
+                        text=True, check=False, cwd=tempfile.gettempdir())
+  if proc.returncode:
+    raise RuntimeError(f'{what} failed under {pythonpath}: '
+                       f'{proc.stderr.strip()[-2000:]}')
+  commit = subprocess.run(['git', '-C', pythonpath, 'rev-parse', 'HEAD'],
+                          capture_output=True, text=True, check=False)
+  return dict(json.loads(proc.stdout.strip().splitlines()[-1]),
+              pythonpath=pythonpath, commit=commit.stdout.strip())

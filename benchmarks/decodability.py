@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -94,24 +93,14 @@ def child(path: str) -> None:
 
 def run_checkout(pythonpath: str, tmp: str, index: int) -> dict:
   path = os.path.join(tmp, f'run{index}.npz')
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [os.path.abspath(pythonpath), os.path.dirname(os.path.abspath(
-          __file__))]))
-  env.pop('XLA_FLAGS', None)
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)  # the child exposes the cores itself
   args = [f'--{name}={",".join(map(str, v)) if isinstance(v, list) else v}'
           for name in _CHILD_FLAGS for v in [getattr(FLAGS, name)]]
-  proc = subprocess.run(
-      [sys.executable, os.path.abspath(__file__), f'--child={path}', *args],
-      env=env, capture_output=True, text=True, check=False,
-      cwd=tempfile.gettempdir())
-  if proc.returncode:
-    raise RuntimeError(f'decodability failed under {pythonpath}: '
-                       f'{proc.stderr.strip()[-2000:]}')
-  commit = subprocess.run(['git', '-C', pythonpath, 'rev-parse', 'HEAD'],
-                          capture_output=True, text=True, check=False)
-  info = json.loads(proc.stdout.strip().splitlines()[-1])
-  return dict(info, pythonpath=pythonpath, commit=commit.stdout.strip(),
-              arrays=dict(np.load(path)))
+  run = common.run_checkout(
+      pythonpath, [os.path.abspath(__file__), f'--child={path}', *args],
+      'decodability', env=env)
+  return dict(run, arrays=dict(np.load(path)))
 
 
 def main(argv):
