@@ -553,7 +553,7 @@ def fit(model: Model, factset: FactSet, *,
     :class:`TrainResult`; ``params`` is the model at the stopping step.
   """
   if trainable is None:
-    trainable = tuple(n for n in model.TRAINABLE
+    trainable = tuple(n for n in getattr(model, 'TRAINABLE', ())
                       if getattr(model, n, None) is not None)
   trainable = tuple(trainable)
   _check_fit_args(model, factset, trainable, config)

@@ -555,7 +555,7 @@ class ErrorTest(parameterized.TestCase):
         (lambda: L.hidden_states(params, _nan_at(x)),
          r'x holds a non-finite'),
         (lambda: L.hidden_states({'w_gate': 1}, x),
-         r'params must be a GatedMLP'),
+         r'expected a GatedMLP or an EncoderDecoder'),
         (lambda: L.hidden_states(params.replace(activation='bogus'), x),
          r'unknown activation'),
         (lambda: L.hidden_states(params.replace(w_up=params.w_up[:, :3]), x),
