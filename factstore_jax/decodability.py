@@ -365,6 +365,10 @@ def decodability(values: Array, *, num_candidates: int | None = None,
   Returns:
     :class:`Decodability` with ``(P,)`` fields and ``separators (P, d)``
     (``None`` if ``abort`` stopped it).
+
+  Raises:
+    FactStoreError: ``values`` not ``(P, d)`` with ``P >= 2``;
+      ``max_outer`` or ``max_inner`` below 1.
   """
   values = jnp.asarray(values)
   if max_outer < 1 or max_inner < 1:

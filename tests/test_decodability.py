@@ -141,6 +141,11 @@ class UndecodableTest(parameterized.TestCase):
     with pytest.raises(FactStoreError, match='shape'):
       decodability(values)
 
+  @parameterized.parameters(dict(max_outer=0), dict(max_inner=0))
+  def test_no_iterations(self, **kwargs):
+    with pytest.raises(FactStoreError, match='must be >= 1'):
+      decodability(np.eye(3, dtype=np.float32), **kwargs)
+
 
 class CertificateTest(chex.TestCase):
   """Certificates on a random sphere table, P = 256, d = 16."""
