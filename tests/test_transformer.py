@@ -745,26 +745,23 @@ class ScheduleTest(chex.TestCase):
     self.assertLess(untrained.accuracy, 0.5)
     # A learning rate of 0.1 diverged here on an H100 (recall 0.54 after
     # 50 steps, then chance) though not on CPU; 0.03 is stable on both.
-    config = dataclasses.replace(COPY, chunk_steps=50, target_accuracy=0.95,
+    config = dataclasses.replace(COPY, chunk_steps=50, target_accuracy=0.85,
                                  learning_rate=0.03)
     model = _model(vocab, seed=4)
     report = train_lib.schedule_b(model, vocab, ed, targets,
                                   jax.random.key(17), config)
-    # Whether recall reaches 0.95 around a frozen constructed MLP depends on
-    # the seed and platform (the usability tradeoff: 0.4 to 0.96 over seeds
-    # 4-9 at rate 0.1 on CPU; seed 4 at 0.03 plateaus at 0.9-0.94 on an
-    # H100), so both outcomes are checked for consistency. Training must
-    # help either way.
-    self.assertGreater(max(report.eval_accuracy), untrained.accuracy + 0.1)
+    # Recall around a frozen constructed MLP depends on the seed and
+    # platform (the usability tradeoff: 0.4 to 0.96 over seeds 4-9 at rate
+    # 0.1 on CPU); seed 4 at 0.03 reaches 0.97 after 100 steps on CPU and
+    # plateaus at 0.9-0.94 on an H100, so the target is 0.85 and must be
+    # reached, stopping at the first evaluation that meets it.
     evals = np.asarray(report.eval_accuracy)
+    self.assertTrue(report.reached_target, evals)
     self.assertEqual(report.steps, 50 * len(evals))
-    self.assertTrue((evals[:-1] < 0.95).all())
-    if report.reached_target:
-      self.assertGreaterEqual(evals[-1], 0.95)
-      self.assertLess(report.steps, config.max_steps)
-    else:
-      self.assertLess(evals[-1], 0.95)
-      self.assertEqual(report.steps, config.max_steps)
+    self.assertLess(report.steps, config.max_steps)
+    self.assertGreaterEqual(evals[-1], 0.85)
+    self.assertTrue((evals[:-1] < 0.85).all())
+    self.assertGreater(evals[-1], untrained.accuracy + 0.1)
     # A target met at the first evaluation stops after one chunk.
     config = dataclasses.replace(config, target_accuracy=0.01)
     report = train_lib.schedule_b(_model(vocab, seed=4), vocab, ed, targets,
