@@ -177,7 +177,7 @@ def _xla_flops(compiled) -> float | None:
 
 def _timed_construct(factset: FactSet, seed: int):
   t0 = time.perf_counter()
-  result = construct(factset, seed)
+  result = construct(seed, factset)
   jax.block_until_ready((result.model, result.codes, result.rho))
   return result, time.perf_counter() - t0
 

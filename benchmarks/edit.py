@@ -47,7 +47,7 @@ import jax
 import numpy as np
 
 from factstore_jax import storage
-from factstore_jax.constructions import editing
+from factstore_jax.constructions import bucket_edits as editing
 from factstore_jax.constructions.encoder_decoder import construct
 from factstore_jax.factsets import FactSet, many_to_one_map, sample_sphere
 
@@ -104,7 +104,7 @@ def main(argv):
   fs = make_factset(jax.random.key(seed), n, d, p)
 
   with common.ForeignCpu() as foreign_first:
-    c0, seconds_first = _timed(lambda: construct(fs, seed))
+    c0, seconds_first = _timed(lambda: construct(seed, fs))
   rep0 = c0.report
   logging.info('construct: %.1fs (m=%d, b=%d, %d buckets)', seconds_first,
                rep0.code_dim, rep0.bucket_size, rep0.num_buckets)
@@ -145,7 +145,7 @@ def main(argv):
   rebuild_times, foreign_rebuilds = [], []
   for r in range(FLAGS.rebuilds):
     with common.ForeignCpu() as foreign:
-      rebuilt, seconds = _timed(lambda: construct(f, seed))
+      rebuilt, seconds = _timed(lambda: construct(seed, f))
     rebuild_times.append(seconds)
     foreign_rebuilds.append(foreign.as_dict())
     logging.info('rebuild %d: %.1fs', r, seconds)

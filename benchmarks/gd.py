@@ -34,7 +34,9 @@ import time
 import jax
 from absl import app, flags
 
-from factstore_jax import factsets, methods, training
+from factstore_jax import factsets, training
+from factstore_jax.capacity import methods
+from factstore_jax import mlp as mlp_lib
 
 import common  # benchmarks/common.py
 
@@ -58,7 +60,7 @@ FLAGS = flags.FLAGS
 
 def throughput(fs) -> dict:
   d, n = FLAGS.dim, FLAGS.num_facts
-  model = training.init_gated_mlp(jax.random.key(FLAGS.seed), d, FLAGS.width)
+  model = mlp_lib.init_mlp(jax.random.key(FLAGS.seed), d, FLAGS.width)
   config = training.TrainConfig(max_steps=FLAGS.steps, patience=None,
                                 target_accuracy=1.0,
                                 compute_dtype=FLAGS.compute_dtype)
@@ -88,7 +90,7 @@ def ours(fs) -> dict:
   t0 = time.perf_counter()
   options = methods.MethodOptions(
       train=training.TrainConfig(compute_dtype=FLAGS.compute_dtype))
-  cap = methods.find_capacity('gd', [fs], [key], max_width=FLAGS.max_width,
+  cap = methods.find_capacity('gd', [key], [fs], max_width=FLAGS.max_width,
                               rel_tol=FLAGS.rel_tol, options=options)[0]
   return dict(seconds=time.perf_counter() - t0, width=cap.width,
               num_params=cap.num_params, tested=cap.tested,

@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import tqdm
 
 from factstore_jax.constructions import encoder_decoder as ed
+from factstore_jax.constructions import verify as verify_lib
 from factstore_jax.constructions import gadgets
 from factstore_jax.factsets import FactSet, many_to_one_map, sample_sphere
 from factstore_jax.threads import expose_cpu_cores
@@ -153,7 +154,7 @@ def run_single(n: int) -> dict:
   progress = _Progress()
   t0 = time.perf_counter()
   with common.ForeignCpu() as foreign:
-    result = ed.construct(factset, FLAGS.seed, progress=progress,
+    result = ed.construct(FLAGS.seed, factset, progress=progress,
                           verify=FLAGS.verify)
     jax.block_until_ready((result.model, result.codes, result.rho))
   seconds = time.perf_counter() - t0
@@ -161,9 +162,9 @@ def run_single(n: int) -> dict:
   dense = None
   if FLAGS.dense_check:
     t1 = time.perf_counter()
-    check, _, _ = ed.verify_structured_streamed(
+    check, _, _ = verify_lib.verify_structured_streamed(
         result.structure.gadgets, result.model, factset, result.codes,
-        stream_size=ed.STREAM_KEYS,
+        stream_size=verify_lib.STREAM_KEYS,
         progress=lambda done, total: progress('dense check', done, total))
     dense = {'seconds': time.perf_counter() - t1,
              'min_margin': float(check.storage.min_margin),
@@ -198,7 +199,7 @@ def run_single(n: int) -> dict:
       'report': rep.as_dict(),
       'streaming': {'values_per_call': ed.STREAM_VALUES,
                     'buckets_per_call': ed.STREAM_BUCKETS,
-                    'keys_per_call': ed.STREAM_KEYS},
+                    'keys_per_call': verify_lib.STREAM_KEYS},
   }
 
 

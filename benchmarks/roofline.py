@@ -65,8 +65,11 @@ from flax import nnx
 
 from factstore_jax import decodability as _  # noqa: F401  (module import)
 from factstore_jax import sharding, training
+from factstore_jax import mlp as mlp_lib
 from factstore_jax.constructions import decoders, gadgets
 from factstore_jax.constructions import encoder_decoder as ed
+from factstore_jax.constructions import assembly
+from factstore_jax.constructions import verify as verify_lib
 from factstore_jax.factsets import FactSet, random_factset
 from factstore_jax.threads import expose_cpu_cores, single_threaded_blas
 from factstore_jax.transformer import data as tf_data
@@ -133,16 +136,16 @@ def construction(peak, bw) -> list[dict]:
   n, d, p = (FLAGS.construct_facts, FLAGS.construct_dim,
              FLAGS.construct_values)
   fs = construct_bench.make_factset(jax.random.key(FLAGS.seed), n, d, p)
-  ed.construct(fs, FLAGS.seed)  # compile everything
+  ed.construct(FLAGS.seed, fs)  # compile everything
   t0 = time.perf_counter()
   with common.ForeignCpu() as foreign_c:
-    c = ed.construct(fs, FLAGS.seed)
+    c = ed.construct(FLAGS.seed, fs)
     jax.block_until_ready((c.model, c.codes))
   construct_s = time.perf_counter() - t0
   rep = c.report
   targets = c.codes[fs.mapping]
   key = jax.random.key(FLAGS.seed + 2)
-  gad = jax.jit(ed.build_gadgets,
+  gad = jax.jit(assembly.build_gadgets,
                 static_argnames=('bucket_size', 'activation', 'slack'))
   gad_c = gad.lower(key, fs.keys, targets,
                     bucket_size=rep.bucket_size).compile()
@@ -159,7 +162,7 @@ def construction(peak, bw) -> list[dict]:
     # devices (sharding.shard_rows), the maps gathered back on one device.
     mesh = sharding.local_mesh()
     split_s, split_times, split_f = _timed(
-        lambda: ed.build_gadgets_streamed(
+        lambda: assembly.build_gadgets_streamed(
             key, fs.keys, targets, bucket_size=rep.bucket_size,
             stream_size=ed.STREAM_BUCKETS, mesh=mesh).maps,
         FLAGS.timing_repeats)
@@ -253,7 +256,7 @@ def bucket_profile(c, fs, peak) -> dict:
 
 def certificate_entry(c, fs, peak, bw) -> dict:
   parts = c.structure.gadgets
-  run = lambda: ed.certify_gadgets(parts, c.model, fs, c.codes)[0]
+  run = lambda: verify_lib.certify_gadgets(parts, c.model, fs, c.codes)[0]
   run()  # compile
   seconds, times, foreign = _timed(run, FLAGS.timing_repeats)
   n, d = fs.keys.shape
@@ -293,7 +296,7 @@ def gd_entry(peak, bw) -> dict:
   d, n, width = 128, 2048, 64
   fs = random_factset(jax.random.key(FLAGS.seed), n, d, n, tied=False,
                       mapping='permutation')
-  model = training.init_gated_mlp(jax.random.key(FLAGS.seed), d, width)
+  model = mlp_lib.init_mlp(jax.random.key(FLAGS.seed), d, width)
   config = training.TrainConfig(max_steps=FLAGS.gd_steps, patience=None,
                                 target_accuracy=1.0)
   result = {}

@@ -33,7 +33,7 @@ import numpy as np
 from absl import app, flags
 
 from factstore_jax import factsets, sharding, storage, training
-from factstore_jax.constructions import hebbian
+from factstore_jax.baselines import hebbian
 
 import common  # benchmarks/common.py
 
@@ -56,7 +56,7 @@ def _train(item, *, width, config):
 def _ridge(item, *, width):
   key, fs = item
   mlp = hebbian.hebbian_mlp(key, fs, width, readout='ridge')
-  return storage.evaluate_mlp(mlp, fs.keys, fs.values, fs.mapping).accuracy
+  return storage.evaluate_mlp(mlp, fs).accuracy
 
 
 def compare(fn, static, keys, sets, stacked) -> dict:

@@ -35,6 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from factstore_jax.constructions import encoder_decoder as ed
+from factstore_jax.constructions import assembly
+from factstore_jax.constructions import codes as codes_lib
+from factstore_jax.constructions import config as config_lib
+from factstore_jax.constructions import verify as verify_lib
 from factstore_jax.threads import single_threaded_blas
 
 from factstore_jax.factsets import random_factset
@@ -65,17 +69,17 @@ def measure(n: int) -> dict:
   fs = random_factset(jax.random.fold_in(key, n), n, d, p, tied=False,
                       mapping='many_to_one' if p < n else 'permutation')
   t0 = time.perf_counter()
-  config = ed.ConstructionConfig(patch=0.0)   # no straggler columns here
-  m, codes, _, _ = ed.choose_code_dim(key, fs.values, np.asarray(fs.mapping),
+  config = config_lib.ConstructionConfig(patch=0.0)   # no straggler columns here
+  m, codes, _, _ = codes_lib.choose_code_dim(key, fs.values, np.asarray(fs.mapping),
                                       config, stream_size=ed.STREAM_VALUES)
-  decoder = ed.construction_decoder(key, d, m, fs.keys.dtype)
+  decoder = codes_lib.construction_decoder(key, d, m, fs.keys.dtype)
   _, k_dir = jax.random.split(key)
   targets = codes[fs.mapping]
   with single_threaded_blas():
-    parts = ed.build_gadgets_streamed(
+    parts = assembly.build_gadgets_streamed(
         k_dir, fs.keys, targets, bucket_size=d, fill=config.fill,
         stream_size=ed.STREAM_BUCKETS)
-  model = ed.prune_dead(ed._assemble_jit(parts, decoder, 'clipped'))
+  model = assembly.prune_dead(assembly.assemble_jit(parts, decoder, 'clipped'))
   build_s = time.perf_counter() - t0
 
   index = np.asarray(parts.buckets.index)
@@ -85,7 +89,7 @@ def measure(n: int) -> dict:
   top = index[-FLAGS.top:][valid[-FLAGS.top:]]
   rows = np.unique(np.concatenate([top, rng.choice(n, min(FLAGS.sample, n),
                                                    replace=False)]))
-  owner = np.asarray(ed.bucket_of_key(parts.buckets, n))[rows]
+  owner = np.asarray(verify_lib.bucket_of_key(parts.buckets, n))[rows]
   x = np.asarray(fs.keys)[rows]
   want = np.asarray(codes)[np.asarray(fs.mapping)[rows]]
   t1 = time.perf_counter()

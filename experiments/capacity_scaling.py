@@ -36,7 +36,8 @@ import numpy as np
 from absl import app, flags
 from tqdm import tqdm
 
-from factstore_jax import capacity, factsets, methods, training
+from factstore_jax import capacity, factsets, training
+from factstore_jax.capacity import methods
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.sweep import ResultsTable, run_sweep
 
@@ -102,7 +103,7 @@ def compute(group: list[dict], options: methods.MethodOptions) -> list[dict]:
                  if method == 'encoder_decoder_gd' else [None] * len(seeds))
     setups = [round_setup(m) for m in code_dims]
     found = methods.find_capacity(
-        method, fss, keys, options=options, rel_tol=FLAGS.rel_tol,
+        method, keys, fss, options=options, rel_tol=FLAGS.rel_tol,
         on_round=log_round(f'{method} {geometry} d={dim} N={n}', seeds, t0,
                            cell, setups),
         known=None if method == 'encoder_decoder' else load_rounds(

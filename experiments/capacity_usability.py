@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from factstore_jax import factsets, methods, storage, usability
+from factstore_jax import factsets, robustness, storage
+from factstore_jax.capacity import methods
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.errors import ConstructionError
 from factstore_jax.mlp import fold_linear
@@ -131,21 +132,21 @@ def compute_one(c) -> dict:
   fn = mlp
   keys = jnp.asarray(fs.keys)
   key_norm = float(jnp.max(jnp.linalg.norm(keys, axis=-1)))
-  jac = np.asarray(usability.jacobian_norm(fn, keys, jax.random.key(7)))
+  jac = np.asarray(robustness.jacobian_norm(fn, jax.random.key(7), keys))
   # Scale-free: Jacobian norm relative to the output norm at the key.
   rel = jac / np.maximum(np.linalg.norm(np.asarray(fn(keys)), axis=-1),
                          1e-30)
-  radius = np.asarray(usability.robustness_radius(
-      fn, keys, fs.values, fs.mapping, jax.random.key(8),
+  radius = np.asarray(robustness.robustness_radius(
+      fn, jax.random.key(8), fs._replace(keys=keys),
       num_directions=FLAGS.num_directions, max_radius=1.0, iters=16))
-  standalone = storage.evaluate_fn(fn, keys, fs.values, fs.mapping)
+  standalone = storage.evaluate_fn(fn, fs._replace(keys=keys))
   model.swap_mlp(mlp)
   recall = tc.recall(model, t, t.targets, FLAGS.seed, FLAGS.context_len)
   return dict(num_params=built.num_params,
               params_per_fact=built.num_params / FLAGS.num_facts,
               standalone_accuracy=float(standalone.accuracy),
               standalone_margin=float(standalone.min_margin),
-              lipschitz_bound=float(usability.lipschitz_bound(
+              lipschitz_bound=float(robustness.lipschitz_bound(
                   mlp, radius=key_norm)),
               jacobian_median=float(np.median(jac)),
               jacobian_max=float(jac.max()),

@@ -74,7 +74,7 @@ def compute(group: list[dict]) -> list[dict]:
     fs = factsets.random_factset(jax.random.key(c['seed']), c['num_facts'],
                                  c['dim'], c['num_values'], tied=False,
                                  mapping='many_to_one')
-    rep = construct(fs, c['seed']).report.as_dict()
+    rep = construct(c['seed'], fs).report.as_dict()
     out.append({k: rep[k] for k in FIELDS if k not in c})
   return out
 

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from factstore_jax import capacity, factsets, methods, training
+from factstore_jax import capacity, factsets, training
+from factstore_jax.capacity import methods
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.decodability import decodability
 from factstore_jax.sweep import ResultsTable, run_sweep
@@ -96,8 +97,8 @@ def compute(group, options):
     t0 = time.perf_counter()
     fs = make_factset(c['geometry'], c['seed'])
     rho = np.asarray(decodability(fs.values).rho)
-    cap = methods.find_capacity(c['method'], [fs],
-                                [jax.random.key(1000 + c['seed'])],
+    cap = methods.find_capacity(c['method'], [jax.random.key(1000 + c['seed'])],
+                                [fs],
                                 options=options, rel_tol=FLAGS.rel_tol)[0]
     out.append(dict(
         rho_min=float(rho.min()), rho_mean=float(rho.mean()),

@@ -1,7 +1,7 @@
 r"""Fact editing in a 1-layer Transformer: MLP swap vs ROME / MEMIT / AlphaEdit
 / fine-tuning, one harness (docs/design.md, "Fact editing").
 
-Base: the synthetic relation of :mod:`factstore_jax.editing.relation`
+Base: the synthetic relation of :mod:`factstore_jax.transformer.editing.relation`
 (``--num_facts`` books onto ``--num_objects`` authors, 8 training and 4
 held-out templates), a GD fact MLP of width ``--mlp_width`` (calibrated) in
 the block, attention trained with next-token loss over every token.
@@ -33,10 +33,10 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from factstore_jax import methods
+from factstore_jax.capacity import methods
 from factstore_jax.atomic import save_figure, write_text
-from factstore_jax.editing import harness
-from factstore_jax.editing import relation as rel_lib
+from factstore_jax.transformer.editing import harness
+from factstore_jax.transformer.editing import relation as rel_lib
 from factstore_jax.sweep import ResultsTable, run_sweep
 
 flags.DEFINE_integer('num_facts', 1024, 'Facts (subjects) N.')

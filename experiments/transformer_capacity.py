@@ -23,7 +23,8 @@ import time
 import jax
 from absl import app, flags
 
-from factstore_jax import capacity, methods
+from factstore_jax import capacity
+from factstore_jax.capacity import methods
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.errors import ConstructionError
 from factstore_jax.sweep import ResultsTable, run_sweep

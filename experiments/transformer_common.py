@@ -17,7 +17,8 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from factstore_jax import factsets, methods, training, usability
+from factstore_jax import factsets, robustness, training
+from factstore_jax.capacity import methods
 from factstore_jax.transformer import data, model as model_lib, train
 
 Array = jax.Array
@@ -108,7 +109,7 @@ def noise(model, t: Task, seed: int, context_len: int) -> dict:
                                  context_len=context_len)
   facts = np.tile(np.arange(t.factset.keys.shape[0]),
                   inputs.shape[0] // t.factset.keys.shape[0])
-  floor = usability.noise_floor(inputs, np.asarray(t.mlp_factset.keys)[facts])
+  floor = robustness.noise_floor(inputs, np.asarray(t.mlp_factset.keys)[facts])
   return dict(noise_max=float(floor.max), noise_mean=float(floor.mean),
               noise_p95=float(floor.p95))
 

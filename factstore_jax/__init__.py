@@ -8,7 +8,7 @@ Main entry points::
 """
 
 from factstore_jax.constructions.encoder_decoder import (
-    BatchedConstruction, Construction, ConstructionConfig, ConstructionReport,
+    Construction, ConstructionConfig, ConstructionReport, FixedConstruction,
     construct, construct_batched, construct_fixed)
 from factstore_jax.decodability import Decodability, undecodable_values
 from factstore_jax.errors import (ConstructionError, FactStoreError,

@@ -90,7 +90,7 @@ def cmd_construct(start: float):
     raise UsageError(f'--out must end in .safetensors or .npz: {FLAGS.out}')
   fs = _load_factset()
   fill = {} if FLAGS.fill is None else {'fill': FLAGS.fill}
-  result = construct(fs, FLAGS.seed, code_dim=FLAGS.code_dim,
+  result = construct(FLAGS.seed, fs, code_dim=FLAGS.code_dim,
                      bucket_size=FLAGS.bucket_size,
                      activation=FLAGS.activation, verify=FLAGS.verify,
                      **fill)
@@ -115,7 +115,7 @@ def cmd_evaluate(start: float):
   if fs.keys.shape[1] != d_model:
     raise UsageError(f'the MLP takes d={d_model} inputs but the keys have '
                      f'd={fs.keys.shape[1]}')
-  rep = storage.evaluate_fn(model, fs.keys, fs.values, fs.mapping)
+  rep = storage.evaluate_fn(model, fs)
   rho = dec.decodability(fs.values, indices=dec.used_values(fs.mapping))
   n_params = num_params(model)
   n = fs.keys.shape[0]

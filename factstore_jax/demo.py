@@ -46,10 +46,10 @@ def run_demo(num_facts: int = 16384, dim: int = 128, num_values: int = 1024,
   print('  decodability of the value table ...', flush=True)
   rho = dec_lib.decodability(fs.values)
   print('  constructing the encoder-decoder MLP ...', flush=True)
-  result = construct(fs, seed)
+  result = construct(seed, fs)
   rep = result.report
   print('  checking every fact with the dense gated MLP ...', flush=True)
-  dense = storage.evaluate_mlp(result.mlp, fs.keys, fs.values, fs.mapping)
+  dense = storage.evaluate_mlp(result.mlp, fs)
   rows = [
       ('facts N / values P / dim d', f'{num_facts:,} / {num_values:,} / {dim}'),
       ('value decodability rho (min)', f'{float(rho.rho.min()):.4f}'),

@@ -184,20 +184,48 @@ def num_params(tree) -> int:
   return int(sum(leaf.size for leaf in jax.tree.leaves(tree)))
 
 
-def init_mlp(key: Array, dim: int, hidden_dim: int, *, out_dim: int | None = None,
-             activation: str = 'relu', gate_bias: bool = True,
+def hidden_mask(hidden_dim: int, width: int | Array, dtype=jnp.float32) -> Array:
+  """``(hidden_dim,)`` mask, 1 on the first ``width`` units."""
+  return (jnp.arange(hidden_dim) < width).astype(dtype)
+
+
+def init_mlp(key: Array, dim: int, hidden_dim: int, *,
+             out_dim: int | None = None, width: int | Array | None = None,
+             activation: str = 'identity', gate_bias: bool = False,
              up_bias: bool = False, down_bias: bool = False,
              dtype=jnp.float32) -> GatedMLP:
-  """Random (LeCun-normal) gated MLP params; biases start at zero."""
+  """Random gated MLP drawn at ``hidden_dim``, scaled for active ``width``.
+
+  ``w_gate, w_up ~ N(0, 1/d)``, ``w_down ~ N(0, 1/width)``, biases zero.
+  Draws are nested: the first ``w`` units are the same for every
+  ``hidden_dim >= w``, so width sweeps compare like with like. ``width`` may
+  be traced; units ``>= width`` are zeroed.
+
+  Args:
+    key: PRNG key.
+    dim: input dimension ``d``.
+    hidden_dim: hidden units ``h`` of the arrays.
+    out_dim: output dimension (default ``d``).
+    width: active units (default ``h``).
+    activation: gate activation (:data:`ACTIVATIONS`).
+    gate_bias, up_bias, down_bias: include that bias (zeros).
+
+  Returns:
+    :class:`GatedMLP` with ``w_gate, w_up (d, h)``, ``w_down (h, d_out)``.
+  """
   get_activation(activation)
   out_dim = dim if out_dim is None else out_dim
-  init = jax.nn.initializers.lecun_normal()
+  width = hidden_dim if width is None else width
   k_gate, k_up, k_down = jax.random.split(key, 3)
+  normal = lambda k, shape: jax.random.normal(k, shape, dtype)
+  mask = hidden_mask(hidden_dim, width, dtype)
   zeros = lambda n, on: jnp.zeros((n,), dtype) if on else None
+  scale_in = 1 / jnp.sqrt(jnp.asarray(dim, dtype))
+  scale_out = 1 / jnp.sqrt(jnp.asarray(width, dtype))
   return GatedMLP(
-      w_gate=init(k_gate, (dim, hidden_dim), dtype),
-      w_up=init(k_up, (dim, hidden_dim), dtype),
-      w_down=init(k_down, (hidden_dim, out_dim), dtype),
+      w_gate=normal(k_gate, (hidden_dim, dim)).T * scale_in * mask,
+      w_up=normal(k_up, (hidden_dim, dim)).T * scale_in * mask,
+      w_down=normal(k_down, (hidden_dim, out_dim)) * scale_out * mask[:, None],
       b_gate=zeros(hidden_dim, gate_bias), b_up=zeros(hidden_dim, up_bias),
       b_down=zeros(out_dim, down_bias), activation=activation)
 

@@ -12,6 +12,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from factstore_jax.factsets import FactSet
 from factstore_jax.mlp import GatedMLP
 from factstore_jax.precision import check_compute_dtype, full_precision
 
@@ -84,9 +85,20 @@ def evaluate_outputs(outputs: Array, values: Array, mapping: Array, *,
 
 
 @full_precision
-def evaluate_fn(fn: Callable[[Array], Array], keys: Array, values: Array,
-                mapping: Array, *, chunk_size: int = 2048) -> StorageReport:
-  """Storage report of any function ``fn: (d,) -> (d,)`` on a fact set."""
+def evaluate_fn(fn: Callable[[Array], Array], factset: FactSet, *,
+                chunk_size: int = 2048) -> StorageReport:
+  """Storage report of any function ``fn: (d,) -> (d,)`` on a fact set.
+
+  Args:
+    fn: maps one key ``(d,)`` to an output ``(d,)``.
+    factset: :class:`~factstore_jax.factsets.FactSet` with keys ``(N, d)``,
+      values ``(P, d)``, mapping ``(N,)``.
+    chunk_size: keys evaluated per ``lax.map`` step.
+
+  Returns:
+    :class:`StorageReport` of the ``N`` facts.
+  """
+  keys, values, mapping = factset
   def one(args):
     k, f = args
     out = fn(k)
@@ -96,10 +108,11 @@ def evaluate_fn(fn: Callable[[Array], Array], keys: Array, values: Array,
 
 
 @full_precision
-def evaluate_mlp(params: GatedMLP, keys: Array, values: Array, mapping: Array,
-                 *, chunk_size: int = 2048,
+def evaluate_mlp(params: GatedMLP, factset: FactSet, *,
+                 chunk_size: int = 2048,
                  compute_dtype: str | None = None) -> StorageReport:
-  """Storage report of a gated MLP on keys ``(N, d)`` / values ``(P, d)``.
+  """Storage report of a gated MLP on a :class:`~factstore_jax.factsets.FactSet` (keys ``(N, d)``,
+  values ``(P, d)``, mapping ``(N,)``).
 
   ``compute_dtype`` (static; e.g. ``'bfloat16'``) runs the MLP the way a
   model deployed in that dtype would: weights and keys cast to it, each
@@ -110,13 +123,14 @@ def evaluate_mlp(params: GatedMLP, keys: Array, values: Array, mapping: Array,
 
   Example::
 
-    c = construct(fs)
-    storage.evaluate_mlp(c.model.as_mlp(), *fs, compute_dtype='bfloat16')
+    c = construct(0, fs)
+    storage.evaluate_mlp(c.mlp, fs, compute_dtype='bfloat16')
   """
+  values = factset[1]
   if check_compute_dtype(compute_dtype) is None:
     fn = lambda k: params(k)
   else:
     low = jax.tree.map(lambda a: a.astype(compute_dtype), params)
     fn = lambda k: low(k.astype(compute_dtype)).astype(
         values.dtype)
-  return evaluate_fn(fn, keys, values, mapping, chunk_size=chunk_size)
+  return evaluate_fn(fn, factset, chunk_size=chunk_size)

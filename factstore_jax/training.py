@@ -26,7 +26,7 @@ Logits are computed in the cheaper association: with hidden features
 ``(z R) V^T`` (:func:`step_flops` counts the matmul FLOPs of that choice).
 
 Widths sweep in one compiled program: ``hidden_mask (h,)`` zeroes hidden units,
-and :func:`init_gated_mlp` draws weights at the largest width with the scale
+and :func:`~factstore_jax.mlp.init_mlp` draws weights at the largest width with the scale
 of the active width, so a masked run equals a run at the sliced width.
 """
 
@@ -44,8 +44,8 @@ from factstore_jax import storage
 from factstore_jax.constructions import decoders
 from factstore_jax.errors import FactStoreError
 from factstore_jax.factsets import FactSet
-from factstore_jax.mlp import (EncoderDecoder, GatedMLP, GatedMLPModule,
-                               get_activation)
+from factstore_jax.mlp import (EncoderDecoder, GatedMLPModule, get_activation,
+                               hidden_mask, init_mlp)
 from factstore_jax.precision import check_compute_dtype
 
 Array = jax.Array
@@ -433,50 +433,17 @@ def storage_loss(model: Model, factset: FactSet, *, loss: str = 'xent',
 # Initialisation.
 
 
-def init_gated_mlp(key: Array, dim: int, hidden_dim: int, *,
-                   width: int | Array | None = None,
-                   activation: str = 'identity', gate_bias: bool = False,
-                   up_bias: bool = False, down_bias: bool = False,
-                   dtype=jnp.float32) -> GatedMLP:
-  """Random gated MLP drawn at ``hidden_dim``, scaled for active ``width``.
-
-  ``w_gate, w_up ~ N(0, 1/d)``, ``w_down ~ N(0, 1/width)``, biases zero.
-  Draws are nested: the first ``w`` units are the same for every
-  ``hidden_dim >= w``, so width sweeps compare like with like. ``width`` may be
-  traced; units ``>= width`` are zeroed.
-  """
-  get_activation(activation)
-  width = hidden_dim if width is None else width
-  k_gate, k_up, k_down = jax.random.split(key, 3)
-  normal = lambda k, shape: jax.random.normal(k, shape, dtype)
-  mask = hidden_mask(hidden_dim, width, dtype)
-  zeros = lambda n, on: jnp.zeros((n,), dtype) if on else None
-  scale_in = 1 / jnp.sqrt(jnp.asarray(dim, dtype))
-  scale_out = 1 / jnp.sqrt(jnp.asarray(width, dtype))
-  return GatedMLP(
-      w_gate=normal(k_gate, (hidden_dim, dim)).T * scale_in * mask,
-      w_up=normal(k_up, (hidden_dim, dim)).T * scale_in * mask,
-      w_down=normal(k_down, (hidden_dim, dim)) * scale_out * mask[:, None],
-      b_gate=zeros(hidden_dim, gate_bias), b_up=zeros(hidden_dim, up_bias),
-      b_down=zeros(dim, down_bias), activation=activation)
-
-
-def hidden_mask(hidden_dim: int, width: int | Array, dtype=jnp.float32) -> Array:
-  """``(hidden_dim,)`` mask, 1 on the first ``width`` units."""
-  return (jnp.arange(hidden_dim) < width).astype(dtype)
-
-
 def init_encoder_decoder(key: Array, dim: int, hidden_dim: int, code_dim: int,
                          *, width: int | Array | None = None,
                          activation: str = 'identity',
                          dtype=jnp.float32) -> EncoderDecoder:
   """Random encoder ``d -> h -> m`` and JL decoder ``D (d, m)``.
 
-  Same nesting and width rule as :func:`init_gated_mlp`; the decoder is
+  Same nesting and width rule as :func:`~factstore_jax.mlp.init_mlp`; the decoder is
   :func:`~factstore_jax.constructions.decoders.jl_decoder`.
   """
   k_mlp, k_dec = jax.random.split(key)
-  mlp = init_gated_mlp(k_mlp, dim, hidden_dim, width=width,
+  mlp = init_mlp(k_mlp, dim, hidden_dim, width=width,
                        activation=activation, gate_bias=True, dtype=dtype)
   k_route = jax.random.fold_in(k_mlp, 1)
   width = hidden_dim if width is None else width
@@ -676,7 +643,7 @@ def train_mlp(key: Array, factset: FactSet, hidden_dim: int, *,
   """
   keys = factset.keys
   k_init, k_batch = jax.random.split(key)
-  model = init_gated_mlp(k_init, keys.shape[-1], hidden_dim, width=width,
+  model = init_mlp(k_init, keys.shape[-1], hidden_dim, width=width,
                          activation=activation, gate_bias=gate_bias,
                          up_bias=up_bias, down_bias=down_bias,
                          dtype=keys.dtype)
@@ -727,7 +694,7 @@ def encoder_decoder_fields(train: str) -> tuple[str, ...]:
 
 def finetune(model: EncoderDecoder, factset: FactSet, *, train: str = 'both',
              config: TrainConfig = TrainConfig()) -> TrainResult:
-  """GD from a constructed encoder-decoder (e.g. ``construct(...).model``).
+  """GD from a constructed encoder-decoder (e.g. ``construct(0, ...).model``).
 
   The clipped gate has zero gradient where it saturates, so gate rows move
   only for keys inside a window's ramps; routing and decoder always move.

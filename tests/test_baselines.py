@@ -22,8 +22,8 @@ import pytest
 from factstore_jax import factsets as F
 from factstore_jax import mlp as M
 from factstore_jax import storage
-from factstore_jax.constructions import hebbian as H
-from factstore_jax.constructions import ntk
+from factstore_jax.baselines import hebbian as H
+from factstore_jax.baselines import ntk
 from factstore_jax.errors import FactStoreError
 from factstore_jax.threads import single_threaded_blas
 

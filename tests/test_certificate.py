@@ -19,6 +19,8 @@ import pytest
 from factstore_jax import factsets as F
 from factstore_jax.constructions import certificate as C
 from factstore_jax.constructions import encoder_decoder as ed
+from factstore_jax.constructions import assembly
+from factstore_jax.constructions import verify as verify_lib
 from factstore_jax.constructions import gadgets
 from factstore_jax.errors import FactStoreError
 
@@ -42,20 +44,20 @@ def _fs(name):
 
 @functools.lru_cache(maxsize=None)
 def _built(name, **overrides):
-  return ed.construct(_fs(name), 0, **overrides)
+  return ed.construct(0, _fs(name), **overrides)
 
 
 def _dense(c, fs):
-  check, _, _ = ed.verify_structured(c.structure.gadgets, c.model, fs, c.codes)
+  check, _, _ = verify_lib.verify_structured(c.structure.gadgets, c.model, fs, c.codes)
   return check
 
 
 def _certify(parts, model, fs, codes):
-  return ed.certify_gadgets(parts, model, fs, codes)
+  return verify_lib.certify_gadgets(parts, model, fs, codes)
 
 
 def _reassembled(parts, decoder):
-  return ed.prune_dead(ed.assemble_gadgets(parts, decoder, 'clipped'))
+  return assembly.prune_dead(assembly.assemble_gadgets(parts, decoder, 'clipped'))
 
 
 class AgreementTest(parameterized.TestCase):
@@ -80,7 +82,7 @@ class AgreementTest(parameterized.TestCase):
   def test_float64(self):
     with jax.enable_x64(True):
       fs = F.random_factset(jax.random.PRNGKey(4), 512, D, dtype=jnp.float64)
-      c = ed.construct(fs, 0)
+      c = ed.construct(0, fs)
       self.assertEqual(c.report.check, 'certificate')
       self.assertEqual(c.report.float32_bound, 'worst-case')
       lower = np.asarray(_certify(c.structure.gadgets, c.model, fs,
@@ -99,7 +101,7 @@ class AgreementTest(parameterized.TestCase):
     np.testing.assert_array_equal(dense.model.w_up, cert.model.w_up)
     self.assertLessEqual(cert.report.min_margin, dense.report.min_margin)
     with self.assertRaisesRegex(FactStoreError, 'verify must be one of'):
-      ed.construct(fs, 0, verify='fast')
+      ed.construct(0, fs, verify='fast')
 
   def test_relu_uses_the_dense_check(self):
     c = _built('tied', activation='relu')
@@ -125,7 +127,7 @@ class RejectionTest(parameterized.TestCase):
       model = self.c.model.replace(decoder=jnp.asarray(dec))
       check, cert = _certify(self.parts, model, self.fs, self.c.codes)
       self.assertTrue(cert.identical)
-      dense, _, _ = ed.verify_structured(self.parts, model, self.fs,
+      dense, _, _ = verify_lib.verify_structured(self.parts, model, self.fs,
                                          self.c.codes)
       lower = np.asarray(check.storage.margins)
       self.assertTrue(np.all(lower <= np.asarray(dense.storage.margins)))
@@ -172,7 +174,7 @@ class RejectionTest(parameterized.TestCase):
     model = _reassembled(parts, self.c.model.decoder)
     check, cert = _certify(parts, model, self.fs, self.c.codes)
     self.assertTrue(cert.identical)
-    dense, _, _ = ed.verify_structured(parts, model, self.fs, self.c.codes)
+    dense, _, _ = verify_lib.verify_structured(parts, model, self.fs, self.c.codes)
     self.assertLess(float(dense.storage.min_margin), 0.0)   # really broken
     self.assertLessEqual(float(check.storage.min_margin),
                          float(dense.storage.min_margin))
@@ -226,7 +228,7 @@ class LargeTest(absltest.TestCase):
   def test_65536_facts(self):
     fs = F.random_factset(jax.random.PRNGKey(5), 65536, 64, 4096, tied=False,
                           mapping='many_to_one')
-    c = ed.construct(fs, 0)
+    c = ed.construct(0, fs)
     self.assertEqual(c.report.check, 'certificate')
     lower = np.asarray(_certify(c.structure.gadgets, c.model, fs,
                                 c.codes)[0].storage.margins)

@@ -27,6 +27,9 @@ from factstore_jax import factsets as F
 from factstore_jax import mlp as M
 from factstore_jax import storage
 from factstore_jax.constructions import encoder_decoder as ed
+from factstore_jax.constructions import assembly
+from factstore_jax.constructions import config as config_lib
+from factstore_jax.constructions import verify as verify_lib
 from factstore_jax.constructions import gadgets
 from factstore_jax.decodability import decodability
 from factstore_jax.errors import (ConstructionError, FactStoreError,
@@ -77,7 +80,7 @@ def _factset(case, seed):
 
 @functools.lru_cache(maxsize=None)
 def _construction(case, seed):
-  return ed.construct(_factset(case, seed), key=seed, **CASES[case][1])
+  return ed.construct(seed, _factset(case, seed), **CASES[case][1])
 
 
 def _member(tree, b):
@@ -92,7 +95,7 @@ def _small_factsets():
 
 @functools.lru_cache(maxsize=None)
 def _batched():
-  return ed.construct_batched(F.stack_factsets(_small_factsets()), key=7)
+  return ed.construct_batched(7, F.stack_factsets(_small_factsets()))
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,8 +103,8 @@ def _fixed(b):
   """``construct_fixed`` of small member b with the key construct_batched uses."""
   bc = _batched()
   key = jax.random.split(jax.random.key(7), B)[b]
-  return ed.construct_fixed(key, _small_factsets()[b], code_dim=bc.code_dim,
-                            bucket_size=bc.bucket_size)
+  return ed.construct_fixed(key, _small_factsets()[b], code_dim=bc.report.code_dim,
+                            bucket_size=bc.report.bucket_size)
 
 
 # ----------------------------------------------------------------------------
@@ -196,13 +199,13 @@ class ReportTest(chex.TestCase):
     self.assertEqual(r.hidden_dim, model.w_gate.shape[1])
     # One clipped step per (cut, code coordinate); only the steps of
     # patched coordinates away from their keys are dead (and pruned).
-    self.assertLessEqual(r.patched_values, int(ed.ConstructionConfig().patch
+    self.assertLessEqual(r.patched_values, int(config_lib.ConstructionConfig().patch
                                                 * N))
     if not r.patched_values:
       self.assertEqual(r.hidden_dim, r.code_dim * r.num_buckets)
     self.assertLessEqual(r.hidden_dim, r.code_dim * r.num_buckets)
     self.assertLessEqual(r.bucket_size, D)
-    self.assertEqual(r.fill, ed.ConstructionConfig().fill)
+    self.assertEqual(r.fill, config_lib.ConstructionConfig().fill)
     maps = np.asarray(self.c.structure.gadgets.maps, np.float64)
     self.assertAlmostEqual(
         r.max_map_norm, max(np.linalg.norm(a, 2) for a in maps), places=3)
@@ -289,8 +292,8 @@ class DeterminismTest(parameterized.TestCase):
   def test_same_key_same_weights(self):
     fs = _factset('sphere', 0)
     first = _construction('sphere', 0).model
-    again = ed.construct(fs, key=0).model
-    typed_key = ed.construct(fs, key=jax.random.key(0)).model
+    again = ed.construct(0, fs).model
+    typed_key = ed.construct(jax.random.key(0), fs).model
     for other in (again, typed_key):
       chex.assert_trees_all_equal_structs(first, other)
       for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(other)):
@@ -299,7 +302,7 @@ class DeterminismTest(parameterized.TestCase):
   def test_different_key_different_weights(self):
     fs = _factset('sphere', 0)
     first = _construction('sphere', 0)
-    other = ed.construct(fs, key=1)
+    other = ed.construct(1, fs)
     self.assertFalse(np.array_equal(first.model.decoder, other.model.decoder))
     if first.model.w_gate.shape == other.model.w_gate.shape:
       self.assertFalse(np.array_equal(first.model.w_gate, other.model.w_gate))
@@ -307,7 +310,7 @@ class DeterminismTest(parameterized.TestCase):
 
   def test_config_object_equals_overrides(self):
     fs = _factset('sphere', 0)
-    by_config = ed.construct(fs, 0, ed.ConstructionConfig(code_dim=24,
+    by_config = ed.construct(0, fs, config_lib.ConstructionConfig(code_dim=24,
                                                           bucket_size=12))
     by_overrides = _construction('user_dims', 0)
     # Same fact set? ('user_dims' and 'sphere' use the same generator.)
@@ -331,7 +334,7 @@ class StepTest(parameterized.TestCase):
     self.assertEqual(model.activation, 'clipped')
     n, m = parts.maps.shape[:2]
     np.testing.assert_array_equal(parts.sign, [1.0])
-    owner = np.asarray(ed.bucket_of_key(parts.buckets, NB))
+    owner = np.asarray(verify_lib.bucket_of_key(parts.buckets, NB))
     # Buckets partition the keys and follow the projection in order.
     members = np.asarray(parts.buckets.index)[np.asarray(parts.buckets.valid)]
     np.testing.assert_array_equal(np.sort(members), np.arange(NB))
@@ -368,7 +371,7 @@ class StepTest(parameterized.TestCase):
     gate = gate.reshape(N, r.num_buckets, r.code_dim)
     self.assertTrue(np.all((gate == 1.0) | (gate == 0.0)))
     on = gate[..., 0] == 1.0
-    owner = np.asarray(ed.bucket_of_key(c.structure.gadgets.buckets, N))
+    owner = np.asarray(verify_lib.bucket_of_key(c.structure.gadgets.buckets, N))
     np.testing.assert_array_equal(
         on, np.arange(r.num_buckets)[None, :] <= owner[:, None])
 
@@ -376,8 +379,8 @@ class StepTest(parameterized.TestCase):
   def test_verify_dense_vs_structured(self, b):
     model, codes, _, parts = _fixed(b)
     fs = _small_factsets()[b]
-    dense = ed.verify(model, fs, codes)
-    fast, steps_ok, slack = ed.verify_structured(parts, model, fs, codes)
+    dense = verify_lib.verify(model, fs, codes)
+    fast, steps_ok, slack = verify_lib.verify_structured(parts, model, fs, codes)
     self.assertTrue(bool(np.all(np.asarray(steps_ok))))
     # Ramps fill the middle half of each gap: keys sit >= 0.5 from (0, 1).
     self.assertGreater(float(slack), 0.45)
@@ -399,20 +402,20 @@ class StepTest(parameterized.TestCase):
     # strictly inside (0, 1) or on the wrong side.
     buckets = parts.buckets
     t = np.asarray(fs.keys @ buckets.direction)
-    owner = np.asarray(ed.bucket_of_key(buckets, NB))
+    owner = np.asarray(verify_lib.bucket_of_key(buckets, NB))
     start = np.asarray(buckets.step_start).copy()
     start[2] = np.median(t[owner == 1])
     moved = buckets._replace(step_start=jnp.asarray(start))
     scale, bias, sign = gadgets.step_gate_params(moved, 'clipped')
     bad = parts._replace(buckets=moved, scale=scale, bias=bias, sign=sign)
-    bad_model = ed.assemble_gadgets(bad, model.decoder, 'clipped')
-    check, steps_ok, _ = ed.verify_structured(bad, bad_model, fs, codes)
+    bad_model = assembly.assemble_gadgets(bad, model.decoder, 'clipped')
+    check, steps_ok, _ = verify_lib.verify_structured(bad, bad_model, fs, codes)
     self.assertFalse(bool(np.all(np.asarray(steps_ok))))
     self.assertLess(float(check.storage.accuracy), 1.0)
 
   def test_assemble_gadgets_round_trip(self):
     model, _, _, parts = _fixed(0)
-    again = ed.assemble_gadgets(parts, model.decoder, 'clipped')
+    again = assembly.assemble_gadgets(parts, model.decoder, 'clipped')
     for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(again)):
       np.testing.assert_array_equal(a, b)
 
@@ -439,7 +442,7 @@ class InfeasibleTest(parameterized.TestCase):
 
   def test_midpoint_value_raises(self):
     with pytest.raises(InfeasibleFactSetError, match=r'\[2\]') as info:
-      ed.construct(_midpoint_factset(), key=0)
+      ed.construct(0, _midpoint_factset())
     self.assertIn(2, info.value.undecodable)
     self.assertEqual(info.value.undecodable, [2])
     self.assertIsInstance(info.value, FactStoreError)
@@ -448,7 +451,7 @@ class InfeasibleTest(parameterized.TestCase):
   def test_unused_midpoint_is_fine(self):
     # Only the values the map uses need to be decodable.
     fs = _midpoint_factset(use_midpoint=False)
-    c = ed.construct(fs, key=0)
+    c = ed.construct(0, fs)
     self.assertEqual(c.report.accuracy, 1.0)
     dense = _dense_eval(c.model.as_mlp(), *fs)
     self.assertEqual(float(dense.accuracy), 1.0)
@@ -469,77 +472,77 @@ class BadInputTest(parameterized.TestCase):
     keys, values, mapping = _tiny()
     keys[3, 1] = np.nan
     with pytest.raises(FactStoreError, match='keys contain a non-finite'):
-      ed.construct(F.FactSet(keys, values, mapping))
+      ed.construct(0, F.FactSet(keys, values, mapping))
 
   def test_inf_value(self):
     keys, values, mapping = _tiny()
     values[2, 0] = np.inf
     with pytest.raises(FactStoreError, match='values contain a non-finite'):
-      ed.construct(F.FactSet(keys, values, mapping))
+      ed.construct(0, F.FactSet(keys, values, mapping))
 
   def test_dimension_mismatch(self):
     keys, values, mapping = _tiny()
     with pytest.raises(FactStoreError, match='dimension'):
-      ed.construct(F.FactSet(keys, values[:, :3], mapping))
+      ed.construct(0, F.FactSet(keys, values[:, :3], mapping))
 
   def test_mapping_length_mismatch(self):
     keys, values, mapping = _tiny()
     with pytest.raises(FactStoreError, match='mapping has length 5'):
-      ed.construct(F.FactSet(keys, values, mapping[:5]))
+      ed.construct(0, F.FactSet(keys, values, mapping[:5]))
 
   def test_mapping_out_of_range(self):
     keys, values, mapping = _tiny()
     mapping[4] = 5
     with pytest.raises(FactStoreError, match=r'mapping\[4\] = 5 is out of range'):
-      ed.construct(F.FactSet(keys, values, mapping))
+      ed.construct(0, F.FactSet(keys, values, mapping))
 
   def test_negative_mapping(self):
     keys, values, mapping = _tiny()
     mapping[0] = -1
     with pytest.raises(FactStoreError, match='out of range'):
-      ed.construct(F.FactSet(keys, values, mapping))
+      ed.construct(0, F.FactSet(keys, values, mapping))
 
   def test_duplicate_key_two_values(self):
     keys, values, mapping = _tiny()
     keys[5] = keys[1]      # mapping[5] = 0 but mapping[1] = 1
     with pytest.raises(FactStoreError,
                        match='identical but map to different values'):
-      ed.construct(F.FactSet(keys, values, mapping))
+      ed.construct(0, F.FactSet(keys, values, mapping))
 
   def test_empty_keys(self):
     _, values, _ = _tiny()
     with pytest.raises(FactStoreError, match='empty'):
-      ed.construct(F.FactSet(np.zeros((0, 4), np.float32), values,
+      ed.construct(0, F.FactSet(np.zeros((0, 4), np.float32), values,
                              np.zeros((0,), np.int32)))
 
   def test_empty_values(self):
     keys, _, mapping = _tiny()
     with pytest.raises(FactStoreError, match='empty'):
-      ed.construct(F.FactSet(keys, np.zeros((0, 4), np.float32), mapping))
+      ed.construct(0, F.FactSet(keys, np.zeros((0, 4), np.float32), mapping))
 
   def test_bucket_size_larger_than_dim(self):
     with pytest.raises(FactStoreError, match='bucket_size'):
-      ed.construct(F.FactSet(*_tiny()), bucket_size=5)
+      ed.construct(0, F.FactSet(*_tiny()), bucket_size=5)
 
   def test_bucket_size_zero(self):
     with pytest.raises(FactStoreError, match='bucket_size'):
-      ed.construct(F.FactSet(*_tiny()), bucket_size=0)
+      ed.construct(0, F.FactSet(*_tiny()), bucket_size=0)
 
   def test_bad_activation(self):
     with pytest.raises(FactStoreError, match="activation.*'silu'"):
-      ed.construct(F.FactSet(*_tiny()), activation='silu')
+      ed.construct(0, F.FactSet(*_tiny()), activation='silu')
 
   def test_code_dim_below_one(self):
     with pytest.raises(FactStoreError, match='code_dim must be >= 1'):
-      ed.construct(F.FactSet(*_tiny()), code_dim=0)
+      ed.construct(0, F.FactSet(*_tiny()), code_dim=0)
 
   def test_bad_slack(self):
     with pytest.raises(FactStoreError, match='slack'):
-      ed.construct(F.FactSet(*_tiny()), slack=0.5)
+      ed.construct(0, F.FactSet(*_tiny()), slack=0.5)
 
   def test_unknown_override(self):
     with pytest.raises(TypeError):
-      ed.construct(F.FactSet(*_tiny()), no_such_field=1)
+      ed.construct(0, F.FactSet(*_tiny()), no_such_field=1)
 
   def test_batched_bad_member(self):
     keys, values, mapping = _tiny()
@@ -548,7 +551,7 @@ class BadInputTest(parameterized.TestCase):
     stacked = F.FactSet(np.stack([keys, bad]), np.stack([values, values]),
                         np.stack([mapping, mapping]))
     with pytest.raises(FactStoreError, match='factset 1: keys contain'):
-      ed.construct_batched(stacked)
+      ed.construct_batched(0, stacked)
 
   def test_errors_hierarchy(self):
     self.assertTrue(issubclass(InfeasibleFactSetError, FactStoreError))
@@ -568,16 +571,16 @@ class BatchedTest(chex.TestCase):
 
   def test_every_member_stores(self):
     bc = _batched()
-    chex.assert_shape((bc.accuracy, bc.min_margin, bc.code_error,
-                       bc.rho_projected), [(B,)] * 4)
-    np.testing.assert_array_equal(bc.accuracy, 1.0)
-    self.assertTrue(np.all(np.asarray(bc.min_margin) > 0))
-    self.assertTrue(np.all(np.asarray(bc.code_error) < 1e-4))
-    self.assertTrue(np.all(np.asarray(bc.rho_projected) > 0))
-    chex.assert_shape(bc.codes, (B, NB, bc.code_dim))
-    chex.assert_shape(bc.model.decoder, (B, DB, bc.code_dim))
-    self.assertEqual(bc.num_params, M.num_params(_member(bc.model, 0)))
-    self.assertEqual(B * bc.num_params, M.num_params(bc.model))
+    chex.assert_shape((bc.report.accuracy, bc.report.min_margin, bc.report.code_error,
+                       bc.report.rho_projected), [(B,)] * 4)
+    np.testing.assert_array_equal(bc.report.accuracy, 1.0)
+    self.assertTrue(np.all(np.asarray(bc.report.min_margin) > 0))
+    self.assertTrue(np.all(np.asarray(bc.report.code_error) < 1e-4))
+    self.assertTrue(np.all(np.asarray(bc.report.rho_projected) > 0))
+    chex.assert_shape(bc.codes, (B, NB, bc.report.code_dim))
+    chex.assert_shape(bc.model.decoder, (B, DB, bc.report.code_dim))
+    self.assertEqual(bc.report.num_params, M.num_params(_member(bc.model, 0)))
+    self.assertEqual(B * bc.report.num_params, M.num_params(bc.model))
     for b, fs in enumerate(_small_factsets()):
       dense = _dense_eval(_member(bc.model, b).as_mlp(), *fs)
       self.assertEqual(float(dense.accuracy), 1.0)
@@ -591,7 +594,7 @@ class BatchedTest(chex.TestCase):
     keys = jnp.stack([fs.keys for fs in fss])
     targets = jnp.stack([bc.codes[b][fs.mapping] for b, fs in enumerate(fss)])
     dir_keys = jax.random.split(jax.random.PRNGKey(11), B)
-    build = functools.partial(ed.build_gadgets, bucket_size=bc.bucket_size)
+    build = functools.partial(assembly.build_gadgets, bucket_size=bc.report.bucket_size)
     batched = jax.vmap(build)(dir_keys, keys, targets)
     for b in range(B):
       single = build(dir_keys[b], keys[b], targets[b])
@@ -622,7 +625,7 @@ class BatchedTest(chex.TestCase):
           1e-5 * np.abs(np.asarray(single.bias)) + slack + 1e-12)
       np.testing.assert_array_equal(batched.sign[b], single.sign)
       # The looped gadget is exact on its own keys.
-      model = ed.assemble_gadgets(single, jnp.eye(bc.code_dim, DB).T,
+      model = assembly.assemble_gadgets(single, jnp.eye(bc.report.code_dim, DB).T,
                                   'clipped')
       np.testing.assert_allclose(model.encode(keys[b]), targets[b], atol=1e-4)
 
@@ -652,14 +655,15 @@ class BatchedTest(chex.TestCase):
     def broken(member_keys, factsets, **kwargs):
       model, codes, rho, parts = real(member_keys, factsets, **kwargs)
       parts = parts._replace(maps=parts.maps.at[1, 1].set(jnp.nan))
-      model = jax.vmap(lambda p, dec: ed._assemble_jit(
+      model = jax.vmap(lambda p, dec: assembly.assemble_jit(
           p, dec, kwargs['activation']))(parts, model.decoder)
       return model, codes, rho, parts
     with mock.patch.object(ed, '_build_members', broken):
-      bc = ed.construct_batched(F.stack_factsets(_small_factsets()), key=7)
-    self.assertEqual(bc.repaired, [1])
-    np.testing.assert_array_equal(bc.accuracy, np.ones(B))
-    self.assertTrue((np.asarray(bc.min_margin) > 0).all())
+      bc = ed.construct_batched(7, F.stack_factsets(_small_factsets()))
+    np.testing.assert_array_equal(
+        np.asarray(bc.report.repaired_buckets) > 0, np.arange(B) == 1)
+    np.testing.assert_array_equal(bc.report.accuracy, np.ones(B))
+    self.assertTrue((np.asarray(bc.report.min_margin) > 0).all())
     for b, fs in enumerate(_small_factsets()):
       dense = _dense_eval(_member(bc.model, b).as_mlp(), *fs)
       self.assertEqual(float(dense.accuracy), 1.0)
@@ -694,13 +698,13 @@ class BucketSolveTest(parameterized.TestCase):
     # A bucket whose solve failed (NaN maps, as a singular Gram gives) has
     # NaN margins: construct must count them as failing and refit them.
     fs = _factset('sphere', 0)
-    real = ed.build_gadgets_streamed
+    real = assembly.build_gadgets_streamed
 
     def broken(*args, **kwargs):
       parts = real(*args, **kwargs)
       return parts._replace(maps=parts.maps.at[1].set(jnp.nan))
     with mock.patch.object(ed, 'build_gadgets_streamed', broken):
-      c = ed.construct(fs, key=0)
+      c = ed.construct(0, fs)
     self.assertEqual(c.report.repaired_buckets, 1)
     self.assertEqual(c.report.accuracy, 1.0)
     self.assertGreater(c.report.min_margin, 0.0)
@@ -711,7 +715,7 @@ class BucketSolveTest(parameterized.TestCase):
     # mocked to do nothing): construct must rebuild with a new direction and
     # half the bucket size, and give up after max_retries rebuilds.
     fs = _factset('sphere', 0)
-    real, sizes = ed.build_gadgets_streamed, []
+    real, sizes = assembly.build_gadgets_streamed, []
 
     def broken_first(*args, **kwargs):
       parts = real(*args, **kwargs)
@@ -720,17 +724,17 @@ class BucketSolveTest(parameterized.TestCase):
         parts = parts._replace(maps=parts.maps.at[1].set(jnp.nan))
       return parts
     with mock.patch.object(ed, 'build_gadgets_streamed', broken_first), \
-        mock.patch.object(ed, '_refit_buckets', lambda parts, *a: parts), \
-        mock.patch.object(ed, '_split_unsolved',
+        mock.patch.object(ed, 'refit_buckets', lambda parts, *a: parts), \
+        mock.patch.object(ed, 'split_unsolved',
                           lambda parts, *a, **k: (parts, 0)):
-      c = ed.construct(fs, key=0)
+      c = ed.construct(0, fs)
       self.assertEqual(sizes, [sizes[0], sizes[0] // 2])
       self.assertEqual(c.report.accuracy, 1.0)
       self.assertGreater(c.report.min_margin, 0.0)
       sizes.clear()
       with self.assertRaisesRegex(ConstructionError,
                                   'could not certify storage.*0 rebuild'):
-        ed.construct(fs, key=0, max_retries=0)
+        ed.construct(0, fs, max_retries=0)
       self.assertLen(sizes, 1)
 
 
@@ -741,7 +745,7 @@ class LargeTest(parameterized.TestCase):
   @parameterized.parameters('clipped', 'relu')
   def test_large_sphere(self, activation):
     fs = F.random_factset(jax.random.PRNGKey(400), 2048, 64)
-    c = ed.construct(fs, key=0, activation=activation)
+    c = ed.construct(0, fs, activation=activation)
     self.assertEqual(c.report.accuracy, 1.0)
     self.assertGreater(c.report.min_margin, 0.0)
     dense = _dense_eval(c.model.as_mlp(), *fs)

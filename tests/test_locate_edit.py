@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from factstore_jax import mlp as M
-from factstore_jax.editing import locate as L
+from factstore_jax.transformer.editing import locate as L
 from factstore_jax.errors import FactStoreError
 
 H, D, E, NUM_PRESERVED, RANK = 16, 8, 4, 200, 10

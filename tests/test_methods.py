@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from factstore_jax import factsets, methods, sharding, training
+from factstore_jax import factsets, sharding, training
+from factstore_jax.capacity import methods
 from factstore_jax.constructions.encoder_decoder import (construct,
                                                          construction_decoder)
 from factstore_jax.errors import FactStoreError
@@ -32,7 +33,7 @@ def test_wstar_is_the_smallest_passing_width(sets, method, threshold):
   # NTK features at d = 16 do not store all 48 facts even at width 1024.
   keys = [jax.random.key(10), jax.random.key(11)]
   rounds = []
-  caps = methods.find_capacity(method, sets, keys, options=FAST,
+  caps = methods.find_capacity(method, keys, sets, options=FAST,
                                threshold=threshold,
                                on_round=lambda *r: rounds.append(r))
   for i, (cap, fs, key) in enumerate(zip(caps, sets, keys)):
@@ -54,7 +55,7 @@ def test_wstar_is_the_smallest_passing_width(sets, method, threshold):
 def test_known_accuracies_resume_a_search(sets):
   keys = [jax.random.key(10), jax.random.key(11)]
   rounds = []
-  full = methods.find_capacity('hebbian_ridge', sets, keys,
+  full = methods.find_capacity('hebbian_ridge', keys, sets,
                                on_round=lambda *r: rounds.append(r))
   assert len(rounds) > 2
   # Interrupted after two rounds: the resumed search evaluates only the rest
@@ -64,19 +65,19 @@ def test_known_accuracies_resume_a_search(sets):
     for m, w, a in zip(members, widths, accs):
       known[m][w] = a
   fresh = []
-  resumed = methods.find_capacity('hebbian_ridge', sets, keys, known=known,
+  resumed = methods.find_capacity('hebbian_ridge', keys, sets, known=known,
                                   on_round=lambda *r: fresh.append(r))
   assert resumed == full
   assert fresh == rounds[2:]
   # Everything known: nothing is evaluated.
   done = [cap.tested for cap in full]
   assert methods.find_capacity(
-      'hebbian_ridge', sets, keys, known=done,
+      'hebbian_ridge', keys, sets, known=done,
       on_round=lambda *r: pytest.fail('evaluated a known width')) == full
   with pytest.raises(FactStoreError, match='one known dict per fact set'):
-    methods.find_capacity('hebbian_ridge', sets, keys, known=done[:1])
+    methods.find_capacity('hebbian_ridge', keys, sets, known=done[:1])
   with pytest.raises(FactStoreError, match='batched methods'):
-    methods.find_capacity('encoder_decoder', sets[:1], keys[:1],
+    methods.find_capacity('encoder_decoder', keys[:1], sets[:1],
                           known=[{8: 1.0}])
 
 
@@ -92,7 +93,7 @@ def test_encoder_decoder_gd_code_dim(sets, monkeypatch):
   default = [methods.gd_code_dim(k, fs) for k, fs in zip(keys, sets)]
   for code_dim, want in ((None, default), (9, [9, 9]), ([7, 12], [7, 12])):
     used.clear()
-    caps = methods.find_capacity('encoder_decoder_gd', sets, keys,
+    caps = methods.find_capacity('encoder_decoder_gd', keys, sets,
                                  code_dim=code_dim)
     # Each round evaluates both members, each with its own code dim.
     assert used and all(u == want for u in used)
@@ -106,7 +107,7 @@ def test_encoder_decoder_gd_code_dim(sets, monkeypatch):
                       ('encoder_decoder_gd', [8, 0]),
                       ('encoder_decoder_gd', 17)):
     with pytest.raises(FactStoreError, match='code_dim'):
-      methods.find_capacity(method, sets, keys, code_dim=bad)
+      methods.find_capacity(method, keys, sets, code_dim=bad)
 
 
 def test_encoder_decoder_gd_trains_with_the_construction_decoder(
@@ -115,7 +116,7 @@ def test_encoder_decoder_gd_trains_with_the_construction_decoder(
   # member trains with the decoder the construction draws for its key,
   # which gd_code_dim certifies.
   keys = [jax.random.key(10), jax.random.key(11)]
-  c = construct(sets[0], keys[0])
+  c = construct(keys[0], sets[0])
   np.testing.assert_array_equal(c.model.decoder, construction_decoder(
       keys[0], 16, c.report.code_dim))
   assert methods.gd_code_dim(keys[0], sets[0]) == c.report.code_dim
@@ -183,15 +184,15 @@ def test_baselines_search_up_to_64d():
   # Hebbian ridge plateaus below 1.0 here (d = 16, N = 160): the search
   # grows to the default maximum, 64 d (GD's is 8 d).
   fs = factsets.random_factset(jax.random.key(0), 160, 16, tied=True)
-  cap = methods.find_capacity('hebbian_ridge', [fs], [jax.random.key(1)],
+  cap = methods.find_capacity('hebbian_ridge', [jax.random.key(1)], [fs],
                               start=8 * 16 + 1)[0]
   assert cap.width is None and max(cap.tested) == 64 * 16
 
 
 def test_closed_form_capacity(sets):
   rounds = []
-  cap = methods.find_capacity('encoder_decoder', sets[:1],
-                              [jax.random.key(0)], options=FAST,
+  cap = methods.find_capacity('encoder_decoder', [jax.random.key(0)],
+                              sets[:1], options=FAST,
                               on_round=lambda *r: rounds.append(r))[0]
   assert cap.width is not None and cap.num_params > 0
   assert len(rounds) == cap.rounds
@@ -202,12 +203,12 @@ def test_closed_form_capacity(sets):
 
 def test_errors(sets):
   with pytest.raises(FactStoreError, match='unknown method'):
-    methods.find_capacity('svm', sets, [jax.random.key(0)] * 2)
+    methods.find_capacity('svm', [jax.random.key(0)] * 2, sets)
   with pytest.raises(FactStoreError, match='one key per fact set'):
-    methods.find_capacity('gd', sets, [jax.random.key(0)])
+    methods.find_capacity('gd', [jax.random.key(0)], sets)
   other = factsets.random_factset(jax.random.key(0), 32, 16, tied=True)
   with pytest.raises(FactStoreError, match='equal shapes'):
-    methods.find_capacity('gd', [sets[0], other], [jax.random.key(0)] * 2)
+    methods.find_capacity('gd', [jax.random.key(0)] * 2, [sets[0], other])
   with pytest.raises(FactStoreError, match='code_dim'):
     methods.width_params('encoder_decoder_gd', 16, 8)
   for bad in (0, True, 1.5):

@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import pytest
 
 from factstore_jax import decodability, factsets, storage, training
+from factstore_jax import mlp as mlp_lib
 from factstore_jax.constructions import encoder_decoder as ed
+from factstore_jax.constructions import verify as verify_lib
 from factstore_jax.precision import full_precision
 
 _DOT = re.compile(r'stablehlo\.dot_general[^\n]*')
@@ -45,16 +47,16 @@ def test_storage_certificates_are_full_precision(fs):
   out = fs.keys
   assert set(_dot_precisions(storage.margins, out, fs.values,
                              fs.mapping)) == {'HIGHEST'}
-  mlp = training.init_gated_mlp(jax.random.key(1), 16, 8)
+  mlp = mlp_lib.init_mlp(jax.random.key(1), 16, 8)
   assert set(_dot_precisions(
-      lambda p: storage.evaluate_mlp(p, fs.keys, fs.values, fs.mapping),
+      lambda p: storage.evaluate_mlp(p, fs),
       mlp)) == {'HIGHEST'}
 
 
 def test_construction_and_verification_are_full_precision(fs):
   def build_and_verify(key):
     model, codes, _, _ = ed.construct_fixed(key, fs, code_dim=8, bucket_size=8)
-    return ed.verify(model, fs, codes).storage.min_margin
+    return verify_lib.verify(model, fs, codes).storage.min_margin
   assert set(_dot_precisions(build_and_verify, jax.random.key(0))) == {
       'HIGHEST'}
   assert set(_dot_precisions(
@@ -62,7 +64,7 @@ def test_construction_and_verification_are_full_precision(fs):
 
 
 def test_training_steps_follow_the_default_but_certificate_is_full(fs):
-  model = training.init_gated_mlp(jax.random.key(1), 16, 8)
+  model = mlp_lib.init_mlp(jax.random.key(1), 16, 8)
   cfg = training.TrainConfig(max_steps=10, chunk_steps=5)
   kinds = _dot_precisions(
       lambda m: training.fit(m, fs, config=cfg).min_margin, model)

@@ -105,7 +105,7 @@ def _build_and_check(tied, dtype, seed, beta, exponent, fill, code_dim) -> str:
     fs = _factset(seed, beta, exponent, tied, dtype)
     assert fs.keys.dtype == jnp.dtype(dtype)
     try:
-      c = construct(fs, key=seed, fill=fill, code_dim=code_dim, patch=0.25)
+      c = construct(seed, fs, fill=fill, code_dim=code_dim, patch=0.25)
     except InfeasibleFactSetError as e:
       # Documented: only values that really are not strict vertices.
       dual = np.asarray(decodability(fs.values).dual_bound)
@@ -123,7 +123,7 @@ def _build_and_check(tied, dtype, seed, beta, exponent, fill, code_dim) -> str:
       assert c.model.decoder.shape == (D, r.code_dim)
     assert c.model.w_up.dtype == jnp.dtype(dtype)
     # Independent dense check of the folded gated MLP, in the same dtype.
-    dense = storage.evaluate_mlp(c.mlp, *fs)
+    dense = storage.evaluate_mlp(c.mlp, fs)
     assert float(dense.accuracy) == 1.0
     assert float(dense.min_margin) > 0
     if r.check == 'certificate':   # a lower bound for the factorised model

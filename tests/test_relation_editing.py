@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from factstore_jax import methods, storage
-from factstore_jax.editing import harness
-from factstore_jax.editing import relation as R
+from factstore_jax import storage
+from factstore_jax.capacity import methods
+from factstore_jax.transformer.editing import harness
+from factstore_jax.transformer.editing import relation as R
 from factstore_jax.errors import FactStoreError
 
 N, M, D, F = 96, 8, 64, 40

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from factstore_jax import factsets as F
 from factstore_jax import mlp as M
 from factstore_jax import storage
 
@@ -148,24 +149,24 @@ class RandomTest(chex.TestCase):
                                             chunk_size=7))(params, keys,
                                                            values, mapping)
     chex.assert_trees_all_close(by_mlp.margins, direct, atol=1e-5, rtol=1e-5)
-    by_fn = storage.evaluate_fn(lambda k: params(k), keys, values,
-                                mapping, chunk_size=33)
+    by_fn = storage.evaluate_fn(lambda k: params(k),
+                                F.FactSet(keys, values, mapping), chunk_size=33)
     chex.assert_trees_all_close(by_fn, by_mlp, atol=1e-5, rtol=1e-5)
 
   def test_compute_dtype(self):
     _, values, mapping = _random_problem(d=8, seed=2)
     keys = jax.random.normal(jax.random.PRNGKey(3), (100, 8))
     params = M.init_mlp(jax.random.PRNGKey(4), 8, 32, activation='silu')
-    default = storage.evaluate_mlp(params, keys, values, mapping)
+    default = storage.evaluate_mlp(params, F.FactSet(keys, values, mapping))
     chex.assert_trees_all_equal(
-        storage.evaluate_mlp(params, keys, values, mapping,
+        storage.evaluate_mlp(params, F.FactSet(keys, values, mapping),
                              compute_dtype='float32'), default)
     # bfloat16: the forward pass as run in bf16, margins in float32.
     low = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
     outputs = low(keys.astype(jnp.bfloat16))
     self.assertEqual(outputs.dtype, jnp.bfloat16)
     expected = storage.margins(outputs.astype(jnp.float32), values, mapping)
-    report = storage.evaluate_mlp(params, keys, values, mapping,
+    report = storage.evaluate_mlp(params, F.FactSet(keys, values, mapping),
                                   compute_dtype='bfloat16')
     self.assertEqual(report.margins.dtype, jnp.float32)
     chex.assert_trees_all_close(report.margins, expected, atol=1e-5)
@@ -182,7 +183,7 @@ class RandomTest(chex.TestCase):
     _, values, mapping = _random_problem(d=8)
     params = M.init_mlp(jax.random.PRNGKey(4), 8, 4)
     with self.assertRaisesRegex(ValueError, r"compute_dtype must be None.*'int8'"):
-      storage.evaluate_mlp(params, jnp.zeros((100, 8)), values, mapping,
+      storage.evaluate_mlp(params, F.FactSet(jnp.zeros((100, 8)), values, mapping),
                            compute_dtype='int8')
 
   def test_perfect_mlp_lookup(self):
@@ -194,7 +195,8 @@ class RandomTest(chex.TestCase):
     mapping = rng.integers(0, 20, size=30).astype(np.int32)
     table = jnp.asarray(values[mapping])
     index = jnp.arange(30)
-    report = storage.evaluate_fn(lambda i: table[i], index, values, mapping,
+    report = storage.evaluate_fn(lambda i: table[i],
+                                 F.FactSet(index, values, mapping),
                                  chunk_size=8)
     self.assertEqual(float(report.accuracy), 1.0)
     self.assertGreater(float(report.min_margin), 0.0)

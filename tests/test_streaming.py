@@ -17,7 +17,11 @@ import numpy as np
 import pytest
 
 from factstore_jax.constructions import encoder_decoder as ed
-from factstore_jax.constructions import gadgets
+from factstore_jax.constructions import assembly
+from factstore_jax.constructions import codes as codes_lib
+from factstore_jax.constructions import config as config_lib
+from factstore_jax.constructions import verify as verify_lib
+from factstore_jax.constructions import decoders, gadgets
 from factstore_jax.factsets import (FactSet, _first_copy, many_to_one_map,
                                     sample_sphere)
 from factstore_jax.threads import single_threaded_blas
@@ -70,7 +74,7 @@ def test_fixed_code_dim_fails_fast(num_values, monkeypatch):
   # streamed call does. Either way: the full solve's error, naming values
   # the full solve finds undecodable.
   fs = _factset(n=num_values, d=16, p=num_values, seed=1)
-  config = ed.ConstructionConfig(code_dim=2)
+  config = config_lib.ConstructionConfig(code_dim=2)
   calls = []
   real = ed.dec_lib.decodability
   def spy(values, **kwargs):
@@ -80,7 +84,7 @@ def test_fixed_code_dim_fails_fast(num_values, monkeypatch):
   monkeypatch.setattr(ed.dec_lib, 'decodability', spy)
   done = []
   with pytest.raises(ed.ConstructionError, match='code_dim=2 leaves') as fast:
-    ed.choose_code_dim(jax.random.key(0), fs.values, fs.mapping, config,
+    codes_lib.choose_code_dim(jax.random.key(0), fs.values, fs.mapping, config,
                        stream_size=40,
                        progress=lambda stage, d, total: done.append(d))
   assert calls == ([256] if num_values > 256 else [None])
@@ -88,8 +92,8 @@ def test_fixed_code_dim_fails_fast(num_values, monkeypatch):
   named = [int(i) for i in re.search(r'e\.g\. \[([^\]]*)\]',
                                      str(fast.value)).group(1).split(', ')]
   # Every value named early is undecodable in the full solve too.
-  rho = real(ed.decoders.project_values(
-      fs.values, ed.decoders.jl_decoder(jax.random.split(jax.random.key(0))[0],
+  rho = real(decoders.project_values(
+      fs.values, decoders.jl_decoder(jax.random.split(jax.random.key(0))[0],
                                         16, 2, fs.values.dtype))).rho
   assert named and all(float(rho[i]) <= 0 for i in named)
 
@@ -100,9 +104,9 @@ def test_streamed_bucket_solves_equal_one_call():
   key = jax.random.key(4)
   with single_threaded_blas():
     whole = jax.block_until_ready(jax.jit(
-        ed.build_gadgets, static_argnames='bucket_size')(
+        assembly.build_gadgets, static_argnames='bucket_size')(
             key, fs.keys, targets, bucket_size=6))
-    streamed = ed.build_gadgets_streamed(key, fs.keys, targets, bucket_size=6,
+    streamed = assembly.build_gadgets_streamed(key, fs.keys, targets, bucket_size=6,
                                          stream_size=30)
     assert whole.maps.shape[0] % 30 != 0
     _assert_trees_equal(whole, streamed)
@@ -114,14 +118,14 @@ def test_streamed_bucket_solves_equal_one_call():
 @pytest.fixture(scope='module')
 def built():
   fs = _factset(n=600, d=16, p=300)
-  return fs, ed.construct(fs, 0, bucket_size=6)
+  return fs, ed.construct(0, fs, bucket_size=6)
 
 
 def test_streamed_verification_equals_one_call(built):
   fs, c = built
   parts = c.structure.gadgets
-  whole = ed.verify_structured(parts, c.model, fs, c.codes, chunk_size=64)
-  streamed = ed.verify_structured_streamed(parts, c.model, fs, c.codes,
+  whole = verify_lib.verify_structured(parts, c.model, fs, c.codes, chunk_size=64)
+  streamed = verify_lib.verify_structured_streamed(parts, c.model, fs, c.codes,
                                            chunk_size=64, stream_size=150)
   # Equal on CPU; a GPU picks matmul kernels per call shape (seen: 1 ulp).
   for x, y in zip(jax.tree.leaves(whole), jax.tree.leaves(streamed)):
@@ -134,9 +138,9 @@ def test_streamed_construct_equals_one_call(built, monkeypatch):
   fs, whole = built
   monkeypatch.setattr(ed, 'STREAM_VALUES', 100)
   monkeypatch.setattr(ed, 'STREAM_BUCKETS', 45)
-  monkeypatch.setattr(ed, 'STREAM_KEYS', 250)
+  monkeypatch.setattr(verify_lib, 'STREAM_KEYS', 250)
   stages = set()
-  streamed = ed.construct(fs, 0, bucket_size=6,
+  streamed = ed.construct(0, fs, bucket_size=6,
                           progress=lambda stage, done, total: stages.add(
                               stage.split()[0]))
   # The certificate certifies; the dense check ('verify') runs only if not.
@@ -175,7 +179,7 @@ _ONE_DEVICE = textwrap.dedent('''
     from factstore_jax.constructions import encoder_decoder as ed
     import tests.test_streaming as t
 
-    c = ed.construct(t._factset(n=600, d=16, p=300), 0, bucket_size=6)
+    c = ed.construct(0, t._factset(n=600, d=16, p=300), bucket_size=6)
     np.savez(sys.argv[1], **t._saved(c))
 ''')
 
@@ -192,7 +196,7 @@ _MULTI_DEVICE = textwrap.dedent('''
     dec = sys.modules['factstore_jax.decodability']
     fs = t._factset(n=600, d=16, p=300)
     ed.STREAM_BUCKETS = 40  # several sharded calls, 40 = 3 * 13 + 1 buckets
-    c = ed.construct(fs, 0, bucket_size=6)
+    c = ed.construct(0, fs, bucket_size=6)
     r = c.report
     # The same solver on this process's first device only, as the reference.
     from unittest import mock
@@ -207,7 +211,6 @@ _MULTI_DEVICE = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.slow  # ~26 s in the suite (a subprocess with 3 host devices)
 def test_construct_on_three_devices_equals_one_device(tmp_path):
   """Bucket solves and decodability split over 3 CPU devices (subprocess:
   the device count is fixed when JAX starts) give this process's result."""
@@ -228,7 +231,7 @@ def test_construct_on_three_devices_equals_one_device(tmp_path):
   np.testing.assert_allclose(three['rho_split'], three['rho_one'], rtol=1e-6,
                              atol=1e-7)
   if jax.default_backend() == 'cpu':
-    one = _saved(ed.construct(_factset(n=600, d=16, p=300), 0, bucket_size=6))
+    one = _saved(ed.construct(0, _factset(n=600, d=16, p=300), bucket_size=6))
   else:  # the one-device reference on the CPU too (GPU rounding differs)
     proc = subprocess.run(
         [sys.executable, '-c', _ONE_DEVICE, str(tmp_path / 'one.npz')],

@@ -18,9 +18,12 @@ import numpy as np
 from factstore_jax import factsets as F
 from factstore_jax import mlp as M
 from factstore_jax import storage
-from factstore_jax.constructions import editing as E
+from factstore_jax.constructions import bucket_edits as E
 from factstore_jax.constructions import encoder_decoder as ed
-from factstore_jax.constructions import gadgets
+from factstore_jax.constructions import assembly
+from factstore_jax.constructions import codes as codes_lib
+from factstore_jax.constructions import verify as verify_lib
+from factstore_jax.constructions import decoders, gadgets
 from factstore_jax.decodability import decodability
 from factstore_jax.errors import ConstructionError, FactStoreError
 
@@ -43,7 +46,7 @@ def _fs(name):
 
 @functools.lru_cache(maxsize=None)
 def _cached(name, **overrides):
-  return ed.construct(_fs(name), 0, **overrides)
+  return ed.construct(0, _fs(name), **overrides)
 
 
 def assert_stores(test, c, fs):
@@ -80,7 +83,7 @@ class FillTest(parameterized.TestCase):
     with jax.enable_x64(True):
       fs = F.random_factset(jax.random.PRNGKey(100), N, D,
                             dtype=jnp.float64)
-      c = ed.construct(fs, 0, fill=1.0)
+      c = ed.construct(0, fs, fill=1.0)
       self.assertEqual(c.model.w_up.dtype, jnp.float64)
       assert_stores(self, c, fs)
       # float64 rounding: the telescoped codes are exact to ~1e-12.
@@ -89,15 +92,15 @@ class FillTest(parameterized.TestCase):
   def test_batched_fill_matches_single(self):
     fss = [F.random_factset(jax.random.PRNGKey(200 + s), 128, 16)
            for s in range(2)]
-    bc = ed.construct_batched(F.stack_factsets(fss), key=7, fill=0.6,
+    bc = ed.construct_batched(7, F.stack_factsets(fss), fill=0.6,
                               code_dim=16)
-    self.assertTrue(np.all(np.asarray(bc.accuracy) == 1.0))
+    self.assertTrue(np.all(np.asarray(bc.report.accuracy) == 1.0))
     for b, fs in enumerate(fss):
       key = jax.random.split(jax.random.key(7), 2)[b]
       model, _, _, parts = ed.construct_fixed(
-          key, fs, code_dim=16, bucket_size=bc.bucket_size, fill=0.6)
+          key, fs, code_dim=16, bucket_size=bc.report.bucket_size, fill=0.6)
       self.assertEqual(parts.maps.shape[0],
-                       gadgets.num_buckets(128, bc.bucket_size, 0.6))
+                       gadgets.num_buckets(128, bc.report.bucket_size, 0.6))
       chex.assert_trees_all_close(jax.tree.map(lambda a: a[b], bc.model),
                                   model, atol=1e-5, rtol=1e-5)
 
@@ -115,10 +118,10 @@ class PatchTest(parameterized.TestCase):
     assert_stores(self, c, fs)
     # The bulk decoder is the construction's JL decoder at m.
     np.testing.assert_array_equal(
-        c.model.decoder[:, :m], ed.construction_decoder(jax.random.key(0), D, m))
+        c.model.decoder[:, :m], codes_lib.construction_decoder(jax.random.key(0), D, m))
     # Stragglers: exactly the used values undecodable at m, each with its
     # own unit column (its full-space separator) and the code e_{m+k}.
-    proj = ed.decoders.project_values(fs.values, c.model.decoder[:, :m])
+    proj = decoders.project_values(fs.values, c.model.decoder[:, :m])
     rho_m = np.asarray(decodability(proj).rho)
     stragglers = np.flatnonzero(rho_m <= 0)
     self.assertLen(stragglers, s)
@@ -140,7 +143,7 @@ class PatchTest(parameterized.TestCase):
     # Dead steps were dropped: fewer neurons than (cuts x coordinates).
     self.assertLess(r.hidden_dim, r.num_buckets * r.code_dim)
     coord = np.argmax(np.asarray(c.model.routing), axis=1)      # (h,)
-    owner = np.asarray(ed.bucket_of_key(c.structure.gadgets.buckets, N))
+    owner = np.asarray(verify_lib.bucket_of_key(c.structure.gadgets.buckets, N))
     codes = np.asarray(c.codes)
     mapping = np.asarray(fs.mapping)
     for k in range(r.patched_values):
@@ -154,18 +157,18 @@ class PatchTest(parameterized.TestCase):
     with jax.enable_x64(True):
       fs = F.random_factset(jax.random.PRNGKey(101), N, D, 64, tied=False,
                             mapping='many_to_one', dtype=jnp.float64)
-      c = ed.construct(fs, 0, code_dim=8, patch=0.1)
+      c = ed.construct(0, fs, code_dim=8, patch=0.1)
       self.assertGreater(c.report.patched_values, 0)
       self.assertEqual(c.model.decoder.dtype, jnp.float64)
       assert_stores(self, c, fs)
 
   def test_patch_zero_raises_like_before(self):
     with self.assertRaisesRegex(ConstructionError, 'code_dim=10 leaves'):
-      ed.construct(_fs('tied'), 0, code_dim=10, patch=0.0)
+      ed.construct(0, _fs('tied'), code_dim=10, patch=0.0)
 
   def test_too_many_stragglers_raise(self):
     with self.assertRaisesRegex(ConstructionError, 'code_dim=8 leaves'):
-      ed.construct(_fs('tied'), 0, code_dim=8, patch=0.1)
+      ed.construct(0, _fs('tied'), code_dim=8, patch=0.1)
 
   def test_searched_code_dim_does_not_patch(self):
     r = _cached('tied').report
@@ -189,7 +192,7 @@ class BoundTest(parameterized.TestCase):
     fs = _fs(name)
     c = _cached(name, fill=1.0)
     parts = c.structure.gadgets
-    owner = np.asarray(ed.bucket_of_key(parts.buckets, N))
+    owner = np.asarray(verify_lib.bucket_of_key(parts.buckets, N))
     code = np.asarray(c.model.encode(fs.keys), np.float64)
     maps = np.asarray(parts.maps, np.float64)
     exact = np.einsum('imd,id->im', maps[owner],
@@ -226,7 +229,7 @@ class SplitGuardTest(parameterized.TestCase):
 
   def test_dependent_keys_are_split_not_rebuilt(self):
     fs = _dependent_factset()
-    c = ed.construct(fs, 0, code_dim=6)
+    c = ed.construct(0, fs, code_dim=6)
     r = c.report
     assert_stores(self, c, fs)
     self.assertGreaterEqual(r.split_buckets, 1)
@@ -280,12 +283,12 @@ class PruneTest(parameterized.TestCase):
         w_up=jnp.asarray(w_up),
         routing=jnp.asarray(np.eye(m)[np.arange(h) % m], jnp.float32),
         decoder=jnp.asarray(rng.normal(size=(D, m)), jnp.float32))
-    pruned = ed.prune_dead(model)
+    pruned = assembly.prune_dead(model)
     self.assertEqual(pruned.w_up.shape, (D, h - 3))
     self.assertEqual(pruned.routing.shape, (h - 3, m))
     x = jnp.asarray(rng.normal(size=(5, D)), jnp.float32)
     np.testing.assert_allclose(pruned(x), model(x), rtol=1e-6, atol=1e-6)
-    self.assertIs(ed.prune_dead(pruned), pruned)
+    self.assertIs(assembly.prune_dead(pruned), pruned)
 
   def test_prune_keeps_whole_relu_steps(self):
     rng = np.random.default_rng(1)
@@ -297,7 +300,7 @@ class PruneTest(parameterized.TestCase):
         w_gate=jnp.zeros((D, h)), b_gate=jnp.ones(h),
         w_up=jnp.asarray(w_up), routing=jnp.ones((h, m)),
         decoder=jnp.ones((D, m)), activation='relu', window=2)
-    self.assertEqual(ed.prune_dead(model).w_up.shape, (D, h - 2))
+    self.assertEqual(assembly.prune_dead(model).w_up.shape, (D, h - 2))
 
 
 class ConfigTest(parameterized.TestCase):
@@ -307,7 +310,7 @@ class ConfigTest(parameterized.TestCase):
                             ({'patch': 2.0}, 'patch'))
   def test_bad_config(self, overrides, field):
     with self.assertRaisesRegex(FactStoreError, field):
-      ed.construct(_fs('tied'), 0, **overrides)
+      ed.construct(0, _fs('tied'), **overrides)
 
 
 if __name__ == '__main__':

@@ -12,6 +12,7 @@ import pytest
 from jax.test_util import check_grads
 
 from factstore_jax import factsets, storage, training
+from factstore_jax import mlp as mlp_lib
 from factstore_jax.constructions.encoder_decoder import (construct,
                                                          construction_decoder)
 from factstore_jax.errors import FactStoreError
@@ -83,8 +84,8 @@ def test_vmap_over_seeds_equals_loop(small):
 def test_masked_width_equals_sliced_width(small):
   # Nested draws: the first 10 units at hidden width 24 (active width 10)
   # equal a width-10 init; the rest are zero.
-  init24 = training.init_gated_mlp(jax.random.key(0), 32, 24, width=10)
-  init10 = training.init_gated_mlp(jax.random.key(0), 32, 10)
+  init24 = mlp_lib.init_mlp(jax.random.key(0), 32, 24, width=10)
+  init10 = mlp_lib.init_mlp(jax.random.key(0), 32, 10)
   np.testing.assert_allclose(init24.w_gate[:, :10], init10.w_gate, rtol=1e-6)
   np.testing.assert_allclose(init24.w_down[:10], init10.w_down, rtol=1e-6)
   assert float(jnp.abs(init24.w_down[10:]).max()) == 0.0
@@ -188,14 +189,14 @@ def test_encoder_decoder_gd_with_a_given_decoder(small):
 
 def test_finetune_from_construction_keeps_storage():
   fs = factsets.random_factset(jax.random.key(11), 256, 32, tied=True)
-  built = construct(fs, key=0)
+  built = construct(0, fs)
   result = training.finetune(built.model, fs, train='both', config=FAST)
   assert float(result.accuracy) == 1.0
   assert int(result.steps) == 0  # already stores every fact
 
 
 def test_fit_module_updates_in_place(small):
-  module = GatedMLPModule(training.init_gated_mlp(jax.random.key(12), 32, 32))
+  module = GatedMLPModule(mlp_lib.init_mlp(jax.random.key(12), 32, 32))
   result = training.fit_module(module, small, config=FAST)
   chex.assert_trees_all_close(module.to_params(), result.params)
   assert float(result.accuracy) == 1.0
@@ -205,7 +206,7 @@ def test_loss_gradients():
   with jax.enable_x64(True):
     fs = factsets.random_factset(jax.random.key(13), 16, 8, tied=True,
                                  dtype=jnp.float64)
-    model = training.init_gated_mlp(jax.random.key(14), 8, 6,
+    model = mlp_lib.init_mlp(jax.random.key(14), 8, 6,
                                     activation='silu', gate_bias=True,
                                     dtype=jnp.float64)
     for loss in ('xent', 'mse'):
@@ -221,7 +222,7 @@ def test_xent_gradients_many_to_one_with_offset(hidden):
     fs = factsets.random_factset(jax.random.key(15), 24, 8, num_values=5,
                                  tied=False, mapping='many_to_one',
                                  dtype=jnp.float64)
-    model = training.init_gated_mlp(jax.random.key(16), 8, hidden,
+    model = mlp_lib.init_mlp(jax.random.key(16), 8, hidden,
                                     down_bias=True, dtype=jnp.float64)
     model = model.replace(b_down=jnp.linspace(-1.0, 1.0, 8))
     fn = lambda w_gate, w_down, b_down: training.storage_loss(
@@ -294,7 +295,7 @@ def test_training_loss_gradients_with_transposed_keys(kind, loss):
                                             activation='silu',
                                             dtype=jnp.float64)
     else:
-      model = training.init_gated_mlp(
+      model = mlp_lib.init_mlp(
           jax.random.key(18), 8, 3 if kind == 'narrow' else 12,
           gate_bias=True, down_bias=True, dtype=jnp.float64)
     keys, values, target = fs
@@ -339,7 +340,7 @@ def test_config_errors(small, kwargs, match):
 
 
 def test_fit_errors(small):
-  model = training.init_gated_mlp(jax.random.key(0), 32, 4)
+  model = mlp_lib.init_mlp(jax.random.key(0), 32, 4)
   with pytest.raises(FactStoreError, match='not one of'):
     training.fit(model, small, trainable=('w_nope',))
   with pytest.raises(FactStoreError, match='is None'):
@@ -393,7 +394,7 @@ def test_float32_compute_dtype_is_the_default(small):
 
 
 def test_bf16_gradients_reach_float32_params(small):
-  model = training.init_gated_mlp(jax.random.key(0), 32, 8)
+  model = mlp_lib.init_mlp(jax.random.key(0), 32, 8)
   grads = jax.grad(lambda m: training.storage_loss(
       jax.tree.map(lambda a: a.astype(jnp.bfloat16), m),
       small._replace(keys=small.keys.astype(jnp.bfloat16))))(model)

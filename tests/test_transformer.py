@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from factstore_jax import factsets, methods, training
+from factstore_jax import factsets, training
+from factstore_jax.capacity import methods
 from factstore_jax import mlp as mlp_lib
 from factstore_jax.errors import FactStoreError
 from factstore_jax.transformer import data

@@ -39,9 +39,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from factstore_jax import methods
-from factstore_jax.editing import locate
-from factstore_jax.editing import relation as rel_lib
+from factstore_jax.capacity import methods
+from factstore_jax.transformer.editing import locate
+from factstore_jax.transformer.editing import relation as rel_lib
 from factstore_jax.errors import FactStoreError
 from factstore_jax.mlp import GatedMLP
 from factstore_jax.transformer.model import Transformer

@@ -34,7 +34,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from factstore_jax import factsets, methods, storage, training
+from factstore_jax import factsets, storage, training
+from factstore_jax.capacity import methods
 from factstore_jax.errors import FactStoreError
 from factstore_jax.factsets import FactSet
 from factstore_jax.mlp import GatedMLP, as_gated

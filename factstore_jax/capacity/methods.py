@@ -29,8 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from factstore_jax import capacity, sharding, storage, training
-from factstore_jax.constructions import hebbian, ntk
+from factstore_jax import sharding, storage, training
+from factstore_jax.capacity import search as capacity
+from factstore_jax.baselines import hebbian, ntk
 from factstore_jax.constructions.encoder_decoder import (
     ConstructionConfig, choose_code_dim, construct, construction_decoder)
 from factstore_jax.errors import ConstructionError, FactStoreError
@@ -126,7 +127,7 @@ def _ed_gd_member(item, *, hidden, code_dim, config):
 
 
 def _mlp_accuracy(mlp, fs):
-  return storage.evaluate_mlp(mlp, fs.keys, fs.values, fs.mapping).accuracy
+  return storage.evaluate_mlp(mlp, fs).accuracy
 
 
 def _ntk_member(item, *, hidden, degree):
@@ -226,13 +227,13 @@ def _closed_form(key, fs: FactSet, code_dim: int, options: MethodOptions):
   where it raised)."""
   config = closed_form_config(options, code_dim)
   try:
-    report = construct(fs, key, config).report
+    report = construct(key, fs, config).report
   except ConstructionError:
     return 0.0, None
   return report.accuracy, report
 
 
-def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
+def find_capacity(method: str, keys: Sequence, factsets: Sequence[FactSet], *,
                   options: MethodOptions = MethodOptions(),
                   max_width: int | None = None, start: int | None = None,
                   batch: int = 1, threshold: float = 1.0,
@@ -246,14 +247,14 @@ def find_capacity(method: str, factsets: Sequence[FactSet], keys: Sequence, *,
 
   Args:
     method: one of :data:`METHODS`.
-    factsets: fact sets of equal shapes (e.g. one per seed).
     keys: one PRNG key per fact set (features, initialisation, buckets).
+    factsets: fact sets of equal shapes (e.g. one per seed).
     options: :class:`MethodOptions`.
     max_width: largest width tried (default: ``d`` for the closed form's
       code dim, ``8 d`` for the GD methods, ``64 d`` for the closed-form
       baselines, whose random features are the least efficient).
     start: first width tried (default: a guess from the fact set's size).
-    batch, threshold, rel_tol: as :func:`capacity.search_width`.
+    batch, threshold, rel_tol: as :func:`~factstore_jax.capacity.search.search_width`.
     on_round: called after each round of evaluations with parallel lists
       ``(members, widths, accuracies)`` (``members`` index ``factsets``),
       e.g. to log the progress of a long search. Only fresh evaluations are
@@ -409,7 +410,7 @@ def build_mlp(method: str, key, factset: FactSet, width: int, *,
   width = int(width)
   dim = factset.keys.shape[-1]
   if method == 'encoder_decoder':
-    built = construct(factset, key, closed_form_config(options, width))
+    built = construct(key, factset, closed_form_config(options, width))
     return Built(built.model, built.report.num_params, built.report.accuracy,
                  built.report.min_margin)
   if method == 'gd':
@@ -427,8 +428,7 @@ def build_mlp(method: str, key, factset: FactSet, width: int, *,
     with single_threaded_blas():
       mlp = hebbian.hebbian_mlp(key, factset, width, readout=readout,
                                 ridge=options.ridge)
-  report = storage.evaluate_fn(mlp, factset.keys,
-                               factset.values, factset.mapping)
+  report = storage.evaluate_fn(mlp, factset)
   return Built(mlp, width_params(method, dim, width, code_dim=code_dim),
                float(report.accuracy), float(report.min_margin))
 
@@ -447,7 +447,7 @@ def smallest_mlp(method: str, key, factset: FactSet, *,
   Raises:
     ConstructionError: no width up to ``max_width`` stores the fact set.
   """
-  cap = find_capacity(method, [factset], [key], options=options,
+  cap = find_capacity(method, [key], [factset], options=options,
                       rel_tol=rel_tol, max_width=max_width)[0]
   if cap.width is None:
     raise ConstructionError(

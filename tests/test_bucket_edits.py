@@ -27,8 +27,10 @@ import numpy as np
 from factstore_jax import factsets as F
 from factstore_jax import mlp as M
 from factstore_jax import storage
-from factstore_jax.constructions import editing as E
+from factstore_jax.constructions import bucket_edits as E
 from factstore_jax.constructions import encoder_decoder as ed
+from factstore_jax.constructions import assembly
+from factstore_jax.constructions import codes as codes_lib
 from factstore_jax.errors import ConstructionError, FactStoreError
 
 N, D = 128, 32
@@ -37,7 +39,7 @@ N, D = 128, 32
 @functools.lru_cache(maxsize=None)
 def _base():
   fs = F.random_factset(jax.random.PRNGKey(3), N, D)
-  return fs, ed.construct(fs, key=0, bucket_size=12)
+  return fs, ed.construct(0, fs, bucket_size=12)
 
 
 @jax.jit
@@ -47,7 +49,7 @@ def _apply(model, keys):
 
 _apply_mlp = jax.jit(M.GatedMLP.__call__)
 _dense = jax.jit(storage.evaluate_mlp)
-_factorised = jax.jit(lambda model, fs: storage.evaluate_fn(model, *fs))
+_factorised = jax.jit(lambda model, fs: storage.evaluate_fn(model, fs))
 
 
 def _members(construction, j) -> np.ndarray:
@@ -314,7 +316,7 @@ class InsertTest(_EditTest):
     np.testing.assert_array_equal(fs2.values[N], value)
     self.assertEqual(int(fs2.mapping[N]), N)
     # The new code is the separator of the projected table, same decoder.
-    codes, rho = ed.value_codes(fs2.values, c.model.decoder, indices=[N])
+    codes, rho = codes_lib.value_codes(fs2.values, c.model.decoder, indices=[N])
     np.testing.assert_array_equal(c2.codes[N], codes[0])
     np.testing.assert_array_equal(c2.codes[:N], c.codes)
     self.assertGreater(float(rho[0]), 0.0)
@@ -353,7 +355,7 @@ class PropertiesTest(_EditTest):
   def test_model_equals_assembled_structure(self):
     fs, c = _base()
     c2, _, _ = E.edit(c, fs, [E.Update(7, 8), E.Delete(90)])
-    assembled = ed.prune_dead(ed.assemble_gadgets(
+    assembled = assembly.prune_dead(assembly.assemble_gadgets(
         c2.structure.gadgets, c2.model.decoder, 'clipped'))
     for a, b in zip(jax.tree.leaves(c2.model), jax.tree.leaves(assembled)):
       np.testing.assert_array_equal(a, b)

@@ -13,7 +13,8 @@ import numpy as np
 
 from factstore_jax import factsets as F
 from factstore_jax import mlp as M
-from factstore_jax import usability as U
+from factstore_jax import robustness as U
+from factstore_jax.factsets import FactSet
 from factstore_jax.constructions import encoder_decoder as ed
 from factstore_jax.errors import FactStoreError
 
@@ -28,6 +29,7 @@ KEYS_2D = np.array([[0.3, 0.5],     # value 0, distance 0.3
                     [2.0, 0.3]],    # value 0, farther than max_radius
                    np.float32)
 MAPPING_2D = np.array([0, 1, 0, 1, 0], np.int32)
+FS_2D = FactSet(KEYS_2D, VALUES_2D, MAPPING_2D)
 
 
 def _identity(x):
@@ -84,7 +86,7 @@ def _construction():
   # Small and with the identity decoder (code_dim = d): construct compiles a
   # lot, so the smallest case keeps this file fast.
   fs = F.random_factset(jax.random.PRNGKey(3), 16, 8)
-  return fs, ed.construct(fs, key=0, code_dim=8)
+  return fs, ed.construct(0, fs, code_dim=8)
 
 
 @flax.struct.dataclass
@@ -109,39 +111,39 @@ class JacobianNormTest(chex.TestCase, parameterized.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_linear_map_equals_top_singular_value(self):
     fn = _Linear(self._known_spectrum())
-    norms = self.variant(lambda x, key: U.jacobian_norm(fn, x, key))(
+    norms = self.variant(lambda x, key: U.jacobian_norm(fn, key, x))(
         _normal(1, 5, 6), jax.random.PRNGKey(2))
     chex.assert_shape(norms, (5,))
     np.testing.assert_allclose(norms, np.full(5, 3.0), rtol=1e-5)
     # A plain closure gives the same answer.
     a = fn.a
     np.testing.assert_allclose(
-        U.jacobian_norm(lambda z: z @ a, _normal(1, 5, 6),
-                        jax.random.PRNGKey(2)), norms, rtol=1e-6)
+        U.jacobian_norm(lambda z: z @ a, jax.random.PRNGKey(2),
+                        _normal(1, 5, 6)), norms, rtol=1e-6)
 
   def test_random_linear_map(self):
     a = jnp.asarray(_normal(0, 6, 6))
-    norms = U.jacobian_norm(_Linear(a), jnp.zeros((5, 6)),
-                            jax.random.PRNGKey(1), iters=300)
+    norms = U.jacobian_norm(_Linear(a), jax.random.PRNGKey(1),
+                            jnp.zeros((5, 6)), iters=300)
     top = np.linalg.svd(np.asarray(a, np.float64), compute_uv=False)[0]
     np.testing.assert_allclose(norms, np.full(5, top), rtol=1e-4)
 
   def test_non_square_output(self):
     a = jnp.asarray([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # (2, 3): R^2 -> R^3
-    norms = U.jacobian_norm(_Linear(a), jnp.ones((2, 2)),
-                            jax.random.PRNGKey(0))
+    norms = U.jacobian_norm(_Linear(a), jax.random.PRNGKey(0),
+                            jnp.ones((2, 2)))
     np.testing.assert_allclose(norms, [2.0, 2.0], rtol=1e-5)
 
   def test_gated_identity_mlp_matches_jacfwd(self):
     params = _random_mlp(0, 8, 16, 'identity')
     fn = lambda z: params(z)
     x = _normal(5, 10, 8)
-    norms = U.jacobian_norm(fn, x, jax.random.PRNGKey(6), iters=200)
+    norms = U.jacobian_norm(fn, jax.random.PRNGKey(6), x, iters=200)
     np.testing.assert_allclose(norms, _exact_jacobian_norms(fn, x), rtol=1e-3)
 
   def test_zero_jacobian_gives_zero(self):
     norms = U.jacobian_norm(lambda z: jnp.zeros_like(z) + 1.0,
-                            jnp.ones((4, 3)), jax.random.PRNGKey(0))
+                            jax.random.PRNGKey(0), jnp.ones((4, 3)))
     np.testing.assert_array_equal(norms, np.zeros(4))
 
   def test_deterministic_and_chunking(self):
@@ -149,9 +151,9 @@ class JacobianNormTest(chex.TestCase, parameterized.TestCase):
     fn = lambda z: params(z)
     x = _normal(0, 7, 6)
     key = jax.random.key(4)
-    a = U.jacobian_norm(fn, x, key, iters=10)
-    b = U.jacobian_norm(fn, x, key, iters=10)
-    c = U.jacobian_norm(fn, x, key, iters=10, chunk_size=3)
+    a = U.jacobian_norm(fn, key, x, iters=10)
+    b = U.jacobian_norm(fn, key, x, iters=10)
+    c = U.jacobian_norm(fn, key, x, iters=10, chunk_size=3)
     np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(a, c, rtol=1e-6)
 
@@ -170,7 +172,7 @@ class LipschitzBoundTest(chex.TestCase, parameterized.TestCase):
       x = _ball_points(11, 64, d, radius)
       jac = np.asarray(exact_norms(x), np.float64)
       exact = np.linalg.svd(jac, compute_uv=False)[:, 0]
-      power = U.jacobian_norm(fn, x, jax.random.PRNGKey(2), iters=20)
+      power = U.jacobian_norm(fn, jax.random.PRNGKey(2), x, iters=20)
       self.assertLessEqual(exact.max(), bound)
       self.assertLessEqual(float(power.max()), bound * (1 + 1e-5))
       # Finite-difference ratios for random pairs in the ball, far and near.
@@ -208,7 +210,7 @@ class LipschitzBoundTest(chex.TestCase, parameterized.TestCase):
     bound = U.lipschitz_bound(c.model)
     np.testing.assert_allclose(bound, U.lipschitz_bound(c.model.as_mlp()),
                                rtol=1e-6)
-    norms = U.jacobian_norm(c.model, fs.keys, jax.random.PRNGKey(0))
+    norms = U.jacobian_norm(c.model, jax.random.PRNGKey(0), fs.keys)
     self.assertLessEqual(float(norms.max()), float(bound))
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -225,7 +227,7 @@ class RobustnessRadiusTest(chex.TestCase, parameterized.TestCase):
   CONFIG = dict(num_directions=32, iters=24)
 
   def _radius(self, key, **kwargs):
-    return U.robustness_radius(_identity, KEYS_2D, VALUES_2D, MAPPING_2D, key,
+    return U.robustness_radius(_identity, key, FS_2D,
                                **{**self.CONFIG, **kwargs})
 
   @parameterized.parameters(2, 256)
@@ -244,8 +246,8 @@ class RobustnessRadiusTest(chex.TestCase, parameterized.TestCase):
     self.assertTrue(np.all(np.asarray(radii) <= want + 1e-6))
 
   def test_many_directions_approach_true_distance(self):
-    radii = U.robustness_radius(_identity, KEYS_2D, VALUES_2D, MAPPING_2D,
-                                jax.random.PRNGKey(1), num_directions=512)
+    radii = U.robustness_radius(_identity, jax.random.PRNGKey(1), FS_2D,
+                                num_directions=512)
     np.testing.assert_allclose(radii, [0.3, 0.2, 0.05, 0.0, 1.0], rtol=2e-3)
 
   def test_max_radius_caps(self):
@@ -265,7 +267,7 @@ class RobustnessRadiusTest(chex.TestCase, parameterized.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_jit_and_typed_keys(self):
     f = self.variant(lambda k, v, m, key, r: U.robustness_radius(
-        _identity, k, v, m, key, max_radius=r, **self.CONFIG))
+        _identity, key, FactSet(k, v, m), max_radius=r, **self.CONFIG))
     got = f(KEYS_2D, VALUES_2D, MAPPING_2D, jax.random.key(0), 1.0)
     want = _expected_radius_2d(
         U.sample_directions(jax.random.key(0), 5, 32, 2), 1.0)
@@ -273,16 +275,16 @@ class RobustnessRadiusTest(chex.TestCase, parameterized.TestCase):
 
   def test_constructed_encoder_decoder_is_robust_at_every_key(self):
     fs, c = _construction()
-    radii = U.robustness_radius(c.model, fs.keys, fs.values, fs.mapping,
-                                jax.random.PRNGKey(0), num_directions=8,
+    radii = U.robustness_radius(c.model, jax.random.PRNGKey(0), fs,
+                                num_directions=8,
                                 max_radius=0.5, iters=16)
     chex.assert_shape(radii, (16,))
     self.assertGreater(float(radii.min()), 0.0)
     # The factorised model and its gated-MLP form agree.
     mlp = c.mlp
     radii_mlp = U.robustness_radius(
-        lambda x: mlp(x), fs.keys, fs.values, fs.mapping,
-        jax.random.PRNGKey(0), num_directions=8, max_radius=0.5, iters=16)
+        lambda x: mlp(x), jax.random.PRNGKey(0), fs, num_directions=8,
+        max_radius=0.5, iters=16)
     np.testing.assert_allclose(radii, radii_mlp, atol=1e-4)
 
 
@@ -307,7 +309,8 @@ class ErrorsTest(parameterized.TestCase):
     args = dict(fn=_identity, keys=KEYS_2D, values=VALUES_2D,
                 mapping=MAPPING_2D, key=jax.random.PRNGKey(0))
     args.update(overrides)
-    return U.robustness_radius(**args)
+    fs = FactSet(args.pop('keys'), args.pop('values'), args.pop('mapping'))
+    return U.robustness_radius(args.pop('fn'), args.pop('key'), fs, **args)
 
   @parameterized.named_parameters(
       ('keys_1d', dict(keys=KEYS_2D[0]), 'keys must have shape'),
@@ -354,7 +357,7 @@ class ErrorsTest(parameterized.TestCase):
                 key=jax.random.PRNGKey(0))
     args.update(overrides)
     with self.assertRaisesRegex(FactStoreError, match):
-      U.jacobian_norm(**args)
+      U.jacobian_norm(args.pop('fn'), args.pop('key'), args.pop('x'), **args)
 
   def test_lipschitz_bound_errors(self):
     params = _random_mlp(0, 4, 6, 'relu')

@@ -36,7 +36,7 @@ import numpy as np
 from jax import lax
 
 from factstore_jax import mlp as mlp_lib
-from factstore_jax import precision
+from factstore_jax import precision, validation
 from factstore_jax.errors import FactStoreError
 
 Array = jax.Array
@@ -63,68 +63,10 @@ class EditFit(NamedTuple):
 # --------------------------------------------------------------------------
 
 
-def _is_traced(x: Any) -> bool:
-  return isinstance(x, jax.core.Tracer)
-
-
-def _array(x: Any, name: str) -> Array:
-  """``x`` as a real (float or int) array; tracers pass through."""
-  if _is_traced(x):
-    arr = x
-  else:
-    try:
-      arr = jnp.asarray(x)
-    except (TypeError, ValueError) as e:
-      raise FactStoreError(
-          f'{name} could not be converted to an array: {e}') from e
-  dtype = arr.dtype
-  if dtype == jnp.bool_ or not (jnp.issubdtype(dtype, jnp.floating) or
-                                jnp.issubdtype(dtype, jnp.integer)):
-    raise FactStoreError(f'{name} must hold real numbers, got dtype {dtype}')
-  return arr
-
-
-def _check_finite(x: Array, name: str) -> None:
-  if _is_traced(x):
-    return
-  arr = np.asarray(x)
-  if not np.all(np.isfinite(arr)):
-    bad = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
-    raise FactStoreError(
-        f'{name} holds a non-finite entry (NaN or inf) at index {bad}')
-
-
-def _matrix(x: Any, name: str, axes: str,
-            shape: tuple[int | None, int | None] = (None, None), *,
-            why: tuple[str, str] = ('', ''), allow_empty: bool = False
-           ) -> Array:
-  """A finite 2-D real array of shape ``shape`` (``None``: any size).
-
-  ``axes`` names the axes (e.g. ``'E, h'``); ``why`` says where a required
-  size comes from, for the error message.
-  """
-  arr = _array(x, name)
-  if arr.ndim != 2:
-    raise FactStoreError(
-        f'{name} must have shape ({axes}) (2 dims), got shape '
-        f'{tuple(arr.shape)} with {arr.ndim} dim(s)')
-  for axis, (size, want, because) in enumerate(zip(arr.shape, shape, why)):
-    if want is not None and size != want:
-      label = axes.split(',')[axis].strip()
-      because = f' ({because})' if because else ''
-      raise FactStoreError(
-          f'{name} must have shape ({axes}) with {label} = {want}{because}, '
-          f'got shape {tuple(arr.shape)}')
-  if arr.size == 0 and not allow_empty:
-    raise FactStoreError(f'{name} is empty (shape {tuple(arr.shape)})')
-  _check_finite(arr, name)
-  return arr
-
-
 def _symmetric(x: Any, name: str, size: int, why: str) -> Array:
   """A finite symmetric ``(size, size)`` matrix (symmetry checked if concrete)."""
-  arr = _matrix(x, name, 'h, h', (size, size), why=(why, why))
-  if not _is_traced(arr):
+  arr = validation.matrix(x, name, 'h, h', (size, size), why=(why, why))
+  if not validation.is_traced(arr):
     a = np.asarray(arr)
     scale = max(float(np.max(np.abs(a))), np.finfo(np.float64).tiny)
     asym = float(np.max(np.abs(a - a.T)))
@@ -136,36 +78,8 @@ def _symmetric(x: Any, name: str, size: int, why: str) -> Array:
   return arr
 
 
-def _check_scalar(value: Any, name: str, *, minimum: float, strict: bool,
-                  maximum: float | None = None) -> None:
-  """A finite real scalar ``> minimum`` (strict) or ``>= minimum``, ``<= maximum``.
-
-  Only its shape is checked when it is traced.
-  """
-  if _is_traced(value):
-    if value.ndim != 0:
-      raise FactStoreError(
-          f'{name} must be a scalar, got shape {tuple(value.shape)}')
-    return
-  try:
-    arr = np.asarray(value)
-  except (TypeError, ValueError) as e:
-    raise FactStoreError(f'{name} must be a real scalar, got {value!r}') from e
-  if arr.ndim != 0 or arr.dtype == np.bool_ or not (
-      np.issubdtype(arr.dtype, np.floating) or
-      np.issubdtype(arr.dtype, np.integer)):
-    raise FactStoreError(f'{name} must be a real scalar, got {value!r}')
-  v = float(arr)
-  low_ok = v > minimum if strict else v >= minimum
-  if not np.isfinite(v) or not low_ok or (maximum is not None and v > maximum):
-    rng = f'{">" if strict else ">="} {minimum:g}'
-    if maximum is not None:
-      rng += f' and <= {maximum:g}'
-    raise FactStoreError(f'{name} must be finite and {rng}, got {value!r}')
-
-
 def _check_nonzero_rows(keys: Array, name: str) -> None:
-  if _is_traced(keys):
+  if validation.is_traced(keys):
     return
   zero = np.flatnonzero(~np.any(np.asarray(keys) != 0, axis=1))
   if zero.size:
@@ -177,11 +91,11 @@ def _check_nonzero_rows(keys: Array, name: str) -> None:
 def _edit_set(w_down: Any, keys: Any, values: Any, w_name: str = 'w_down'
              ) -> tuple[Array, Array, Array]:
   """Validates ``w_down (h, d)``, ``keys (E, h)``, ``values (E, d)``."""
-  w = _matrix(w_down, w_name, 'h, d')
+  w = validation.matrix(w_down, w_name, 'h, d')
   h, d = w.shape
-  k = _matrix(keys, 'keys', 'E, h', (None, h),
+  k = validation.matrix(keys, 'keys', 'E, h', (None, h),
               why=('', f'the rows of {w_name}'))
-  v = _matrix(values, 'values', 'E, d', (k.shape[0], d),
+  v = validation.matrix(values, 'values', 'E, d', (k.shape[0], d),
               why=('one row per key', f'the columns of {w_name}'))
   return w, k, v
 
@@ -219,25 +133,25 @@ def hidden_states(params: mlp_lib.GatedMLP, x: Array) -> Array:
   """
   params = mlp_lib.as_gated(params)
   mlp_lib.get_activation(params.activation)
-  w_gate = _matrix(params.w_gate, 'params.w_gate', 'd, h')
+  w_gate = validation.matrix(params.w_gate, 'params.w_gate', 'd, h')
   d, h = w_gate.shape
-  _matrix(params.w_up, 'params.w_up', 'd, h', (d, h),
+  validation.matrix(params.w_up, 'params.w_up', 'd, h', (d, h),
           why=('as w_gate', 'as w_gate'))
   for name in ('b_gate', 'b_up'):
     b = getattr(params, name)
     if b is not None:
-      b = _array(b, f'params.{name}')
+      b = validation.real_array(b, f'params.{name}')
       if b.shape != (h,):
         raise FactStoreError(
             f'params.{name} must have shape ({h},) (the columns of w_gate), '
             f'got {tuple(b.shape)}')
-      _check_finite(b, f'params.{name}')
-  x = _array(x, 'x')
+      validation.check_finite(b, f'params.{name}')
+  x = validation.real_array(x, 'x')
   if x.ndim < 1 or x.shape[-1] != d:
     raise FactStoreError(
         f'x must have shape (M, d) with d = {d} (the rows of w_gate), got '
         f'shape {tuple(x.shape)}')
-  _check_finite(x, 'x')
+  validation.check_finite(x, 'x')
   if not jnp.issubdtype(x.dtype, jnp.floating):
     x = x.astype(_float_dtype(x, w_gate))
   return _hidden(params, x)
@@ -261,7 +175,7 @@ def second_moment(keys: Array) -> Array:
   Returns:
     ``(h, h)`` symmetric positive semi-definite.
   """
-  keys = _matrix(keys, 'keys', 'M, h')
+  keys = validation.matrix(keys, 'keys', 'M, h')
   return _second_moment(*_cast(_float_dtype(keys), keys))
 
 
@@ -321,7 +235,7 @@ def rome(w_down: Array, keys: Array, values: Array, cov: Array, *,
   """
   w, k, v = _edit_set(w_down, keys, values)
   c = _symmetric(cov, 'cov', w.shape[0], 'the rows of w_down')
-  _check_scalar(ridge, 'ridge', minimum=0.0, strict=False)
+  validation.check_scalar(ridge, 'ridge', minimum=0.0, strict=False)
   _check_nonzero_rows(k, 'keys')
   dtype = _float_dtype(w, k, v, c)
   return _rome(*_cast(dtype, w, k, v, c, ridge))
@@ -373,7 +287,7 @@ def memit(w_down: Array, keys: Array, values: Array, cov: Array, *,
   """
   w, k, v = _edit_set(w_down, keys, values)
   c = _symmetric(cov, 'cov', w.shape[0], 'the rows of w_down')
-  _check_scalar(lam, 'lam', minimum=0.0, strict=False)
+  validation.check_scalar(lam, 'lam', minimum=0.0, strict=False)
   dtype = _float_dtype(w, k, v, c)
   return _memit(*_cast(dtype, w, k, v, c, lam))
 
@@ -409,12 +323,12 @@ def null_space_projector(cov: Array, *, rel_tol: float = 1e-2) -> Array:
   Returns:
     ``(h, h)`` symmetric idempotent ``P`` in ``cov``'s float dtype.
   """
-  c = _array(cov, 'cov')
+  c = validation.real_array(cov, 'cov')
   if c.ndim != 2 or c.shape[0] != c.shape[1]:
     raise FactStoreError(
         f'cov must be a square (h, h) matrix, got shape {tuple(c.shape)}')
   c = _symmetric(c, 'cov', c.shape[0], 'square')
-  _check_scalar(rel_tol, 'rel_tol', minimum=0.0, strict=True, maximum=1.0)
+  validation.check_scalar(rel_tol, 'rel_tol', minimum=0.0, strict=True, maximum=1.0)
   dtype = _float_dtype(c)
   return _null_space_projector(*_cast(dtype, c, rel_tol))
 
@@ -478,9 +392,9 @@ def alphaedit(w_down: Array, keys: Array, values: Array, projector: Array, *,
   """
   w, k, v = _edit_set(w_down, keys, values)
   p = _symmetric(projector, 'projector', w.shape[0], 'the rows of w_down')
-  _check_scalar(lam, 'lam', minimum=0.0, strict=True)
+  validation.check_scalar(lam, 'lam', minimum=0.0, strict=True)
   if prior_keys is not None:
-    prior_keys = _matrix(prior_keys, 'prior_keys', 'E_p, h',
+    prior_keys = validation.matrix(prior_keys, 'prior_keys', 'E_p, h',
                          (None, w.shape[0]), why=('', 'the rows of w_down'),
                          allow_empty=True)
   arrays = (w, k, v, p) + (() if prior_keys is None else (prior_keys,))
@@ -525,10 +439,10 @@ def edit_fit(w_before: Array, w_after: Array, keys: Array, values: Array,
     that it is not swamped by rounding of the outputs themselves).
   """
   w_after, k, v = _edit_set(w_after, keys, values, 'w_after')
-  w_before = _matrix(w_before, 'w_before', 'h, d', w_after.shape,
+  w_before = validation.matrix(w_before, 'w_before', 'h, d', w_after.shape,
                      why=('as w_after', 'as w_after'))
   if preserved_keys is not None:
-    preserved_keys = _matrix(preserved_keys, 'preserved_keys', 'M, h',
+    preserved_keys = validation.matrix(preserved_keys, 'preserved_keys', 'M, h',
                              (None, w_after.shape[0]),
                              why=('', 'the rows of w_after'), allow_empty=True)
   arrays = (w_before, w_after, k, v) + (

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from factstore_jax import precision
-from factstore_jax.constructions.ntk import (check_factset_shapes,
+from factstore_jax.baselines.ntk import (check_factset_shapes,
                                              check_widths, clip_width,
                                              unit_mask, unit_normal)
 from factstore_jax.errors import FactStoreError

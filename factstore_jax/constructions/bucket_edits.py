@@ -77,6 +77,10 @@ import threadpoolctl
 
 from factstore_jax.constructions import decoders, gadgets
 from factstore_jax.constructions import encoder_decoder as ed
+from factstore_jax.constructions import assembly
+from factstore_jax.constructions import codes as codes_lib
+from factstore_jax.constructions import repair
+from factstore_jax.constructions import verify as verify_lib
 from factstore_jax.errors import ConstructionError, FactStoreError
 from factstore_jax.factsets import FactSet
 from factstore_jax.mlp import num_params
@@ -277,7 +281,7 @@ def _add_values(construction, values_dev, values, new_vectors, used_old,
   n_old, n_new = values.shape[0], new_vectors.shape[0]
   decoder = construction.model.decoder
   table = jnp.asarray(np.concatenate([values, new_vectors]))
-  new_codes, new_rho = ed.value_codes(table, decoder, tol=tol,
+  new_codes, new_rho = codes_lib.value_codes(table, decoder, tol=tol,
                                       indices=np.arange(n_old, n_old + n_new))
   new_rho = np.asarray(new_rho)
   if (new_rho <= 0).any():
@@ -543,7 +547,7 @@ def _verify_from(parts, model, factset, codes, owner, lowest, chunk_size):
   facts = np.flatnonzero(owner >= lowest)
   rows = _padded(facts) if len(facts) else facts
   keys, values, mapping = factset
-  gamma, norms, err, ok, slack = jax.device_get(ed._structured_terms_jit(
+  gamma, norms, err, ok, slack = jax.device_get(verify_lib._structured_terms_jit(
       parts, model, values, codes, keys[rows], mapping[rows],
       jnp.asarray(owner[rows], jnp.int32), chunk_size=chunk_size))
   f = len(facts)
@@ -680,11 +684,11 @@ def edit(construction: ed.Construction, factset: FactSet, changes, *,
       jnp.asarray(plan.valid), jnp.asarray(plan.step_start.astype(dtype)),
       jnp.asarray(plan.step_width.astype(dtype)),
       jnp.asarray(min_gap, dtype))
-  scale, bias, sign = ed._gate_params_jit(buckets, 'clipped')
-  new_parts = ed.Gadgets(buckets, maps, scale.astype(dtype),
+  scale, bias, sign = assembly._gate_params_jit(buckets, 'clipped')
+  new_parts = assembly.Gadgets(buckets, maps, scale.astype(dtype),
                          bias.astype(dtype), sign.astype(dtype))
   decoder = construction.model.decoder
-  assemble = lambda p: ed.prune_dead(ed._assemble_jit(p, decoder, 'clipped'))
+  assemble = lambda p: assembly.prune_dead(assembly.assemble_jit(p, decoder, 'clipped'))
   model = assemble(new_parts)
 
   # Verify every fact from the lowest touched bucket upward: a moved step
@@ -703,10 +707,10 @@ def edit(construction: ed.Construction, factset: FactSet, changes, *,
         'rebuild with construct()')
   margins_all = np.full(n_facts, np.inf, margins.dtype)
   margins_all[facts] = margins
-  refit = [int(j) for j in ed.failing_buckets(new_parts, keys_new, targets,
+  refit = [int(j) for j in repair.failing_buckets(new_parts, keys_new, targets,
                                               margins_all)]
   if refit:
-    new_parts = ed._refit_buckets(new_parts, keys_new, targets, refit)
+    new_parts = repair.refit_buckets(new_parts, keys_new, targets, refit)
     model = assemble(new_parts)
     facts, margins, normalized, errs, ok, slack = check(new_parts, model)
   if not (ok.all() and margins.min() > 0):
@@ -745,7 +749,7 @@ def edit(construction: ed.Construction, factset: FactSet, changes, *,
       code_error=max(code_error, checked_err),
       rho_projected=float(np.asarray(new_vals.rho)[used].min()),
       min_gap=min_gap, repaired_buckets=rep.repaired_buckets + len(refit),
-      max_map_norm=ed.max_map_norm(new_parts.maps), seconds=seconds)
+      max_map_norm=assembly.max_map_norm(new_parts.maps), seconds=seconds)
   new_construction = ed.Construction(model=model, report=report, codes=codes,
                                      rho=new_vals.rho,
                                      structure=new_structure)

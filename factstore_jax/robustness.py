@@ -1,4 +1,4 @@
-"""Usability instruments of a fact MLP: can attention use it.
+"""Robustness instruments of a fact MLP: can attention use it.
 
 See docs/design.md, "Transformers and usability".
 
@@ -20,7 +20,7 @@ Every function that takes an MLP takes it as a callable
 ``fn: (..., d) -> (..., d)`` (``lambda x: params(x)``, an
 :class:`~factstore_jax.mlp.EncoderDecoder`, ...),
 uses explicit PRNG keys and is ``jit``-able with ``fn`` closed over, e.g.
-``jax.jit(lambda k, v, f, key: robustness_radius(fn, k, v, f, key))``. Each
+``jax.jit(lambda key, fs: robustness_radius(fn, key, fs))``. Each
 call runs one compiled program; a callable that is a pytree of arrays (an
 ``EncoderDecoder``, an NNX module) enters it as traced arguments, so models of
 the same shapes share one compilation, while any other callable (a lambda
@@ -45,7 +45,9 @@ import numpy as np
 
 from factstore_jax import mlp as mlp_lib
 from factstore_jax import storage
+from factstore_jax import validation
 from factstore_jax.errors import FactStoreError
+from factstore_jax.factsets import FactSet
 
 Array = jax.Array
 MLPFn = Callable[[Array], Array]
@@ -58,94 +60,6 @@ _SILU_MAX_NEG = 0.2785
 
 # --------------------------------------------------------------------------
 # Host-side validation (shapes always; values only when concrete).
-
-
-def _concrete(x: Any) -> np.ndarray | None:
-  """``x`` as a numpy array, or ``None`` while it is being traced."""
-  if isinstance(x, jax.core.Tracer):
-    return None
-  try:
-    return np.asarray(x)
-  except jax.errors.ConcretizationTypeError:
-    return None
-
-
-def _as_float_array(x: Any, name: str) -> Array:
-  try:
-    arr = jnp.asarray(x)
-  except (TypeError, ValueError) as e:
-    raise FactStoreError(
-        f'{name} could not be converted to an array: {e}') from e
-  if arr.dtype == jnp.bool_ or not (jnp.issubdtype(arr.dtype, jnp.floating) or
-                                    jnp.issubdtype(arr.dtype, jnp.integer)):
-    raise FactStoreError(
-        f'{name} must hold real numbers, got dtype {arr.dtype}')
-  if not jnp.issubdtype(arr.dtype, jnp.floating):
-    arr = arr.astype(jnp.result_type(float))
-  return arr
-
-
-def _check_ndim(x: Array, ndim: int, name: str, axes: str) -> None:
-  if x.ndim != ndim:
-    raise FactStoreError(
-        f'{name} must have shape ({axes}) ({ndim} dims), got shape {x.shape} '
-        f'with {x.ndim} dim(s)')
-
-
-def _check_nonempty(x: Array, name: str) -> None:
-  if x.size == 0:
-    raise FactStoreError(f'{name} is empty (shape {x.shape})')
-
-
-def _check_finite(x: Array, name: str) -> None:
-  arr = _concrete(x)
-  if arr is not None and not np.all(np.isfinite(arr)):
-    bad = np.argwhere(~np.isfinite(arr))[0]
-    raise FactStoreError(
-        f'{name} holds a non-finite entry (NaN or inf) at index {tuple(bad)}')
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value,
-                                                           (int, np.integer)):
-    raise FactStoreError(
-        f'{name} must be a Python int (static), got {type(value).__name__}')
-  if value < minimum:
-    raise FactStoreError(f'{name} must be >= {minimum}, got {value}')
-  return int(value)
-
-
-def _check_positive(value: Any, name: str) -> None:
-  """``value > 0`` and finite, when ``value`` is concrete."""
-  arr = _concrete(value)
-  if arr is None:
-    return
-  if arr.ndim != 0 or not (jnp.issubdtype(arr.dtype, jnp.floating) or
-                           jnp.issubdtype(arr.dtype, jnp.integer)):
-    raise FactStoreError(f'{name} must be a real scalar, got {value!r}')
-  if not np.isfinite(arr) or arr <= 0:
-    raise FactStoreError(f'{name} must be finite and > 0, got {value!r}')
-
-
-def _check_mapping(mapping: Any, num_keys: int, num_values: int) -> Array:
-  mapping = jnp.asarray(mapping)
-  _check_ndim(mapping, 1, 'mapping', 'N,')
-  if mapping.shape[0] != num_keys:
-    raise FactStoreError(
-        f'mapping has length {mapping.shape[0]} but there are N = {num_keys} '
-        'keys')
-  if mapping.dtype == jnp.bool_ or not jnp.issubdtype(mapping.dtype,
-                                                      jnp.integer):
-    raise FactStoreError(
-        f'mapping must have an integer dtype, got {mapping.dtype}')
-  arr = _concrete(mapping)
-  if arr is not None and arr.size and (arr.min() < 0 or
-                                       arr.max() >= num_values):
-    bad = int(np.flatnonzero((arr < 0) | (arr >= num_values))[0])
-    raise FactStoreError(
-        f'mapping[{bad}] = {int(arr[bad])} is out of range [0, P = '
-        f'{num_values})')
-  return mapping.astype(jnp.int32)
 
 
 def _check_fn(fn: Any, in_shape: tuple[int, ...], dtype,
@@ -254,9 +168,9 @@ def sample_directions(key: Array, num_keys: int, num_directions: int, dim: int,
   Key ``i`` uses ``jax.random.split(key, N)[i]``, so the directions do not
   depend on ``chunk_size``.
   """
-  num_keys = _check_int(num_keys, 'num_keys', 1)
-  num_directions = _check_int(num_directions, 'num_directions', 1)
-  dim = _check_int(dim, 'dim', 1)
+  num_keys = validation.check_int(num_keys, 'num_keys', 1)
+  num_directions = validation.check_int(num_directions, 'num_directions', 1)
+  dim = validation.check_int(dim, 'dim', 1)
   subkeys = jax.random.split(key, num_keys)
   return jax.vmap(lambda k: _directions(k, num_directions, dim, dtype))(subkeys)
 
@@ -287,8 +201,8 @@ def _key_radius(fn: MLPFn, values: Array, max_radius: Array, iters: int,
   return jnp.where(ok_at_0, jnp.min(per_direction), 0.0).astype(key_vec.dtype)
 
 
-def robustness_radius(fn: MLPFn, keys: Array, values: Array, mapping: Array,
-                      key: Array, *, num_directions: int = 16,
+def robustness_radius(fn: MLPFn, key: Array, factset: FactSet, *,
+                      num_directions: int = 16,
                       max_radius: float = 1.0, iters: int = 20,
                       chunk_size: int = 256) -> Array:
   """Per-key robustness radius of an MLP along random directions.
@@ -317,10 +231,9 @@ def robustness_radius(fn: MLPFn, keys: Array, values: Array, mapping: Array,
 
   Args:
     fn: the MLP, ``(..., d) -> (..., d)`` (how it enters jit: module doc).
-    keys: ``(N, d)`` keys.
-    values: ``(P, d)`` value table.
-    mapping: ``(N,)`` int, value index of each key, in ``[0, P)``.
     key: PRNG key for the directions.
+    factset: :class:`~factstore_jax.factsets.FactSet`: keys ``(N, d)``,
+      values ``(P, d)``, mapping ``(N,)`` int in ``[0, P)``.
     num_directions: ``D >= 1`` directions per key (static).
     max_radius: ``> 0``, the largest radius probed.
     iters: ``>= 1`` bisection steps (static).
@@ -335,24 +248,25 @@ def robustness_radius(fn: MLPFn, keys: Array, values: Array, mapping: Array,
       ``iters < 1``, ``chunk_size < 1``, or ``fn`` not mapping ``(D, d)`` to
       ``(D, d)``.
   """
-  keys = _as_float_array(keys, 'keys')
-  values = _as_float_array(values, 'values')
-  _check_ndim(keys, 2, 'keys', 'N, d')
-  _check_ndim(values, 2, 'values', 'P, d')
-  _check_nonempty(keys, 'keys')
-  _check_nonempty(values, 'values')
+  keys, values, mapping = factset
+  keys = validation.real_array(keys, 'keys', to_float=True)
+  values = validation.real_array(values, 'values', to_float=True)
+  validation.check_ndim(keys, 2, 'keys', 'N, d')
+  validation.check_ndim(values, 2, 'values', 'P, d')
+  validation.check_nonempty(keys, 'keys')
+  validation.check_nonempty(values, 'values')
   num_keys, dim = keys.shape
   if values.shape[1] != dim:
     raise FactStoreError(
         f'keys have dimension d = {dim} but values have dimension '
         f'{values.shape[1]}')
-  mapping = _check_mapping(mapping, num_keys, values.shape[0])
-  _check_finite(keys, 'keys')
-  _check_finite(values, 'values')
-  num_directions = _check_int(num_directions, 'num_directions', 1)
-  iters = _check_int(iters, 'iters', 1)
-  chunk_size = _check_int(chunk_size, 'chunk_size', 1)
-  _check_positive(max_radius, 'max_radius')
+  mapping = validation.mapping_array(mapping, num_keys, values.shape[0])
+  validation.check_finite(keys, 'keys')
+  validation.check_finite(values, 'values')
+  num_directions = validation.check_int(num_directions, 'num_directions', 1)
+  iters = validation.check_int(iters, 'iters', 1)
+  chunk_size = validation.check_int(chunk_size, 'chunk_size', 1)
+  validation.check_scalar(max_radius, 'max_radius', minimum=0, strict=True)
   _check_fn(fn, (num_directions, dim), keys.dtype, (num_directions, dim))
 
   fn_static, fn_leaves = _split_fn(fn)
@@ -405,7 +319,7 @@ def _activation_bounds(activation: str, lo: Array, hi: Array):
 def _check_gated_mlp(params: mlp_lib.GatedMLP) -> None:
   w_gate, w_up, w_down = params.w_gate, params.w_up, params.w_down
   for name, w in (('w_gate', w_gate), ('w_up', w_up), ('w_down', w_down)):
-    _check_ndim(w, 2, name, 'd, h' if name != 'w_down' else 'h, d_out')
+    validation.check_ndim(w, 2, name, 'd, h' if name != 'w_down' else 'h, d_out')
   if w_up.shape != w_gate.shape:
     raise FactStoreError(
         f'w_up has shape {w_up.shape} but w_gate has shape {w_gate.shape}')
@@ -468,7 +382,7 @@ def lipschitz_bound(params: mlp_lib.GatedMLP | mlp_lib.EncoderDecoder, *,
   """
   params = mlp_lib.as_gated(params)
   _check_gated_mlp(params)
-  _check_positive(radius, 'radius')
+  validation.check_scalar(radius, 'radius', minimum=0, strict=True)
   return _lipschitz_bound(params, radius)
 
 
@@ -491,7 +405,7 @@ def _lipschitz_bound(params: mlp_lib.GatedMLP, radius: Array) -> Array:
 # Empirical Jacobian norm.
 
 
-def jacobian_norm(fn: MLPFn, x: Array, key: Array, *, iters: int = 30,
+def jacobian_norm(fn: MLPFn, key: Array, x: Array, *, iters: int = 30,
                   chunk_size: int = 1024) -> Array:
   """Local Jacobian spectral norm ``||J_fn(x_i)||_2`` at each point.
 
@@ -505,9 +419,9 @@ def jacobian_norm(fn: MLPFn, x: Array, key: Array, *, iters: int = 30,
   Args:
     fn: the MLP, ``(..., d) -> (..., d_out)`` (how it enters jit: module
       doc).
-    x: ``(N, d)`` points (e.g. the keys).
     key: PRNG key for the start vectors (row ``i`` of
       ``jax.random.normal(key, (N * d,)).reshape(N, d)``).
+    x: ``(N, d)`` points (e.g. the keys).
     iters: ``>= 1`` power iterations (static).
     chunk_size: ``>= 1`` points per batch (static).
 
@@ -518,12 +432,12 @@ def jacobian_norm(fn: MLPFn, x: Array, key: Array, *, iters: int = 30,
     FactStoreError: ``x`` not ``(N, d)`` or non-finite, ``iters < 1``,
       ``chunk_size < 1``, ``fn`` not mapping ``(d,)`` to a vector.
   """
-  x = _as_float_array(x, 'x')
-  _check_ndim(x, 2, 'x', 'N, d')
-  _check_nonempty(x, 'x')
-  _check_finite(x, 'x')
-  iters = _check_int(iters, 'iters', 1)
-  chunk_size = _check_int(chunk_size, 'chunk_size', 1)
+  x = validation.real_array(x, 'x', to_float=True)
+  validation.check_ndim(x, 2, 'x', 'N, d')
+  validation.check_nonempty(x, 'x')
+  validation.check_finite(x, 'x')
+  iters = validation.check_int(iters, 'iters', 1)
+  chunk_size = validation.check_int(chunk_size, 'chunk_size', 1)
   _check_fn(fn, (x.shape[1],), x.dtype, None)
   fn_static, fn_leaves = _split_fn(fn)
   return _jacobian_norm(fn_static, fn_leaves, x, key, iters=iters,
@@ -581,15 +495,15 @@ def noise_floor(inputs: Array, targets: Array) -> NoiseFloor:
   Raises:
     FactStoreError: shapes not ``(M, d)``, different, or empty.
   """
-  inputs = _as_float_array(inputs, 'inputs')
-  targets = _as_float_array(targets, 'targets')
-  _check_ndim(inputs, 2, 'inputs', 'M, d')
-  _check_ndim(targets, 2, 'targets', 'M, d')
+  inputs = validation.real_array(inputs, 'inputs', to_float=True)
+  targets = validation.real_array(targets, 'targets', to_float=True)
+  validation.check_ndim(inputs, 2, 'inputs', 'M, d')
+  validation.check_ndim(targets, 2, 'targets', 'M, d')
   if inputs.shape != targets.shape:
     raise FactStoreError(
         f'inputs have shape {inputs.shape} but targets have shape '
         f'{targets.shape}')
-  _check_nonempty(inputs, 'inputs')
+  validation.check_nonempty(inputs, 'inputs')
   dist = jnp.linalg.norm(inputs - targets, axis=-1)
   return NoiseFloor(max=jnp.max(dist), mean=jnp.mean(dist),
                     p95=jnp.percentile(dist, 95.0), distances=dist)

@@ -5,5 +5,5 @@
 ``harness``: one evaluation for every editing method (MLP swap included).
 
 Bucket-local edits of a constructed MLP live in
-:mod:`factstore_jax.constructions.editing`.
+:mod:`factstore_jax.constructions.bucket_edits`.
 """

@@ -1,0 +1,117 @@
+"""Repairs of failing buckets: float64 refits and splits of ill-conditioned
+buckets (docs/design.md, "The closed-form encoder-decoder")."""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from factstore_jax.constructions import gadgets
+from factstore_jax.precision import full_precision
+from factstore_jax.constructions.assembly import Gadgets
+from factstore_jax.constructions.verify import bucket_of_key
+
+Array = jax.Array
+
+
+@jax.jit
+@full_precision
+def _direct_residual(maps, keys, targets, owner):
+  """``max_r |(M_own k_i - c_i)_r|`` per key, from its own bucket's map."""
+  def one(args):
+    k, c, j = args
+    err = jnp.abs(maps[j] @ k - c)
+    return jnp.max(jnp.where(jnp.isnan(err), jnp.inf, err))  # NaN: a miss
+  return jax.lax.map(one, (keys, targets, owner), batch_size=4096)
+
+
+def failing_buckets(parts: Gadgets, keys, targets, margins) -> np.ndarray:
+  """Buckets to refit, given the per-key ``margins (N,)`` of a check.
+
+  A bad map ``M_j`` spoils every key at or above bucket ``j`` (the
+  telescoped sum carries ``M_j - M_{j-1}`` and ``M_{j+1} - M_j``), so the
+  culprits are the buckets of failing facts whose own map misses its keys
+  (non-finite, or off by more than ``1e-3 (1 + |c|)``); if there is none,
+  every bucket holding a failing fact. NaN margins count as failing.
+  """
+  failing = ~(np.asarray(margins) > 0)
+  if not failing.any():
+    return np.zeros(0, np.int64)
+  owner = np.asarray(bucket_of_key(parts.buckets, keys.shape[0]))
+  residual = np.asarray(_direct_residual(parts.maps, keys, targets,
+                                         jnp.asarray(owner)))
+  scale = 1e-3 * (1 + np.abs(np.asarray(targets)).max(axis=1))
+  missed = ~(residual <= scale)
+  culprits = np.unique(owner[failing & missed])
+  return culprits if culprits.size else np.unique(owner[failing])
+
+
+def refit_buckets(parts: Gadgets, keys, targets, bad_buckets) -> Gadgets:
+  """Re-solves the given buckets' maps in float64 (numpy lstsq, min norm).
+
+  Only the given buckets' rows are gathered and widened (memory
+  ``O(b d)`` per bucket, never ``O(N d)``).
+  """
+  index, valid = np.asarray(parts.buckets.index), np.asarray(parts.buckets.valid)
+  bad_buckets = np.asarray(bad_buckets, np.int64).reshape(-1)
+  if not bad_buckets.size:
+    return parts
+  fits = []
+  for j in bad_buckets:
+    rows = jnp.asarray(index[j][valid[j]])
+    keys64 = np.asarray(keys[rows], np.float64)
+    targets64 = np.asarray(targets[rows], np.float64)
+    fits.append(np.linalg.lstsq(keys64, targets64, rcond=None)[0].T)
+  fits = np.stack(fits).astype(np.dtype(parts.maps.dtype))
+  maps = parts.maps.at[jnp.asarray(bad_buckets)].set(jnp.asarray(fits))
+  return parts._replace(maps=maps)
+
+
+def _bucket_misses(parts: Gadgets, keys, targets, j: int) -> bool:
+  """Whether bucket ``j``'s own map misses one of its keys' codes.
+
+  Misses are non-finite or off by more than ``1e-3 (1 + |c|)`` (the
+  threshold of :func:`failing_buckets`).
+  """
+  index, valid = np.asarray(parts.buckets.index), np.asarray(parts.buckets.valid)
+  rows = index[j][valid[j]]
+  c = np.asarray(targets, np.float64)[rows]
+  err = np.abs(np.asarray(keys, np.float64)[rows]
+               @ np.asarray(parts.maps[j], np.float64).T - c)
+  return not np.all(err <= 1e-3 * (1 + np.abs(c).max(axis=1, keepdims=True)))
+
+
+def split_unsolved(parts: Gadgets, keys, targets, candidates, *,
+                    slack: float, activation: str,
+                    max_rounds: int = 16) -> tuple[Gadgets, int]:
+  """Guard: splits buckets whose float64 solve still misses their keys.
+
+  Such a bucket's keys are (nearly) linearly dependent with inconsistent
+  codes, so no accurate exact map exists; it is cut in two at its widest
+  projection gap (:func:`gadgets.split_bucket`) and each half is solved in
+  float64, repeatedly (up to ``max_rounds``) until every half is solved or
+  holds one key. Host-side; returns the new gadgets and the number of
+  splits.
+  """
+  todo = sorted(int(j) for j in np.asarray(candidates).reshape(-1))
+  splits = 0
+  for _ in range(max_rounds):
+    missed = [j for j in todo if _bucket_misses(parts, keys, targets, j)
+              and int(np.asarray(parts.buckets.valid[j]).sum()) > 1]
+    if not missed:
+      break
+    todo = []
+    for j in sorted(missed, reverse=True):
+      buckets = gadgets.split_bucket(parts.buckets, keys, j, slack=slack)
+      maps = jnp.concatenate([parts.maps[:j + 1], parts.maps[j:]])
+      scale, bias, sign = gadgets.step_gate_params(buckets, activation)
+      parts = refit_buckets(
+          Gadgets(buckets, maps, scale.astype(maps.dtype),
+                  bias.astype(maps.dtype), sign.astype(maps.dtype)),
+          keys, targets, [j, j + 1])
+      todo = [t + 1 for t in todo] + [j, j + 1]
+      splits += 1
+    todo = sorted(todo)
+  return parts, splits
