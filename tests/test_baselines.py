@@ -226,10 +226,9 @@ class KnownCaseTest(parameterized.TestCase):
     with single_threaded_blas():
       stacked = jax.block_until_ready(_masked_jit(name, MAXW)(
           keys, fs, jnp.asarray(self.SWEEP)))
-    evaluate = jax.vmap(jax.vmap(storage.evaluate_mlp,
-                                 in_axes=(0, None, None, None)),
-                        in_axes=(0, None, None, None))
-    reports = jax.jit(evaluate)(stacked, *fs)
+    evaluate = jax.vmap(jax.vmap(storage.evaluate_mlp, in_axes=(0, None)),
+                        in_axes=(0, None))
+    reports = jax.jit(evaluate)(stacked, fs)
     acc = np.asarray(reports.accuracy)           # (keys, widths)
     assert np.all(acc[:, -1] > acc[:, 0]), acc
     if name in SOLVED:  # a ridge readout with m >= N interpolates: stores

@@ -84,7 +84,7 @@ class _EditTest(parameterized.TestCase):
     self.assertEqual(rep.accuracy, 1.0)
     self.assertGreater(rep.min_margin, 0.0)
     for report in (_factorised(construction.model, factset),
-                   _dense(construction.mlp, *factset)):
+                   _dense(construction.mlp, factset)):
       self.assertAlmostEqual(float(report.accuracy), 1.0, places=6)
       self.assertGreater(float(report.min_margin), 0.0)
     # The report's global margin is the per-bucket minima, not a new pass:

@@ -123,7 +123,7 @@ class StorageTest(parameterized.TestCase):
     self.assertGreater(report.min_margin, 0.0)
     self.assertGreater(report.min_normalized_margin, 0.0)
     # Independent dense check of the folded gated MLP.
-    dense = _dense_eval(c.model.as_mlp(), *fs)
+    dense = _dense_eval(c.model.as_mlp(), fs)
     self.assertEqual(float(dense.accuracy), 1.0)
     self.assertGreater(float(dense.min_margin), 0.0)
     if report.check == 'certificate':
@@ -453,7 +453,7 @@ class InfeasibleTest(parameterized.TestCase):
     fs = _midpoint_factset(use_midpoint=False)
     c = ed.construct(0, fs)
     self.assertEqual(c.report.accuracy, 1.0)
-    dense = _dense_eval(c.model.as_mlp(), *fs)
+    dense = _dense_eval(c.model.as_mlp(), fs)
     self.assertEqual(float(dense.accuracy), 1.0)
     self.assertGreater(float(dense.min_margin), 0.0)
 
@@ -582,7 +582,7 @@ class BatchedTest(chex.TestCase):
     self.assertEqual(bc.report.num_params, M.num_params(_member(bc.model, 0)))
     self.assertEqual(B * bc.report.num_params, M.num_params(bc.model))
     for b, fs in enumerate(_small_factsets()):
-      dense = _dense_eval(_member(bc.model, b).as_mlp(), *fs)
+      dense = _dense_eval(_member(bc.model, b).as_mlp(), fs)
       self.assertEqual(float(dense.accuracy), 1.0)
       self.assertGreater(float(dense.min_margin), 0.0)
 
@@ -643,7 +643,7 @@ class BatchedTest(chex.TestCase):
       np.testing.assert_allclose(batched_model(fs.keys), model(fs.keys),
                                  atol=1e-5)
       for m in (model, batched_model):
-        dense = _dense_eval(m.as_mlp(), *fs)
+        dense = _dense_eval(m.as_mlp(), fs)
         self.assertEqual(float(dense.accuracy), 1.0)
         self.assertGreater(float(dense.min_margin), 0.0)
 
@@ -665,7 +665,7 @@ class BatchedTest(chex.TestCase):
     np.testing.assert_array_equal(bc.report.accuracy, np.ones(B))
     self.assertTrue((np.asarray(bc.report.min_margin) > 0).all())
     for b, fs in enumerate(_small_factsets()):
-      dense = _dense_eval(_member(bc.model, b).as_mlp(), *fs)
+      dense = _dense_eval(_member(bc.model, b).as_mlp(), fs)
       self.assertEqual(float(dense.accuracy), 1.0)
 
   def test_projected_rho_vmapped_vs_looped(self):
@@ -748,7 +748,7 @@ class LargeTest(parameterized.TestCase):
     c = ed.construct(0, fs, activation=activation)
     self.assertEqual(c.report.accuracy, 1.0)
     self.assertGreater(c.report.min_margin, 0.0)
-    dense = _dense_eval(c.model.as_mlp(), *fs)
+    dense = _dense_eval(c.model.as_mlp(), fs)
     self.assertEqual(float(dense.accuracy), 1.0)
     self.assertGreater(float(dense.min_margin), 0.0)
     self.assertEqual(c.report.num_params, M.num_params(c.model))

@@ -53,7 +53,7 @@ def assert_stores(test, c, fs):
   r = c.report
   test.assertEqual(r.accuracy, 1.0)
   test.assertGreater(r.min_margin, 0.0)
-  dense = _dense_eval(c.mlp, *fs)
+  dense = _dense_eval(c.mlp, fs)
   test.assertEqual(float(dense.accuracy), 1.0)
   test.assertGreater(float(dense.min_margin), 0.0)
   test.assertEqual(r.num_params, M.num_params(c.model))
