@@ -87,7 +87,7 @@ def setup():
   model = tc.new_model(t, FLAGS.seed)
   config = train.TransformerTrainConfig(max_steps=FLAGS.steps,
                              context_len=FLAGS.context_len)
-  train.schedule_a(model, vocab, None, jax.random.key(300 + FLAGS.seed),
+  train.schedule_a(model, jax.random.key(300 + FLAGS.seed), vocab, None,
                    config)
   floor = tc.noise(model, t, FLAGS.seed, FLAGS.context_len)
   return t, whiten, model, floor

@@ -79,11 +79,11 @@ def base():
   fs = rel_lib.fact_factset(relation)
   built = methods.build_mlp('gd', jax.random.key(seed + 1), fs,
                             FLAGS.mlp_width, options=gd_options())
-  model = rel_lib.base_model(relation, rel_lib.calibrate(built.mlp, fs),
-                             jax.random.key(seed + 2))
+  model = rel_lib.base_model(jax.random.key(seed + 2), relation,
+                             rel_lib.calibrate(built.mlp, fs))
   config = dataclasses.replace(rel_lib.BASE_TRAIN, max_steps=FLAGS.base_steps,
                                learning_rate=FLAGS.base_lr)
-  report = rel_lib.train_base(model, relation, jax.random.key(seed + 3),
+  report = rel_lib.train_base(model, jax.random.key(seed + 3), relation,
                               config, progress=True)
   facts = np.arange(relation.num_facts)
   scores = {name: rel_lib.evaluate(model, rel_lib.all_sequences(
@@ -114,8 +114,8 @@ def contexts(fraction: float):
   out = []
   for i, facts in enumerate((np.sort(perm[:k]), np.sort(perm[k:2 * k]))):
     edits = harness.draw_edits(rng, relation, facts)
-    out.append(harness.make_context(model, relation, edits,
-                                    jax.random.key(1000 * FLAGS.seed + i)))
+    out.append(harness.make_context(model, jax.random.key(1000 * FLAGS.seed + i), relation,
+                                    edits))
   return tuple(out)
 
 

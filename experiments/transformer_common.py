@@ -98,14 +98,14 @@ def copy_trained(dim: int, num_facts: int, seed: int, num_junk: int,
   """Schedule (a)'s attention: ``(model, report, noise stats)``."""
   t = task(dim, num_facts, seed, num_junk)
   model = new_model(t, seed)
-  report = train.schedule_a(model, t.vocab, None, jax.random.key(300 + seed),
+  report = train.schedule_a(model, jax.random.key(300 + seed), t.vocab, None,
                             config, progress=False)
   return model, report, noise(model, t, seed, config.context_len)
 
 
 def noise(model, t: Task, seed: int, context_len: int) -> dict:
   """Attention noise floor ``||norm(h_Q) - k||`` over fresh sequences."""
-  inputs, _ = train.key_delivery(model, t.vocab, jax.random.key(400 + seed),
+  inputs, _ = train.key_delivery(model, jax.random.key(400 + seed), t.vocab,
                                  context_len=context_len)
   facts = np.tile(np.arange(t.factset.keys.shape[0]),
                   inputs.shape[0] // t.factset.keys.shape[0])
@@ -115,5 +115,5 @@ def noise(model, t: Task, seed: int, context_len: int) -> dict:
 
 
 def recall(model, t: Task, targets, seed: int, context_len: int) -> float:
-  return train.recall(model, t.vocab, targets, jax.random.key(500 + seed),
+  return train.recall(model, jax.random.key(500 + seed), t.vocab, targets,
                       context_len=context_len).accuracy

@@ -96,8 +96,8 @@ def b_trained(method, dim, n, seed, config):
     pair = tc.wstar_pair(method, dim, n, seed, FLAGS.num_junk, FLAGS.rel_tol,
                          FLAGS.mlp_steps)
     model = tc.new_model(t, seed)
-    report = train.schedule_b(model, t.vocab, pair.built.mlp, t.targets,
-                              jax.random.key(600 + seed), config)
+    report = train.schedule_b(model, jax.random.key(600 + seed), t.vocab, pair.built.mlp,
+                              t.targets, config)
     _B[key] = (model, report, tc.noise(model, t, seed, FLAGS.context_len))
   return _B[key]
 

@@ -32,9 +32,9 @@ def trained():
   opts = R.gd_options(1500)
   built = methods.build_mlp('gd', jax.random.key(1), fs, 48, options=opts)
   assert built.accuracy == 1.0
-  model = R.base_model(rel, R.calibrate(built.mlp, fs), jax.random.key(2))
+  model = R.base_model(jax.random.key(2), rel, R.calibrate(built.mlp, fs))
   config = dataclasses.replace(R.BASE_TRAIN, max_steps=600, chunk_steps=300)
-  R.train_base(model, rel, jax.random.key(3), config)
+  R.train_base(model, jax.random.key(3), rel, config)
   return model, opts
 
 
@@ -182,7 +182,7 @@ def context():
   model, _ = trained()
   rel = small_relation()
   edits = harness.draw_edits(np.random.default_rng(1), rel, np.arange(0, N, 12))
-  return harness.make_context(model, rel, edits, jax.random.key(5))
+  return harness.make_context(model, jax.random.key(5), rel, edits)
 
 
 def test_no_edit_scores_base():

@@ -14,7 +14,7 @@ for lr in map(float, sys.argv[1:]):
   config = dataclasses.replace(T.COPY, chunk_steps=50, target_accuracy=0.95,
                                learning_rate=lr)
   model = T._model(vocab, seed=4)
-  r = T.train_lib.schedule_b(model, vocab, ed, targets, jax.random.key(17),
+  r = T.train_lib.schedule_b(model, jax.random.key(17), vocab, ed, targets,
                              config)
   print('lr', lr, 'eval', np.round(np.asarray(r.eval_accuracy), 3).tolist())
   print('  loss', np.round(np.asarray(r.loss), 3).tolist())

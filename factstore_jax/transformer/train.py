@@ -122,18 +122,18 @@ def _check_targets(vocab: data_lib.Vocabulary, targets: Array) -> Array:
   return targets
 
 
-def train(model: Transformer, vocab: data_lib.Vocabulary, targets: Array,
-          key: Array,
+def train(model: Transformer, key: Array, vocab: data_lib.Vocabulary,
+          targets: Array,
           config: TransformerTrainConfig = TransformerTrainConfig(), *,
           progress: bool = False) -> TrainReport:
   """Trains ``config.groups`` of ``model`` in place on the recall task.
 
   Args:
     model: the :class:`Transformer` (updated in place).
+    key: PRNG key for the batches.
     vocab: its :class:`~factstore_jax.transformer.data.Vocabulary`.
     targets: ``(N,)`` token to emit for each fact (``data.fact_targets`` or
       ``data.copy_targets``).
-    key: PRNG key for the batches.
     config: :class:`TransformerTrainConfig`.
     progress: show a tqdm bar.
 
@@ -149,11 +149,11 @@ def train(model: Transformer, vocab: data_lib.Vocabulary, targets: Array,
   def sample(key, size):
     return data_lib.sample_batch(key, vocab, targets, size, config.context_len)
 
-  return fit_groups(model, loss_fn, sample, key, config, progress=progress,
+  return fit_groups(model, key, loss_fn, sample, config, progress=progress,
                     desc='train attention')
 
 
-def fit_groups(model: nnx.Module, loss_fn, sample, key: Array,
+def fit_groups(model: nnx.Module, key: Array, loss_fn, sample,
                config: TransformerTrainConfig, *, progress: bool = False,
                desc: str = 'train', grad_map=None) -> TrainReport:
   """Trains ``config.groups`` of ``model`` in place on any batch task.
@@ -167,9 +167,9 @@ def fit_groups(model: nnx.Module, loss_fn, sample, key: Array,
   Args:
     model: the module (updated in place); its parameter groups are those of
       :func:`~factstore_jax.transformer.model.group_filter`.
+    key: PRNG key for the batches.
     loss_fn: ``(model, batch) -> (loss, accuracy)`` scalars, traceable.
     sample: ``(key, size) -> batch`` (a pytree), traceable; ``size`` static.
-    key: PRNG key for the batches.
     config: :class:`TransformerTrainConfig`.
     progress: show a tqdm bar labelled ``desc``.
     grad_map: optional ``grads -> grads`` applied before AdamW (e.g. a mask
@@ -246,8 +246,8 @@ class Recall(NamedTuple):
   per_fact: np.ndarray   # (N,) fraction of contexts answered correctly
 
 
-def recall(model: Transformer, vocab: data_lib.Vocabulary, targets: Array,
-           key: Array, *, context_len: int = 4, contexts_per_fact: int = 4,
+def recall(model: Transformer, key: Array, vocab: data_lib.Vocabulary,
+           targets: Array, *, context_len: int = 4, contexts_per_fact: int = 4,
            batch_size: int = 4_096) -> Recall:
   """Recall at the query for every fact in ``contexts_per_fact`` contexts."""
   targets = _check_targets(vocab, targets)
@@ -268,7 +268,7 @@ def recall(model: Transformer, vocab: data_lib.Vocabulary, targets: Array,
   return Recall(float(per_fact.mean()), per_fact)
 
 
-def key_delivery(model: Transformer, vocab: data_lib.Vocabulary, key: Array,
+def key_delivery(model: Transformer, key: Array, vocab: data_lib.Vocabulary,
                  *, context_len: int = 4, contexts_per_fact: int = 4,
                  batch_size: int = 4_096) -> tuple[np.ndarray, np.ndarray]:
   """The MLP's inputs at the query and their distance to the true key.
@@ -303,8 +303,8 @@ def _check_frozen_mlp(config: TransformerTrainConfig) -> None:
         f'groups {config.groups}')
 
 
-def schedule_a(model: Transformer, vocab: data_lib.Vocabulary, fact_mlp,
-               key: Array,
+def schedule_a(model: Transformer, key: Array, vocab: data_lib.Vocabulary,
+               fact_mlp,
                config: TransformerTrainConfig = TransformerTrainConfig(), *,
                progress: bool = False) -> TrainReport:
   """Schedule (a): train on key copy with the identity MLP, then insert.
@@ -315,17 +315,17 @@ def schedule_a(model: Transformer, vocab: data_lib.Vocabulary, fact_mlp,
   """
   _check_frozen_mlp(config)
   model.swap_mlp(None)
-  report = train(model, vocab, data_lib.copy_targets(vocab), key, config,
+  report = train(model, key, vocab, data_lib.copy_targets(vocab), config,
                  progress=progress)
   model.swap_mlp(fact_mlp)
   return report
 
 
-def schedule_b(model: Transformer, vocab: data_lib.Vocabulary, fact_mlp,
-               targets: Array, key: Array,
+def schedule_b(model: Transformer, key: Array, vocab: data_lib.Vocabulary,
+               fact_mlp, targets: Array,
                config: TransformerTrainConfig = TransformerTrainConfig(),
                *, progress: bool = False) -> TrainReport:
   """Schedule (b): insert the frozen ``fact_mlp``, then train through it."""
   _check_frozen_mlp(config)
   model.swap_mlp(fact_mlp)
-  return train(model, vocab, targets, key, config, progress=progress)
+  return train(model, key, vocab, targets, config, progress=progress)

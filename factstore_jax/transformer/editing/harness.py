@@ -216,8 +216,8 @@ class Context(NamedTuple):
   key: Array
 
 
-def make_context(model: Transformer, relation: rel_lib.Relation, edits: Edits,
-                 key: Array) -> Context:
+def make_context(model: Transformer, key: Array, relation: rel_lib.Relation,
+                 edits: Edits) -> Context:
   """Everything the edit methods read, computed once for ``edits``."""
   mlp = rel_lib.fact_mlp(model)
   stream = cue_stream(model, relation, edits)

@@ -332,7 +332,7 @@ MODEL_CONFIG = TransformerConfig(attn_residual=False, mlp_residual=True,
                                  norm='none', rope=True)
 
 
-def base_model(relation: Relation, mlp, key: Array,
+def base_model(key: Array, relation: Relation, mlp,
                config: TransformerConfig = MODEL_CONFIG) -> Transformer:
   """The untrained base model with ``mlp`` (built for :func:`fact_factset`)."""
   e = relation.embeddings
@@ -378,7 +378,7 @@ BASE_TRAIN = TransformerTrainConfig(groups=('qk', 'vo'), learning_rate=1e-2,
                          target_accuracy=None, eval_batch_size=1_024)
 
 
-def train_base(model: Transformer, relation: Relation, key: Array,
+def train_base(model: Transformer, key: Array, relation: Relation,
                config: TransformerTrainConfig = BASE_TRAIN, *,
                progress: bool = False) -> TrainReport:
   """Trains the base model in place with next-token loss on training templates.
@@ -408,7 +408,7 @@ def train_base(model: Transformer, relation: Relation, key: Array,
       return g * word_block if names & {'w_v', 'w_o'} else g
     return jax.tree_util.tree_map_with_path(mask, grads)
 
-  return fit_groups(model, loss_fn, sample, key, config, progress=progress,
+  return fit_groups(model, key, loss_fn, sample, config, progress=progress,
                     desc='train base model', grad_map=word_block_only)
 
 
