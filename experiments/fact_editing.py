@@ -114,8 +114,8 @@ def contexts(fraction: float):
   out = []
   for i, facts in enumerate((np.sort(perm[:k]), np.sort(perm[k:2 * k]))):
     edits = harness.draw_edits(rng, relation, facts)
-    out.append(harness.make_context(model, jax.random.key(1000 * FLAGS.seed + i), relation,
-                                    edits))
+    out.append(harness.make_context(
+        model, jax.random.key(1000 * FLAGS.seed + i), relation, edits))
   return tuple(out)
 
 
