@@ -72,12 +72,12 @@ def test_fixed_code_dim_fails_fast(num_values, monkeypatch):
   fs = _factset(n=num_values, d=16, p=num_values, seed=1)
   config = ed.ConstructionConfig(code_dim=2)
   calls = []
-  real = ed.dec_lib.decodability
+  real = ed.decodability
   def spy(values, **kwargs):
     calls.append(None if kwargs.get('indices') is None
                  else len(kwargs['indices']))
     return real(values, **kwargs)
-  monkeypatch.setattr(ed.dec_lib, 'decodability', spy)
+  monkeypatch.setattr(ed, 'decodability', spy)
   done = []
   with pytest.raises(ed.ConstructionError, match='code_dim=2 leaves') as fast:
     ed.choose_code_dim(jax.random.key(0), fs.values, fs.mapping, config,
@@ -184,12 +184,11 @@ _MULTI_DEVICE = textwrap.dedent('''
     import sys
     import jax
     import numpy as np
-    from factstore_jax import decodability as _
     from factstore_jax.constructions import encoder_decoder as ed
     import tests.test_streaming as t
 
     assert len(jax.local_devices()) == 3, jax.devices()
-    dec = sys.modules['factstore_jax.decodability']
+    from factstore_jax.decodability import decodability
     fs = t._factset(n=600, d=16, p=300)
     ed.STREAM_BUCKETS = 40  # several sharded calls, 40 = 3 * 13 + 1 buckets
     c = ed.construct(fs, 0, bucket_size=6)
@@ -199,8 +198,8 @@ _MULTI_DEVICE = textwrap.dedent('''
     from factstore_jax import sharding
     with mock.patch.object(sharding, 'local_mesh',
                            lambda: sharding.batch_mesh(jax.local_devices()[:1])):
-      one = dec.decodability(fs.values, num_candidates=64)
-    split = dec.decodability(fs.values, num_candidates=64)
+      one = decodability(fs.values, num_candidates=64)
+    split = decodability(fs.values, num_candidates=64)
     np.savez(sys.argv[1], accuracy=r.accuracy, **t._saved(c),
              rho_one=one.rho, rho_split=split.rho,
              maps_device=len(c.structure.gadgets.maps.devices()))
