@@ -37,6 +37,7 @@ from absl import app, flags
 from tqdm import tqdm
 
 from factstore_jax import capacity, factsets, methods, training
+from factstore_jax import provenance
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.sweep import ResultsTable, run_sweep
 
@@ -388,7 +389,8 @@ def main(argv):
                      batch_size=len(seeds), desc='capacity searches')
   plot(rows, os.path.join(FLAGS.out_dir, 'scaling.png'))
   text = summary(rows)
-  write_text(os.path.join(FLAGS.out_dir, 'summary.md'), text)
+  write_text(os.path.join(FLAGS.out_dir, 'summary.md'),
+             text + provenance.footer())
   print(text)
 
 

@@ -43,6 +43,7 @@ import numpy as np
 from absl import app, flags
 
 from factstore_jax import factsets, methods, storage, usability
+from factstore_jax import provenance
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.errors import ConstructionError
 from factstore_jax.mlp import fold_linear
@@ -323,7 +324,8 @@ def main(argv):
   plot(rows, os.path.join(FLAGS.out_dir, 'tradeoff.png'), floor)
   plot_fill(rows, os.path.join(FLAGS.out_dir, 'fill.png'))
   text = summary(rows, floor)
-  write_text(os.path.join(FLAGS.out_dir, 'summary.md'), text)
+  write_text(os.path.join(FLAGS.out_dir, 'summary.md'),
+             text + provenance.footer())
   print(text)
 
 

@@ -24,6 +24,7 @@ import jax
 from absl import app, flags
 
 from factstore_jax import capacity, methods
+from factstore_jax import provenance
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.errors import ConstructionError
 from factstore_jax.sweep import ResultsTable, run_sweep
@@ -154,7 +155,8 @@ def main(argv):
                    desc='capacity')
   plot(rows, os.path.join(FLAGS.out_dir, 'capacity.png'))
   text = summary(rows)
-  write_text(os.path.join(FLAGS.out_dir, 'summary.md'), text)
+  write_text(os.path.join(FLAGS.out_dir, 'summary.md'),
+             text + provenance.footer())
   print(text)
 
 
