@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from factstore_jax import decodability as dec
+from factstore_jax.decodability import decodability
 from factstore_jax import factsets as F
 from factstore_jax.constructions import decoders
 
@@ -81,7 +81,7 @@ def main(argv):
       decoder = make_decoder(kind, jax.random.PRNGKey(1000 + seed), fs.values,
                              m)
       t0 = time.perf_counter()
-      result = dec.decodability(decoders.project_values(fs.values, decoder),
+      result = decodability(decoders.project_values(fs.values, decoder),
                                 stream_size=2048)
       rho = np.asarray(result.rho)
       rows.append(dict(geometry=geometry, seed=seed, code_dim=m, decoder=kind,

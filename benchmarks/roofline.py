@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import time
 
 from absl import app
@@ -63,9 +62,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from factstore_jax import decodability as _  # noqa: F401  (module import)
 from factstore_jax import sharding, training
 from factstore_jax import mlp as mlp_lib
+from factstore_jax.decodability import decodability
 from factstore_jax.constructions import decoders, gadgets
 from factstore_jax.constructions import encoder_decoder as ed
 from factstore_jax.constructions import assembly
@@ -79,7 +78,6 @@ from factstore_jax.transformer import train as tf_train
 import common  # benchmarks/common.py
 import construct as construct_bench  # reuse bucket_solve_flops, make_factset
 
-dec_lib = sys.modules['factstore_jax.decodability']
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('roofline_out', 'benchmarks/results/roofline.json',
@@ -279,7 +277,7 @@ def decodability_entry(c, fs, peak, bw) -> dict:
   table = decoders.project_values(fs.values, decoder)
   p = table.shape[0]
   k = min(max(m // 2, 64), 256, p - 1)
-  run = lambda: dec_lib.decodability(table, tol=1e-3)
+  run = lambda: decodability(table, tol=1e-3)
   seconds, times, foreign = _timed(run, FLAGS.timing_repeats)
   flops = p * (6.0 * p * m + 2.0 * k * k * m)
   # The (P, m) table read once per block of 64 values in each of the two

@@ -36,7 +36,7 @@ import numpy as np
 from absl import app, flags
 from tqdm import tqdm
 
-from factstore_jax import capacity, factsets, training
+from factstore_jax import capacity, factsets, provenance, training
 from factstore_jax.capacity import methods
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.sweep import ResultsTable, run_sweep
@@ -389,7 +389,8 @@ def main(argv):
                      batch_size=len(seeds), desc='capacity searches')
   plot(rows, os.path.join(FLAGS.out_dir, 'scaling.png'))
   text = summary(rows)
-  write_text(os.path.join(FLAGS.out_dir, 'summary.md'), text)
+  write_text(os.path.join(FLAGS.out_dir, 'summary.md'),
+             text + provenance.footer())
   print(text)
 
 

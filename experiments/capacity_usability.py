@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from factstore_jax import factsets, robustness, storage
+from factstore_jax import factsets, provenance, robustness, storage
 from factstore_jax.capacity import methods
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.errors import ConstructionError
@@ -324,7 +324,8 @@ def main(argv):
   plot(rows, os.path.join(FLAGS.out_dir, 'tradeoff.png'), floor)
   plot_fill(rows, os.path.join(FLAGS.out_dir, 'fill.png'))
   text = summary(rows, floor)
-  write_text(os.path.join(FLAGS.out_dir, 'summary.md'), text)
+  write_text(os.path.join(FLAGS.out_dir, 'summary.md'),
+             text + provenance.footer())
   print(text)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from absl import app, flags
 
 from factstore_jax import factsets
+from factstore_jax import provenance
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.constructions.encoder_decoder import construct
 from factstore_jax.sweep import ResultsTable, run_sweep
@@ -89,7 +90,8 @@ def main(argv):
              for n in FLAGS.sizes for s in FLAGS.seeds]
   rows = run_sweep(configs, compute, table, desc='constructions')
   plot(rows, os.path.join(FLAGS.out_dir, 'params_per_fact.png'))
-  write_text(os.path.join(FLAGS.out_dir, 'summary.md'), summary(rows))
+  write_text(os.path.join(FLAGS.out_dir, 'summary.md'),
+             summary(rows) + provenance.footer())
   print(summary(rows))
 
 

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from factstore_jax import capacity, factsets, training
+from factstore_jax import capacity, factsets, provenance, training
 from factstore_jax.capacity import methods
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.decodability import decodability
@@ -182,7 +182,8 @@ def main(argv):
                    desc='geometries')
   plot(rows, os.path.join(FLAGS.out_dir, 'rho_vs_cost.png'))
   text = summary(rows)
-  write_text(os.path.join(FLAGS.out_dir, 'summary.md'), text)
+  write_text(os.path.join(FLAGS.out_dir, 'summary.md'),
+             text + provenance.footer())
   print(text)
 
 

@@ -33,6 +33,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from factstore_jax import provenance
 from factstore_jax.capacity import methods
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.transformer.editing import harness
@@ -214,7 +215,8 @@ def main(argv):
   plot(rows, os.path.join(FLAGS.out_dir, 'editing.png'))
   text = summary(rows)
   text += f'\nWall time of this run: {time.perf_counter() - start:.0f} s.\n'
-  write_text(os.path.join(FLAGS.out_dir, 'summary.md'), text)
+  write_text(os.path.join(FLAGS.out_dir, 'summary.md'),
+             text + provenance.footer())
   print(text)
 
 

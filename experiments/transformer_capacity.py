@@ -23,7 +23,7 @@ import time
 import jax
 from absl import app, flags
 
-from factstore_jax import capacity
+from factstore_jax import capacity, provenance
 from factstore_jax.capacity import methods
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.errors import ConstructionError
@@ -155,7 +155,8 @@ def main(argv):
                    desc='capacity')
   plot(rows, os.path.join(FLAGS.out_dir, 'capacity.png'))
   text = summary(rows)
-  write_text(os.path.join(FLAGS.out_dir, 'summary.md'), text)
+  write_text(os.path.join(FLAGS.out_dir, 'summary.md'),
+             text + provenance.footer())
   print(text)
 
 

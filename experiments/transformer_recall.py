@@ -27,6 +27,7 @@ import time
 import jax
 from absl import app, flags
 
+from factstore_jax import provenance
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.sweep import ResultsTable, run_sweep
 from factstore_jax.transformer import train
@@ -155,7 +156,8 @@ def main(argv):
                    desc='recall')
   plot(rows, os.path.join(FLAGS.out_dir, 'recall.png'))
   text = summary(rows)
-  write_text(os.path.join(FLAGS.out_dir, 'summary.md'), text)
+  write_text(os.path.join(FLAGS.out_dir, 'summary.md'),
+             text + provenance.footer())
   print(text)
 
 

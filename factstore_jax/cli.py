@@ -104,7 +104,7 @@ def cmd_construct(start: float):
 def cmd_evaluate(start: float):
   """``factstore evaluate``: verify a saved MLP on a fact set."""
   import math
-  from factstore_jax import decodability as dec
+  from factstore_jax.decodability import decodability, used_values
   from factstore_jax import serialization, storage
   from factstore_jax.mlp import num_params
   if not FLAGS.mlp:
@@ -116,7 +116,7 @@ def cmd_evaluate(start: float):
     raise UsageError(f'the MLP takes d={d_model} inputs but the keys have '
                      f'd={fs.keys.shape[1]}')
   rep = storage.evaluate_fn(model, fs)
-  rho = dec.decodability(fs.values, indices=dec.used_values(fs.mapping))
+  rho = decodability(fs.values, indices=used_values(fs.mapping))
   n_params = num_params(model)
   n = fs.keys.shape[0]
   _emit(dict(
@@ -154,7 +154,9 @@ def _check_values(values, mapping=None):
 def cmd_decodability(start: float):
   """``factstore decodability``: rho of a value table."""
   import numpy as np
-  from factstore_jax import decodability as dec, factsets
+  from factstore_jax import factsets
+  from factstore_jax.decodability import (decodability, undecodable_values,
+                                          used_values)
   dtype = _dtype()
   if FLAGS.factset:
     fs = factsets.load_factset(FLAGS.factset, dtype=dtype)
@@ -167,11 +169,11 @@ def cmd_decodability(start: float):
                else factsets.load_array(FLAGS.mapping))
     _check_values(values, mapping)
     values = np.asarray(values, dtype)
-  result = dec.decodability(values)
-  scope = (dec.used_values(mapping) if mapping is not None
+  result = decodability(values)
+  scope = (used_values(mapping) if mapping is not None
            else np.arange(values.shape[0]))
   rho = np.asarray(result.rho)[scope]
-  bad = dec.undecodable_values(result, mapping)
+  bad = undecodable_values(result, mapping)
   out = dict(rho=float(rho.min()), rho_min=float(rho.min()),
              rho_mean=float(rho.mean()), num_undecodable=len(bad),
              undecodable=bad, num_values=int(values.shape[0]),

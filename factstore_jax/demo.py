@@ -7,7 +7,7 @@ import time
 import jax
 import numpy as np
 
-from factstore_jax import decodability as dec_lib
+from factstore_jax.decodability import decodability
 from factstore_jax.atomic import save_figure
 from factstore_jax import factsets, storage
 from factstore_jax.constructions.encoder_decoder import construct
@@ -44,7 +44,7 @@ def run_demo(num_facts: int = 16384, dim: int = 128, num_values: int = 1024,
                                num_values, embedding='sphere', tied=False,
                                mapping='many_to_one')
   print('  decodability of the value table ...', flush=True)
-  rho = dec_lib.decodability(fs.values)
+  rho = decodability(fs.values)
   print('  constructing the encoder-decoder MLP ...', flush=True)
   result = construct(seed, fs)
   rep = result.report

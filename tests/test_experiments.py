@@ -44,6 +44,9 @@ def test_capacity_scaling_tiny(tmp_path):
   assert 'Log-log slopes' in summary and '| isotropic | 16 | gd |' in summary
   assert '| 2/2 | cpu |' in summary
   assert '3 largest N' in summary  # a column, empty (—) with two sizes
+  # Provenance: the command line and the library commit that made it.
+  assert 'Produced by `python ' in summary and '--dims=16' in summary
+  assert 'with the library at ' in summary
   assert (tmp_path / 'scaling.png').stat().st_size > 0
   # Every tested width of every row is in rounds.jsonl.
   with open(tmp_path / 'rounds.jsonl') as f:

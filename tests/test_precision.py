@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from factstore_jax import decodability, factsets, storage, training
+from factstore_jax import factsets, storage, training
 from factstore_jax import mlp as mlp_lib
+from factstore_jax.decodability import decodability
 from factstore_jax.constructions import encoder_decoder as ed
 from factstore_jax.constructions import verify as verify_lib
 from factstore_jax.precision import full_precision
@@ -60,7 +61,7 @@ def test_construction_and_verification_are_full_precision(fs):
   assert set(_dot_precisions(build_and_verify, jax.random.key(0))) == {
       'HIGHEST'}
   assert set(_dot_precisions(
-      lambda v: decodability.decodability(v).rho, fs.values)) == {'HIGHEST'}
+      lambda v: decodability(v).rho, fs.values)) == {'HIGHEST'}
 
 
 def test_training_steps_follow_the_default_but_certificate_is_full(fs):

@@ -76,17 +76,17 @@ def test_fixed_code_dim_fails_fast(num_values, monkeypatch):
   fs = _factset(n=num_values, d=16, p=num_values, seed=1)
   config = config_lib.ConstructionConfig(code_dim=2)
   calls = []
-  real = ed.dec_lib.decodability
+  real = codes_lib.decodability
   def spy(values, **kwargs):
     calls.append(None if kwargs.get('indices') is None
                  else len(kwargs['indices']))
     return real(values, **kwargs)
-  monkeypatch.setattr(ed.dec_lib, 'decodability', spy)
+  monkeypatch.setattr(codes_lib, 'decodability', spy)
   done = []
   with pytest.raises(ed.ConstructionError, match='code_dim=2 leaves') as fast:
-    codes_lib.choose_code_dim(jax.random.key(0), fs.values, fs.mapping, config,
-                       stream_size=40,
-                       progress=lambda stage, d, total: done.append(d))
+    codes_lib.choose_code_dim(jax.random.key(0), fs.values, fs.mapping,
+                              config, stream_size=40,
+                              progress=lambda stage, d, total: done.append(d))
   assert calls == ([256] if num_values > 256 else [None])
   assert done == []  # no streamed call completed without aborting
   named = [int(i) for i in re.search(r'e\.g\. \[([^\]]*)\]',
@@ -188,12 +188,11 @@ _MULTI_DEVICE = textwrap.dedent('''
     import sys
     import jax
     import numpy as np
-    from factstore_jax import decodability as _
     from factstore_jax.constructions import encoder_decoder as ed
     import tests.test_streaming as t
 
     assert len(jax.local_devices()) == 3, jax.devices()
-    dec = sys.modules['factstore_jax.decodability']
+    from factstore_jax.decodability import decodability
     fs = t._factset(n=600, d=16, p=300)
     ed.STREAM_BUCKETS = 40  # several sharded calls, 40 = 3 * 13 + 1 buckets
     c = ed.construct(0, fs, bucket_size=6)
@@ -203,8 +202,8 @@ _MULTI_DEVICE = textwrap.dedent('''
     from factstore_jax import sharding
     with mock.patch.object(sharding, 'local_mesh',
                            lambda: sharding.batch_mesh(jax.local_devices()[:1])):
-      one = dec.decodability(fs.values, num_candidates=64)
-    split = dec.decodability(fs.values, num_candidates=64)
+      one = decodability(fs.values, num_candidates=64)
+    split = decodability(fs.values, num_candidates=64)
     np.savez(sys.argv[1], accuracy=r.accuracy, **t._saved(c),
              rho_one=one.rho, rho_split=split.rho,
              maps_device=len(c.structure.gadgets.maps.devices()))

@@ -1,6 +1,6 @@
 #!/bin/bash
 # GPU check of the library, in one call of the lent device machine (results:
-# benchmarks/results/h100/, README "On a GPU"). Part A: environment, matmul precision probe,
+# benchmarks/results/h100/, docs/benchmarks.md "On a GPU"). Part A: environment, matmul precision probe,
 # GD benchmark (fp32 default and bf16), vmapped sweep, million-fact
 # construction. Part B: roofline at full fp32 precision and the core tests.
 # Part C: the tests that failed on the GPU (one process, full tracebacks),

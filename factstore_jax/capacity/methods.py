@@ -1,16 +1,16 @@
 """Capacity methods: each has one integer width knob, a parameter count, and a
 storage evaluation batched over (fact set, width) members.
 
-=====================  ==============  ==========================================
-method                 knob            parameters (every array as built)
-=====================  ==============  ==========================================
-``encoder_decoder``    code dim ``m``  closed form (:func:`construct`), report
-``encoder_decoder_gd`` hidden ``h``    ``2dh + h + hm + dm`` (decoder fixed)
-``gd``                 hidden ``h``    ``3dh`` (identity gate, no biases)
-``ntk``                hidden ``m``    ``3dm``
-``hebbian_ridge``      hidden ``m``    ``3dm``
-``hebbian_data``       hidden ``m``    ``3dm``
-=====================  ==============  ==========================================
+======================  ==============  ==========================================
+method                  knob            parameters (every array as built)
+======================  ==============  ==========================================
+``encoder_decoder``     code dim ``m``  closed form (:func:`construct`), report
+``encoder_decoder_gd``  hidden ``h``    ``2dh + h + hm + dm`` (decoder fixed)
+``gd``                  hidden ``h``    ``3dh`` (identity gate, no biases)
+``ntk``                 hidden ``m``    ``3dm``
+``hebbian_ridge``       hidden ``m``    ``3dm``
+``hebbian_data``        hidden ``m``    ``3dm``
+======================  ==============  ==========================================
 
 Batched methods train or build every member of a round in one ``vmap``-ed
 program (widths masked up to the round's largest, rounded up to a multiple

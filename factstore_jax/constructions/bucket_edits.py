@@ -594,8 +594,8 @@ def edit(construction: ed.Construction, factset: FactSet, changes, *,
   Raises:
     FactStoreError: bad input (names it), before any work.
     ConstructionError: the edit cannot be done bucket-locally (a new value
-    not decodable after projection or outscoring used codes, a bucket
-    that cannot be re-solved); rebuild with :func:`construct`.
+      not decodable after projection or outscoring used codes, a bucket
+      that cannot be re-solved); rebuild with :func:`construct`.
   """
   start = time.perf_counter()
   structure, keys_np, values_np, mapping_np = _check_inputs(construction,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from factstore_jax import decodability as dec_lib
+from factstore_jax.decodability import decodability, used_values
 from factstore_jax.constructions import decoders
 from factstore_jax.errors import ConstructionError, InfeasibleFactSetError
 from factstore_jax.precision import full_precision
@@ -35,7 +35,7 @@ def value_codes(values: Array, decoder: Array, *, tol: float = 1e-3,
   :func:`~factstore_jax.decodability.decodability`; returns ``None`` if
   ``abort`` stopped it.
   """
-  result = dec_lib.decodability(decoders.project_values(values, decoder),
+  result = decodability(decoders.project_values(values, decoder),
                                 tol=tol, floor=floor, indices=indices,
                                 **stream)
   if result is None:
@@ -94,7 +94,7 @@ def choose_code_dim(key: Array, values: Array, mapping, config:
   some used value is not decodable even with the identity decoder.
   """
   dim = values.shape[1]
-  used = dec_lib.used_values(mapping)
+  used = used_values(mapping)
   dims = code_dims(config, dim)
   probe = np.random.default_rng(0).permutation(used)[:256]
   is_used = np.zeros(values.shape[0], bool)
@@ -117,7 +117,7 @@ def choose_code_dim(key: Array, values: Array, mapping, config:
     t0 = time.perf_counter()
     if m < dim and len(probe) < len(used):
       # A random sample of used values rejects a too-small m cheaply.
-      part = dec_lib.decodability(decoders.project_values(values, decoder),
+      part = decodability(decoders.project_values(values, decoder),
                                   tol=config.tol, floor=floor, indices=probe)
       bad_probe = certified(probe, part, floor)
       if len(bad_probe) > min(budget, _probe_limit(config, len(probe))):
@@ -183,7 +183,7 @@ def patch_stragglers(values: Array, decoder: Array, codes: Array, rho: Array,
     space.
   """
   stragglers = np.asarray(stragglers, np.int64)
-  full = dec_lib.decodability(values, tol=tol, indices=stragglers)
+  full = decodability(values, tol=tol, indices=stragglers)
   bad = stragglers[np.asarray(full.rho) <= 0]
   if len(bad):
     raise InfeasibleFactSetError(bad)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from factstore_jax import decodability as dec_lib
+from factstore_jax.decodability import used_values
 from factstore_jax import storage
 from factstore_jax.constructions import gadgets
 from factstore_jax.errors import ConstructionError, InfeasibleFactSetError
@@ -241,7 +241,7 @@ def construct(key: Array | int, factset: FactSet,
       progress=progress)
   _, k_dir = jax.random.split(key)
   decoder = construction_decoder(key, dim, code_dim, keys.dtype)
-  used = dec_lib.used_values(mapping)
+  used = used_values(mapping)
   if len(stragglers):
     decoder, codes, rho = patch_stragglers(values, decoder, codes, rho,
                                            stragglers, tol=config.tol)
