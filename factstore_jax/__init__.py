@@ -11,13 +11,16 @@ Note that ``factstore_jax.decodability`` is the *function* here: import the
 module's other names with ``from factstore_jax.decodability import ...``.
 """
 
-from factstore_jax.constructions.editing import (Delete, EditReport, Insert,
-                                                 Update, edit)
+from factstore_jax.baselines.hebbian import hebbian_mlp
+from factstore_jax.baselines.ntk import ntk_mlp
+from factstore_jax.capacity.methods import (Built, Capacity, MethodOptions,
+                                            build_mlp, find_capacity,
+                                            smallest_mlp)
+from factstore_jax.constructions.bucket_edits import (Delete, EditReport,
+                                                      Insert, Update, edit)
 from factstore_jax.constructions.encoder_decoder import (
     Construction, ConstructionConfig, ConstructionReport, FixedConstruction,
     construct, construct_batched, construct_fixed)
-from factstore_jax.constructions.hebbian import hebbian_mlp
-from factstore_jax.constructions.ntk import ntk_mlp
 from factstore_jax.decodability import (Decodability, decodability,
                                         undecodable_values, used_values)
 from factstore_jax.errors import (ConstructionError, FactStoreError,
@@ -25,8 +28,6 @@ from factstore_jax.errors import (ConstructionError, FactStoreError,
 from factstore_jax.factsets import (FactSet, load_factset, make_factset,
                                     random_factset, save_factset,
                                     stack_factsets)
-from factstore_jax.methods import (Built, Capacity, MethodOptions, build_mlp,
-                                   find_capacity, smallest_mlp)
 from factstore_jax.mlp import EncoderDecoder, GatedMLP, GatedMLPModule, num_params
 from factstore_jax.serialization import load_model, save_model
 from factstore_jax.storage import (StorageReport, evaluate_fn, evaluate_mlp,
@@ -38,10 +39,11 @@ from factstore_jax.training import (TrainConfig, TrainResult, finetune,
 __version__ = '0.1.0'
 
 __all__ = [
-    'BatchedConstruction', 'Built', 'Capacity', 'Construction',
+    'Built', 'Capacity', 'Construction',
     'ConstructionConfig', 'ConstructionError', 'ConstructionReport',
     'Decodability', 'Delete', 'EditReport', 'EncoderDecoder', 'FactSet',
-    'FactStoreError', 'GatedMLP', 'GatedMLPModule', 'InfeasibleFactSetError',
+    'FactStoreError', 'FixedConstruction', 'GatedMLP', 'GatedMLPModule',
+    'InfeasibleFactSetError',
     'Insert', 'MethodOptions', 'StorageReport', 'TrainConfig', 'TrainResult',
     'Update', 'build_mlp', 'construct', 'construct_batched', 'construct_fixed',
     'decodability', 'edit', 'evaluate_fn', 'evaluate_mlp', 'evaluate_outputs',
