@@ -83,11 +83,14 @@ class _Round(NamedTuple):
 
 
 def _pairwise_frank_wolfe(q: Array, lam: Array, tol: float,
-                          max_steps: int) -> Array:
+                          max_steps: int, stop: float = 0.0) -> Array:
   """Min of ``lam^T q lam`` over the simplex, from ``lam`` (one problem).
 
   ``q (K, K)`` is a Gram matrix of unit vectors. Stops when the Frank-Wolfe
-  gap, in rho units (``gap / ||x||``), is below ``tol``. Each step moves
+  gap, in rho units (``gap / ||x||``), is below ``tol``, or when the point's
+  norm ``||x||`` (an upper bound on rho) is at or below ``stop``: a value
+  whose rho lies below the floor needs no better point (for a value whose
+  origin is in the hull the relative gap never closes). Each step moves
   weight from the worst held point to the best point and updates
   ``q lam`` from two columns of ``q`` (no ``K x K`` product per step).
   """
@@ -99,7 +102,9 @@ def _pairwise_frank_wolfe(q: Array, lam: Array, tol: float,
 
   def cond(state):
     t, lam, qlam = state
-    return (t < max_steps) & (gap_of(lam, qlam) > tol)
+    sq = jnp.maximum(jnp.sum(lam * qlam), 0.0)
+    return (t < max_steps) & (gap_of(lam, qlam) > tol) & (
+        sq > stop * stop)
 
   def body(state):
     t, lam, qlam = state
@@ -228,7 +233,7 @@ def _solve_block(table: _Table, own: Array, *, num_candidates: int,
     def body(state):
       t, act, lam, _ = state
       wa = w[act]
-      lam = _pairwise_frank_wolfe(wa @ wa.T, lam, tol / 2, max_inner)
+      lam = _pairwise_frank_wolfe(wa @ wa.T, lam, tol / 2, max_inner, stop)
       x = lam @ wa
       dual = jnp.linalg.norm(x)
       s = w @ x
