@@ -77,7 +77,7 @@ class ApplyTest(chex.TestCase):
     chex.assert_trees_all_close(out[1, 2], single, atol=1e-6, rtol=1e-6)
 
   def test_default_out_dim_is_dim(self):
-    params = M.init_mlp(jax.random.PRNGKey(0), D, H)
+    params = M.init_mlp(jax.random.PRNGKey(0), D, H, activation='relu', gate_bias=True)
     chex.assert_shape(params.w_down, (H, D))
     chex.assert_shape(params(jnp.ones((3, D))), (3, D))
     self.assertEqual(params.hidden_dim, H)

@@ -181,7 +181,7 @@ class RandomTest(chex.TestCase):
 
   def test_bad_compute_dtype(self):
     _, values, mapping = _random_problem(d=8)
-    params = M.init_mlp(jax.random.PRNGKey(4), 8, 4)
+    params = M.init_mlp(jax.random.PRNGKey(4), 8, 4, activation='relu', gate_bias=True)
     with self.assertRaisesRegex(ValueError, r"compute_dtype must be None.*'int8'"):
       storage.evaluate_mlp(params, F.FactSet(jnp.zeros((100, 8)), values, mapping),
                            compute_dtype='int8')

@@ -94,8 +94,9 @@ def test_fixed_code_dim_fails_fast(num_values, monkeypatch):
   # Every value named early is undecodable in the full solve too.
   rho = real(decoders.project_values(
       fs.values, decoders.jl_decoder(jax.random.split(jax.random.key(0))[0],
-                                        16, 2, fs.values.dtype))).rho
-  assert named and all(float(rho[i]) <= 0 for i in named)
+                                     16, 2, fs.values.dtype)),
+             indices=np.asarray(named)).rho
+  assert named and all(float(r) <= 0 for r in rho)
 
 
 def test_streamed_bucket_solves_equal_one_call():

@@ -337,7 +337,7 @@ def _forward_ref(model, tokens):
 
 def _random_model(vocab, with_mlp=True, **config):
   """A model whose every weight is random (W_v, W_o, norm scale too)."""
-  mlp = (mlp_lib.init_mlp(jax.random.key(20), D, 8) if with_mlp else None)
+  mlp = (mlp_lib.init_mlp(jax.random.key(20), D, 8, activation='relu', gate_bias=True) if with_mlp else None)
   model = _model(vocab, mlp, **config)
   keys = jax.random.split(jax.random.key(21), 3)
   model.w_v[...] = jnp.eye(D) + 0.3 * jax.random.normal(keys[0], (D, D))
@@ -454,7 +454,7 @@ class ModelTest(chex.TestCase):
     ident = model_lib.as_mlp_module(None)
     self.assertIsInstance(ident, model_lib.IdentityMLP)
     np.testing.assert_array_equal(ident(x), x)
-    params = mlp_lib.init_mlp(jax.random.key(1), D, 8)
+    params = mlp_lib.init_mlp(jax.random.key(1), D, 8, activation='relu', gate_bias=True)
     module = model_lib.as_mlp_module(params)
     self.assertIsInstance(module, mlp_lib.GatedMLPModule)
     np.testing.assert_allclose(module(x), params(x),
@@ -477,7 +477,7 @@ class ModelTest(chex.TestCase):
     model = _random_model(vocab, with_mlp=False)
     tokens = _tokens(vocab)
     before, state = model(tokens), _leaves(model)
-    model.swap_mlp(mlp_lib.init_mlp(jax.random.key(1), D, 8))
+    model.swap_mlp(mlp_lib.init_mlp(jax.random.key(1), D, 8, activation='relu', gate_bias=True))
     self.assertIsInstance(model.mlp, mlp_lib.GatedMLPModule)
     self.assertFalse(np.allclose(model(tokens), before))
     after = _leaves(model)
@@ -490,7 +490,7 @@ class ModelTest(chex.TestCase):
 
   def test_group_filter(self):
     vocab = _vocab()
-    model = _model(vocab, mlp_lib.init_mlp(jax.random.key(1), D, 8),
+    model = _model(vocab, mlp_lib.init_mlp(jax.random.key(1), D, 8, activation='relu', gate_bias=True),
                    norm='rms')
     selected = lambda groups: set(_named(
         nnx.state(model, model_lib.group_filter(groups))))
@@ -535,7 +535,7 @@ _MLP_NAMES = {'mlp/w_gate', 'mlp/w_up', 'mlp/w_down', 'mlp/b_gate'}
 def _tiny_run(groups, seed):
   """``train`` on key copy with TINY: (variables before, after, report)."""
   vocab = _vocab()
-  model = _model(vocab, mlp_lib.init_mlp(jax.random.key(1), D, 8),
+  model = _model(vocab, mlp_lib.init_mlp(jax.random.key(1), D, 8, activation='relu', gate_bias=True),
                  norm='rms')
   before = _leaves(model)
   report = train_lib.train(model, jax.random.key(seed), vocab,
@@ -571,7 +571,7 @@ class TrainTest(chex.TestCase):
   def test_deterministic(self):
     before, first, report = _tiny_run(('qk',), 0)
     vocab = _vocab()
-    model = _model(vocab, mlp_lib.init_mlp(jax.random.key(1), D, 8),
+    model = _model(vocab, mlp_lib.init_mlp(jax.random.key(1), D, 8, activation='relu', gate_bias=True),
                    norm='rms')
     chex.assert_trees_all_equal(_leaves(model), before)
     again = train_lib.train(model, jax.random.key(0), vocab,
@@ -628,7 +628,7 @@ class TrainTest(chex.TestCase):
     vocab = _vocab()
     model = _model(vocab)
     state = _leaves(model)
-    mlp = mlp_lib.init_mlp(jax.random.key(1), D, 8)
+    mlp = mlp_lib.init_mlp(jax.random.key(1), D, 8, activation='relu', gate_bias=True)
     targets = data.copy_targets(vocab)
     for groups in (('mlp',), ('qk', 'mlp')):
       config = dataclasses.replace(TINY, groups=groups)
