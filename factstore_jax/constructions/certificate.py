@@ -25,9 +25,10 @@ instead (docs/design.md, "Certificate"):
    (``A_o`` the prefix sum of ``|M_j - M_{j-1}|``), whatever the summation
    order: the *worst-case* allowance. It grows like ``o^2 u`` and exceeds
    the margins beyond ~10^5 facts (docs/design.md gives the measurements);
-   then the allowance is *sampled*: ``SAMPLED_SAFETY`` times the largest
-   float32-vs-exact code deviation of the dense model on the keys of the top
-   buckets (the longest sums) and a uniform sample. That one is a measured
+   then the allowance is *sampled*: a Euclidean ball of ``SAMPLED_SAFETY``
+   times the largest float32-vs-exact code deviation ``|dense - exact|_2``
+   of the dense model on the keys of the top buckets (the longest sums) and
+   a uniform sample. That one is a measured
    bound, not a proof, and the certificate says which one it used.
 4. **Values.** Once per used value ``f``: ``G_f = min_{j != f} <c_f, w_f -
    w_j>`` over the projected table ``w = V D`` (float32 matmuls, with
@@ -81,7 +82,7 @@ class Certificate(NamedTuple):
   step_slack: float         # min distance of t from a ramp, minus kappa
   float32_bound: str        # 'worst-case' (any order) or 'sampled'
   float32_worst_case: float   # max worst-case float32 code allowance
-  float32_sampled: float      # max measured float32 code deviation
+  float32_sampled: float      # max measured |dense - exact code|_2
   exact_code_error: float     # max exact-arithmetic code error bound
 
   @property
@@ -240,30 +241,34 @@ def _value_bounds(values, decoder, codes, used, k: int, u: float = U32,
 
 
 def _key_margins(code, bound, f, slot, codes, vals: _Values, decoder_norms,
-                 u: float = U32):
+                 u: float = U32, radius=0.0):
   """Margin lower bounds of keys with exact-arithmetic codes ``code (b, m)``
   (computed in float64) whose dense float32 codes lie within ``bound (b,
-  m)`` of them. Returns ``(lower (b,), |g(x)| upper (b,), code bound (b,))``.
+  m)`` of them per coordinate plus an extra Euclidean ``radius`` (a scalar
+  or ``(b,)``). Returns ``(lower (b,), |g(x)| upper (b,), code bound (b,))``.
   """
   d_spec, d_frob, m, dim = decoder_norms
+  radius = np.broadcast_to(np.asarray(radius, np.float64), (len(f),))
   cf = codes[f]                                             # (b, m)
   wf = vals.w[f]                                            # (b, m)
   diff = wf[:, None, :] - vals.w[vals.rivals[slot]]         # (b, K, m)
-  c_norm = np.linalg.norm(code, axis=1) + np.linalg.norm(bound, axis=1)
+  c_norm = np.linalg.norm(code, axis=1) + np.linalg.norm(bound, axis=1) + \
+      radius
   near = (np.einsum('bm,bkm->bk', code, diff)
           - np.einsum('bm,bkm->bk', bound, np.abs(diff))
+          - radius[:, None] * np.linalg.norm(diff, axis=2)
           - float(gamma(m + 1, U64)) * np.einsum('bm,bkm->bk', np.abs(code),
                                                  np.abs(diff))
           - (2 * vals.ew * c_norm)[:, None])
   near = near.min(axis=1) if near.shape[1] else np.full(len(f), np.inf)
   full = np.abs(code - cf) + bound                          # vs c_f
-  far = vals.rest[slot] - np.linalg.norm(full, axis=1) * (vals.wn[f] +
-                                                          vals.wmax)
+  far = vals.rest[slot] - (np.linalg.norm(full, axis=1) + radius) * (
+      vals.wn[f] + vals.wmax)
   dy = float(gamma(m, u)) * d_frob * c_norm
   y_norm = d_spec * c_norm + dy
   lower = (np.minimum(near, far) - dy * (vals.vn[f] + vals.vmax)
            - (2 * float(gamma(dim, u)) + 2 * u) * y_norm * vals.vmax * 1.01)
-  return lower, y_norm, full.max(axis=1)
+  return lower, y_norm, full.max(axis=1) + radius
 
 
 def certify(parts, model, assembled, keys, values, mapping, codes, *,
@@ -361,8 +366,9 @@ def certify(parts, model, assembled, keys, values, mapping, codes, *,
     for r, c, e in zip(rows, code, err):
       exact_s[int(r)] = (c, e)
   dense = np.asarray(_encode(model, jnp.asarray(keys_np[sample])), np.float64)
-  sampled = max((float(np.max(np.abs(dense[i] - exact_s[int(r)][0]) +
-                              exact_s[int(r)][1]))
+  # The Euclidean norm of the deviation: a per-coordinate maximum applied to
+  # every coordinate would cost a factor up to sqrt(m) more.
+  sampled = max((float(np.linalg.norm(dense[i] - exact_s[int(r)][0]))
                  for i, r in enumerate(sample)), default=0.0)
 
   margins = {'worst-case': np.empty(n_keys), 'sampled': np.empty(n_keys)}
@@ -375,10 +381,11 @@ def certify(parts, model, assembled, keys, values, mapping, codes, *,
     worst_max = max(worst_max, float(worst.max()))
     f, slot = mapping_np[rows], slot_of[rows]
     exact_err = max(exact_err, float(np.max(np.abs(code - codes_np[f]) + err)))
-    for kind, allowance in (('worst-case', worst),
-                            ('sampled', SAMPLED_SAFETY * sampled)):
+    for kind, allowance, radius in (
+        ('worst-case', worst, 0.0),
+        ('sampled', 0.0, SAMPLED_SAFETY * sampled)):
       lower, y_norm, cb = _key_margins(code, err + allowance, f, slot,
-                                       codes_np, vals, norms, u)
+                                       codes_np, vals, norms, u, radius)
       margins[kind][rows], y_norms[kind][rows] = lower, y_norm
       code_bounds[kind][rows] = cb
     if progress is not None and (o + 1) % 256 == 0:
