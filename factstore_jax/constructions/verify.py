@@ -205,9 +205,12 @@ def check_construction(parts: Gadgets, model: EncoderDecoder, factset, codes,
         lambda done, total: progress('certify', done, total))
     if float(check.storage.min_margin) > 0:
       return check, 'certificate', cert.float32_bound
-    logging.info('certificate: min margin %.3g (float32 bound %s); running '
-                 'the dense check', float(check.storage.min_margin),
-                 cert.float32_bound)
+    logging.info('certificate: min margin %.3g (float32 bound %s; exact code '
+                 'error %.3g, sampled float32 deviation %.3g, worst-case '
+                 'allowance %.3g, step slack %.3g); running the dense check',
+                 float(check.storage.min_margin), cert.float32_bound,
+                 cert.exact_code_error, cert.float32_sampled,
+                 cert.float32_worst_case, cert.step_slack)
   if model.activation == 'clipped':
     check, _, _ = verify_structured_streamed(
         parts, model, factset, codes, stream_size=STREAM_KEYS,
