@@ -159,21 +159,36 @@ def run_grid(out_dir: str, num_processes: int, env: dict) -> dict:
     extra = [[f'--coordinator_address={address}',
               f'--num_processes={num_processes}', f'--process_id={i}']
              for i in range(num_processes)]
+  logs = [open(os.path.join(os.path.dirname(out_dir),
+                            f'{os.path.basename(out_dir)}.{i}.log'), 'w+')
+          for i in range(num_processes)]
   load0, cpu0 = _loadavg(), _cpu_seconds()
   t0 = time.perf_counter()
   procs = [subprocess.Popen(
       ['taskset', '-c', FLAGS.mp_cores[i], sys.executable, script,
        f'--out_dir={out_dir}', *shlex.split(FLAGS.mp_grid), *extra[i]],
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+      stdout=subprocess.DEVNULL, stderr=logs[i], env=env)
            for i in range(num_processes)]
-  errors = [p.communicate()[1] for p in procs]
+  # Reaped one at a time: each one's CPU seconds (RUSAGE_CHILDREN counts
+  # reaped children only).
+  process_cpu = []
+  for p in procs:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    p.wait()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    process_cpu.append(after.ru_utime + after.ru_stime - before.ru_utime -
+                       before.ru_stime)
   seconds = time.perf_counter() - t0
   cpu1 = _cpu_seconds()
-  for p, err in zip(procs, errors):
+  for p, log in zip(procs, logs):
+    log.seek(0)
+    err = log.read()
+    log.close()
     if p.returncode:
       raise RuntimeError(f'capacity_scaling.py exited {p.returncode}: '
                          f'{err[-2000:]}')
-  out = dict(seconds=seconds, loadavg_before=load0, loadavg_after=_loadavg())
+  out = dict(seconds=seconds, process_cpu_seconds=process_cpu,
+             loadavg_before=load0, loadavg_after=_loadavg())
   if cpu0 and cpu1:
     ours = cpu1[1] - cpu0[1]
     foreign = max(0.0, (cpu1[0] - cpu0[0]) - ours)
@@ -207,6 +222,10 @@ def multiprocess() -> None:
   out = dict(grid=shlex.split(FLAGS.mp_grid), cores=FLAGS.mp_cores[:2],
              compilation_cache=False, one_process=one,
              two_processes=two, speedup=one['seconds'] / two['seconds'],
+             # Each process is pinned to one core and CPU-bound: on a quiet
+             # machine its wall time is about its CPU time.
+             cpu_bound_speedup=(one['process_cpu_seconds'][0] /
+                                max(two['process_cpu_seconds'])),
              rows=len(rows_one), rows_identical=same,
              machine=common.machine_info(),
              note=('foreign_cores: cores busy with other processes during '
@@ -216,7 +235,8 @@ def multiprocess() -> None:
   print(f"capacity_scaling {FLAGS.mp_grid}: 1 process on core "
         f"{FLAGS.mp_cores[0]} {one['seconds']:.1f} s, 2 processes on cores "
         f"{','.join(FLAGS.mp_cores[:2])} {two['seconds']:.1f} s: "
-        f"{out['speedup']:.2f}x; rows identical: {same} ({len(rows_one)} "
+        f"{out['speedup']:.2f}x (CPU seconds of the slowest process: "
+        f"{out['cpu_bound_speedup']:.2f}x); rows identical: {same} ({len(rows_one)} "
         f"rows); other processes used {one.get('foreign_cores', float('nan')):.2f}"
         f" / {two.get('foreign_cores', float('nan')):.2f} cores meanwhile",
         flush=True)
