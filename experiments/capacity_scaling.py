@@ -36,7 +36,7 @@ import numpy as np
 from absl import app, flags
 from tqdm import tqdm
 
-from factstore_jax import capacity, factsets, provenance, training
+from factstore_jax import capacity, distributed, factsets, provenance, training
 from factstore_jax.capacity import methods
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.sweep import ResultsTable, run_sweep
@@ -68,6 +68,7 @@ flags.DEFINE_bool('summarize_only', False,
                   'already in rows.csv (e.g. while a sweep still runs).')
 flags.DEFINE_string('out_dir', 'experiments/results/capacity_scaling',
                     'Output folder.')
+distributed.define_flags()
 FLAGS = flags.FLAGS
 
 KEY_FIELDS = ('geometry', 'dim', 'num_facts', 'method', 'seed')
@@ -366,6 +367,7 @@ def gap_row(rows, geometry: str, dim: int) -> str:
 
 def main(argv):
   del argv
+  distributed.initialize_from_flags()
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   options = methods.MethodOptions(train=training.TrainConfig(
       learning_rate=FLAGS.learning_rate, max_steps=FLAGS.max_steps,
@@ -386,7 +388,12 @@ def main(argv):
       raise app.UsageError(f'No finished grid point in {table.path}.')
   else:
     rows = run_sweep(configs, lambda g: compute(g, options), table,
-                     batch_size=len(seeds), desc='capacity searches')
+                     batch_size=len(seeds), desc='capacity searches',
+                     merge_only=FLAGS.merge_only)
+    if not rows:
+      raise app.UsageError(f'No finished grid point in {table.path}.')
+  if not distributed.is_main_process():
+    return
   plot(rows, os.path.join(FLAGS.out_dir, 'scaling.png'))
   text = summary(rows)
   write_text(os.path.join(FLAGS.out_dir, 'summary.md'),

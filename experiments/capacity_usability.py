@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from factstore_jax import factsets, provenance, robustness, storage
+from factstore_jax import distributed, factsets, provenance, robustness, storage
 from factstore_jax.capacity import methods
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.errors import ConstructionError
@@ -69,6 +69,7 @@ flags.DEFINE_float('rel_tol', 0.1, 'Relative bracket of the W* searches.')
 flags.DEFINE_integer('num_directions', 8, 'Directions per key (radius).')
 flags.DEFINE_string('out_dir', 'experiments/results/capacity_usability',
                     'Output folder.')
+distributed.define_flags()
 FLAGS = flags.FLAGS
 
 KEY_FIELDS = ('method', 'whitened', 'knob')
@@ -316,10 +317,14 @@ def summary(rows, floor) -> str:
 
 def main(argv):
   del argv
+  distributed.initialize_from_flags()
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   table = ResultsTable(os.path.join(FLAGS.out_dir, 'rows.csv'), KEY_FIELDS)
   rows = run_sweep(configs(), lambda g: [compute_one(c) for c in g], table,
-                   desc='knobs')
+                   desc='knobs',
+                   merge_only=FLAGS.merge_only)
+  if not distributed.is_main_process():
+    return
   floor = setup()[3]
   plot(rows, os.path.join(FLAGS.out_dir, 'tradeoff.png'), floor)
   plot_fill(rows, os.path.join(FLAGS.out_dir, 'fill.png'))

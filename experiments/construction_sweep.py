@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from factstore_jax import distributed
 from factstore_jax import factsets
 from factstore_jax import provenance
 from factstore_jax.atomic import save_figure, write_text
@@ -29,6 +30,7 @@ flags.DEFINE_integer('num_values', 512, 'Value-table size P.')
 flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (fact set and construction).')
 flags.DEFINE_string('out_dir', 'experiments/results/construction_sweep',
                     'Output folder.')
+distributed.define_flags()
 FLAGS = flags.FLAGS
 
 FIELDS = ('num_facts', 'seed', 'dim', 'num_values', 'code_dim', 'bucket_size',
@@ -82,13 +84,17 @@ def compute(group: list[dict]) -> list[dict]:
 
 def main(argv):
   del argv
+  distributed.initialize_from_flags()
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   table = ResultsTable(os.path.join(FLAGS.out_dir, 'rows.csv'),
                        ('num_facts', 'seed', 'dim', 'num_values'))
   configs = [dict(num_facts=int(n), seed=int(s), dim=FLAGS.dim,
                   num_values=FLAGS.num_values)
              for n in FLAGS.sizes for s in FLAGS.seeds]
-  rows = run_sweep(configs, compute, table, desc='constructions')
+  rows = run_sweep(configs, compute, table, desc='constructions',
+                   merge_only=FLAGS.merge_only)
+  if not distributed.is_main_process():
+    return
   plot(rows, os.path.join(FLAGS.out_dir, 'params_per_fact.png'))
   write_text(os.path.join(FLAGS.out_dir, 'summary.md'),
              summary(rows) + provenance.footer())

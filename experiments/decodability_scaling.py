@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from factstore_jax import capacity, factsets, provenance, training
+from factstore_jax import capacity, distributed, factsets, provenance, training
 from factstore_jax.capacity import methods
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.decodability import decodability
@@ -52,6 +52,7 @@ flags.DEFINE_integer('max_steps', 10_000, 'GD step budget.')
 flags.DEFINE_float('rel_tol', 0.05, 'Relative bracket of the W* search.')
 flags.DEFINE_string('out_dir', 'experiments/results/decodability_scaling',
                     'Output folder.')
+distributed.define_flags()
 FLAGS = flags.FLAGS
 
 KEY_FIELDS = ('geometry', 'dim', 'num_facts', 'method', 'seed')
@@ -170,6 +171,7 @@ def summary(rows) -> str:
 
 def main(argv):
   del argv
+  distributed.initialize_from_flags()
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   options = methods.MethodOptions(
       train=training.TrainConfig(max_steps=FLAGS.max_steps))
@@ -179,7 +181,10 @@ def main(argv):
              for s in FLAGS.seeds]
   table = ResultsTable(os.path.join(FLAGS.out_dir, 'rows.csv'), KEY_FIELDS)
   rows = run_sweep(configs, lambda g: compute(g, options), table,
-                   desc='geometries')
+                   desc='geometries',
+                   merge_only=FLAGS.merge_only)
+  if not distributed.is_main_process():
+    return
   plot(rows, os.path.join(FLAGS.out_dir, 'rho_vs_cost.png'))
   text = summary(rows)
   write_text(os.path.join(FLAGS.out_dir, 'summary.md'),

@@ -33,12 +33,12 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from factstore_jax import provenance
+from factstore_jax import distributed, provenance
 from factstore_jax.capacity import methods
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.transformer.editing import harness
 from factstore_jax.transformer.editing import relation as rel_lib
-from factstore_jax.sweep import ResultsTable, run_sweep
+from factstore_jax.sweep import ResultsTable, process_table, run_sweep
 
 flags.DEFINE_integer('num_facts', 1024, 'Facts (subjects) N.')
 flags.DEFINE_integer('num_objects', 64, 'Objects M.')
@@ -60,6 +60,7 @@ flags.DEFINE_float('max_ppl_ratio', 1.05,
 flags.DEFINE_integer('seed', 0, 'Seed.')
 flags.DEFINE_string('out_dir', 'experiments/results/fact_editing',
                     'Output folder.')
+distributed.define_flags()
 FLAGS = flags.FLAGS
 
 KEY_FIELDS = ('method', 'fraction', 'seed')
@@ -199,6 +200,7 @@ def summary(rows) -> str:
 
 def main(argv):
   del argv
+  distributed.initialize_from_flags()
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   for m in FLAGS.methods:
     if m not in harness.METHODS:
@@ -207,11 +209,15 @@ def main(argv):
   configs = [dict(method=m, fraction=float(f), seed=FLAGS.seed)
              for f in FLAGS.fractions for m in FLAGS.methods]
   table = ResultsTable(os.path.join(FLAGS.out_dir, 'rows.csv'), KEY_FIELDS)
-  grid_table = ResultsTable(os.path.join(FLAGS.out_dir, 'grid.csv'),
-                            KEY_FIELDS + ('config',))
+  # Under jax.distributed, each process logs its trials to grid.p<i>.csv.
+  grid_table = process_table(os.path.join(FLAGS.out_dir, 'grid.csv'),
+                             KEY_FIELDS + ('config',))
   rows = run_sweep(configs,
                    lambda g: [compute_one(c, grid_table) for c in g], table,
-                   desc='fact editing')
+                   desc='fact editing',
+                   merge_only=FLAGS.merge_only)
+  if not distributed.is_main_process():
+    return
   plot(rows, os.path.join(FLAGS.out_dir, 'editing.png'))
   text = summary(rows)
   text += f'\nWall time of this run: {time.perf_counter() - start:.0f} s.\n'

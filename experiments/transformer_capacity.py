@@ -23,7 +23,7 @@ import time
 import jax
 from absl import app, flags
 
-from factstore_jax import capacity, provenance
+from factstore_jax import capacity, distributed, provenance
 from factstore_jax.capacity import methods
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.errors import ConstructionError
@@ -45,6 +45,7 @@ flags.DEFINE_integer('mlp_steps', 10_000, 'GD step budget of the fact MLPs.')
 flags.DEFINE_float('rel_tol', 0.1, 'Relative bracket of both searches.')
 flags.DEFINE_string('out_dir', 'experiments/results/transformer_capacity',
                     'Output folder.')
+distributed.define_flags()
 FLAGS = flags.FLAGS
 
 KEY_FIELDS = ('method', 'dim', 'num_facts', 'seed')
@@ -146,13 +147,17 @@ def summary(rows) -> str:
 
 def main(argv):
   del argv
+  distributed.initialize_from_flags()
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   configs = [dict(method=m, dim=FLAGS.dim, num_facts=int(n), seed=int(s))
              for n in FLAGS.num_facts for s in FLAGS.seeds
              for m in FLAGS.methods]
   table = ResultsTable(os.path.join(FLAGS.out_dir, 'rows.csv'), KEY_FIELDS)
   rows = run_sweep(configs, lambda g: [compute_one(c) for c in g], table,
-                   desc='capacity')
+                   desc='capacity',
+                   merge_only=FLAGS.merge_only)
+  if not distributed.is_main_process():
+    return
   plot(rows, os.path.join(FLAGS.out_dir, 'capacity.png'))
   text = summary(rows)
   write_text(os.path.join(FLAGS.out_dir, 'summary.md'),

@@ -27,7 +27,7 @@ import time
 import jax
 from absl import app, flags
 
-from factstore_jax import provenance
+from factstore_jax import distributed, provenance
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.sweep import ResultsTable, run_sweep
 from factstore_jax.transformer import train
@@ -49,6 +49,7 @@ flags.DEFINE_integer('mlp_steps', 10_000, 'GD step budget of the fact MLPs.')
 flags.DEFINE_float('rel_tol', 0.1, 'Relative bracket of the W* searches.')
 flags.DEFINE_string('out_dir', 'experiments/results/transformer_recall',
                     'Output folder.')
+distributed.define_flags()
 FLAGS = flags.FLAGS
 
 KEY_FIELDS = ('method', 'dim', 'num_facts', 'seed', 'schedule', 'swap')
@@ -145,6 +146,7 @@ def summary(rows) -> str:
 
 def main(argv):
   del argv
+  distributed.initialize_from_flags()
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   configs = [dict(method=m, dim=int(d), num_facts=int(n), seed=int(s),
                   schedule=sc, swap=sw)
@@ -153,7 +155,10 @@ def main(argv):
              for sc in FLAGS.schedules for sw in (False, True)]
   table = ResultsTable(os.path.join(FLAGS.out_dir, 'rows.csv'), KEY_FIELDS)
   rows = run_sweep(configs, lambda g: [compute_one(c) for c in g], table,
-                   desc='recall')
+                   desc='recall',
+                   merge_only=FLAGS.merge_only)
+  if not distributed.is_main_process():
+    return
   plot(rows, os.path.join(FLAGS.out_dir, 'recall.png'))
   text = summary(rows)
   write_text(os.path.join(FLAGS.out_dir, 'summary.md'),

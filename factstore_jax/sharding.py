@@ -1,8 +1,8 @@
 """Splitting batched work over devices with ``jax.sharding``.
 
 * :func:`map_batched` maps a one-item function over a stacked batch (fact
-  sets x seeds), the batch axis sharded over all devices; results equal the
-  unsharded ``jax.vmap``.
+  sets x seeds), the batch axis sharded over this process's devices (all of
+  them with one process); results equal the unsharded ``jax.vmap``.
 * :func:`shard_rows` runs a jitted function whose outputs are per row (the
   bucket solves, the decodability solver) with its rows split over this
   process's devices and its shared inputs replicated.
@@ -142,7 +142,11 @@ def map_batched(fn: Callable[..., Any], inputs: Any, *,
       pytree of arrays; called as ``fn(item, **static_kwargs)``.
     inputs: pytree whose leaves (numpy or jax arrays, PRNG key arrays
       included) share a leading batch axis ``B >= 1``.
-    mesh: a mesh with a ``'batch'`` axis; :func:`batch_mesh` when ``None``.
+    mesh: a mesh with a ``'batch'`` axis; :func:`local_mesh` (this
+      process's devices: all devices with one process) when ``None``. Under
+      ``jax.distributed`` each process then maps its own batch, as the
+      sweep runner's processes do; a mesh over every process's devices
+      (``batch_mesh()``) needs every process to make the same call.
     static_kwargs: hashable keyword arguments passed to ``fn`` unbatched
       (sizes, option strings); part of the cache key.
     to_host: return numpy arrays (default). With ``False`` return the
@@ -159,7 +163,7 @@ def map_batched(fn: Callable[..., Any], inputs: Any, *,
     differently for a different batch size (seen on CPU: 1 ulp). With one
     device it is the same program, bit for bit.
   """
-  mesh = batch_mesh() if mesh is None else mesh
+  mesh = local_mesh() if mesh is None else mesh
   if BATCH_AXIS not in mesh.axis_names:
     raise FactStoreError(
         f"map_batched: mesh has axes {mesh.axis_names}, needs a 'batch' axis")

@@ -5,6 +5,12 @@
 * :func:`run_sweep` computes the configs the table does not hold yet, in
   groups, appending each finished row at once, with a progress bar. Re-running
   a killed sweep skips what it finished.
+* Under ``jax.distributed`` (:mod:`factstore_jax.distributed`) every process
+  runs the same :func:`run_sweep` call: the pending groups are dealt out over
+  the processes, each appends its rows to its own shard file
+  (:func:`shard_path`, ``rows.p<i>.csv``), and process 0 merges the shards
+  into the table's file at the end (:func:`merge_shards`; also
+  ``run_sweep(..., merge_only=True)``).
 
 Typical use::
 
@@ -19,14 +25,18 @@ Typical use::
 from __future__ import annotations
 
 import csv
+import json
 import numbers
 import os
+import re
+import zlib
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from factstore_jax import distributed
 from factstore_jax.atomic import atomic_output
 from factstore_jax.errors import FactStoreError
 
@@ -140,6 +150,12 @@ class ResultsTable:
       index[key] = i
     self._header, self._rows, self._index = header, rows, index
 
+  def reload(self) -> None:
+    """Reads the file again (empty if it is gone): another writer's rows."""
+    self._header, self._rows, self._index = [], [], {}
+    if os.path.exists(self.path):
+      self._load()
+
   def key(self, config: Mapping[str, Any]) -> tuple[str, ...]:
     """The canonical text of ``config``'s key fields."""
     missing = [k for k in self.key_fields if k not in config]
@@ -179,6 +195,16 @@ class ResultsTable:
     self._header, self._rows = header, rows
     self._index[key] = len(rows) - 1
 
+  def _replace(self, header: list[str], rows: list[dict[str, str]]) -> None:
+    """Rewrites the file with ``rows`` (canonical text) and adopts them."""
+    index = {}
+    for i, row in enumerate(rows):
+      index[tuple(row.get(k, '') for k in self.key_fields)] = i
+    if len(index) != len(rows):
+      raise FactStoreError(f'{self.path}: duplicate keys in the rows given')
+    self._write(header, rows)
+    self._header, self._rows, self._index = header, rows, index
+
   def _write(self, header: list[str], rows: list[dict[str, str]]) -> None:
     with atomic_output(self.path) as tmp:
       with open(tmp, 'w', newline='') as f:
@@ -213,6 +239,113 @@ class ResultsTable:
 
 
 # ---------------------------------------------------------------------------
+# Per-process shard files.
+# ---------------------------------------------------------------------------
+
+
+def shard_path(path: str | os.PathLike, process_id: int) -> str:
+  """The shard file of process ``process_id``: ``rows.csv`` -> ``rows.p3.csv``.
+  """
+  stem, ext = os.path.splitext(os.fspath(path))
+  return f'{stem}.p{int(process_id)}{ext}'
+
+
+def shard_paths(path: str | os.PathLike) -> list[str]:
+  """The shard files of ``path`` that exist, in process order."""
+  path = os.fspath(path)
+  folder = os.path.dirname(os.path.abspath(path))
+  stem, ext = os.path.splitext(os.path.basename(path))
+  pattern = re.compile(re.escape(stem) + r'\.p(\d+)' + re.escape(ext) + '$')
+  if not os.path.isdir(folder):
+    return []
+  found = [(int(m.group(1)), name) for name in os.listdir(folder)
+           if (m := pattern.match(name))]
+  return [os.path.join(os.path.dirname(path), name)
+          for _, name in sorted(found)]
+
+
+def process_table(path: str | os.PathLike,
+                  key_fields: Sequence[str]) -> ResultsTable:
+  """A table only this process writes: ``path`` itself when there is one
+  process, its :func:`shard_path` under ``jax.distributed``.
+
+  For tables a sweep's ``compute`` appends to on the side (e.g. a log of
+  trials): two processes must never write one file.
+  """
+  info = distributed.process_info()
+  if info.num_processes > 1:
+    path = shard_path(path, info.process_id)
+  return ResultsTable(path, key_fields)
+
+
+def merge_shards(table: ResultsTable,
+                 order: Sequence[Mapping[str, Any]] | None = None) -> int:
+  """Merges the shard files of ``table`` into its file (atomic rewrite).
+
+  Rows already in the table's file keep their place; the shards' other rows
+  follow, deduplicated by key (the file's row wins, then the lowest process
+  index), in the order of ``order``'s configs (rows of keys not in ``order``
+  after them, sorted by key). A fresh sweep's merged file is thus the file
+  one process would have written. The file is read again first, so rows
+  another writer added are kept. Shard files are left in place (they may
+  still be written to); merging again adds nothing.
+
+  Args:
+    table: the results table (its ``path`` names the merged file).
+    order: configs (dicts with the key fields) giving the row order.
+
+  Returns:
+    How many rows the merge added.
+  """
+  table.reload()
+  shards = [ResultsTable(p, table.key_fields)
+            for p in shard_paths(table.path)]
+  position = {}
+  for i, config in enumerate(order or ()):
+    position.setdefault(table.key(config), i)
+  header = list(table._header)  # pylint: disable=protected-access
+  rows = list(table._rows)  # pylint: disable=protected-access
+  seen = set(table._index)  # pylint: disable=protected-access
+  added = []
+  for shard in shards:
+    for row in shard._rows:  # pylint: disable=protected-access
+      key = tuple(row[k] for k in table.key_fields)
+      if key not in seen:
+        seen.add(key)
+        added.append((key, row))
+  if not added:
+    return 0
+  added.sort(key=lambda item: (position.get(item[0], len(position)),
+                               () if item[0] in position else item[0]))
+  for _, row in added:
+    header += [c for c in row if c not in header]
+    rows.append(row)
+  table._replace(header, rows)  # pylint: disable=protected-access
+  return len(added)
+
+
+def _done_keys(table: ResultsTable) -> set[tuple[str, ...]]:
+  """Keys finished in the table's file or any of its shard files (as on
+  disk now)."""
+  table.reload()
+  done = set(table._index)  # pylint: disable=protected-access
+  for p in shard_paths(table.path):
+    done |= set(ResultsTable(p, table.key_fields)._index)  # pylint: disable=protected-access
+  return done
+
+
+def owner(group_index: int, num_processes: int) -> int:
+  """The process that computes pending group ``group_index``.
+
+  Dealt in snake order (0, 1, .., n-1, n-1, .., 1, 0, 0, 1, ..): a grid whose
+  groups alternate cheap and costly (closed form, GD, closed form, GD) or
+  grow along it still splits about evenly.
+  """
+  turn, slot = divmod(int(group_index), int(num_processes))
+  return slot if turn % 2 == 0 else num_processes - 1 - slot
+
+
+# ---------------------------------------------------------------------------
 # Sweep runner.
 # ---------------------------------------------------------------------------
 
@@ -222,29 +355,53 @@ def run_sweep(configs: Sequence[Mapping[str, Any]],
                                 Sequence[Mapping[str, Any]]],
               table: ResultsTable, *, batch_size: int = 1,
               desc: str | None = None,
-              progress: bool = True) -> list[dict[str, Any]]:
+              progress: bool = True,
+              merge_only: bool = False) -> list[dict[str, Any]]:
   """Computes the configs ``table`` lacks and appends each finished row.
 
-  Pending configs (those ``table.is_done`` rejects) go to ``compute`` in
-  consecutive groups of ``batch_size``; each result is merged with its
-  config (``{**config, **result}``) and appended at once, one atomic write
-  per row. If ``compute`` raises, the rows finished before stay on disk and
-  the exception propagates; running again computes only the rest.
+  Pending configs (those neither in ``table`` nor in any of its shard
+  files) go to ``compute`` in consecutive groups of ``batch_size``; each
+  result is merged with its config (``{**config, **result}``) and appended
+  at once, one atomic write per row. If ``compute`` raises, the rows
+  finished before stay on disk and the exception propagates; running again
+  computes only the rest.
+
+  Under ``jax.distributed`` with several processes, every process makes
+  this same call (same configs, same ``batch_size``; checked). The
+  processes agree on what is pending (the union of what each sees on
+  disk), cut it into the same groups one process would, and deal the groups
+  out (:func:`owner`); so each group's ``compute`` call, and its rows, are
+  those of a one-process run. Process ``i`` appends its rows to
+  :func:`shard_path` ``(table.path, i)``. When all are done (a barrier),
+  process 0 merges every shard into ``table``'s file (:func:`merge_shards`)
+  and every process returns the merged rows. The folder must be one every
+  process sees (a shared filesystem). A killed process loses no finished
+  row; running the same call again, on any number of processes, resumes.
+  With one process, shard files left by an earlier run are merged first.
 
   Args:
     configs: dicts of scalars, each holding the table's key fields; no two
       with the same key.
     compute: ``group (list of config dicts) -> list of result dicts``, one
       per config, in order. A result may repeat a config value but not
-      change it.
-    table: where rows are read and appended.
+      change it. Under ``jax.distributed`` it must use this process's
+      devices only (``sharding.map_batched``'s default mesh does).
+    table: where rows are read and appended (the merged file).
     batch_size: configs per ``compute`` call (``>= 1``).
     desc: progress bar label.
-    progress: show a ``tqdm`` bar over all configs (starting at the number
-      already done).
+    progress: show a ``tqdm`` bar over this process's configs (starting at
+      the number already done).
+    merge_only: compute nothing: merge the shard files into ``table``'s
+      file (process 0) and return the rows found.
 
   Returns:
-    The table's rows (parsed) for ``configs``, in ``configs`` order.
+    The table's rows (parsed) for ``configs``, in ``configs`` order; with
+    ``merge_only``, only those of the finished configs.
+
+  Raises:
+    FactStoreError: bad configs, results or ``batch_size``.
+    DistributedError: the processes disagree on the configs, a peer died
+      at a barrier, or process 0 does not see every process's rows.
   """
   if (not isinstance(batch_size, numbers.Integral) or
       isinstance(batch_size, bool) or batch_size < 1):
@@ -261,17 +418,82 @@ def run_sweep(configs: Sequence[Mapping[str, Any]],
           f'duplicate configs {seen[key]} and {i}: same key '
           f'{dict(zip(table.key_fields, key))}')
     seen[key] = i
-  pending = [dict(c) for c in configs if not table.is_done(c)]
-  bar = tqdm(total=len(configs), initial=len(configs) - len(pending),
-             desc=desc, disable=not progress)
+  info = distributed.process_info()
+  if merge_only:
+    if info.process_id == 0:
+      merge_shards(table, configs)
+    distributed.barrier('merge_only')
+    table.reload()
+    return [table.get(c) for c in configs if table.is_done(c)]
+  if info.num_processes == 1:
+    if shard_paths(table.path):
+      merge_shards(table, configs)
+    pending = [dict(c) for c in configs if not table.is_done(c)]
+    _compute_groups(_groups(pending, batch_size), compute, table,
+                    total=len(configs), desc=desc, progress=progress)
+    return [table.get(c) for c in configs]
+  return _run_distributed(configs, compute, table, batch_size, desc, progress,
+                          info)
+
+
+def _groups(pending: list[dict[str, Any]],
+            batch_size: int) -> list[list[dict[str, Any]]]:
+  return [pending[i:i + batch_size] for i in range(0, len(pending),
+                                                   batch_size)]
+
+
+def _compute_groups(groups, compute, table: ResultsTable, *, total: int,
+                    desc: str | None, progress: bool) -> None:
+  """Runs ``compute`` on each group, appending each row to ``table``."""
+  todo = sum(len(g) for g in groups)
+  bar = tqdm(total=total, initial=total - todo, desc=desc,
+             disable=not progress)
   with bar:
-    for start in range(0, len(pending), batch_size):
-      group = pending[start:start + batch_size]
+    for group in groups:
       results = compute([dict(c) for c in group])
-      rows = _merge(group, results)
-      for row in rows:
+      for row in _merge(group, results):
         table.append(row)
         bar.update(1)
+
+
+def _run_distributed(configs, compute, table: ResultsTable, batch_size: int,
+                     desc: str | None, progress: bool,
+                     info: distributed.ProcessInfo) -> list[dict[str, Any]]:
+  """:func:`run_sweep` on process ``info.process_id`` of several."""
+  keys = [table.key(c) for c in configs]
+  digest = zlib.crc32(json.dumps([table.key_fields, keys, batch_size])
+                      .encode())
+  digests = distributed.all_gather(np.asarray([digest], np.uint32))
+  if len({int(d) for d in digests.ravel()}) != 1:
+    raise distributed.DistributedError(
+        f'{distributed.describe(info)}: the processes were given different '
+        'configs or batch sizes; run the same command on every process')
+  done = _done_keys(table)
+  mask = distributed.all_gather(np.asarray([k in done for k in keys]))
+  done_anywhere = mask.any(axis=0)
+  pending = [dict(c) for c, d in zip(configs, done_anywhere) if not d]
+  groups = _groups(pending, batch_size)
+  mine = [g for i, g in enumerate(groups)
+          if owner(i, info.num_processes) == info.process_id]
+  own = ResultsTable(shard_path(table.path, info.process_id),
+                     table.key_fields)
+  label = (f'{desc} ' if desc else '') + (
+      f'[process {info.process_id}/{info.num_processes}]')
+  todo = sum(len(g) for g in mine)
+  _compute_groups(mine, compute, own, total=todo, desc=label,
+                  progress=progress)
+  distributed.barrier('sweep_finished')
+  if info.process_id == 0:
+    merge_shards(table, configs)
+    lost = [k for k, c in zip(keys, configs) if not table.is_done(c)]
+    if lost:
+      raise distributed.DistributedError(
+          f'{distributed.describe(info)}: after every process finished, '
+          f'{len(lost)} row(s) are in no file this process sees (first: '
+          f'{dict(zip(table.key_fields, lost[0]))}); the output folder must '
+          'be on a filesystem every process shares')
+  distributed.barrier('sweep_merged')
+  table.reload()
   return [table.get(c) for c in configs]
 
 

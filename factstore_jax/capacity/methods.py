@@ -178,7 +178,7 @@ def evaluate_batched(method: str, keys: Sequence, factsets: Sequence[FactSet],
     return by(code_dims)
   if method in _GD_METHODS:
     if (options.chunk_size is not None and len(set(widths)) > 1
-        and jax.device_count() == 1):
+        and jax.local_device_count() == 1):
       # Mapped members run one after another on one device anyway: one call
       # per distinct width, each at exactly that width, instead of padding
       # narrow members to the round's widest (widths 16, 16, 128 at d = 64,
