@@ -1,4 +1,4 @@
-"""Tests for factstore_jax.usability: robustness radius, Lipschitz, Jacobian."""
+"""Tests for factstore_jax.robustness: robustness radius, Lipschitz, Jacobian."""
 
 from __future__ import annotations
 
