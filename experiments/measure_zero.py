@@ -416,8 +416,12 @@ def summarize(rows, config: dict) -> tuple[str, dict]:
   lines = [
       '# measure_zero: construct near degenerate fact sets', '',
       f'd = {config["dim"]}, N = {config["num_facts"]}; seeds '
-      f'{config["seeds"]}; commit `{config["commit"]}`; command '
-      f'`{config["command"]}`.', '',
+      f'{config["seeds"]} requested, '
+      f'{min(s["trials"] for s in all_stats)}-'
+      f'{max(s["trials"] for s in all_stats)} finished per cell; commit '
+      f'`{config["commit"]}`; command `{config["command"]}`; '
+      f'{config["seconds_total"] / 60:.1f} min of trial time '
+      f'({config["backend"]}).', '',
       f'**Silently wrong MLPs: {wrong} of {trials} trials** (Clopper-Pearson '
       f'95% upper bound on the rate: {wrong_ci.high:.2g}). Outcomes over all '
       'trials: ' + ', '.join(f'{o} {total[o]}' for o in OUTCOMES) + '.', '',
@@ -483,6 +487,8 @@ def define_flags():
                     '1e-6}, seed 0) for tests.')
   flags.DEFINE_string('out_dir', 'experiments/results/measure_zero',
                       'Output folder.')
+  flags.DEFINE_bool('summarize_only', False, 'Report the finished trials of '
+                    'the grid (rows.csv) and compute nothing.')
 
 
 def grid() -> tuple[int, int, list[float], list[int], list[str]]:
@@ -499,12 +505,19 @@ def main(argv):
     if f not in FAMILIES:
       raise FactStoreError(f'unknown family {f!r}; expected {FAMILIES}')
   os.makedirs(FLAGS.out_dir, exist_ok=True)
+  # Seed-major order: a run stopped early has every cell, with fewer seeds.
   configs = [dict(family=f, dim=dim, num_facts=n, epsilon=e, seed=s)
-             for f in families for e in epsilons for s in seeds]
+             for s in seeds for f in families for e in epsilons]
   table = ResultsTable(os.path.join(FLAGS.out_dir, 'rows.csv'), KEY_FIELDS)
-  compute = lambda group: [run_trial(c['family'], c['dim'], c['num_facts'],
-                                     c['epsilon'], c['seed']) for c in group]
-  rows = run_sweep(configs, compute, table, desc='trials')
+  if FLAGS.summarize_only:
+    rows = [table.get(c) for c in configs if table.is_done(c)]
+    if not rows:
+      raise FactStoreError(f'no finished trial of the grid in {table.path}')
+  else:
+    compute = lambda group: [run_trial(c['family'], c['dim'],
+                                       c['num_facts'], c['epsilon'],
+                                       c['seed']) for c in group]
+    rows = run_sweep(configs, compute, table, desc='trials')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   config = dict(dim=dim, num_facts=n, epsilons=epsilons, seeds=seeds,
                 families=families, commit=commit_of(root),

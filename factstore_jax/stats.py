@@ -209,3 +209,102 @@ def bootstrap_linear_fit(x: Sequence[float], y: Sequence[float], *,
   return BootstrapFit(fit=fit, slope_ci=ci(0), intercept_ci=ci(1),
                       r2_ci=ci(2), num_points=int(x.size),
                       num_boot=len(stats), confidence=confidence, seed=seed)
+
+
+class LawComparison(NamedTuple):
+  """Linear fits of one ``y`` against several candidate predictors."""
+  names: tuple[str, ...]
+  fits: dict                  # name -> LinearFit on all points
+  r2_ci: dict                 # name -> (low, high) percentile interval
+  best: str                   # the predictor with the highest R^2
+  # name -> (low, high) interval of R^2(best) - R^2(name), from the same
+  # resamples (a paired bootstrap); above 0: best fits better than name.
+  r2_gap_ci: dict
+  num_points: int
+  num_boot: int
+  confidence: float
+  seed: int
+
+
+def compare_linear_laws(xs: dict, y: Sequence[float], *,
+                        groups: Sequence | None = None, num_boot: int = 2000,
+                        seed: int = 0,
+                        confidence: float = 0.95) -> LawComparison:
+  """Which predictor ``x`` explains ``y`` best through ``y = a x + c``?
+
+  Every predictor is fitted on the same bootstrap resamples (points, or
+  whole ``groups``, drawn with replacement by
+  ``numpy.random.default_rng(seed)``), so the interval of the difference of
+  ``R^2`` between the best predictor and each other one is paired.
+
+  Args:
+    xs: ``{name: (n,) finite predictor}`` (at least one, each with two
+      distinct values).
+    y: ``(n,)`` finite responses.
+    groups: optional ``(n,)`` labels resampled as units.
+    num_boot: resamples (``>= 10``); those where some predictor has fewer
+      than two distinct values are skipped.
+    seed: numpy seed.
+    confidence: two-sided level in ``(0, 1)``.
+
+  Returns:
+    :class:`LawComparison`.
+  """
+  if not xs:
+    raise FactStoreError('compare_linear_laws needs at least one predictor')
+  names = tuple(xs)
+  fits = {k: linear_fit_r2(xs[k], y) for k in names}
+  data = {k: _as_xy(xs[k], y)[0] for k in names}
+  y = np.asarray(y, np.float64)
+  if not isinstance(num_boot, numbers.Integral) or num_boot < 10:
+    raise FactStoreError(f'num_boot must be an int >= 10; got {num_boot!r}')
+  if not 0 < confidence < 1:
+    raise FactStoreError(f'confidence must be in (0, 1); got {confidence!r}')
+  if groups is None:
+    members = [np.array([i]) for i in range(y.size)]
+  else:
+    labels = np.asarray(groups)
+    if labels.shape != y.shape:
+      raise FactStoreError(
+          f'groups must have shape {y.shape}; got {labels.shape}')
+    members = [np.flatnonzero(labels == g) for g in np.unique(labels)]
+  rng = np.random.default_rng(seed)
+  r2 = []
+  for _ in range(num_boot):
+    pick = rng.integers(0, len(members), size=len(members))
+    idx = np.concatenate([members[i] for i in pick])
+    if any(np.ptp(data[k][idx]) == 0 for k in names):
+      continue
+    r2.append([_fit(data[k][idx], y[idx]).r2 for k in names])
+  if not r2:
+    raise FactStoreError('no bootstrap resample had two distinct x')
+  r2 = np.asarray(r2)
+  q = [(1 - confidence) / 2 * 100, (1 + confidence) / 2 * 100]
+  interval = lambda v: tuple(float(t) for t in np.percentile(v, q))
+  best = max(names, key=lambda k: fits[k].r2)
+  b = names.index(best)
+  return LawComparison(
+      names=names, fits=fits,
+      r2_ci={k: interval(r2[:, i]) for i, k in enumerate(names)},
+      best=best,
+      r2_gap_ci={k: interval(r2[:, b] - r2[:, i])
+                 for i, k in enumerate(names) if k != best},
+      num_points=int(y.size), num_boot=int(r2.shape[0]),
+      confidence=confidence, seed=seed)
+
+
+def law_verdict(comparison: LawComparison) -> str:
+  """One sentence: which law the data support, by the paired intervals."""
+  c = comparison
+  fit = c.fits[c.best]
+  lo, hi = c.r2_ci[c.best]
+  head = (f'{c.best} fits best (R² {fit.r2:.3f}, '
+          f'{c.confidence:.0%} CI [{lo:.3f}, {hi:.3f}]; {c.num_points} '
+          'points)')
+  beaten = [k for k, (g_lo, _) in c.r2_gap_ci.items() if g_lo > 0]
+  tied = [k for k in c.r2_gap_ci if k not in beaten]
+  if not tied:
+    return head + '; it beats ' + ', '.join(beaten) + ' (R² gap CI above 0).'
+  return (head + '; not distinguishable from ' + ', '.join(tied) +
+          ' (R² gap CI contains 0)' +
+          (f', better than {", ".join(beaten)}.' if beaten else '.'))

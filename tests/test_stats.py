@@ -120,3 +120,42 @@ def test_group_bootstrap_is_wider_when_groups_share_an_offset():
     stats.bootstrap_linear_fit(x, y, groups=groups[:3])
   with pytest.raises(FactStoreError, match='num_boot'):
     stats.bootstrap_linear_fit(x, y, num_boot=2)
+
+
+def _synthetic_rho_law(law, seed=0, noise=0.05):
+  """Costs W*/N generated from a known law of rho, with relative noise."""
+  rng = np.random.default_rng(seed)
+  rho = np.exp(rng.uniform(np.log(0.02), np.log(0.6), 120))
+  truth = {'inv_rho2': 1 / rho**2, 'log_inv_rho': np.log(1 / rho)}[law]
+  y = (2.0 * truth / truth.std() + 5.0) * (1 + noise * rng.normal(size=120))
+  xs = {'inv_rho2': 1 / rho**2, 'log_inv_rho': np.log(1 / rho),
+        'inv_rho': 1 / rho}
+  return xs, y
+
+
+@pytest.mark.parametrize('law', ['inv_rho2', 'log_inv_rho'])
+def test_compare_linear_laws_recovers_the_generating_law(law):
+  xs, y = _synthetic_rho_law(law)
+  comp = stats.compare_linear_laws(xs, y, num_boot=400, seed=0)
+  assert comp.best == law
+  assert comp.fits[law].r2 > 0.9
+  assert comp.r2_ci[law][0] > 0.85
+  # The other laws are worse, and the paired intervals say so.
+  for other, (lo, _) in comp.r2_gap_ci.items():
+    assert lo > 0, (other, comp.r2_gap_ci)
+  text = stats.law_verdict(comp)
+  assert text.startswith(f'{law} fits best') and 'beats' in text
+  assert comp == stats.compare_linear_laws(xs, y, num_boot=400, seed=0)
+
+
+def test_compare_linear_laws_reports_a_tie_without_signal():
+  rng = np.random.default_rng(5)
+  x1, x2 = rng.normal(size=60), rng.normal(size=60)
+  y = rng.normal(size=60)
+  comp = stats.compare_linear_laws({'a': x1, 'b': x2}, y, num_boot=300)
+  other = 'b' if comp.best == 'a' else 'a'
+  lo, hi = comp.r2_gap_ci[other]
+  assert lo <= 0 <= hi
+  assert 'not distinguishable from' in stats.law_verdict(comp)
+  with pytest.raises(FactStoreError, match='at least one predictor'):
+    stats.compare_linear_laws({}, y)
