@@ -15,9 +15,9 @@ into ``<out_dir>/rho_law``.
 On a device (one H200): a search at N = 32,768 takes many GD runs of up to
 ``max(step_budgets)`` steps; run the cells in pieces (``--num_facts_list``,
 ``--methods``, ``--step_budgets``) if a run is bounded in time: every
-finished search is kept. ``--quick`` (d = 16, N in {64, 128}, budgets
-{150, 300}, seed 0, ``rel_tol`` 0.5, no rho law) checks the plumbing on a
-CPU.
+finished search is kept. ``--quick`` (d = 16, N in {16, 32}, budgets
+{200, 400}, learning rate 0.01, seed 0, ``rel_tol`` 0.5, no rho law) checks
+the plumbing on a CPU.
 
   python experiments/gpu_scale.py                      # the full grid
   python experiments/gpu_scale.py --quick --out_dir=/tmp/gpu_scale
@@ -41,9 +41,9 @@ from factstore_jax.errors import FactStoreError
 from factstore_jax.sweep import ResultsTable, run_sweep
 
 KEY_FIELDS = ('dim', 'num_facts', 'method', 'max_steps', 'seed')
-QUICK = dict(dim=16, num_facts_list=['64', '128'], step_budgets=['150', '300'],
-             seeds=['0'], rel_tol=0.5, rho_law=False,
-             out_dir='experiments/results/gpu_scale_quick')
+QUICK = dict(dim=16, num_facts_list=['16', '32'], step_budgets=['200', '400'],
+             seeds=['0'], rel_tol=0.5, learning_rate=0.01, patience=100,
+             rho_law=False, out_dir='experiments/results/gpu_scale_quick')
 
 
 def define_flags():
@@ -56,6 +56,7 @@ def define_flags():
   flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (independent searches).')
   flags.DEFINE_float('rel_tol', 0.02, 'Relative bracket of each W* search.')
   flags.DEFINE_float('learning_rate', 1e-3, 'GD initial learning rate.')
+  flags.DEFINE_integer('patience', 2_000, 'GD hopeless-run window (steps).')
   flags.DEFINE_bool('rho_law', True, 'Also run the v2 rho law at this d.')
   flags.DEFINE_bool('quick', False, 'Small CPU grid (see the docstring).')
   flags.DEFINE_string('out_dir', 'experiments/results/gpu_scale',
@@ -78,7 +79,8 @@ def search(config: dict) -> dict:
   n, d, seed = config['num_facts'], config['dim'], config['seed']
   fs = factsets.random_factset(jax.random.key(seed), n, d)
   options = methods.MethodOptions(train=training.TrainConfig(
-      max_steps=config['max_steps'], learning_rate=FLAGS.learning_rate))
+      max_steps=config['max_steps'], learning_rate=FLAGS.learning_rate,
+      patience=FLAGS.patience))
   cap = methods.find_capacity(config['method'], [fs],
                               [jax.random.key(1000 + seed)], options=options,
                               rel_tol=FLAGS.rel_tol)[0]

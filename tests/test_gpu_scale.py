@@ -1,4 +1,8 @@
-"""experiments/gpu_scale.py on its --quick grid (CPU)."""
+"""experiments/gpu_scale.py on its --quick grid (CPU).
+
+Slow: eight GD width searches (two methods, two sizes, two step budgets),
+about 140 s of CPU, mostly compiling a training program per width.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,6 +27,7 @@ def _run(out_dir, *flags):
   return proc
 
 
+@pytest.mark.slow
 def test_quick_grid(tmp_path):
   _run(tmp_path)
   with open(tmp_path / 'rows.csv') as f:
@@ -28,7 +35,7 @@ def test_quick_grid(tmp_path):
   # 2 sizes x 2 step budgets x 2 methods x 1 seed, one search each.
   assert sorted((int(r['num_facts']), int(r['max_steps']), r['method'])
                 for r in rows) == sorted(
-      (n, b, m) for n in (64, 128) for b in (150, 300)
+      (n, b, m) for n in (16, 32) for b in (200, 400)
       for m in ('gd', 'encoder_decoder_gd'))
   for r in rows:
     assert int(r['dim']) == 16 and float(r['rel_tol']) == 0.5
@@ -39,10 +46,10 @@ def test_quick_grid(tmp_path):
       assert float(r['params_per_fact']) == (
           int(r['num_params']) / int(r['num_facts']))
   blob = json.loads((tmp_path / 'summary.json').read_text())
-  assert blob['sizes'] == [64, 128] and blob['budgets'] == [150, 300]
+  assert blob['sizes'] == [16, 32] and blob['budgets'] == [200, 400]
   assert 'gpu_scale.py --quick' in blob['command']
   summary = (tmp_path / 'summary.md').read_text()
-  assert '| gd | 64 | 150 |' in summary and 'ED-GD / GD' in summary
+  assert '| gd | 32 | 200 |' in summary and 'ED-GD / GD' in summary
   # Resumable: a second run computes nothing.
   mtime = os.path.getmtime(tmp_path / 'rows.csv')
   _run(tmp_path)
