@@ -368,7 +368,7 @@ def v2_summary(rows, comparisons, sizes) -> tuple[str, dict]:
   commit = _commit()
   rho = [r['rho_min'] for r in rows]
   lines = [
-      '# decodability_scaling v2: the ρ law over a wide ρ range and several N',
+      '# decodability_scaling v2: the ρ law over a wide ρ range and many N',
       '', f'd = {FLAGS.dim}; N = {sizes}; seeds {FLAGS.seeds}; rel_tol '
       f'{FLAGS.rel_tol}; GD max_steps {FLAGS.max_steps}; methods '
       f'{FLAGS.methods}; commit `{commit}`; command `{command}`.', '',
@@ -401,7 +401,9 @@ def v2_summary(rows, comparisons, sizes) -> tuple[str, dict]:
       blob['verdicts'][f'{method}/{n}'] = stats.law_verdict(comp)
   lines += ['', '## Verdicts', '']
   for name, text in blob['verdicts'].items():
-    lines.append(f'- **{name}**: {text.replace("inv_rho2", "1/ρ²").replace("log_inv_rho", "log(1/ρ)").replace("inv_hebbian", "1/γ_H")}')
+    for law, label in LAW_LABELS.items():
+      text = text.replace(law, label)
+    lines.append(f'- **{name}**: {text}')
   lines += ['', '## Rows (mean over seeds)', '',
             '| geometry | N | method | ρ_min | γ_H | W*/N mean ± std | '
             'seeds |', '|---|---|---|---|---|---|---|']
