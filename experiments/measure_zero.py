@@ -32,7 +32,9 @@ classified:
   and :func:`factstore_jax.storage.evaluate_mlp` on its folded gated MLP, both
   float32) give accuracy 1.0 and min margin > 0;
 * ``silently_wrong``: it returned but a dense check finds accuracy < 1 or
-  min margin <= 0 (must never happen);
+  min margin <= 0 (must never happen); every returned MLP is also evaluated
+  in float64 (numpy, ``f64_min_margin``): the summary lists stored trials
+  whose facts hold only through float32 rounding;
 * ``infeasible``: it raised ``InfeasibleFactSetError``; the named values are
   checked against an independent :func:`factstore_jax.decodability.decodability`
   solve (``named_max_rho``: the largest certified rho lower bound among them,
@@ -465,8 +467,23 @@ def summarize(rows, config: dict) -> tuple[str, dict]:
   cert = sum(s['certificate_above_dense'] for s in all_stats)
   lines += ['', f'Trials whose certified min margin exceeds the dense one '
             f'(by > 1e-6): {cert}.']
+  fragile = [r for r in rows if r['outcome'] == 'stored' and
+             r['f64_min_margin'] is not None and r['f64_min_margin'] <= 0]
+  lines += ['', f'Stored trials whose MLP misstores when the same weights are '
+            f'evaluated in float64 (numpy): {len(fragile)} of '
+            f'{total["stored"]}' + (':' if fragile else '.')]
+  for r in fragile:
+    lines.append(f'- {r["family"]} ε={r["epsilon"]:g} seed {r["seed"]}: '
+                 f'float32 dense min margin {r["dense_min_margin"]:.3g}, '
+                 f'float64 {r["f64_min_margin"]:.3g} (check {r["check"]}, '
+                 f'{r["repaired_buckets"]} bucket(s) refit, '
+                 f'{r["split_buckets"]} split)')
   blob = dict(config=config, totals=total, trials=trials,
-              silently_wrong=wrong,
+              silently_wrong=wrong, float64_misstored=[
+                  dict(family=r['family'], epsilon=r['epsilon'],
+                       seed=r['seed'], f64_min_margin=r['f64_min_margin'],
+                       dense_min_margin=r['dense_min_margin'])
+                  for r in fragile],
               silently_wrong_rate_cp95=[wrong_ci.low, wrong_ci.high],
               cells=all_stats)
   return '\n'.join(lines) + '\n', blob
