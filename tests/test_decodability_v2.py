@@ -1,0 +1,71 @@
+"""decodability_scaling --v2's law comparison on synthetic rows.
+
+Runs in a subprocess: the experiment defines its absl flags at import, and
+other experiment modules imported by tests define flags of the same names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = textwrap.dedent('''
+    import json, sys
+    import numpy as np
+    sys.path.insert(0, 'experiments')
+    import decodability_scaling as ds
+    ds.FLAGS(['ds', '--v2', '--methods=encoder_decoder,gd', '--num_boot=300',
+              '--dim=64'])
+    ds.apply_v2_defaults()
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in (256, 512, 1024, 2048):
+      for g in range(10):
+        for seed in range(3):
+          rho = float(np.exp(rng.uniform(np.log(0.02), np.log(0.6))))
+          gam = float(rng.uniform(0.01, 0.5))   # unrelated to the cost
+          noise = 1 + 0.03 * rng.normal(size=2)
+          rows += [
+              dict(geometry=f'g{g}', num_facts=n, method='encoder_decoder',
+                   seed=seed, rho_min=rho, hebbian_margin=gam,
+                   params_per_fact=(0.01 / rho**2 + 20) * noise[0]),
+              dict(geometry=f'g{g}', num_facts=n, method='gd', seed=seed,
+                   rho_min=rho, hebbian_margin=gam,
+                   params_per_fact=(8 * np.log(1 / rho) + 5) * noise[1])]
+    comp = ds.v2_comparisons(rows, [256, 512, 1024, 2048])
+    text, blob = ds.v2_summary(rows, comp, [256, 512, 1024, 2048])
+    v = np.array([[1.0, 0], [0.6, 0.8], [0.5, 0.5]])
+    print(json.dumps(dict(
+        best={m: {str(n): c.best for n, c in per.items()}
+              for m, per in comp.items()},
+        verdicts=blob['verdicts'], seeds=blob['seeds'],
+        rel_tol=blob['rel_tol'], text=text,
+        hebb=ds.hebbian_margin(v, np.array([0, 1])),
+        hebb_all=ds.hebbian_margin(v, np.array([0, 1, 2])))))
+''')
+
+
+def test_v2_law_comparison_recovers_the_generating_laws():
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-c', SCRIPT], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  # Pooled and at every N, each method's generating law is found.
+  assert set(out['best']['encoder_decoder'].values()) == {'inv_rho2'}
+  assert set(out['best']['gd'].values()) == {'log_inv_rho'}
+  assert len(out['best']['gd']) == 5   # 'all' and four sizes
+  assert 'beats' in out['verdicts']['encoder_decoder/all']
+  assert out['seeds'] == ['0', '1', '2'] and out['rel_tol'] == 0.02
+  assert '| gd | all | 120 | log(1/ρ) |' in out['text']
+  # Hebbian margin over the used values, rivals from the whole table:
+  # v0 = (1, 0): 1 - <v0, v1> = 0.4; v1 = (0.6, 0.8): 1 - <v1, v2> = 0.3
+  # (the unused v2 = (0.5, 0.5) is its closest rival). With v2 used too,
+  # <v2, v1> = 0.7 > |v2|^2 = 0.5: reading v2 back fails (-0.2).
+  assert abs(out['hebb'] - 0.3) < 1e-9
+  assert abs(out['hebb_all'] - (-0.2)) < 1e-9

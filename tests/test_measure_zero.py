@@ -1,0 +1,141 @@
+"""The measure-zero stress experiment: its families and its --quick grid.
+
+The --quick run (12 constructions at d = 8, N = 16, about 50 s of CPU,
+mostly compilation) asserts what the construction promises near degeneracy:
+it never returns an MLP that a dense check finds wrong, and every value an
+InfeasibleFactSetError names is undecodable by an independent solve.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+
+import measure_zero as mz  # pylint: disable=wrong-import-position
+
+
+def test_ray_exit_on_a_cube():
+  # The hull of the 8 cube corners (+-1)^3, centroid 0: the ray along e_1
+  # leaves at t = 1, along (1, 1, 0)/sqrt(2) at t = sqrt(2).
+  corners = np.array([[a, b, c] for a in (-1, 1) for b in (-1, 1)
+                      for c in (-1, 1)], float)
+  assert mz.ray_exit(corners, np.array([1.0, 0, 0])) == pytest.approx(1.0)
+  assert mz.ray_exit(corners + 5, np.array([1.0, 1, 0]) / np.sqrt(2)
+                     ) == pytest.approx(np.sqrt(2))
+  assert mz.in_hull_of_others(np.vstack([corners, [0.5, 0.5, 0.5]]), 8)
+  assert not mz.in_hull_of_others(np.vstack([corners, [1.01, 0, 0]]), 8)
+  assert not mz.in_hull_of_others(corners, 0)
+
+
+@pytest.mark.parametrize('family', mz.FAMILIES)
+def test_families_degrade_with_eps(family):
+  """Only eps moves the points; the degenerate quantity scales with eps."""
+  big = mz.make_trial(family, 16, 64, 1e-2, seed=3)
+  small = mz.make_trial(family, 16, 64, 1e-4, seed=3)
+  for t in (big, small):
+    keys, values, mapping = (np.asarray(a) for a in t.factset)
+    assert keys.shape == (64, 16) and values.shape == (64, 16)
+    assert keys.dtype == np.float32 and mapping.min() >= 0
+  if family in ('near_duplicate_keys', 'many_to_one_gaps'):
+    assert big.min_key_gap == pytest.approx(1e-2, rel=0.5)
+    assert small.min_key_gap == pytest.approx(1e-4, rel=0.5)
+  if family == 'many_to_one_gaps':
+    counts = np.bincount(np.asarray(small.factset.mapping), minlength=64)
+    assert sorted(set(counts.tolist())) == [0, 4]
+  if family == 'near_duplicate_values':
+    v = np.asarray(small.factset.values, np.float64)
+    assert np.linalg.norm(v[1] - v[0]) == pytest.approx(1e-4, rel=0.05)
+  if family == 'hull_exterior':
+    # Value 0 leaves the hull by a relative eps (measured on float32 data).
+    assert 1 - big.lp_ratio == pytest.approx(1e-2, rel=0.01)
+    assert 0 < 1 - small.lp_ratio < 2e-4
+  if family == 'hull_interior':
+    assert big.lp_ratio > 1 and small.lp_ratio > 1
+    assert mz.in_hull_of_others(np.asarray(small.factset.values), 0)
+  if family == 'low_rank_keys':
+    s_big = np.linalg.svd(np.asarray(big.factset.keys), compute_uv=False)
+    s_small = np.linalg.svd(np.asarray(small.factset.keys), compute_uv=False)
+    assert s_small[2] < 0.02 * s_big[2]
+  # Same seed, same base points: keys away from the perturbation agree.
+  if family in ('near_duplicate_values', 'hull_exterior', 'hull_interior'):
+    np.testing.assert_array_equal(np.asarray(big.factset.keys),
+                                  np.asarray(small.factset.keys))
+
+
+def test_make_trial_rejects_bad_input():
+  with pytest.raises(ValueError, match='unknown family'):
+    mz.make_trial('nope', 8, 16, 0.1, 0)
+  with pytest.raises(ValueError, match='multiple of 8'):
+    mz.make_trial('low_rank_keys', 8, 20, 0.1, 0)
+  with pytest.raises(ValueError, match='eps must be > 0'):
+    mz.make_trial('low_rank_keys', 8, 16, 0.0, 0)
+
+
+def test_quick_grid_never_silently_wrong(tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'experiments', 'measure_zero.py'),
+       '--quick', f'--out_dir={tmp_path}'],
+      capture_output=True, text=True, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / 'rows.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == len(mz.FAMILIES) * 2
+  outcomes = [r['outcome'] for r in rows]
+  assert 'silently_wrong' not in outcomes and 'crash' not in outcomes
+  for r in rows:
+    if r['outcome'] == 'stored':
+      assert float(r['dense_accuracy']) == 1.0
+      assert float(r['dense_min_margin']) > 0
+      assert float(r['folded_min_margin']) > 0
+      assert float(r['certified_min_margin']) > 0
+    if r['outcome'] == 'infeasible':
+      # Every named value is used and not certified decodable.
+      assert int(r['named_unused']) == 0 and int(r['num_named']) >= 1
+      assert float(r['named_max_rho']) <= mz.ATOL
+  by_cell = {(r['family'], float(r['epsilon'])): r for r in rows}
+  # Generic end of every path: the expected outcome.
+  for family in mz.FAMILIES:
+    assert by_cell[(family, 1e-2)]['outcome'] == mz.EXPECTED[family], family
+  # Strictly inside the hull: always refused, naming value 0 (an LP agrees).
+  for eps in (1e-2, 1e-6):
+    r = by_cell[('hull_interior', eps)]
+    assert r['outcome'] == 'infeasible' and json.loads(r['named']) == [0]
+    assert int(r['named_in_hull']) == 1
+  blob = json.loads((tmp_path / 'summary.json').read_text())
+  assert blob['silently_wrong'] == 0 and blob['trials'] == len(rows)
+  assert blob['config']['seeds'] == [0]
+  assert 'measure_zero.py --quick' in blob['config']['command']
+  assert all(0 <= c['wilson'][0] <= c['success_rate'] <= c['wilson'][1]
+             for c in blob['cells'])
+  assert 'Silently wrong MLPs: 0 of 12' in (tmp_path / 'summary.md'
+                                            ).read_text()
+  assert (tmp_path / 'success_vs_eps.png').stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    'construct stores near-duplicate keys (gap ~1e-6, a few float32 ulps) '
+    'only through float32 rounding: the returned MLP passes the dense '
+    'float32 check (margin 0.35) but the same weights evaluated in float64 '
+    'misstore (min margin -0.99); measure_zero default grid, '
+    'near_duplicate_keys eps=1e-6 seeds 0, 2, 6, 10, 14 and '
+    'many_to_one_gaps eps=1e-6 seed 1'))
+def test_near_duplicate_keys_store_in_exact_arithmetic():
+  from factstore_jax import construct, storage  # pylint: disable=g-import-not-at-top
+  trial = mz.make_trial('near_duplicate_keys', 16, 64, 1e-6, seed=0)
+  keys, values, mapping = trial.factset
+  c = construct(0, trial.factset)
+  dense = storage.evaluate_mlp(c.model.as_mlp(), trial.factset)
+  assert float(dense.accuracy) == 1.0 and float(dense.min_margin) > 0
+  # The same MLP in float64 must store the facts too.
+  assert mz._dense_f64(c.model, keys, values, np.asarray(mapping)) > 0  # pylint: disable=protected-access
