@@ -156,6 +156,22 @@ def _fit(x: np.ndarray, y: np.ndarray) -> LinearFit:
   return LinearFit(slope, intercept, r2)
 
 
+def _resampling_units(shape, groups, num_boot, confidence) -> list:
+  """Checks the bootstrap settings; returns the index arrays resampled as
+  units (one per point, or one per group label)."""
+  if not isinstance(num_boot, numbers.Integral) or num_boot < 10:
+    raise FactStoreError(f'num_boot must be an int >= 10; got {num_boot!r}')
+  if not 0 < confidence < 1:
+    raise FactStoreError(f'confidence must be in (0, 1); got {confidence!r}')
+  if groups is None:
+    return [np.array([i]) for i in range(int(np.prod(shape)))]
+  labels = np.asarray(groups)
+  if labels.shape != tuple(shape):
+    raise FactStoreError(
+        f'groups must have shape {tuple(shape)}; got {labels.shape}')
+  return [np.flatnonzero(labels == g) for g in np.unique(labels)]
+
+
 def bootstrap_linear_fit(x: Sequence[float], y: Sequence[float], *,
                          groups: Sequence | None = None,
                          num_boot: int = 2000, seed: int = 0,
@@ -180,18 +196,7 @@ def bootstrap_linear_fit(x: Sequence[float], y: Sequence[float], *,
   """
   fit = linear_fit_r2(x, y)
   x, y = _as_xy(x, y)
-  if not isinstance(num_boot, numbers.Integral) or num_boot < 10:
-    raise FactStoreError(f'num_boot must be an int >= 10; got {num_boot!r}')
-  if not 0 < confidence < 1:
-    raise FactStoreError(f'confidence must be in (0, 1); got {confidence!r}')
-  if groups is None:
-    members = [np.array([i]) for i in range(x.size)]
-  else:
-    labels = np.asarray(groups)
-    if labels.shape != x.shape:
-      raise FactStoreError(
-          f'groups must have shape {x.shape}; got {labels.shape}')
-    members = [np.flatnonzero(labels == g) for g in np.unique(labels)]
+  members = _resampling_units(x.shape, groups, num_boot, confidence)
   rng = np.random.default_rng(seed)
   stats = []
   for _ in range(num_boot):
@@ -256,18 +261,7 @@ def compare_linear_laws(xs: dict, y: Sequence[float], *,
   fits = {k: linear_fit_r2(xs[k], y) for k in names}
   data = {k: _as_xy(xs[k], y)[0] for k in names}
   y = np.asarray(y, np.float64)
-  if not isinstance(num_boot, numbers.Integral) or num_boot < 10:
-    raise FactStoreError(f'num_boot must be an int >= 10; got {num_boot!r}')
-  if not 0 < confidence < 1:
-    raise FactStoreError(f'confidence must be in (0, 1); got {confidence!r}')
-  if groups is None:
-    members = [np.array([i]) for i in range(y.size)]
-  else:
-    labels = np.asarray(groups)
-    if labels.shape != y.shape:
-      raise FactStoreError(
-          f'groups must have shape {y.shape}; got {labels.shape}')
-    members = [np.flatnonzero(labels == g) for g in np.unique(labels)]
+  members = _resampling_units(y.shape, groups, num_boot, confidence)
   rng = np.random.default_rng(seed)
   r2 = []
   for _ in range(num_boot):
