@@ -146,8 +146,10 @@ class RandomTest(chex.TestCase):
     params = M.init_mlp(jax.random.PRNGKey(1), 8, 32, activation='silu')
     direct = storage.margins(params(keys), values, mapping)
     by_mlp = self.variant(functools.partial(storage.evaluate_mlp,
-                                            chunk_size=7))(params, keys,
-                                                           values, mapping)
+                                            chunk_size=7))(
+                                                params,
+                                                F.FactSet(keys, values,
+                                                          mapping))
     chex.assert_trees_all_close(by_mlp.margins, direct, atol=1e-5, rtol=1e-5)
     by_fn = storage.evaluate_fn(lambda k: params(k),
                                 F.FactSet(keys, values, mapping), chunk_size=33)
@@ -176,14 +178,15 @@ class RandomTest(chex.TestCase):
     # Under jit XLA may keep fused bf16 elementwise work in float32, as it
     # would in a deployed jitted model; the result stays within bf16 rounding.
     jitted = jax.jit(storage.evaluate_mlp, static_argnames='compute_dtype')(
-        params, keys, values, mapping, compute_dtype='bfloat16')
+        params, F.FactSet(keys, values, mapping), compute_dtype='bfloat16')
     chex.assert_trees_all_close(jitted.margins, expected, atol=0.1)
 
   def test_bad_compute_dtype(self):
     _, values, mapping = _random_problem(d=8)
     params = M.init_mlp(jax.random.PRNGKey(4), 8, 4, activation='relu', gate_bias=True)
     with self.assertRaisesRegex(ValueError, r"compute_dtype must be None.*'int8'"):
-      storage.evaluate_mlp(params, F.FactSet(jnp.zeros((100, 8)), values, mapping),
+      storage.evaluate_mlp(params,
+                           F.FactSet(jnp.zeros((100, 8)), values, mapping),
                            compute_dtype='int8')
 
   def test_perfect_mlp_lookup(self):
