@@ -204,7 +204,10 @@ def _solve_block(table: _Table, own: Array, *, num_candidates: int,
   k, kp = num_candidates, pool_size
   vals = table.values
   vb, sqb = vals[own], table.sqnorm[own]
-  stop = max(atol, floor)
+  # rho_i >= 0 (u = 0 is feasible), so a dual bound <= tol already pins rho
+  # within tol: values inside the hull (dual -> 0 only sublinearly) stop
+  # there instead of running every Frank-Wolfe step.
+  stop = max(atol, floor, tol)
 
   # Pass 1: the pool, the kp competitors scoring lowest against the start
   # direction x0 = v_i / |v_i| (values are centred, so v_i points away from
@@ -345,7 +348,11 @@ def decodability(values: Array, *, num_candidates: int | None = None,
       ``d + 1`` points and grows with ``P``; measured: ``K = 32`` stalls at
       ``P = 65,536, d = 32``, ``K = 64`` stalls at ``d = 256``, while the
       default certifies ``gap <= 1e-3`` for ``d`` from 16 to 512.
-    tol: target certificate gap ``dual_bound - rho``.
+    tol: target certificate gap ``dual_bound - rho``. Since ``rho_i >= 0``,
+      a value whose dual bound reaches ``tol`` is settled too (``rho_i`` is
+      in ``[0, tol]``; its ``rho`` may stay negative and it is reported not
+      decodable): a value with ``0 < rho_i <= tol`` may be reported either
+      way, so lower ``tol`` to resolve smaller ``rho``.
     atol: a dual bound at or below this means "not decodable".
     floor: stop refining a value once its dual bound is <= ``floor`` (its
       rho is then known to be below the floor; its gap may exceed ``tol``).
@@ -419,7 +426,7 @@ def decodability(values: Array, *, num_candidates: int | None = None,
     k_retry = k
     while k_retry < k_max and not traced:
       gap, dual = np.asarray(result.gap), np.asarray(result.dual_bound)
-      open_ = np.flatnonzero((gap > tol) & (dual > max(atol, floor)))
+      open_ = np.flatnonzero((gap > tol) & (dual > max(atol, floor, tol)))
       if not open_.size:
         break
       k_retry = min(2 * k_retry, k_max)

@@ -106,7 +106,7 @@ def choose_code_dim(key: Array, values: Array, mapping, config:
     larger active set would not touch them)."""
     rho_p, gap, dual = (np.asarray(a) for a in (part.rho, part.gap,
                                                 part.dual_bound))
-    closed = (gap <= config.tol) | (dual <= max(1e-6, floor))
+    closed = (gap <= config.tol) | (dual <= max(1e-6, floor, config.tol))
     return ids[is_used[ids] & closed & (rho_p <= floor)]
 
   for m in dims:
