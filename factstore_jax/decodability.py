@@ -236,7 +236,9 @@ def _solve_block(table: _Table, own: Array, *, num_candidates: int,
     def body(state):
       t, act, lam, _ = state
       wa = w[act]
-      lam = _pairwise_frank_wolfe(wa @ wa.T, lam, tol / 2, max_inner, stop)
+      # Half the stop: its incrementally updated norm drifts from |x|.
+      lam = _pairwise_frank_wolfe(wa @ wa.T, lam, tol / 2, max_inner,
+                                  stop / 2)
       x = lam @ wa
       dual = jnp.linalg.norm(x)
       s = w @ x
