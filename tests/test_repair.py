@@ -65,6 +65,36 @@ class RepairTest(absltest.TestCase):
                                        []), parts)
 
 
+class ConstructRepairTest(absltest.TestCase):
+
+  def test_a_failed_certificate_repairs_before_any_dense_check(self):
+    # A bucket whose map misses its keys (as a nearly square float32 solve
+    # does at 2^20 facts) fails the certificate: construct refits it in
+    # float64 and certifies again; the dense check never runs.
+    fs, _ = _built()
+    real_build = ed.build_gadgets_streamed
+    dense_calls = []
+    real_dense = verify_lib.verify_structured_streamed
+
+    def broken(*args, **kwargs):
+      parts = real_build(*args, **kwargs)
+      return parts._replace(maps=parts.maps.at[2].add(
+          0.5 * jax.random.normal(jax.random.key(1), parts.maps[2].shape)))
+
+    def dense(*args, **kwargs):
+      dense_calls.append(1)
+      return real_dense(*args, **kwargs)
+    with mock.patch.object(ed, 'build_gadgets_streamed', broken), \
+        mock.patch.object(verify_lib, 'verify_structured_streamed', dense):
+      c = ed.construct(0, fs, bucket_size=8)
+    self.assertEqual(c.report.repaired_buckets, 1)
+    self.assertEqual(c.report.check, 'certificate')
+    self.assertEqual(dense_calls, [])
+    self.assertEqual(c.report.accuracy, 1.0)
+    self.assertGreater(c.report.min_margin, 0.0)
+    self.assertEqual(c.report.retries, 0)
+
+
 class CheckFallbackTest(absltest.TestCase):
 
   def test_an_uncertified_model_goes_to_the_dense_check(self):

@@ -257,8 +257,9 @@ def construct(key: Array | int, factset: FactSet,
           stream_size=STREAM_BUCKETS, progress=None if progress is None
           else lambda done, total: progress('buckets', done, total))
     model = prune_dead(assemble_jit(parts, decoder, config.activation))
-    check, check_name, f32 = check_construction(parts, model, factset, codes, progress,
-                                    config.verify)
+    # A failed certificate names the facts to repair before any dense check.
+    check, check_name, f32 = check_construction(
+        parts, model, factset, codes, progress, config.verify, fallback=False)
     # NaN margins (a singular bucket) count as failing.
     if not float(check.storage.min_margin) > 0:
       bad = failing_buckets(parts, keys, targets, check.storage.margins)
@@ -270,8 +271,8 @@ def construct(key: Array | int, factset: FactSet,
       repaired += len(bad)
       split += n_split
       model = prune_dead(assemble_jit(parts, decoder, config.activation))
-      check, check_name, f32 = check_construction(parts, model, factset, codes, progress,
-                                    config.verify)
+      check, check_name, f32 = check_construction(
+          parts, model, factset, codes, progress, config.verify)
     if float(check.storage.min_margin) > 0:
       break
     if retries >= config.max_retries:

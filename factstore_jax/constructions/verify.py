@@ -191,12 +191,16 @@ def certify_gadgets(parts: Gadgets, model: EncoderDecoder, factset, codes, *,
 
 
 def check_construction(parts: Gadgets, model: EncoderDecoder, factset, codes,
-                       progress=None, method: str = 'certificate'):
+                       progress=None, method: str = 'certificate',
+                       fallback: bool = True):
   """Verification of every fact: ``(Verification, check name, float32 bound)``.
 
   The certificate (clipped gate) is tried first; if it cannot certify every
   fact the dense check decides (it sees the margins the dense float32
-  evaluation computes).
+  evaluation computes), unless ``fallback`` is False: then the failed
+  certificate is returned (its margins are lower bounds, so the keys it
+  fails include every key the dense check would fail), e.g. to repair the
+  buckets it names before paying for the dense check.
   """
   if model.activation == 'clipped' and method == 'certificate':
     check, cert = certify_gadgets(
@@ -204,6 +208,15 @@ def check_construction(parts: Gadgets, model: EncoderDecoder, factset, codes,
         progress=None if progress is None else
         lambda done, total: progress('certify', done, total))
     if float(check.storage.min_margin) > 0:
+      return check, 'certificate', cert.float32_bound
+    if not fallback:
+      logging.info('certificate: min margin %.3g on %d fact(s) (exact code '
+                   'error %.3g, sampled float32 deviation %.3g, worst-case '
+                   'allowance %.3g, step slack %.3g)',
+                   float(check.storage.min_margin),
+                   int(np.sum(~(cert.margins > 0))), cert.exact_code_error,
+                   cert.float32_sampled, cert.float32_worst_case,
+                   cert.step_slack)
       return check, 'certificate', cert.float32_bound
     logging.info('certificate: min margin %.3g (float32 bound %s; exact code '
                  'error %.3g, sampled float32 deviation %.3g, worst-case '
