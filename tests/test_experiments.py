@@ -28,7 +28,19 @@ def rows(path):
     return list(csv.DictReader(f))
 
 
-def test_capacity_scaling_tiny(tmp_path):
+def run_main(module, out_dir, *flags):
+  """``module.main`` in this process (flags restored afterwards).
+
+  For runs that compute nothing (resumed grids, reports, usage errors): they
+  need no fresh interpreter, only the script's flags and ``main``.
+  """
+  from absl.testing import flagsaver  # pylint: disable=import-outside-toplevel
+  with flagsaver.flagsaver():
+    module.FLAGS([module.__name__, f'--out_dir={out_dir}', *flags])
+    module.main([])
+
+
+def test_capacity_scaling_tiny(tmp_path, monkeypatch):
   flags = ['--dims=16', '--alphas=0.125,0.25', '--seeds=0,1',
            '--methods=gd,hebbian_ridge', '--geometries=isotropic',
            '--max_steps=600', '--learning_rate=0.01', '--patience=200',
@@ -55,29 +67,46 @@ def test_capacity_scaling_tiny(tmp_path):
                  r['accuracy']) for r in logged) == sorted(
       (int(r['num_facts']), r['method'], int(r['seed']), int(w), a)
       for r in got for w, a in json.loads(r['tested']).items())
+  # The runs below that compute nothing call the script's main in this
+  # process (no fresh interpreter and JAX start each).
+  from absl import app  # pylint: disable=import-outside-toplevel
+  monkeypatch.syspath_prepend(os.path.join(ROOT, 'experiments'))
+  monkeypatch.setattr(sys, 'excepthook', sys.excepthook)  # main installs one
+  import capacity_scaling  # pylint: disable=import-outside-toplevel
+  main = lambda *f: run_main(capacity_scaling, tmp_path, *f)
   # A re-run finds every row done and computes nothing new.
   mtime = os.path.getmtime(tmp_path / 'rows.csv')
-  run('capacity_scaling.py', tmp_path, *flags)
+  main(*flags)
   assert os.path.getmtime(tmp_path / 'rows.csv') == mtime
   # A cap on N drops the grid points above it (here the whole d = 24 part
   # and alpha = 0.25 at d = 16), so nothing new is computed either.
-  run('capacity_scaling.py', tmp_path, *flags[1:], '--dims=16,24',
-      '--max_num_facts=32')
+  main(*flags[1:], '--dims=16,24', '--max_num_facts=32')
   assert os.path.getmtime(tmp_path / 'rows.csv') == mtime
   assert '| isotropic | 16 | gd | 64 |' not in (
       tmp_path / 'summary.md').read_text()
-  with pytest.raises(AssertionError, match='No grid point'):
-    run('capacity_scaling.py', tmp_path, *flags, '--max_num_facts=8')
+  with pytest.raises(app.UsageError, match='No grid point'):
+    main(*flags, '--max_num_facts=8')
   # --summarize_only reports the finished points of a larger grid and
   # computes nothing (d = 24 has none).
-  run('capacity_scaling.py', tmp_path, *flags[1:], '--dims=16,24',
-      '--summarize_only')
+  main(*flags[1:], '--dims=16,24', '--summarize_only')
   assert os.path.getmtime(tmp_path / 'rows.csv') == mtime
   summary = (tmp_path / 'summary.md').read_text()
   assert '| isotropic | 16 | gd | 64 |' in summary and '| 24 |' not in summary
-  with pytest.raises(AssertionError, match='No finished grid point'):
-    run('capacity_scaling.py', tmp_path, *flags[1:], '--dims=24',
-        '--summarize_only')
+  with pytest.raises(app.UsageError, match='No finished grid point'):
+    main(*flags[1:], '--dims=24', '--summarize_only')
+  # A different GD setup does not reuse the logged rounds (the search would
+  # train every width again); the same setup does.
+  from absl.testing import flagsaver  # pylint: disable=import-outside-toplevel
+  cell = ['isotropic', 16, 32, 'gd']
+  tested = [json.loads(r['tested']) for r in sorted(got, key=lambda r: r['seed'])
+            if (r['num_facts'], r['method']) == ('32', 'gd')]
+  with flagsaver.flagsaver():
+    for max_steps, want in (('600', tested), ('500', [{}, {}])):
+      capacity_scaling.FLAGS(['capacity_scaling', f'--out_dir={tmp_path}',
+                              *flags, f'--max_steps={max_steps}'])
+      setups = [capacity_scaling.round_setup()] * 2
+      known = capacity_scaling.load_rounds(cell, [0, 1], setups)
+      assert [{str(w): a for w, a in k.items()} for k in known] == want
   # rows.csv lost, rounds.jsonl kept: the re-run replays the logged rounds
   # (the closed-form baselines too: they are batched) and trains nothing.
   os.remove(tmp_path / 'rows.csv')
@@ -87,11 +116,6 @@ def test_capacity_scaling_tiny(tmp_path):
   drop = lambda rs: [{k: v for k, v in r.items() if k != 'seconds'}
                      for r in rs]
   assert drop(again) == drop(got)
-  # A different GD setup does not reuse them.
-  os.remove(tmp_path / 'rows.csv')
-  proc = run('capacity_scaling.py', tmp_path, *flags, '--max_steps=500',
-             '--methods=gd', '--alphas=0.125', '--seeds=0')
-  assert 'gd isotropic d=16 N=32 [' in proc.stderr
 
 
 def test_capacity_rounds_replay_only_the_same_setup(tmp_path, monkeypatch):
@@ -163,9 +187,12 @@ def test_capacity_scaling_summary_slopes(monkeypatch):
 
 
 def test_decodability_scaling_tiny(tmp_path):
+  # 2,000 GD steps store 32 facts at widths 10-20 (600 steps needed up to
+  # 128), and rel_tol=1 stops each search at its first bracket: three
+  # compiled widths in all instead of about eight.
   run('decodability_scaling.py', tmp_path, '--dim=16', '--num_facts=32',
       '--betas=0,4', '--exponents=2', '--whitened=power_law_2',
-      '--methods=gd', '--seeds=0', '--max_steps=600', '--rel_tol=0.5')
+      '--methods=gd', '--seeds=0', '--max_steps=2000', '--rel_tol=1')
   got = rows(tmp_path / 'rows.csv')
   assert {r['geometry'] for r in got} == {
       'spike_0', 'spike_4', 'power_law_2', 'power_law_2+whitened'}
@@ -178,16 +205,24 @@ TINY_TRANSFORMER = ['--num_junk=2', '--context_len=2', '--steps=300',
                     '--mlp_steps=1500', '--rel_tol=0.5']
 
 
-def test_transformer_recall_tiny(tmp_path):
-  run('transformer_recall.py', tmp_path, '--dims=16', '--num_facts=32',
-      '--methods=encoder_decoder,hebbian_ridge', '--schedules=a',
-      *TINY_TRANSFORMER)
-  got = rows(tmp_path / 'rows.csv')
-  assert len(got) == 2 * 2  # methods x swap
+def _transformer_recall(out_dir, methods):
+  run('transformer_recall.py', out_dir, '--dims=16', '--num_facts=32',
+      f'--methods={",".join(methods)}', '--schedules=a', *TINY_TRANSFORMER)
+  got = rows(out_dir / 'rows.csv')
+  assert len(got) == len(methods) * 2  # methods x swap
   assert all(0 <= float(r['recall']) <= 1 for r in got)
   assert all(float(r['standalone_accuracy']) == 1.0 for r in got)
-  assert '| encoder_decoder | 16 | 32 |' in (tmp_path / 'summary.md').read_text()
-  assert (tmp_path / 'recall.png').stat().st_size > 0
+  assert '| encoder_decoder | 16 | 32 |' in (out_dir / 'summary.md').read_text()
+  assert (out_dir / 'recall.png').stat().st_size > 0
+
+
+def test_transformer_recall_tiny(tmp_path):
+  _transformer_recall(tmp_path, ['encoder_decoder'])
+
+
+@pytest.mark.slow  # ~25 s more (the Hebbian W* search); the closed form
+def test_transformer_recall_tiny_two_methods(tmp_path):  # covers the script
+  _transformer_recall(tmp_path, ['encoder_decoder', 'hebbian_ridge'])
 
 
 @pytest.mark.slow  # ~40 s in the suite; test_transformer_recall_tiny runs
