@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import chex
 import jax
@@ -210,8 +211,9 @@ def test_loss_gradients():
                                     activation='silu', gate_bias=True,
                                     dtype=jnp.float64)
     for loss in ('xent', 'mse'):
-      fn = lambda w_up, w_down: training.storage_loss(
-          model.replace(w_up=w_up, w_down=w_down), fs, loss=loss)
+      # Jitted: one compiled program instead of every op dispatched alone.
+      fn = jax.jit(lambda w_up, w_down, loss=loss: training.storage_loss(
+          model.replace(w_up=w_up, w_down=w_down), fs, loss=loss))
       check_grads(fn, (model.w_up, model.w_down), order=1, modes=['rev'])
 
 
@@ -225,8 +227,8 @@ def test_xent_gradients_many_to_one_with_offset(hidden):
     model = mlp_lib.init_mlp(jax.random.key(16), 8, hidden,
                                     down_bias=True, dtype=jnp.float64)
     model = model.replace(b_down=jnp.linspace(-1.0, 1.0, 8))
-    fn = lambda w_gate, w_down, b_down: training.storage_loss(
-        model.replace(w_gate=w_gate, w_down=w_down, b_down=b_down), fs)
+    fn = jax.jit(lambda w_gate, w_down, b_down: training.storage_loss(
+        model.replace(w_gate=w_gate, w_down=w_down, b_down=b_down), fs))
     check_grads(fn, (model.w_gate, model.w_down, model.b_down), order=1,
                 modes=['rev'])
 
@@ -265,13 +267,19 @@ def test_xent_head_blocks_match_autodiff(offset):
       return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(n), target])
 
     args = (z, table, bias) if offset else (z, table)
-    want = jax.value_and_grad(reference, argnums=range(len(args)))(
+    want = jax.jit(jax.value_and_grad(reference, argnums=range(len(args))))(
         *args, *([] if offset else [None]))
-    for rows in (n, 1, 7, 10, 64):  # one call, 30, 4 + 2, 3, one call
-      head = lambda *a, rows=rows: training._xent_head(
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def head_vjp(rows, *a):  # one program per block size, not op by op
+      head = lambda *a: training._xent_head(
           a[0], a[1], a[2] if offset else None, target, rows)
-      (loss, accuracy), vjp = jax.vjp(head, *args)
+      (loss, accuracy), vjp = jax.vjp(head, *a)
       grads = vjp((jnp.asarray(1.0, jnp.float64), jnp.zeros((), jnp.float32)))
+      return loss, accuracy, grads
+
+    for rows in (n, 1, 7, 10, 64):  # one call, 30, 4 + 2, 3, one call
+      loss, accuracy, grads = head_vjp(rows, *args)
       chex.assert_trees_all_close((loss, grads), want, rtol=1e-12)
       wins = np.argmax(np.asarray(z @ table + (0.0 if bias is None else bias)),
                        1) == np.asarray(target)
@@ -306,7 +314,7 @@ def test_training_loss_gradients_with_transposed_keys(kind, loss):
     def grads(x_t):
       fn = lambda p: training._loss_and_accuracy(
           model.replace(**p), keys, values, target, loss, None, x_t)[0]
-      return jax.grad(fn)(params)
+      return jax.jit(jax.grad(fn))(params)  # one program, not op by op
 
     chex.assert_trees_all_close(grads(keys.T), grads(None), rtol=1e-10)
 
