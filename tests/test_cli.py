@@ -151,8 +151,10 @@ def test_usage_errors(files):
 
 def test_demo_small(files):
   folder, _ = files
-  proc = factstore('demo', '--num_facts', '1024', '--dim', '32',
-                   '--num_values', '128', '--png', 'margins.png', cwd=folder)
+  # The shapes of this module's fact set: the programs that construct and
+  # decodability compiled above are in the compilation cache.
+  proc = factstore('demo', '--num_facts', str(N), '--dim', str(D),
+                   '--num_values', str(P), '--png', 'margins.png', cwd=folder)
   assert proc.returncode == 0, proc.stderr
   assert 'all facts stored: yes' in proc.stdout
   assert (folder / 'margins.png').stat().st_size > 1000
