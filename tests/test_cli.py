@@ -116,8 +116,17 @@ def test_infeasible_construct_names_the_value(files):
   assert not os.path.exists(folder / 'never.safetensors')
 
 
-@pytest.mark.parametrize('case', ['nan', 'inf', 'range', 'dup', 'empty',
-                                  'shape'])
+_SLOW = pytest.mark.slow
+
+
+# The CLI's part (one line on stderr, exit status, no file) is the same for
+# every case; test_factsets and test_construction check each message. Two
+# cases run by default (~4 s each: a fresh interpreter), the rest with
+# --runslow.
+@pytest.mark.parametrize('case', [
+    'nan', pytest.param('inf', marks=_SLOW), pytest.param('range', marks=_SLOW),
+    'dup', pytest.param('empty', marks=_SLOW),
+    pytest.param('shape', marks=_SLOW)])
 def test_bad_input_fails_cleanly(files, case):
   folder, bad = files
   name, _, message = bad[case]

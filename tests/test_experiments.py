@@ -98,7 +98,8 @@ def test_capacity_scaling_tiny(tmp_path, monkeypatch):
   # train every width again); the same setup does.
   from absl.testing import flagsaver  # pylint: disable=import-outside-toplevel
   cell = ['isotropic', 16, 32, 'gd']
-  tested = [json.loads(r['tested']) for r in sorted(got, key=lambda r: r['seed'])
+  tested = [json.loads(r['tested'])
+            for r in sorted(got, key=lambda r: r['seed'])
             if (r['num_facts'], r['method']) == ('32', 'gd')]
   with flagsaver.flagsaver():
     for max_steps, want in (('600', tested), ('500', [{}, {}])):
