@@ -24,7 +24,7 @@ from factstore_jax.constructions import verify as verify_lib
 from factstore_jax.constructions import gadgets
 from factstore_jax.errors import FactStoreError
 
-N, D = 1024, 32
+N, D = 512, 32
 
 FACTSETS = {
     'tied': lambda: F.random_factset(jax.random.PRNGKey(0), N, D),

@@ -594,8 +594,11 @@ class BatchedTest(chex.TestCase):
     keys = jnp.stack([fs.keys for fs in fss])
     targets = jnp.stack([bc.codes[b][fs.mapping] for b, fs in enumerate(fss)])
     dir_keys = jax.random.split(jax.random.PRNGKey(11), B)
-    build = functools.partial(assembly.build_gadgets, bucket_size=bc.report.bucket_size)
-    batched = jax.vmap(build)(dir_keys, keys, targets)
+    # Both jitted, as construct_batched and construct_fixed run them (eager,
+    # every primitive would compile on its own).
+    build = jax.jit(functools.partial(assembly.build_gadgets,
+                                      bucket_size=bc.report.bucket_size))
+    batched = jax.jit(jax.vmap(build))(dir_keys, keys, targets)
     for b in range(B):
       single = build(dir_keys[b], keys[b], targets[b])
       np.testing.assert_array_equal(batched.buckets.index[b],
@@ -686,8 +689,9 @@ class BucketSolveTest(parameterized.TestCase):
       keys = jax.random.normal(jax.random.key(0), (b, d), dtype)
       targets = jax.random.normal(jax.random.key(1), (b, m), dtype)
       valid = jnp.arange(b) < n_valid
-      # Padding rows hold garbage: it must not reach the map.
-      maps = gadgets.solve_bucket(keys, targets, valid)
+      # Padding rows hold garbage: it must not reach the map. (Jitted, as
+      # solve_buckets runs it.)
+      maps = jax.jit(gadgets.solve_bucket)(keys, targets, valid)
     self.assertEqual(maps.dtype, dtype)
     k64 = np.asarray(keys[:n_valid], np.float64)
     expected = (np.linalg.pinv(k64) @ np.asarray(targets[:n_valid])).T

@@ -165,13 +165,15 @@ def test_chunked_gd_members_equal_vmapped(sets, monkeypatch):
   monkeypatch.setattr(sharding, 'map_batched', spy)
   keys = [jax.random.key(5), jax.random.key(6)]
   mapped = dataclasses.replace(FAST, chunk_size=1)
-  accs = [methods.evaluate_batched('gd', keys, sets, [3, 32], options=o)
+  # Widths 3 and 8: the vmapped call (2 members padded to 8) is the program
+  # of the first round of test_wstar_is_the_smallest_passing_width[gd].
+  accs = [methods.evaluate_batched('gd', keys, sets, [3, 8], options=o)
           for o in (FAST, mapped)]
   # Vmapped: one call padded to the widest member; mapped on one device:
   # one call per width, unpadded.
   # (So on one device a mapped member's accuracy is what it gets alone.)
-  assert used == [(None, 32)] + ([(1, 3), (1, 32)] if jax.device_count() == 1
-                                 else [(1, 32)])
+  assert used == [(None, 8)] + ([(1, 3), (1, 8)] if jax.device_count() == 1
+                                else [(1, 8)])
   assert accs[0][1] == 1.0 and accs[0][0] < 1.0
   np.testing.assert_allclose(accs[1], accs[0], atol=1 / 48 + 1e-6)
   # The closed-form baselines always vmap.
@@ -182,11 +184,13 @@ def test_chunked_gd_members_equal_vmapped(sets, monkeypatch):
 
 def test_baselines_search_up_to_64d():
   # Hebbian ridge plateaus below 1.0 here (d = 16, N = 160): the search
-  # grows to the default maximum, 64 d (GD's is 8 d).
+  # grows to the default maximum, 64 d (GD's is 8 d). It starts above 32 d,
+  # so it reaches 64 d in one doubling (one compiled width).
   fs = factsets.random_factset(jax.random.key(0), 160, 16, tied=True)
   cap = methods.find_capacity('hebbian_ridge', [jax.random.key(1)], [fs],
-                              start=8 * 16 + 1)[0]
+                              start=32 * 16 + 1)[0]
   assert cap.width is None and max(cap.tested) == 64 * 16
+  assert sorted(cap.tested) == [32 * 16 + 1, 64 * 16]
 
 
 def test_closed_form_capacity(sets):

@@ -69,28 +69,33 @@ def _settings(max_examples: int):
 # dimension (16): the Johnson-Lindenstrauss decoder path.
 N, D, P = 64, 32, 64
 
+# Jitted (one program per shape; eager, each primitive would compile on its
+# own), as tests/test_construction.py checks constructions.
+_dense_eval = jax.jit(storage.evaluate_mlp)
 
-@functools.partial(jax.jit, static_argnames=('n', 'd', 'p', 'tied', 'dtype'))
-def _embeddings(key, beta, exponent, *, n, d, p, tied, dtype):
-  """Keys and values: sphere points with a power-law covariance spectrum
+
+@functools.partial(jax.jit, static_argnames=('n', 'd', 'p', 'dtype'))
+def _embeddings(key, beta, exponent, *, n, d, p, dtype):
+  """``n + p`` rows: sphere points with a power-law covariance spectrum
   (``exponent``; 0 is isotropic) in a random basis, then a rank-1 spike of
-  strength ``beta`` along a random direction (rows renormalised)."""
+  strength ``beta`` along a random direction (rows renormalised). The
+  first ``n`` are the keys; the rest are untied values (one program per
+  dtype serves tied and untied fact sets)."""
   k_x, k_q, k_u = jax.random.split(key, 3)
-  x = factsets.sample_sphere(k_x, n + (0 if tied else p), d, dtype=dtype)
+  x = factsets.sample_sphere(k_x, n + p, d, dtype=dtype)
   spectrum = factsets.power_law_spectrum(d, exponent, dtype=dtype)
   q = factsets.random_orthogonal(k_q, d, dtype=dtype)
   x = (x * jnp.sqrt(spectrum * d)) @ q.T
   u = factsets.sample_sphere(k_u, 1, d, dtype=dtype)[0]
-  x = factsets.spike(x, beta, u)
-  keys = x[:n]
-  values = keys[:p] if tied else x[n:]
-  return keys, values
+  return factsets.spike(x, beta, u)
 
 
 def _factset(seed, beta, exponent, tied, dtype):
   n, d, p = N, D, P
-  keys, values = _embeddings(jax.random.key(seed), beta, exponent, n=n, d=d,
-                             p=p, tied=tied, dtype=dtype)
+  x = np.asarray(_embeddings(jax.random.key(seed), beta, exponent, n=n, d=d,
+                             p=p, dtype=dtype))
+  keys = x[:n]
+  values = keys[:p] if tied else x[n:]
   rng = np.random.default_rng(seed)
   mapping = rng.permutation(n) if tied else rng.integers(0, p, n)
   return factsets.make_factset(keys, values, mapping, dtype=dtype)
@@ -123,7 +128,7 @@ def _build_and_check(tied, dtype, seed, beta, exponent, fill, code_dim) -> str:
       assert c.model.decoder.shape == (D, r.code_dim)
     assert c.model.w_up.dtype == jnp.dtype(dtype)
     # Independent dense check of the folded gated MLP, in the same dtype.
-    dense = storage.evaluate_mlp(c.mlp, fs)
+    dense = _dense_eval(c.mlp, fs)
     assert float(dense.accuracy) == 1.0
     assert float(dense.min_margin) > 0
     if r.check == 'certificate':   # a lower bound for the factorised model

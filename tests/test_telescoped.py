@@ -49,6 +49,16 @@ def _cached(name, **overrides):
   return ed.construct(0, _fs(name), **overrides)
 
 
+@functools.lru_cache(maxsize=None)
+def _float64_patched():
+  """One float64 construction (full buckets, patched stragglers) for the
+  float64 checks of the fill and the patch tests: (fact set, construction).
+  Call it with x64 enabled."""
+  fs = F.random_factset(jax.random.PRNGKey(101), N, D, 64, tied=False,
+                        mapping='many_to_one', dtype=jnp.float64)
+  return fs, ed.construct(0, fs, code_dim=8, patch=0.1, fill=1.0)
+
+
 def assert_stores(test, c, fs):
   r = c.report
   test.assertEqual(r.accuracy, 1.0)
@@ -81,9 +91,8 @@ class FillTest(parameterized.TestCase):
 
   def test_float64(self):
     with jax.enable_x64(True):
-      fs = F.random_factset(jax.random.PRNGKey(100), N, D,
-                            dtype=jnp.float64)
-      c = ed.construct(0, fs, fill=1.0)
+      fs, c = _float64_patched()   # fill 1.0
+      self.assertEqual(c.report.fill, 1.0)
       self.assertEqual(c.model.w_up.dtype, jnp.float64)
       assert_stores(self, c, fs)
       # float64 rounding: the telescoped codes are exact to ~1e-12.
@@ -155,9 +164,7 @@ class PatchTest(parameterized.TestCase):
 
   def test_patched_many_to_one_float64(self):
     with jax.enable_x64(True):
-      fs = F.random_factset(jax.random.PRNGKey(101), N, D, 64, tied=False,
-                            mapping='many_to_one', dtype=jnp.float64)
-      c = ed.construct(0, fs, code_dim=8, patch=0.1)
+      fs, c = _float64_patched()   # code_dim 8, patch 0.1
       self.assertGreater(c.report.patched_values, 0)
       self.assertEqual(c.model.decoder.dtype, jnp.float64)
       assert_stores(self, c, fs)
@@ -244,7 +251,10 @@ class SplitGuardTest(parameterized.TestCase):
   def test_split_bucket_places_a_step_in_the_widest_gap(self):
     keys = jnp.asarray(np.random.default_rng(1).normal(size=(40, 8)),
                        jnp.float32)
-    buckets = gadgets.make_buckets(jax.random.PRNGKey(0), keys, 16)
+    # Jitted, as the construction runs it (eager, each primitive of the
+    # direction draws and sorts would compile on its own).
+    make = jax.jit(gadgets.make_buckets, static_argnums=2)
+    buckets = make(jax.random.PRNGKey(0), keys, 16)
     j = 1
     split = gadgets.split_bucket(buckets, keys, j)
     n = buckets.index.shape[0]
@@ -266,7 +276,7 @@ class SplitGuardTest(parameterized.TestCase):
     np.testing.assert_array_equal(split.step_start[j + 2:],
                                   buckets.step_start[j + 1:])
     with self.assertRaisesRegex(ValueError, 'cannot split'):
-      one = gadgets.make_buckets(jax.random.PRNGKey(0), keys[:1], 16)
+      one = make(jax.random.PRNGKey(0), keys[:1], 16)
       gadgets.split_bucket(one, keys[:1], 0)
 
 
