@@ -253,7 +253,10 @@ def _end_started_processes():
 
 def _start(out_dir, *flags):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
+  # One device per process: drop any device-count flag (keep the rest, e.g.
+  # the suite's XLA optimisation level, so the compilation cache serves).
+  env['XLA_FLAGS'] = ' '.join(
+      f for f in env.get('XLA_FLAGS', '').split() if 'device_count' not in f)
   proc = subprocess.Popen(
       [sys.executable, os.path.join(ROOT, 'experiments', 'capacity_scaling.py'),
        f'--out_dir={out_dir}', *GRID, *flags],

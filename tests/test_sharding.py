@@ -85,7 +85,8 @@ _SCRIPT = textwrap.dedent('''
 
 
 def test_map_batched_sharded_equals_unsharded():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+  env = dict(os.environ, XLA_FLAGS=os.environ.get('XLA_FLAGS', '')
+             + ' --xla_force_host_platform_device_count=4',
              JAX_PLATFORMS='cpu',
              PYTHONPATH=os.pathsep.join(
                  [REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p]))

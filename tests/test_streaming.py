@@ -218,7 +218,8 @@ def test_construct_on_three_devices_equals_one_device(tmp_path, built):
   """Bucket solves and decodability split over 3 CPU devices (subprocess:
   the device count is fixed when JAX starts) give this process's result
   (on CPU: the module's construction of the same fact set)."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=3',
+  env = dict(os.environ, XLA_FLAGS=os.environ.get('XLA_FLAGS', '')
+             + ' --xla_force_host_platform_device_count=3',
              JAX_PLATFORMS='cpu',
              PYTHONPATH=os.pathsep.join(
                  [REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
@@ -240,7 +241,7 @@ def test_construct_on_three_devices_equals_one_device(tmp_path, built):
   else:  # the one-device reference on the CPU too (GPU rounding differs)
     proc = subprocess.run(
         [sys.executable, '-c', _ONE_DEVICE, str(tmp_path / 'one.npz')],
-        cwd=REPO, env=dict(env, XLA_FLAGS=''), capture_output=True,
+        cwd=REPO, env=dict(env, XLA_FLAGS=os.environ.get('XLA_FLAGS', '')), capture_output=True,
         text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = np.load(tmp_path / 'one.npz')
