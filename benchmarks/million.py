@@ -112,11 +112,13 @@ def make_factset(key: jax.Array, n: int, d: int, p: int,
 
 
 class _Progress:
-  """tqdm bar per stage; records each stage's first and last call time."""
+  """tqdm bar per stage; records each stage's first and last call time and
+  the process's peak RSS at its last call (where the peak grew: the stage
+  that holds the largest working set)."""
 
   def __init__(self):
     self.t0 = time.perf_counter()
-    self.bars, self.first, self.last = {}, {}, {}
+    self.bars, self.first, self.last, self.peak = {}, {}, {}, {}
 
   def __call__(self, stage: str, done: int, total: int):
     now = time.perf_counter() - self.t0
@@ -127,6 +129,7 @@ class _Progress:
     bar = self.bars[stage]
     bar.update(done - bar.n)
     self.last[stage] = now
+    self.peak[stage] = _rss_mib()
     if done >= total:
       bar.close()
 
@@ -184,6 +187,7 @@ def run_single(n: int) -> dict:
       'float32_bound': rep.float32_bound,
       'dense_check': dense,
       'peak_rss_mib': _rss_mib(),
+      'stage_peak_rss_mib': progress.peak,
       'rss_after_generate_mib': rss_gen,
       'start_rss_mib': rss_start,
       'foreign_cpu_generate': foreign_gen.as_dict(),
