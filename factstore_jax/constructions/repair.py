@@ -18,17 +18,19 @@ Array = jax.Array
 
 @jax.jit
 @full_precision
-def _direct_misses(maps, keys, targets, owner):
-  """``(N,)`` bool: whether key ``i``'s own bucket map misses its code,
-  ``max_r |(M_own k_i - c_i)_r| > 1e-3 (1 + max_r |c_ir|)`` or non-finite
-  (computed per key: no ``(N, m)`` temporary)."""
+def _own_map_misses(maps, keys, targets, index, valid):
+  """``(n, b)`` bool: whether bucket ``j``'s own map misses the code of its
+  key ``index[j, s]``: ``max_r |(M_j k - c)_r| > 1e-3 (1 + max_r |c_r|)`` or
+  non-finite. One ``(b, d) x (d, m)`` product per bucket (per key, each
+  key would gather its bucket's whole ``(m, d)`` map)."""
   def one(args):
-    k, c, j = args
-    err = jnp.abs(maps[j] @ k - c)
+    m_j, rows, ok = args
+    c = targets[rows]
+    err = jnp.abs(keys[rows] @ m_j.T - c)
     # NaN counts as a miss (explicitly: a max reduction may drop NaNs).
-    err = jnp.max(jnp.where(jnp.isnan(err), jnp.inf, err))
-    return ~(err <= 1e-3 * (1 + jnp.max(jnp.abs(c))))
-  return jax.lax.map(one, (keys, targets, owner), batch_size=4096)
+    err = jnp.max(jnp.where(jnp.isnan(err), jnp.inf, err), axis=1)
+    return ok & ~(err <= 1e-3 * (1 + jnp.max(jnp.abs(c), axis=1)))
+  return jax.lax.map(one, (maps, index, valid), batch_size=16)
 
 
 def failing_buckets(parts: Gadgets, keys, targets, margins) -> np.ndarray:
@@ -44,8 +46,11 @@ def failing_buckets(parts: Gadgets, keys, targets, margins) -> np.ndarray:
   if not failing.any():
     return np.zeros(0, np.int64)
   owner = np.asarray(bucket_of_key(parts.buckets, keys.shape[0]))
-  missed = np.asarray(_direct_misses(parts.maps, keys, targets,
-                                     jnp.asarray(owner)))
+  index, valid = parts.buckets.index, parts.buckets.valid
+  misses = np.asarray(_own_map_misses(parts.maps, keys, targets, index, valid))
+  missed = np.zeros(failing.shape[0], bool)
+  valid_np = np.asarray(valid)
+  missed[np.asarray(index)[valid_np]] = misses[valid_np]
   culprits = np.unique(owner[failing & missed])
   return culprits if culprits.size else np.unique(owner[failing])
 
