@@ -236,13 +236,12 @@ def test_construct_on_three_devices_equals_one_device(tmp_path, built):
   np.testing.assert_allclose(three['rho_split'], three['rho_one'], rtol=1e-6,
                              atol=1e-7)
   if jax.default_backend() == 'cpu':
-    one = _saved(built[1])   # ed.construct(0, _factset(n=600, d=16, p=300),
-                             #              bucket_size=6)
+    one = _saved(built[1])   # the same fact set and bucket_size, built here
   else:  # the one-device reference on the CPU too (GPU rounding differs)
     proc = subprocess.run(
         [sys.executable, '-c', _ONE_DEVICE, str(tmp_path / 'one.npz')],
-        cwd=REPO, env=dict(env, XLA_FLAGS=os.environ.get('XLA_FLAGS', '')), capture_output=True,
-        text=True, timeout=600)
+        cwd=REPO, env=dict(env, XLA_FLAGS=os.environ.get('XLA_FLAGS', '')),
+        capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = np.load(tmp_path / 'one.npz')
   assert three['code_dim'] == one['code_dim']
