@@ -29,11 +29,15 @@ with both times, their ratio and the CPU time other processes used
 meanwhile. Both runs compile from scratch: JAX writes its persistent
 compilation cache from process 0 only, and process 1's programs (on its own
 device) have other cache keys, so a warm cache would favour the one-process
-run. The grid has several seeds per cell so that compute, which the split
-halves, outweighs compiling, which each process does for its own cells.
+run. The script deals each cell (its geometries share compiled programs)
+to one process (``sweep.deal``), so no program is compiled twice. The grid
+has several seeds per cell so that compute outweighs compiling.
+``--mp_repeats`` runs several pairs in alternating order (a drift of this
+machine's speed, +-20% between runs, then favours neither side) and reports
+each pair's ratio and that of the summed times.
 
   python benchmarks/sweep.py
-  python benchmarks/sweep.py --multiprocess
+  python benchmarks/sweep.py --multiprocess --mp_repeats=2
 """
 
 from __future__ import annotations
@@ -71,10 +75,14 @@ flags.DEFINE_bool('multiprocess', False,
                   'Time capacity_scaling.py on --mp_grid as 1 process on one '
                   'core vs 2 jax.distributed processes on two cores.')
 flags.DEFINE_string(
-    'mp_grid', '--dims=16 --alphas=0.25 --seeds=0,1,2,3 '
+    'mp_grid', '--dims=48 --alphas=0.25 --seeds=0,1,2,3,4,5,6,7 '
     '--methods=encoder_decoder,gd --geometries=isotropic,anisotropic '
-    '--max_steps=2000 --learning_rate=0.01 --patience=1000 --rel_tol=0.25',
+    '--max_steps=3000 --learning_rate=0.01 --patience=1000 --rel_tol=0.25',
     'capacity_scaling.py flags (space-separated) of the --multiprocess grid.')
+flags.DEFINE_integer('mp_repeats', 1,
+                     'Pairs of --multiprocess runs; the order alternates '
+                     '(1 then 2 processes, 2 then 1, ...) so that a drift '
+                     'of the machine\'s speed does not favour either.')
 flags.DEFINE_list('mp_cores', ['0', '1'],
                   'Cores of the --multiprocess processes (taskset -c).')
 flags.DEFINE_string('mp_out', 'benchmarks/results/sweep_multiprocess.json',
@@ -212,20 +220,30 @@ def multiprocess() -> None:
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
     env.pop('XLA_FLAGS', None)  # one CPU device per process
     env.pop('JAX_COMPILATION_CACHE_DIR', None)  # both compile from scratch
-    one = run_grid(os.path.join(tmp, 'one'), 1, env)
-    two = run_grid(os.path.join(tmp, 'two'), 2, env)
-    rows_one = _rows(os.path.join(tmp, 'one', 'rows.csv'))
-    rows_two = _rows(os.path.join(tmp, 'two', 'rows.csv'))
+    ones, twos, same = [], [], True
+    for r in range(FLAGS.mp_repeats):
+      for n in ((1, 2) if r % 2 == 0 else (2, 1)):
+        out_dir = os.path.join(tmp, f'{n}.{r}')
+        (ones if n == 1 else twos).append(run_grid(out_dir, n, env))
+      rows_one = _rows(os.path.join(tmp, f'1.{r}', 'rows.csv'))
+      same &= rows_one == _rows(os.path.join(tmp, f'2.{r}', 'rows.csv'))
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
-  same = rows_one == rows_two
+  one_s = [o['seconds'] for o in ones]
+  two_s = [t['seconds'] for t in twos]
+  speedups = [o / t for o, t in zip(one_s, two_s)]
   out = dict(grid=shlex.split(FLAGS.mp_grid), cores=FLAGS.mp_cores[:2],
-             compilation_cache=False, one_process=one,
-             two_processes=two, speedup=one['seconds'] / two['seconds'],
+             compilation_cache=False, repeats=FLAGS.mp_repeats,
+             one_process=ones[0], two_processes=twos[0],
+             one_process_runs=ones, two_process_runs=twos,
+             speedups=speedups,
+             # The ratio of the summed times: each pair weighs as it ran.
+             speedup=sum(one_s) / sum(two_s),
              # Each process is pinned to one core and CPU-bound: on a quiet
              # machine its wall time is about its CPU time.
-             cpu_bound_speedup=(one['process_cpu_seconds'][0] /
-                                max(two['process_cpu_seconds'])),
+             cpu_bound_speedup=(
+                 sum(o['process_cpu_seconds'][0] for o in ones) /
+                 sum(max(t['process_cpu_seconds']) for t in twos)),
              rows=len(rows_one), rows_identical=same,
              machine=common.machine_info(),
              note=('foreign_cores: cores busy with other processes during '
@@ -233,13 +251,14 @@ def multiprocess() -> None:
                    'is not the one a quiet machine gives'))
   common.write_json(FLAGS.mp_out, out)
   print(f"capacity_scaling {FLAGS.mp_grid}: 1 process on core "
-        f"{FLAGS.mp_cores[0]} {one['seconds']:.1f} s, 2 processes on cores "
-        f"{','.join(FLAGS.mp_cores[:2])} {two['seconds']:.1f} s: "
-        f"{out['speedup']:.2f}x (CPU seconds of the slowest process: "
-        f"{out['cpu_bound_speedup']:.2f}x); rows identical: {same} ({len(rows_one)} "
-        f"rows); other processes used {one.get('foreign_cores', float('nan')):.2f}"
-        f" / {two.get('foreign_cores', float('nan')):.2f} cores meanwhile",
-        flush=True)
+        f"{FLAGS.mp_cores[0]} {', '.join(f'{t:.1f}' for t in one_s)} s, "
+        f"2 processes on cores {','.join(FLAGS.mp_cores[:2])} "
+        f"{', '.join(f'{t:.1f}' for t in two_s)} s: {out['speedup']:.2f}x "
+        f"(per pair: {', '.join(f'{x:.2f}' for x in speedups)}; CPU seconds "
+        f"of the slowest process: {out['cpu_bound_speedup']:.2f}x); rows "
+        f"identical: {same} ({len(rows_one)} rows); other processes used "
+        f"{max(r.get('foreign_cores', float('nan')) for r in ones + twos):.2f}"
+        " cores at most meanwhile", flush=True)
   if not same:
     raise SystemExit('rows differ between 1 and 2 processes')
 

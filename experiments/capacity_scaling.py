@@ -389,7 +389,10 @@ def main(argv):
   else:
     rows = run_sweep(configs, lambda g: compute(g, options), table,
                      batch_size=len(seeds), desc='capacity searches',
-                     merge_only=FLAGS.merge_only)
+                     merge_only=FLAGS.merge_only,
+                     # A cell's geometries share its compiled programs.
+                     affinity=lambda c: (c['dim'], c['num_facts'],
+                                         c['method']))
     if not rows:
       raise app.UsageError(f'No finished grid point in {table.path}.')
   if not distributed.is_main_process():

@@ -30,7 +30,7 @@ import numbers
 import os
 import re
 import zlib
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -345,6 +345,50 @@ def owner(group_index: int, num_processes: int) -> int:
   return slot if turn % 2 == 0 else num_processes - 1 - slot
 
 
+def deal(affinities: Sequence[Hashable], num_processes: int) -> list[int]:
+  """The process of each pending group, keeping groups of equal affinity
+  together as far as balance allows.
+
+  Groups with the same affinity (e.g. the same shapes, so the same compiled
+  programs) go to one process: the affinity classes, in order of first
+  appearance, are placed whole on the processes in snake order
+  (:func:`owner`), none taking more than ``ceil(groups / num_processes)``
+  groups; a class that does not fit the next process's room is split over
+  the next ones. Each program is then compiled by one process, as in a
+  one-process run, instead of by every process (on CPU the processes
+  cannot share compiled programs: the compilation cache keys them by
+  device).
+
+  Args:
+    affinities: one hashable per group, in group order.
+    num_processes: processes to deal to (``>= 1``).
+
+  Returns:
+    The owning process of each group; group counts differ by at most
+    ``ceil(groups / num_processes)`` minus the smallest share.
+  """
+  n = int(num_processes)
+  quota = max(1, -(-len(affinities) // n))
+  classes: dict[Hashable, list[int]] = {}
+  for g, a in enumerate(affinities):
+    classes.setdefault(a, []).append(g)
+  load, owners, turn = [0] * n, [0] * len(affinities), 0
+  for members in classes.values():
+    done = 0
+    while done < len(members):
+      # The next process in snake order with room (n * quota >= groups).
+      while load[owner(turn, n)] == quota:
+        turn += 1
+      p = owner(turn, n)
+      turn += 1
+      take = min(quota - load[p], len(members) - done)
+      for g in members[done:done + take]:
+        owners[g] = p
+      load[p] += take
+      done += take
+  return owners
+
+
 # ---------------------------------------------------------------------------
 # Sweep runner.
 # ---------------------------------------------------------------------------
@@ -356,7 +400,9 @@ def run_sweep(configs: Sequence[Mapping[str, Any]],
               table: ResultsTable, *, batch_size: int = 1,
               desc: str | None = None,
               progress: bool = True,
-              merge_only: bool = False) -> list[dict[str, Any]]:
+              merge_only: bool = False,
+              affinity: Callable[[Mapping[str, Any]], Hashable] | None = None
+              ) -> list[dict[str, Any]]:
   """Computes the configs ``table`` lacks and appends each finished row.
 
   Pending configs (those neither in ``table`` nor in any of its shard
@@ -370,7 +416,7 @@ def run_sweep(configs: Sequence[Mapping[str, Any]],
   this same call (same configs, same ``batch_size``; checked). The
   processes agree on what is pending (the union of what each sees on
   disk), cut it into the same groups one process would, and deal the groups
-  out (:func:`owner`); so each group's ``compute`` call, and its rows, are
+  out (:func:`deal`, by ``affinity``); so each group's ``compute`` call, and its rows, are
   those of a one-process run. Process ``i`` appends its rows to
   :func:`shard_path` ``(table.path, i)``. When all are done (a barrier),
   process 0 merges every shard into ``table``'s file (:func:`merge_shards`)
@@ -393,6 +439,12 @@ def run_sweep(configs: Sequence[Mapping[str, Any]],
       the number already done).
     merge_only: compute nothing: merge the shard files into ``table``'s
       file (process 0) and return the rows found.
+    affinity: optional ``config -> hashable``: groups (by their first
+      config) of equal affinity compile the same programs, e.g. one cell's
+      shapes under several geometries; under ``jax.distributed`` they go to
+      one process as far as balance allows (:func:`deal`). It changes which
+      process computes a group, never the group or its rows. ``None``: each
+      group on its own.
 
   Returns:
     The table's rows (parsed) for ``configs``, in ``configs`` order; with
@@ -433,7 +485,7 @@ def run_sweep(configs: Sequence[Mapping[str, Any]],
                     total=len(configs), desc=desc, progress=progress)
     return [table.get(c) for c in configs]
   return _run_distributed(configs, compute, table, batch_size, desc, progress,
-                          info)
+                          info, affinity)
 
 
 def _groups(pending: list[dict[str, Any]],
@@ -458,7 +510,8 @@ def _compute_groups(groups, compute, table: ResultsTable, *, total: int,
 
 def _run_distributed(configs, compute, table: ResultsTable, batch_size: int,
                      desc: str | None, progress: bool,
-                     info: distributed.ProcessInfo) -> list[dict[str, Any]]:
+                     info: distributed.ProcessInfo,
+                     affinity) -> list[dict[str, Any]]:
   """:func:`run_sweep` on process ``info.process_id`` of several."""
   keys = [table.key(c) for c in configs]
   digest = zlib.crc32(json.dumps([table.key_fields, keys, batch_size])
@@ -473,8 +526,9 @@ def _run_distributed(configs, compute, table: ResultsTable, batch_size: int,
   done_anywhere = mask.any(axis=0)
   pending = [dict(c) for c, d in zip(configs, done_anywhere) if not d]
   groups = _groups(pending, batch_size)
-  mine = [g for i, g in enumerate(groups)
-          if owner(i, info.num_processes) == info.process_id]
+  owners = deal([i if affinity is None else affinity(g[0])
+                 for i, g in enumerate(groups)], info.num_processes)
+  mine = [g for g, o in zip(groups, owners) if o == info.process_id]
   own = ResultsTable(shard_path(table.path, info.process_id),
                      table.key_fields)
   label = (f'{desc} ' if desc else '') + (

@@ -53,6 +53,28 @@ if _OWN_CACHE:
     jax.config.update(_name, _value)
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env(device_count: int | None = None) -> dict[str, str]:
+  """The environment of a test's subprocess (``from conftest import ...``).
+
+  This checkout first on ``PYTHONPATH``, CPU only, and the suite's
+  ``XLA_FLAGS`` (its optimisation level, so the shared compilation cache
+  serves) with any device count replaced by ``device_count`` CPU devices
+  (``None``: XLA's default, one).
+  """
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env['PYTHONPATH'] = os.pathsep.join(
+      p for p in (ROOT, os.environ.get('PYTHONPATH')) if p)
+  flags = [f for f in env.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count')]
+  if device_count is not None:
+    flags.append(f'--xla_force_host_platform_device_count={device_count}')
+  env['XLA_FLAGS'] = ' '.join(flags)
+  return env
+
+
 def pytest_addoption(parser):
   parser.addoption('--runslow', action='store_true', default=False,
                    help='also run tests marked @pytest.mark.slow')

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import textwrap
 
+from conftest import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent('''
@@ -51,7 +53,7 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_v2_law_comparison_recovers_the_generating_laws():
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  env = subprocess_env()
   proc = subprocess.run([sys.executable, '-c', SCRIPT], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

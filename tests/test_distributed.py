@@ -15,6 +15,8 @@ import time
 import numpy as np
 import pytest
 
+from conftest import subprocess_env
+
 from factstore_jax import distributed, sweep
 from factstore_jax.errors import FactStoreError
 
@@ -81,6 +83,53 @@ def test_owner_deals_in_snake_order():
   for n in (1, 2, 5):
     counts = np.bincount([sweep.owner(i, n) for i in range(10 * n)])
     assert counts.tolist() == [10] * n
+
+
+def test_deal_keeps_an_affinity_on_one_process_while_balanced():
+  # No shared affinity: the snake order.
+  assert sweep.deal(list(range(8)), 2) == [sweep.owner(i, 2) for i in range(8)]
+  # Two cells under two geometries: each cell's groups on one process.
+  assert sweep.deal(['ed', 'gd', 'ed', 'gd'], 2) == [0, 1, 0, 1]
+  assert sweep.deal([1, 2, 3, 1, 2, 3], 3) == [0, 1, 2, 0, 1, 2]
+  # Whole classes in snake order while they fit: (16, ED), (16, GD),
+  # (48, ED), (48, GD), (64, ED), (64, GD) under two geometries.
+  cells = [(d, m) for d in (16, 48, 64) for m in ('ed', 'gd')] * 2
+  owners = sweep.deal(cells, 2)
+  assert owners[:6] == owners[6:] == [0, 1, 1, 0, 0, 1]
+  # No process takes more than ceil(groups / processes): a class that does
+  # not fit is split over the next processes.
+  assert sweep.deal(['a', 'a'], 2) == [0, 1]
+  assert sweep.deal(['a'] * 3 + ['b'], 2) == [0, 0, 1, 1]
+  assert sweep.deal(['a'] * 6, 3) == [0, 0, 1, 1, 2, 2]
+  for n in (1, 2, 3, 5):
+    for classes in (1, 4, 7):
+      owners = sweep.deal([i % classes for i in range(24)], n)
+      counts = np.bincount(owners, minlength=n)
+      assert counts.max() == -(-24 // n) and counts.sum() == 24
+
+
+def test_affinity_changes_the_owner_never_the_rows(tmp_path, monkeypatch):
+  clean = tmp_path / 'clean' / 'rows.csv'
+  clean.parent.mkdir()
+  expected = sweep.run_sweep(CONFIGS, Compute(), sweep.ResultsTable(clean, KEY),
+                             batch_size=1, progress=False)
+  path = tmp_path / 'rows.csv'
+  computed, peers = {}, Peers(2)
+  for pid in (1, 0):
+    peers.start()
+    with monkeypatch.context() as m:
+      _as(m, pid, 2, gathered=peers)
+      computed[pid] = Compute()
+      rows = sweep.run_sweep(CONFIGS, computed[pid],
+                             sweep.ResultsTable(path, KEY), batch_size=1,
+                             progress=False, affinity=lambda c: c['seed'])
+  # Seed 0 on process 0, seed 1 on process 1; seed 2 fills their room
+  # (at most 5 groups each) in snake order: 2 on process 1, 1 on process 0.
+  assert computed[0].groups == [[(4, 0)], [(8, 0)], [(16, 0)], [(16, 2)]]
+  assert computed[1].groups == [[(4, 1)], [(4, 2)], [(8, 1)], [(8, 2)],
+                                [(16, 1)]]
+  assert rows == expected
+  assert path.read_bytes() == clean.read_bytes()
 
 
 def test_shard_paths(tmp_path):
@@ -252,11 +301,7 @@ def _end_started_processes():
 
 
 def _start(out_dir, *flags):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-  # One device per process: drop any device-count flag (keep the rest, e.g.
-  # the suite's XLA optimisation level, so the compilation cache serves).
-  env['XLA_FLAGS'] = ' '.join(
-      f for f in env.get('XLA_FLAGS', '').split() if 'device_count' not in f)
+  env = subprocess_env()  # one device per process
   proc = subprocess.Popen(
       [sys.executable, os.path.join(ROOT, 'experiments', 'capacity_scaling.py'),
        f'--out_dir={out_dir}', *GRID, *flags],

@@ -14,11 +14,13 @@ import sys
 
 import pytest
 
+from conftest import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(out_dir, *flags):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  env = subprocess_env()
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, 'experiments', 'gpu_scale.py'),
        '--quick', f'--out_dir={out_dir}', *flags],

@@ -17,6 +17,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'experiments'))
 
@@ -81,7 +83,7 @@ def test_make_trial_rejects_bad_input():
 
 
 def test_quick_grid_never_silently_wrong(tmp_path):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  env = subprocess_env()
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, 'experiments', 'measure_zero.py'),
        '--quick', f'--out_dir={tmp_path}'],

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+
 from factstore_jax import sharding
 from factstore_jax.errors import FactStoreError
 
@@ -85,11 +86,9 @@ _SCRIPT = textwrap.dedent('''
 
 
 def test_map_batched_sharded_equals_unsharded():
-  env = dict(os.environ, XLA_FLAGS=os.environ.get('XLA_FLAGS', '')
-             + ' --xla_force_host_platform_device_count=4',
-             JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join(
-                 [REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
+  # Imported here: the subprocess imports this module as tests.test_sharding.
+  from conftest import subprocess_env  # pylint: disable=import-outside-toplevel
+  env = subprocess_env(device_count=4)
   proc = subprocess.run([sys.executable, '-c', _SCRIPT], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+
 from factstore_jax.constructions import encoder_decoder as ed
 from factstore_jax.constructions import assembly
 from factstore_jax.constructions import codes as codes_lib
@@ -218,11 +219,9 @@ def test_construct_on_three_devices_equals_one_device(tmp_path, built):
   """Bucket solves and decodability split over 3 CPU devices (subprocess:
   the device count is fixed when JAX starts) give this process's result
   (on CPU: the module's construction of the same fact set)."""
-  env = dict(os.environ, XLA_FLAGS=os.environ.get('XLA_FLAGS', '')
-             + ' --xla_force_host_platform_device_count=3',
-             JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join(
-                 [REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
+  # Imported here: the subprocess imports this module as tests.test_streaming.
+  from conftest import subprocess_env  # pylint: disable=import-outside-toplevel
+  env = subprocess_env(device_count=3)
   out = tmp_path / 'three.npz'
   proc = subprocess.run([sys.executable, '-c', _MULTI_DEVICE, str(out)],
                         cwd=REPO, env=env, capture_output=True, text=True,
@@ -240,7 +239,7 @@ def test_construct_on_three_devices_equals_one_device(tmp_path, built):
   else:  # the one-device reference on the CPU too (GPU rounding differs)
     proc = subprocess.run(
         [sys.executable, '-c', _ONE_DEVICE, str(tmp_path / 'one.npz')],
-        cwd=REPO, env=dict(env, XLA_FLAGS=os.environ.get('XLA_FLAGS', '')),
+        cwd=REPO, env=subprocess_env(),
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = np.load(tmp_path / 'one.npz')

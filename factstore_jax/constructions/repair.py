@@ -16,20 +16,26 @@ from factstore_jax.constructions.verify import bucket_of_key
 Array = jax.Array
 
 
+def _misses(outputs, codes, xp=jnp):
+  """``(..., m), (..., m) -> (...,)`` bool: rows whose map output misses its
+  code, ``max_r |(out - c)_r| > 1e-3 (1 + max_r |c_r|)`` or non-finite (the
+  one miss criterion of the repairs; ``xp`` is ``jnp`` or ``np``)."""
+  err = xp.abs(outputs - codes)
+  # NaN counts as a miss (explicitly: a max reduction may drop NaNs).
+  err = xp.max(xp.where(xp.isnan(err), xp.inf, err), axis=-1)
+  return ~(err <= 1e-3 * (1 + xp.max(xp.abs(codes), axis=-1)))
+
+
 @jax.jit
 @full_precision
 def _own_map_misses(maps, keys, targets, index, valid):
   """``(n, b)`` bool: whether bucket ``j``'s own map misses the code of its
-  key ``index[j, s]``: ``max_r |(M_j k - c)_r| > 1e-3 (1 + max_r |c_r|)`` or
-  non-finite. One ``(b, d) x (d, m)`` product per bucket (per key, each
-  key would gather its bucket's whole ``(m, d)`` map)."""
+  key ``index[j, s]`` (:func:`_misses`). One ``(b, d) x (d, m)`` product per
+  bucket (per key, each key would gather its bucket's whole ``(m, d)``
+  map)."""
   def one(args):
     m_j, rows, ok = args
-    c = targets[rows]
-    err = jnp.abs(keys[rows] @ m_j.T - c)
-    # NaN counts as a miss (explicitly: a max reduction may drop NaNs).
-    err = jnp.max(jnp.where(jnp.isnan(err), jnp.inf, err), axis=1)
-    return ok & ~(err <= 1e-3 * (1 + jnp.max(jnp.abs(c), axis=1)))
+    return ok & _misses(keys[rows] @ m_j.T, targets[rows])
   return jax.lax.map(one, (maps, index, valid), batch_size=16)
 
 
@@ -77,19 +83,16 @@ def refit_buckets(parts: Gadgets, keys, targets, bad_buckets) -> Gadgets:
 
 
 def _bucket_misses(parts: Gadgets, keys, targets, j: int) -> bool:
-  """Whether bucket ``j``'s own map misses one of its keys' codes.
-
-  Misses are non-finite or off by more than ``1e-3 (1 + |c|)`` (the
-  threshold of :func:`failing_buckets`).
-  """
+  """Whether bucket ``j``'s own map misses one of its keys' codes
+  (:func:`_misses`, evaluated in float64)."""
   index, valid = np.asarray(parts.buckets.index), np.asarray(parts.buckets.valid)
   # Gather the bucket's rows, then widen them: widening all of ``keys``
   # first cost 4 GiB at N = 2^20, d = 512 (the peak RSS of the whole build).
   rows = jnp.asarray(index[j][valid[j]])
-  c = np.asarray(targets[rows], np.float64)
-  err = np.abs(np.asarray(keys[rows], np.float64)
-               @ np.asarray(parts.maps[j], np.float64).T - c)
-  return not np.all(err <= 1e-3 * (1 + np.abs(c).max(axis=1, keepdims=True)))
+  out = (np.asarray(keys[rows], np.float64)
+         @ np.asarray(parts.maps[j], np.float64).T)
+  return bool(np.any(_misses(out, np.asarray(targets[rows], np.float64),
+                             np)))
 
 
 def split_unsolved(parts: Gadgets, keys, targets, candidates, *,
