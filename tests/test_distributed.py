@@ -72,6 +72,23 @@ def _as(monkeypatch, process_id, num_processes, gathered=None):
       gathered or (lambda v: np.stack([np.asarray(v)] * num_processes)))
 
 
+def _simulate(monkeypatch, path, **kwargs):
+  """``run_sweep(CONFIGS, ...)`` as process 1, then as process 0 (which
+  merges) of two simulated peers. Returns ``({pid: Compute}, process 0's
+  rows, whether the merged file existed before process 0 ran)``."""
+  computed, peers = {}, Peers(2)
+  for pid in (1, 0):
+    existed = path.exists()
+    peers.start()
+    with monkeypatch.context() as m:
+      _as(m, pid, 2, gathered=peers)
+      computed[pid] = Compute()
+      rows = sweep.run_sweep(CONFIGS, computed[pid],
+                             sweep.ResultsTable(path, KEY), progress=False,
+                             **kwargs)
+  return computed, rows, existed
+
+
 # ---------------------------------------------------------------------------
 # Split, shards and merge (peers simulated).
 # ---------------------------------------------------------------------------
@@ -114,15 +131,8 @@ def test_affinity_changes_the_owner_never_the_rows(tmp_path, monkeypatch):
   expected = sweep.run_sweep(CONFIGS, Compute(), sweep.ResultsTable(clean, KEY),
                              batch_size=1, progress=False)
   path = tmp_path / 'rows.csv'
-  computed, peers = {}, Peers(2)
-  for pid in (1, 0):
-    peers.start()
-    with monkeypatch.context() as m:
-      _as(m, pid, 2, gathered=peers)
-      computed[pid] = Compute()
-      rows = sweep.run_sweep(CONFIGS, computed[pid],
-                             sweep.ResultsTable(path, KEY), batch_size=1,
-                             progress=False, affinity=lambda c: c['seed'])
+  computed, rows, _ = _simulate(monkeypatch, path, batch_size=1,
+                                affinity=lambda c: c['seed'])
   # Seed 0 on process 0, seed 1 on process 1; seed 2 fills their room
   # (at most 5 groups each) in snake order: 2 on process 1, 1 on process 0.
   assert computed[0].groups == [[(4, 0)], [(8, 0)], [(16, 0)], [(16, 2)]]
@@ -151,18 +161,9 @@ def test_two_processes_split_the_groups_and_merge_to_the_one_process_file(
                              batch_size=2, progress=False)
 
   path = tmp_path / 'rows.csv'
-  computed = {}
-  peers = Peers(2)
-  for pid in (1, 0):  # process 1 finishes first; process 0 merges
-    peers.start()
-    with monkeypatch.context() as m:
-      _as(m, pid, 2, gathered=peers)
-      computed[pid] = Compute()
-      rows = sweep.run_sweep(CONFIGS, computed[pid],
-                             sweep.ResultsTable(path, KEY), batch_size=2,
-                             progress=False)
-    if pid == 1:
-      assert not path.exists()  # only process 0 writes the merged file
+  # Process 1 finishes first; process 0 merges.
+  computed, rows, existed = _simulate(monkeypatch, path, batch_size=2)
+  assert not existed  # only process 0 writes the merged file
   # Groups of the one-process run, dealt 0, 1, 1, 0, 0.
   assert computed[0].groups == [one.groups[i] for i in (0, 3, 4)]
   assert computed[1].groups == [one.groups[i] for i in (1, 2)]
