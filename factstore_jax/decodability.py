@@ -85,7 +85,7 @@ class _Table(NamedTuple):
 class _Round(NamedTuple):
   """A block's solver state; all but ``step`` are per value, so the state
   of any values can be gathered into new blocks and solved on."""
-  step: Array      # () int, rounds run in this call
+  step: Array      # () int, rounds run in this call (per value once gathered)
   pool: Array      # (B, Kp) int competitor indices
   act: Array       # (B, K) positions in the pool of the active set
   lam: Array       # (B, K) simplex weights on the active set

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 from absl.testing import parameterized
 import chex
 import jax
@@ -266,3 +268,30 @@ class VmapTest(chex.TestCase):
     looped = jnp.stack([decodability(v, tol=TOL).rho for v in tables])
     chex.assert_shape(batched, (3, 64))
     np.testing.assert_allclose(batched, looped, atol=2e-3)
+
+
+def test_open_values_go_on_in_blocks_of_their_own(monkeypatch):
+  """Outside jit, values open after the first round continue from their
+  state in new blocks: the result is the one of mixed blocks, bit for bit."""
+  dec = importlib.import_module('factstore_jax.decodability')
+  values = _sphere(3, 512, 6)
+  calls = []
+  solver = dec._decodability
+
+  def spy(*args, **kwargs):
+    calls.append((len(args) > 2 and args[2] is not None, kwargs['max_outer']))
+    return solver(*args, **kwargs)
+
+  monkeypatch.setattr(dec, '_decodability', spy)
+  monkeypatch.setattr(dec, '_COMPACT_MIN_BLOCKS', 10**9)
+  # A small pool leaves many values open after the first round (84 of 512).
+  opts = dict(chunk_size=8, num_candidates=8, pool_size=32)
+  mixed = decodability(values, **opts)
+  assert calls == [(False, 20)]
+  calls.clear()
+  monkeypatch.setattr(dec, '_COMPACT_MIN_BLOCKS', 16)
+  compact = decodability(values, **opts)
+  # First round on all 64 blocks, then the open values from their state.
+  assert calls == [(False, 1), (True, 19)]
+  for name in Decodability._fields:
+    np.testing.assert_array_equal(getattr(compact, name), getattr(mixed, name))
