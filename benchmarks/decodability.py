@@ -15,6 +15,10 @@ GFLOP/s (lower bound: one pool pass, ``2 P m`` per value, and one
 certification pass, ``4 P m``) and its fraction of the float32 matmul peak
 measured in the same subprocess.
 
+``--stream_size`` and ``--floor`` solve as ``construct`` does (2,048 values
+per call, floor 0.02); ``--warm_repeats`` also times calls after the cold
+one, without compiling.
+
 Usage::
 
   git worktree add /tmp/old_66bcaea 66bcaea
@@ -45,12 +49,20 @@ flags.DEFINE_integer('num_solve', 0,
                      'Solve only the first values (0: all P); every solve '
                      'is against all P competitors.')
 flags.DEFINE_float('tol', 1e-3, 'Certificate gap target of both solvers.')
+flags.DEFINE_float('floor', 0.0, 'Decodability floor (construct uses 0.02).')
+flags.DEFINE_integer('stream_size', 0,
+                     'Values per jitted call, as construct streams them '
+                     '(2,048 in benchmarks/million.py; 0: one call).')
+flags.DEFINE_integer('warm_repeats', 0,
+                     'Calls timed after the cold one (best reported): the '
+                     'solver without its compile.')
 flags.DEFINE_integer('seed', 0, 'Seed of the values and the decoder.')
 flags.DEFINE_string('out', 'benchmarks/results/decodability.json',
                     'JSON output.')
 flags.DEFINE_string('child', None, 'Internal: solve and write this .npz.')
 
-_CHILD_FLAGS = ('num_values', 'dim', 'code_dims', 'num_solve', 'tol', 'seed')
+_CHILD_FLAGS = ('num_values', 'dim', 'code_dims', 'num_solve', 'tol', 'seed',
+                'floor', 'stream_size', 'warm_repeats')
 
 
 def table(num_values: int, dim: int, code_dim: int, seed: int):
@@ -77,11 +89,24 @@ def child(path: str) -> None:
     values = jax.block_until_ready(
         table(FLAGS.num_values, FLAGS.dim, m, FLAGS.seed))
     indices = (jnp.arange(FLAGS.num_solve) if FLAGS.num_solve else None)
+    # Only the options set (older checkouts may lack them).
+    options = dict(tol=FLAGS.tol, indices=indices)
+    if FLAGS.floor:
+      options['floor'] = FLAGS.floor
+    if FLAGS.stream_size:
+      options['stream_size'] = FLAGS.stream_size
+    solve = lambda: jax.block_until_ready(decodability(values, **options))
     with common.ForeignCpu() as foreign:
       start = time.perf_counter()
-      result = jax.block_until_ready(
-          decodability(values, tol=FLAGS.tol, indices=indices))
+      result = solve()
       seconds = time.perf_counter() - start
+      warm = []
+      for _ in range(FLAGS.warm_repeats):
+        start = time.perf_counter()
+        solve()
+        warm.append(time.perf_counter() - start)
+    if warm:
+      info[f'warm_seconds_{m}'] = min(warm)
     info[f'foreign_cpu_{m}'] = foreign.as_dict()
     out[f'rho_{m}'] = np.asarray(result.rho)
     out[f'dual_{m}'] = np.asarray(result.dual_bound)
@@ -116,6 +141,8 @@ def main(argv):
   for m in map(int, FLAGS.code_dims):
     row = {'code_dim': m, 'num_values': p, 'num_solved': solved,
            'seconds': [r[f'seconds_{m}'] for r in runs]}
+    if FLAGS.warm_repeats:
+      row['warm_seconds'] = [r[f'warm_seconds_{m}'] for r in runs]
     first = runs[0]
     flop = solved * 6.0 * p * m
     row['new_pass_gflop_lower_bound'] = flop / 1e9
