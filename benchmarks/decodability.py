@@ -49,6 +49,7 @@ flags.DEFINE_integer('num_solve', 0,
                      'Solve only the first values (0: all P); every solve '
                      'is against all P competitors.')
 flags.DEFINE_float('tol', 1e-3, 'Certificate gap target of both solvers.')
+flags.DEFINE_float('rel_tol', 0.0, 'Relative certificate gap (0: tol only).')
 flags.DEFINE_float('floor', 0.0, 'Decodability floor (construct uses 0.02).')
 flags.DEFINE_integer('stream_size', 0,
                      'Values per jitted call, as construct streams them '
@@ -62,7 +63,7 @@ flags.DEFINE_string('out', 'benchmarks/results/decodability.json',
 flags.DEFINE_string('child', None, 'Internal: solve and write this .npz.')
 
 _CHILD_FLAGS = ('num_values', 'dim', 'code_dims', 'num_solve', 'tol', 'seed',
-                'floor', 'stream_size', 'warm_repeats')
+                'floor', 'stream_size', 'warm_repeats', 'rel_tol')
 
 
 def table(num_values: int, dim: int, code_dim: int, seed: int):
@@ -93,6 +94,8 @@ def child(path: str) -> None:
     options = dict(tol=FLAGS.tol, indices=indices)
     if FLAGS.floor:
       options['floor'] = FLAGS.floor
+    if FLAGS.rel_tol:
+      options['rel_tol'] = FLAGS.rel_tol
     if FLAGS.stream_size:
       options['stream_size'] = FLAGS.stream_size
     solve = lambda: jax.block_until_ready(decodability(values, **options))

@@ -17,7 +17,8 @@ import pytest
 # Import names, not the module: ``factstore_jax.decodability`` (the package
 # attribute) is the *function* re-exported by ``factstore_jax/__init__.py``.
 from factstore_jax.decodability import (Decodability, decodability,
-                                        undecodable_values, used_values)
+                                        settled, undecodable_values,
+                                        used_values)
 from factstore_jax.errors import FactStoreError
 
 TOL = 1e-3
@@ -148,6 +149,11 @@ class UndecodableTest(parameterized.TestCase):
     with pytest.raises(FactStoreError, match='must be >= 1'):
       decodability(np.eye(3, dtype=np.float32), **kwargs)
 
+  @parameterized.parameters(-0.1, 1.0)
+  def test_bad_rel_tol(self, rel_tol):
+    with pytest.raises(FactStoreError, match='rel_tol'):
+      decodability(np.eye(3, dtype=np.float32), rel_tol=rel_tol)
+
 
 class CertificateTest(chex.TestCase):
   """Certificates on a random sphere table, P = 256, d = 16."""
@@ -239,6 +245,23 @@ class CertificateTest(chex.TestCase):
     self.assertLessEqual(np.max(dual[above] - rho[above]), TOL + 1e-6)
     # rho is still a valid lower bound of the true (full-solve) value.
     self.assertTrue(np.all(rho <= np.asarray(self.result.dual_bound) + 1e-6))
+
+  def test_rel_tol_certifies_a_fraction_of_optimal(self):
+    rel = 0.05
+    r = decodability(self.values, tol=TOL, rel_tol=rel)
+    rho, dual = np.asarray(r.rho), np.asarray(r.dual_bound)
+    # Looser than tol on these values (rho ~ 0.6): the relative bound is
+    # what closed them, and it holds for every value.
+    self.assertGreater(np.max(dual - rho), TOL)
+    self.assertTrue(np.all(rho >= (1 - rel) * dual - 1e-6))
+    np.testing.assert_array_equal(
+        settled(r, TOL, rel), np.ones(self.P, bool))
+    self.assertFalse(np.all(settled(r, TOL)))
+    # Still a valid certificate: rho is achieved by the separators, and the
+    # dual bound is above the tight solve's rho.
+    scores = _brute_force_scores(self.values, r.separators)
+    np.testing.assert_allclose(scores.min(axis=1), rho, atol=1e-5)
+    self.assertTrue(np.all(dual >= np.asarray(self.result.rho) - 1e-6))
 
 
 class BruteForce2DTest(parameterized.TestCase):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from factstore_jax.decodability import decodability, used_values
+from factstore_jax.decodability import decodability, settled, used_values
 from factstore_jax.constructions import decoders
 from factstore_jax.errors import ConstructionError, InfeasibleFactSetError
 from factstore_jax.precision import full_precision
@@ -104,10 +104,8 @@ def choose_code_dim(key: Array, values: Array, mapping, config:
     """Used values among ``ids`` (the values ``part`` solved) certified at or
     below the floor (gap closed or dual bound below it: a re-solve with a
     larger active set would not touch them)."""
-    rho_p, gap, dual = (np.asarray(a) for a in (part.rho, part.gap,
-                                                part.dual_bound))
-    closed = (gap <= config.tol) | (dual <= max(1e-6, floor, config.tol))
-    return ids[is_used[ids] & closed & (rho_p <= floor)]
+    closed = settled(part, config.tol, floor=floor)
+    return ids[is_used[ids] & closed & (np.asarray(part.rho) <= floor)]
 
   for m in dims:
     decoder = construction_decoder(key, dim, m, values.dtype)
