@@ -77,6 +77,26 @@ TAIL = 3  # sizes in the asymptotic-end slope
 NEGATIVE_C = '; C < 0: W* grows slower than N log N over these N'
 
 
+def search_cost(config: dict, max_steps: int) -> float:
+  """Rough seconds of one seed's capacity search on one CPU core.
+
+  Only steers how ``run_sweep`` deals cells to processes under
+  ``jax.distributed`` (never a row). GD-trained searches cost about
+  ``N^2`` per step (``N`` facts through a width ``~ N / d`` MLP of ``d``
+  inputs); the closed form about ``N d`` per construction; each adds its
+  compiling, spread over a cell's rows. Fitted to a one-process run of the
+  d = 48, N = 288 and 576 grid (8 seeds, 2 geometries, 3,000 steps) on this
+  repository's CPU (``docs/distributed.md``); the cheap baselines are
+  taken as a small fraction of the closed form.
+  """
+  n, d = config['num_facts'], config['dim']
+  if config['method'] in ('gd', 'encoder_decoder_gd'):
+    return 0.45 + 3.1e-9 * n * n * max_steps
+  if config['method'] == 'encoder_decoder':
+    return 2.96 + 1.21e-4 * n * d
+  return 0.3 + 1e-5 * n * d
+
+
 def make_factset(geometry: str, seed: int, n: int, dim: int, beta: float):
   embedding = 'sphere' if geometry == 'isotropic' else 'spiked'
   return factsets.random_factset(
@@ -392,7 +412,8 @@ def main(argv):
                      merge_only=FLAGS.merge_only,
                      # A cell's geometries share its compiled programs.
                      affinity=lambda c: (c['dim'], c['num_facts'],
-                                         c['method']))
+                                         c['method']),
+                     cost=lambda c: search_cost(c, FLAGS.max_steps))
     if not rows:
       raise app.UsageError(f'No finished grid point in {table.path}.')
   if not distributed.is_main_process():

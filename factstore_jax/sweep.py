@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import numbers
 import os
 import re
@@ -345,34 +346,87 @@ def owner(group_index: int, num_processes: int) -> int:
   return slot if turn % 2 == 0 else num_processes - 1 - slot
 
 
-def deal(affinities: Sequence[Hashable], num_processes: int) -> list[int]:
+# With costs, deal() splits an affinity class only if placing it whole would
+# take a process past this multiple of an even share.
+SPLIT_PAST_SHARE = 1.5
+
+
+def deal(affinities: Sequence[Hashable], num_processes: int,
+         costs: Sequence[float] | None = None) -> list[int]:
   """The process of each pending group, keeping groups of equal affinity
   together as far as balance allows.
 
   Groups with the same affinity (e.g. the same shapes, so the same compiled
-  programs) go to one process: the affinity classes, in order of first
-  appearance, are placed whole on the processes in snake order
-  (:func:`owner`), none taking more than ``ceil(groups / num_processes)``
-  groups; a class that does not fit the next process's room is split over
-  the next ones. Each program is then compiled by one process, as in a
-  one-process run, instead of by every process (on CPU the processes
-  cannot share compiled programs: the compilation cache keys them by
-  device).
+  programs) go to one process, so each program is compiled by one process,
+  as in a one-process run, instead of by every process (on CPU the
+  processes cannot share compiled programs: the compilation cache keys them
+  by device).
+
+  Without ``costs`` the affinity classes, in order of first appearance, are
+  placed whole on the processes in snake order (:func:`owner`), none taking
+  more than ``ceil(groups / num_processes)`` groups; a class that does not
+  fit the next process's room is split over the next ones.
+
+  With ``costs`` (an estimate per group, any unit) the classes are placed
+  whole, costliest first, each on the least loaded process (longest
+  processing time first; on equal load, the one with fewest groups). A
+  class is split only when it is costlier than an even share
+  (``sum(costs) / num_processes``) and placing it whole would take the
+  process past ``SPLIT_PAST_SHARE`` times that share (a split compiles its
+  programs twice): it then fills the least loaded process up to the share,
+  in group order and at least one group, and the rest is placed the same
+  way.
 
   Args:
     affinities: one hashable per group, in group order.
     num_processes: processes to deal to (``>= 1``).
+    costs: optional estimated cost per group (finite, ``>= 0``).
 
   Returns:
-    The owning process of each group; group counts differ by at most
-    ``ceil(groups / num_processes)`` minus the smallest share.
+    The owning process of each group. Without ``costs``, group counts
+    differ by at most ``ceil(groups / num_processes)`` minus the smallest
+    share.
+
+  Raises:
+    FactStoreError: ``costs`` of the wrong length, negative or not finite.
   """
   n = int(num_processes)
-  quota = max(1, -(-len(affinities) // n))
   classes: dict[Hashable, list[int]] = {}
   for g, a in enumerate(affinities):
     classes.setdefault(a, []).append(g)
-  load, owners, turn = [0] * n, [0] * len(affinities), 0
+  owners = [0] * len(affinities)
+  if costs is not None:
+    costs = [float(c) for c in costs]
+    if len(costs) != len(affinities) or not all(
+        math.isfinite(c) and c >= 0 for c in costs):
+      raise FactStoreError(
+          f'costs must be {len(affinities)} finite numbers >= 0, one per '
+          f'group; got {costs!r}')
+    share = sum(costs) / n
+    cost_of = lambda members: sum(costs[g] for g in members)
+    load, count = [0.0] * n, [0] * n
+    for members in sorted(classes.values(), key=lambda m: -cost_of(m)):
+      while members:
+        # Least loaded; on equal load (e.g. zero costs) fewest groups.
+        p = min(range(n), key=lambda q: (load[q], count[q], q))
+        take = len(members)
+        # A split compiles the class's programs on two processes: only
+        # worth it when the class alone is far past an even share.
+        if cost_of(members) > share and (
+            load[p] + cost_of(members) > SPLIT_PAST_SHARE * share):
+          take, room = 0, share - load[p]
+          while take == 0 or (take < len(members) and
+                              costs[members[take]] <= room):
+            room -= costs[members[take]]
+            take += 1
+        for g in members[:take]:
+          owners[g] = p
+        load[p] += cost_of(members[:take])
+        count[p] += take
+        members = members[take:]
+    return owners
+  quota = max(1, -(-len(affinities) // n))
+  load, turn = [0] * n, 0
   for members in classes.values():
     done = 0
     while done < len(members):
@@ -401,7 +455,8 @@ def run_sweep(configs: Sequence[Mapping[str, Any]],
               desc: str | None = None,
               progress: bool = True,
               merge_only: bool = False,
-              affinity: Callable[[Mapping[str, Any]], Hashable] | None = None
+              affinity: Callable[[Mapping[str, Any]], Hashable] | None = None,
+              cost: Callable[[Mapping[str, Any]], float] | None = None
               ) -> list[dict[str, Any]]:
   """Computes the configs ``table`` lacks and appends each finished row.
 
@@ -416,8 +471,8 @@ def run_sweep(configs: Sequence[Mapping[str, Any]],
   this same call (same configs, same ``batch_size``; checked). The
   processes agree on what is pending (the union of what each sees on
   disk), cut it into the same groups one process would, and deal the groups
-  out (:func:`deal`, by ``affinity``); so each group's ``compute`` call, and its rows, are
-  those of a one-process run. Process ``i`` appends its rows to
+  out (:func:`deal`, by ``affinity`` and ``cost``); so each group's
+  ``compute`` call, and its rows, are those of a one-process run. Process ``i`` appends its rows to
   :func:`shard_path` ``(table.path, i)``. When all are done (a barrier),
   process 0 merges every shard into ``table``'s file (:func:`merge_shards`)
   and every process returns the merged rows. The folder must be one every
@@ -445,13 +500,19 @@ def run_sweep(configs: Sequence[Mapping[str, Any]],
       one process as far as balance allows (:func:`deal`). It changes which
       process computes a group, never the group or its rows. ``None``: each
       group on its own.
+    cost: optional ``config -> float``, an estimate of a config's compute
+      time in any unit (finite, ``>= 0``); under ``jax.distributed`` the
+      groups are then dealt by their summed cost, costliest classes first
+      (:func:`deal`), instead of by count. Like ``affinity``, it changes
+      only which process computes a group.
 
   Returns:
     The table's rows (parsed) for ``configs``, in ``configs`` order; with
     ``merge_only``, only those of the finished configs.
 
   Raises:
-    FactStoreError: bad configs, results or ``batch_size``.
+    FactStoreError: bad configs, results, ``batch_size`` or ``cost``
+      (checked on every config before any is computed).
     DistributedError: the processes disagree on the configs, a peer died
       at a barrier, or process 0 does not see every process's rows.
   """
@@ -470,6 +531,17 @@ def run_sweep(configs: Sequence[Mapping[str, Any]],
           f'duplicate configs {seen[key]} and {i}: same key '
           f'{dict(zip(table.key_fields, key))}')
     seen[key] = i
+  costs = None
+  if cost is not None:
+    costs = {}
+    for key, config in zip(seen, configs):
+      c = cost(config)
+      if (isinstance(c, bool) or not isinstance(c, numbers.Real) or
+          not math.isfinite(c) or c < 0):
+        raise FactStoreError(
+            f'cost must return a finite number >= 0; got {c!r} for '
+            f'{dict(zip(table.key_fields, key))}')
+      costs[key] = float(c)
   info = distributed.process_info()
   if merge_only:
     if info.process_id == 0:
@@ -485,7 +557,7 @@ def run_sweep(configs: Sequence[Mapping[str, Any]],
                     total=len(configs), desc=desc, progress=progress)
     return [table.get(c) for c in configs]
   return _run_distributed(configs, compute, table, batch_size, desc, progress,
-                          info, affinity)
+                          info, affinity, costs)
 
 
 def _groups(pending: list[dict[str, Any]],
@@ -511,7 +583,7 @@ def _compute_groups(groups, compute, table: ResultsTable, *, total: int,
 def _run_distributed(configs, compute, table: ResultsTable, batch_size: int,
                      desc: str | None, progress: bool,
                      info: distributed.ProcessInfo,
-                     affinity) -> list[dict[str, Any]]:
+                     affinity, costs) -> list[dict[str, Any]]:
   """:func:`run_sweep` on process ``info.process_id`` of several."""
   keys = [table.key(c) for c in configs]
   digest = zlib.crc32(json.dumps([table.key_fields, keys, batch_size])
@@ -527,7 +599,9 @@ def _run_distributed(configs, compute, table: ResultsTable, batch_size: int,
   pending = [dict(c) for c, d in zip(configs, done_anywhere) if not d]
   groups = _groups(pending, batch_size)
   owners = deal([i if affinity is None else affinity(g[0])
-                 for i, g in enumerate(groups)], info.num_processes)
+                 for i, g in enumerate(groups)], info.num_processes,
+                None if costs is None else
+                [sum(costs[table.key(c)] for c in g) for g in groups])
   mine = [g for g, o in zip(groups, owners) if o == info.process_id]
   own = ResultsTable(shard_path(table.path, info.process_id),
                      table.key_fields)

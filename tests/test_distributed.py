@@ -125,6 +125,74 @@ def test_deal_keeps_an_affinity_on_one_process_while_balanced():
       assert counts.max() == -(-24 // n) and counts.sum() == 24
 
 
+def test_deal_by_cost_places_the_costliest_classes_first():
+  # Two sizes of GD and closed-form cells under two geometries; the big GD
+  # cell alone is near half the cost: it gets a process to itself, the
+  # three other classes go whole to the other one.
+  cells = ['gd576', 'ed576', 'gd288', 'ed288'] * 2
+  costs = [150, 60, 60, 50] * 2
+  owners = sweep.deal(cells, 2, costs)
+  assert owners == [0, 1, 1, 1] * 2
+  # Counting groups instead splits them 4 : 4 but 320 : 320 is not
+  # reachable whole; by count process 0 gets 420 of 640.
+  by_count = sweep.deal(cells, 2)
+  load = lambda o, p: sum(c for c, q in zip(costs, o) if q == p)
+  assert max(load(owners, 0), load(owners, 1)) == 340
+  assert max(load(by_count, 0), load(by_count, 1)) > 340
+  # A class within an even share stays whole, even past the share (a split
+  # would compile its programs twice), and so does one past the share as
+  # long as it does not take a process 1.5x past it.
+  assert sweep.deal(['x', 'y', 'z', 'z'], 2, [10, 9, 1, 1]) == [0, 1, 1, 1]
+  assert sweep.deal(['ed', 'ed', 'gd', 'gd'], 2, [50, 50, 28, 28]) == [
+      0, 0, 1, 1]
+  # A class costlier than an even share fills the least loaded process up
+  # to it and goes on to the next one.
+  assert sweep.deal(['a'] * 4 + ['b'], 2, [10, 10, 10, 10, 5]) == [
+      0, 0, 1, 1, 0]
+  assert sweep.deal(['a'] * 6, 3, [1] * 6) == [0, 0, 1, 1, 2, 2]
+  # Zero costs: classes go to the process with fewest groups.
+  assert sweep.deal(['a', 'b', 'c', 'd'], 2, [0] * 4) == [0, 1, 0, 1]
+  assert sweep.deal([1, 2, 3], 1, [5, 0, 1]) == [0, 0, 0]
+
+
+@pytest.mark.parametrize('costs', [[1, 2], [1, -1, 1], [1, float('nan'), 1],
+                                   [1, float('inf'), 1]])
+def test_deal_rejects_bad_costs(costs):
+  with pytest.raises(FactStoreError, match='costs must be 3 finite'):
+    sweep.deal(['a', 'b', 'c'], 2, costs)
+
+
+@pytest.mark.parametrize('bad', [-1.0, float('nan'), 'big', None, True])
+def test_run_sweep_checks_every_cost_before_computing(tmp_path, bad):
+  compute = Compute()
+  with pytest.raises(FactStoreError, match='cost must return a finite'):
+    sweep.run_sweep(CONFIGS, compute,
+                    sweep.ResultsTable(tmp_path / 'rows.csv', KEY),
+                    progress=False,
+                    cost=lambda c: bad if c['n'] == 16 else 1.0)
+  assert compute.groups == [] and not (tmp_path / 'rows.csv').exists()
+
+
+def test_cost_changes_the_owner_never_the_rows(tmp_path, monkeypatch):
+  clean = tmp_path / 'clean' / 'rows.csv'
+  clean.parent.mkdir()
+  expected = sweep.run_sweep(CONFIGS, Compute(), sweep.ResultsTable(clean, KEY),
+                             batch_size=1, progress=False)
+  path = tmp_path / 'rows.csv'
+  computed, rows, _ = _simulate(monkeypatch, path, batch_size=1,
+                                affinity=lambda c: c['n'],
+                                cost=lambda c: c['n'] ** 2)
+  # n = 16 (3 x 256) is more than 1.5 x the share (half of 3 x (16 + 64 +
+  # 256)): one group fills process 0 to within a group of the share, the
+  # other two go whole to process 1; n = 8 and n = 4 then go whole to
+  # process 0 (496 : 512).
+  assert computed[0].groups == [[(4, 0)], [(4, 1)], [(4, 2)], [(8, 0)],
+                                [(8, 1)], [(8, 2)], [(16, 0)]]
+  assert computed[1].groups == [[(16, 1)], [(16, 2)]]
+  assert rows == expected
+  assert path.read_bytes() == clean.read_bytes()
+
+
 def test_affinity_changes_the_owner_never_the_rows(tmp_path, monkeypatch):
   clean = tmp_path / 'clean' / 'rows.csv'
   clean.parent.mkdir()
