@@ -222,6 +222,55 @@ class ThresholdTest(absltest.TestCase):
                        float(C.gamma(64)))
 
 
+class RivalsTest(absltest.TestCase):
+  """The value stage: closest rivals and the bound on all the others, with
+  patched one-hot code columns added apart from the dense product."""
+
+  def test_rivals_and_rest_match_float64(self):
+    p, d, m0, k = 300, 24, 6, C.TOP_RIVALS
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(p, d)).astype(np.float32)
+    stragglers = np.array([3, 77, 250])
+    decoder = rng.normal(size=(d, m0 + 3)).astype(np.float32)
+    codes = np.zeros((p, m0 + 3), np.float32)
+    codes[:, :m0] = rng.normal(size=(p, m0))
+    codes[stragglers, :m0] = 0.0
+    codes[stragglers, m0 + np.arange(3)] = 1.0
+    used = np.arange(0, p, 2)
+    used = np.union1d(used, stragglers)
+    vals = C._value_bounds(jnp.asarray(values), jnp.asarray(decoder),
+                           jnp.asarray(codes), used, k, chunk=64)
+    # float64 brute force: separations <c_f, w_f - w_j> of every rival.
+    w = values.astype(np.float64) @ decoder.astype(np.float64)
+    c = codes.astype(np.float64)[used]
+    sep = np.einsum('um,um->u', c, w[used])[:, None] - c @ w.T
+    sep[np.arange(len(used)), used] = np.inf
+    order = np.argsort(sep, axis=1)
+    for i in range(len(used)):
+      # The k closest, up to float32 rounding of near ties.
+      exact_k = sep[i, order[i, :k]]
+      found = np.sort(sep[i, vals.rivals[i]])
+      np.testing.assert_allclose(found, exact_k, atol=1e-4)
+      # rest is a lower bound on every rival not checked exactly.
+      others = np.setdiff1d(np.arange(p), np.append(vals.rivals[i],
+                                                    used[i]))
+      self.assertLessEqual(vals.rest[i], sep[i, others].min())
+      # ... and a tight one (the float32 rounding allowance only).
+      nearest = sep[i, others].min()
+      self.assertGreater(vals.rest[i],
+                         nearest - 1e-4 * vals.cn[i] * vals.wmax)
+    # A straggler's rivals are the values closest along its own column.
+    s = int(np.searchsorted(used, 77))
+    col = w[:, m0 + 1]
+    gaps = col[77] - col
+    gaps[77] = np.inf
+    np.testing.assert_array_equal(np.sort(vals.rivals[s]),
+                                  np.sort(np.argsort(gaps)[:k]))
+    np.testing.assert_allclose(
+        vals.cn, np.linalg.norm(c, axis=1), rtol=1e-6)
+    self.assertTrue(np.all(vals.cn >= np.linalg.norm(c, axis=1)))
+
+
 @pytest.mark.slow
 class LargeTest(absltest.TestCase):
 

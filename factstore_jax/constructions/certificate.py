@@ -179,18 +179,27 @@ def _top_k_indices(y: Array, k: int) -> Array:
 
 @functools.partial(jax.jit, static_argnames=('k',))
 @full_precision
-def _rivals(codes, w, used, k: int):
-  """The ``k`` closest rivals of each value in ``used (U,)``: ``(U, k)``
-  indices and separations ``<c_f, w_f> - <c_f, w_j>`` (ascending, as
-  float32 computes them), and ``|c_f|``."""
-  c = codes[used]                                           # (U, m)
-  scores = c @ w.T                                          # (U, P)
+def _rivals(codes, w, used, k: int, one_rows, one_coef, one_w):
+  """The ``k`` closest rivals of each value in ``used (U,)`` (sorted):
+  ``(U, k)`` indices and separations ``<c_f, w_f> - <c_f, w_j>``
+  (ascending, as float32 computes them).
+
+  ``codes (P, m')``/``w (P, m')`` hold the code columns with several
+  nonzeros; a column with a single nonzero (a patched straggler's one-hot
+  code) comes apart, as ``one_rows (S,)`` (its row), ``one_coef (S,)``
+  (the entry) and ``one_w (P, S)`` (its column of ``w``), and is added to
+  its row's scores alone instead of costing ``P`` multiply-adds per row.
+  """
+  scores = codes[used] @ w.T                                # (U, P)
+  pos = jnp.clip(jnp.searchsorted(used, one_rows), 0, used.shape[0] - 1)
+  pos = jnp.where(used[pos] == one_rows, pos, used.shape[0])   # else dropped
+  scores = scores.at[pos].add(one_coef[:, None] * one_w.T, mode='drop')
   own = jnp.take_along_axis(scores, used[:, None], axis=1)
   rival = jnp.where(jnp.arange(w.shape[0])[None, :] == used[:, None],
                     -jnp.inf, scores)
   idx = jax.vmap(lambda row: _top_k_indices(row, k))(rival)
   top = jnp.take_along_axis(rival, idx, axis=1)
-  return idx, own - top, jnp.linalg.norm(c, axis=1)
+  return idx, own - top
 
 
 class _Values(NamedTuple):
@@ -211,18 +220,27 @@ def _value_bounds(values, decoder, codes, used, k: int, u: float = U32,
   dim, m = decoder.shape
   w, ew, vn = _projected(values, decoder)
   k1 = min(k + 1, values.shape[0] - 1)
-  idx, sep, cn = [], [], []
+  codes_np = np.asarray(codes)
+  cn = np.linalg.norm(codes_np[used].astype(np.float64), axis=1) * (
+      1 + gamma(m + 1, u))
   if k1 > 0:
+    # Columns by their nonzeros: several (the JL code), one (a patched
+    # straggler's one-hot code: added to its own row only), none.
+    nnz = np.count_nonzero(codes_np, axis=0)
+    dense, one = np.flatnonzero(nnz > 1), np.flatnonzero(nnz == 1)
+    one_rows = np.argmax(codes_np[:, one] != 0, axis=0)
+    args = (jnp.asarray(codes_np[:, dense]), w[:, dense])
+    extra = (jnp.asarray(one_rows, jnp.int32),
+             jnp.asarray(codes_np[one_rows, one]), w[:, one])
+    idx, sep = [], []
     for start in range(0, len(used), chunk):
-      part = jax.device_get(_rivals(codes, w, jnp.asarray(
-          used[start:start + chunk]), k1))
-      idx.append(part[0]), sep.append(part[1]), cn.append(part[2])
+      part = jax.device_get(_rivals(
+          *args, jnp.asarray(used[start:start + chunk], jnp.int32), k1,
+          *extra))
+      idx.append(part[0]), sep.append(part[1])
     idx, sep = np.concatenate(idx), np.concatenate(sep).astype(np.float64)
-    cn = np.concatenate(cn).astype(np.float64)
   else:   # a single value: no rivals
     idx, sep = np.zeros((len(used), 0), np.int64), np.zeros((len(used), 0))
-    cn = np.linalg.norm(np.asarray(codes, np.float64)[used], axis=1)
-  cn = cn * (1 + gamma(m + 1, u))
   w = np.asarray(w, np.float64)
   ew = float(ew) * float(gamma(dim, u)) * (1 + gamma(dim + m + 2, u))
   wn = np.linalg.norm(w, axis=1) * (1 + gamma(m + 1, U64)) + ew
