@@ -350,7 +350,11 @@ class PropertiesTest(_EditTest):
     for a, b in zip(jax.tree.leaves(whole[0].model),
                     jax.tree.leaves(chunked[0].model)):
       np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(whole[2].margins, chunked[2].margins)
+    # The same model; its margins are float32 evaluations batched by the
+    # chunk, and XLA's CPU matmuls may round a (16, d) batch differently
+    # from a (2048, d) one (they do on AVX-512 hosts): equal to rounding.
+    np.testing.assert_allclose(whole[2].margins, chunked[2].margins,
+                               rtol=1e-5, atol=1e-6)
 
   def test_model_equals_assembled_structure(self):
     fs, c = _base()

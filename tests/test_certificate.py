@@ -222,12 +222,14 @@ class ThresholdTest(absltest.TestCase):
                        float(C.gamma(64)))
 
 
-class RivalsTest(absltest.TestCase):
+class RivalsTest(parameterized.TestCase):
   """The value stage: closest rivals and the bound on all the others, with
-  patched one-hot code columns added apart from the dense product."""
+  patched one-hot code columns added apart from the dense product; at
+  P = 9,000 through the tiled pass (3 tiles, the last one padded)."""
 
-  def test_rivals_and_rest_match_float64(self):
-    p, d, m0, k = 300, 24, 6, C.TOP_RIVALS
+  @parameterized.parameters((300, 2), (9000, 60))
+  def test_rivals_and_rest_match_float64(self, p, stride):
+    d, m0, k = 24, 6, C.TOP_RIVALS
     rng = np.random.default_rng(0)
     values = rng.normal(size=(p, d)).astype(np.float32)
     stragglers = np.array([3, 77, 250])
@@ -236,8 +238,7 @@ class RivalsTest(absltest.TestCase):
     codes[:, :m0] = rng.normal(size=(p, m0))
     codes[stragglers, :m0] = 0.0
     codes[stragglers, m0 + np.arange(3)] = 1.0
-    used = np.arange(0, p, 2)
-    used = np.union1d(used, stragglers)
+    used = np.union1d(np.arange(0, p, stride), stragglers)
     vals = C._value_bounds(jnp.asarray(values), jnp.asarray(decoder),
                            jnp.asarray(codes), used, k, chunk=64)
     # float64 brute force: separations <c_f, w_f - w_j> of every rival.

@@ -12,7 +12,6 @@ import sys
 import textwrap
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -28,7 +27,6 @@ from factstore_jax.factsets import (FactSet, _first_copy, many_to_one_map,
 from factstore_jax.threads import single_threaded_blas
 # Import names: ``factstore_jax.decodability`` the package attribute is the
 # re-exported function.
-from factstore_jax.constructions.certificate import _top_k_indices
 from factstore_jax.decodability import decodability
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,19 +41,6 @@ def _factset(n=1000, d=16, p=50, seed=0):
 def _assert_trees_equal(a, b):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def test_top_k_blocked_equals_top_k_with_ties():
-  y = jnp.round(jax.random.normal(jax.random.key(1), (3, 20001)) * 20) / 20
-  y = y.at[0, :5000].set(-jnp.inf).at[1, 7:30000:3].set(jnp.inf)
-  # Jitted, as the certificate runs it (eagerly, each of its primitives
-  # would compile on its own for every k).
-  blocked = jax.jit(_top_k_indices, static_argnums=1)
-  for row in y:
-    for k in (5, 17, 64):
-      np.testing.assert_array_equal(
-          np.asarray(blocked(row, k)),
-          np.asarray(jax.lax.top_k(row, k)[1]))
 
 
 def test_streamed_decodability_equals_one_call():
