@@ -15,6 +15,7 @@ inside the ``with``, since JAX dispatches asynchronously).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import threadpoolctl
@@ -22,12 +23,23 @@ import threadpoolctl
 _DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
 
 
-def single_threaded_blas():
-  """Context manager limiting every loaded BLAS library to one thread."""
+@functools.cache
+def _blas_controller() -> threadpoolctl.ThreadpoolController:
+  """One controller of the loaded BLAS libraries (scanning them is slow)."""
   # jaxlib's LAPACK kernels call scipy's OpenBLAS, loaded lazily on the first
-  # LAPACK call; load it now so the limit reaches it.
+  # LAPACK call; load it now so the controller sees it.
   import scipy.linalg.cython_lapack  # pylint: disable=unused-import,g-import-not-at-top
-  return threadpoolctl.threadpool_limits(limits=1, user_api='blas')
+  return threadpoolctl.ThreadpoolController()
+
+
+def single_threaded_blas():
+  """Context manager limiting every loaded BLAS library to one thread.
+
+  JAX dispatches asynchronously: block on the results inside the ``with``
+  (``jax.block_until_ready``), or the LAPACK calls may run after it ends,
+  on a multi-threaded OpenBLAS whose results then vary from run to run.
+  """
+  return _blas_controller().limit(limits=1, user_api='blas')
 
 
 def expose_cpu_cores() -> int:

@@ -426,8 +426,8 @@ def build_mlp(method: str, key, factset: FactSet, width: int, *,
   else:
     readout = 'ridge' if method == 'hebbian_ridge' else 'data_dependent'
     with single_threaded_blas():
-      mlp = hebbian.hebbian_mlp(key, factset, width, readout=readout,
-                                ridge=options.ridge)
+      mlp = jax.block_until_ready(hebbian.hebbian_mlp(
+          key, factset, width, readout=readout, ridge=options.ridge))
   report = storage.evaluate_fn(mlp, factset)
   return Built(mlp, width_params(method, dim, width, code_dim=code_dim),
                float(report.accuracy), float(report.min_margin))

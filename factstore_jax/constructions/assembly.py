@@ -106,9 +106,11 @@ def build_gadgets_streamed(key: Array, keys: Array, targets: Array, *,
   solve = lambda index, valid: sharding.shard_rows(
       _solve_chunk_jit, (keys, targets), (index, valid), mesh=mesh)
   if stream_size >= n:
-    maps = solve(buckets.index, buckets.valid)
+    # Blocked here: the caller's single_threaded_blas must still hold while
+    # the LAPACK calls run (asynchronously dispatched, they ran after it
+    # ended, on a multi-threaded OpenBLAS whose results vary run to run).
+    maps = jax.block_until_ready(solve(buckets.index, buckets.valid))
     if progress is not None:
-      jax.block_until_ready(maps)
       progress(n, n)
   else:
     pieces = []

@@ -64,8 +64,6 @@ Only the clipped gate is supported: relu steps cancel only approximately.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib
 import math
 import time
 from typing import Any, NamedTuple, Sequence
@@ -73,7 +71,6 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import threadpoolctl
 
 from factstore_jax.constructions import decoders, gadgets
 from factstore_jax.constructions import encoder_decoder as ed
@@ -85,6 +82,7 @@ from factstore_jax.errors import ConstructionError, FactStoreError
 from factstore_jax.factsets import FactSet
 from factstore_jax.mlp import num_params
 from factstore_jax.precision import full_precision
+from factstore_jax.threads import single_threaded_blas
 
 Array = jax.Array
 
@@ -512,15 +510,6 @@ def _write_index(plan: _Plan, deletes: np.ndarray):
 # Device-side work.
 
 
-@functools.cache
-def _blas():
-  """One controller of the loaded BLAS libraries (scanning them is slow)."""
-  # jaxlib's LAPACK kernels call scipy's OpenBLAS, loaded lazily: load it
-  # first (as factstore_jax.threads does) so the controller sees it.
-  importlib.import_module('scipy.linalg.cython_lapack')
-  return threadpoolctl.ThreadpoolController()
-
-
 def _pad(n: int) -> int:
   return 1 << max(0, n - 1).bit_length()
 
@@ -673,8 +662,9 @@ def edit(construction: ed.Construction, factset: FactSet, changes, *,
   if solved:  # (every change re-solves the bucket it lands in)
     sel = _padded(solved)
     slots, valid = plan.index[sel], plan.valid[sel]
-    with _blas().limit(limits=1, user_api='blas'):  # as construct() does
-      fresh = _solve(keys_new[slots], targets[slots], valid)
+    with single_threaded_blas():  # as construct() does
+      fresh = jax.block_until_ready(
+          _solve(keys_new[slots], targets[slots], valid))
     maps = maps.at[jnp.asarray(solved)].set(fresh[:len(solved)])
 
   rep = construction.report
