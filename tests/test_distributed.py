@@ -173,15 +173,23 @@ def test_run_sweep_checks_every_cost_before_computing(tmp_path, bad):
   assert compute.groups == [] and not (tmp_path / 'rows.csv').exists()
 
 
-def test_cost_changes_the_owner_never_the_rows(tmp_path, monkeypatch):
+def _dealt(tmp_path, monkeypatch, **kwargs):
+  """``_simulate`` with one config per group and ``kwargs`` (affinity,
+  cost); checks its rows and merged file are the one-process run's."""
   clean = tmp_path / 'clean' / 'rows.csv'
   clean.parent.mkdir()
   expected = sweep.run_sweep(CONFIGS, Compute(), sweep.ResultsTable(clean, KEY),
                              batch_size=1, progress=False)
   path = tmp_path / 'rows.csv'
-  computed, rows, _ = _simulate(monkeypatch, path, batch_size=1,
-                                affinity=lambda c: c['n'],
-                                cost=lambda c: c['n'] ** 2)
+  computed, rows, _ = _simulate(monkeypatch, path, batch_size=1, **kwargs)
+  assert rows == expected
+  assert path.read_bytes() == clean.read_bytes()
+  return computed
+
+
+def test_cost_changes_the_owner_never_the_rows(tmp_path, monkeypatch):
+  computed = _dealt(tmp_path, monkeypatch, affinity=lambda c: c['n'],
+                    cost=lambda c: c['n'] ** 2)
   # n = 16 (3 x 256) is more than 1.5 x the share (half of 3 x (16 + 64 +
   # 256)): one group fills process 0 to within a group of the share, the
   # other two go whole to process 1; n = 8 and n = 4 then go whole to
@@ -189,25 +197,15 @@ def test_cost_changes_the_owner_never_the_rows(tmp_path, monkeypatch):
   assert computed[0].groups == [[(4, 0)], [(4, 1)], [(4, 2)], [(8, 0)],
                                 [(8, 1)], [(8, 2)], [(16, 0)]]
   assert computed[1].groups == [[(16, 1)], [(16, 2)]]
-  assert rows == expected
-  assert path.read_bytes() == clean.read_bytes()
 
 
 def test_affinity_changes_the_owner_never_the_rows(tmp_path, monkeypatch):
-  clean = tmp_path / 'clean' / 'rows.csv'
-  clean.parent.mkdir()
-  expected = sweep.run_sweep(CONFIGS, Compute(), sweep.ResultsTable(clean, KEY),
-                             batch_size=1, progress=False)
-  path = tmp_path / 'rows.csv'
-  computed, rows, _ = _simulate(monkeypatch, path, batch_size=1,
-                                affinity=lambda c: c['seed'])
+  computed = _dealt(tmp_path, monkeypatch, affinity=lambda c: c['seed'])
   # Seed 0 on process 0, seed 1 on process 1; seed 2 fills their room
   # (at most 5 groups each) in snake order: 2 on process 1, 1 on process 0.
   assert computed[0].groups == [[(4, 0)], [(8, 0)], [(16, 0)], [(16, 2)]]
   assert computed[1].groups == [[(4, 1)], [(4, 2)], [(8, 1)], [(8, 2)],
                                 [(16, 1)]]
-  assert rows == expected
-  assert path.read_bytes() == clean.read_bytes()
 
 
 def test_shard_paths(tmp_path):
