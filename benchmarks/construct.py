@@ -72,8 +72,8 @@ import jax
 import jax.numpy as jnp
 
 from factstore_jax.constructions import gadgets
+from factstore_jax.constructions.assembly import build_gadgets
 from factstore_jax.constructions.encoder_decoder import (ConstructionConfig,
-                                                         build_gadgets,
                                                          construct)
 from factstore_jax.factsets import FactSet, many_to_one_map, sample_sphere
 from factstore_jax.threads import expose_cpu_cores, single_threaded_blas

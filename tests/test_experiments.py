@@ -250,3 +250,36 @@ def test_capacity_usability_tiny(tmp_path):
   text = (tmp_path / 'summary.md').read_text()
   assert '## Whitening at W*' in text
   assert (tmp_path / 'tradeoff.png').stat().st_size > 0
+
+
+def test_every_script_imports_names_the_library_has():
+  # Scripts are not imported by the suite (their absl flags would clash), so
+  # a renamed or moved library function breaks them silently (it broke
+  # benchmarks/construct.py once): every `from factstore_jax... import x`
+  # in benchmarks/ and experiments/ must name a module or attribute that
+  # exists.
+  import ast
+  import glob
+  import importlib
+  scripts = sorted(glob.glob(os.path.join(ROOT, 'benchmarks', '**', '*.py'),
+                             recursive=True) +
+                   glob.glob(os.path.join(ROOT, 'experiments', '*.py')))
+  checked, missing = 0, []
+  for path in scripts:
+    with open(path) as f:
+      tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+      if not (isinstance(node, ast.ImportFrom) and node.module and
+              node.module.startswith('factstore_jax')):
+        continue
+      module = importlib.import_module(node.module)
+      for alias in node.names:
+        checked += 1
+        if not hasattr(module, alias.name):
+          try:
+            importlib.import_module(f'{node.module}.{alias.name}')
+          except ImportError:
+            missing.append(f'{os.path.relpath(path, ROOT)}: '
+                           f'{node.module}.{alias.name}')
+  assert checked > 50   # the scan found the scripts' imports
+  assert not missing, missing
