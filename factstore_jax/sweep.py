@@ -472,8 +472,8 @@ def run_sweep(configs: Sequence[Mapping[str, Any]],
   processes agree on what is pending (the union of what each sees on
   disk), cut it into the same groups one process would, and deal the groups
   out (:func:`deal`, by ``affinity`` and ``cost``); so each group's
-  ``compute`` call, and its rows, are those of a one-process run. Process ``i`` appends its rows to
-  :func:`shard_path` ``(table.path, i)``. When all are done (a barrier),
+  ``compute`` call, and its rows, are those of a one-process run. Process
+  ``i`` appends its rows to :func:`shard_path` ``(table.path, i)``. When all are done (a barrier),
   process 0 merges every shard into ``table``'s file (:func:`merge_shards`)
   and every process returns the merged rows. The folder must be one every
   process sees (a shared filesystem). A killed process loses no finished
