@@ -188,7 +188,7 @@ def _rivals(codes, w, used, k: int, one_rows, one_coef, one_w):
   own = jnp.einsum('um,um->u', c, w[used]).at[pos].add(
       one_coef * one_w[one_rows, s_ar], mode='drop')
 
-  def scores(j):  # (U, n) competitor indices -> masked scores (U, n)
+  def scores(j):  # (U, n) competitors (may be >= P: masked) -> (U, n)
     s = jnp.einsum('um,unm->un', c, w[jnp.minimum(j, p - 1)])
     s = s.at[pos].add(one_coef[:, None] * one_w[
         jnp.minimum(j[row_of], p - 1), s_ar[:, None]], mode='drop')
@@ -196,8 +196,12 @@ def _rivals(codes, w, used, k: int, one_rows, one_coef, one_w):
 
   tile, block = RIVAL_TILE, RIVAL_BLOCK
   if p < 2 * tile or k * block * 4 > p:   # small: every score at once
-    top, idx = jax.lax.top_k(scores(jnp.broadcast_to(jnp.arange(p),
-                                                     (num, p))), k)
+    every = c @ w.T                                          # (U, P)
+    every = every.at[pos].add(one_coef[:, None] * one_w.T, mode='drop')
+    every = jnp.where(jnp.arange(p)[None, :] == used[:, None], -jnp.inf,
+                      every)
+    idx = jax.lax.top_k(every, k)[1]
+    top = jnp.take_along_axis(every, idx, axis=1)
     return idx, own[:, None] - top, own - top[:, -1]
   num_tiles = -(-p // tile)
   wp = jnp.pad(w, ((0, num_tiles * tile - p), (0, 0)))
@@ -214,11 +218,14 @@ def _rivals(codes, w, used, k: int, one_rows, one_coef, one_w):
 
   maxima = jax.lax.map(tile_maxima, jnp.arange(num_tiles))
   maxima = jnp.moveaxis(maxima, 0, 1).reshape(num, -1)       # (U, blocks)
+  # Values are read off the inputs: using top_k's values output made this
+  # 2.5x slower on CPU (and the small case 80x).
   chosen = jax.lax.top_k(maxima, k)[1]
-  # (Read off maxima: using top_k's values output made this 2.5x slower.)
   least = jnp.min(jnp.take_along_axis(maxima, chosen, axis=1), axis=1)
   j = (chosen[:, :, None] * block + jnp.arange(block)).reshape(num, -1)
-  top, which = jax.lax.top_k(scores(j), k)
+  rescored = scores(j)
+  which = jax.lax.top_k(rescored, k)[1]
+  top = jnp.take_along_axis(rescored, which, axis=1)
   return jnp.take_along_axis(j, which, axis=1), own[:, None] - top, own - least
 
 
