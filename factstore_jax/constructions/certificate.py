@@ -219,7 +219,7 @@ def _rivals(codes, w, used, k: int, one_rows, one_coef, one_w):
   maxima = jax.lax.map(tile_maxima, jnp.arange(num_tiles))
   maxima = jnp.moveaxis(maxima, 0, 1).reshape(num, -1)       # (U, blocks)
   # Values are read off the inputs: using top_k's values output made this
-  # 2.5x slower on CPU (and the small case 80x).
+  # 2.5x slower on CPU (and the P < 8,192 case 40x).
   chosen = jax.lax.top_k(maxima, k)[1]
   least = jnp.min(jnp.take_along_axis(maxima, chosen, axis=1), axis=1)
   j = (chosen[:, :, None] * block + jnp.arange(block)).reshape(num, -1)
