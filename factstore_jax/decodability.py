@@ -122,8 +122,8 @@ def _pairwise_frank_wolfe(q: Array, lam: Array, tol: float,
 
   def body(state):
     t, lam, qlam = state
-    s = jnp.argmin(qlam)
-    a = jnp.argmax(jnp.where(lam > 0, qlam, -jnp.inf))
+    s = _argmin(qlam)
+    a = _argmin(jnp.where(lam > 0, -qlam, jnp.inf))
     q_s, q_a = q[s], q[a]
     curv = q_s[s] + q_a[a] - 2 * q_s[a]
     lam_a = jnp.sum(jnp.where(ar == a, lam, 0.0))
@@ -160,6 +160,24 @@ def _ordered_int(x: Array) -> Array:
   """float32 -> int32 with the same order (``-0.0 < +0.0``)."""
   i = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
   return jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)
+
+
+def _argmin(x: Array) -> Array:
+  """Index of a smallest entry of ``x (n,)`` as one integer ``min``.
+
+  The low ``log2 n`` bits of the scores' order-preserving integer images
+  carry the index, so the chosen entry exceeds the true minimum by at most
+  that rounding (``~n * 2^-24`` relative). XLA's CPU backend runs
+  ``argmin`` (a two-operand reduction) as a scalar loop: inside the vmapped
+  Frank-Wolfe loop this is 4x faster per step (10 against 40 us for 64
+  values of ``K = 64``). Callers that need the exact minimum read it with
+  ``jnp.min``.
+  """
+  n = x.shape[-1]
+  bits = max(1, (n - 1).bit_length())
+  low = jnp.int32(2**bits - 1)
+  key = _ordered_int(x) & ~low | jnp.arange(n, dtype=jnp.int32)
+  return jnp.min(key, axis=-1) & low
 
 
 def _ordered_float(i: Array) -> Array:
@@ -480,10 +498,13 @@ def decodability(values: Array, *, num_candidates: int | None = None,
     blocks = 1 << (-(-open_.size // chunk_size) - 1).bit_length()
     take = np.concatenate([open_, np.full(blocks * chunk_size - open_.size,
                                           open_[-1])])
-    more = solve(idx[take], k, max_outer - 1,
-                 jax.tree.map(lambda a: a[take], state))
-    return jax.tree.map(lambda full, part: full.at[open_].set(
-        part[:open_.size]), state, more)
+    # Gathers and merges on the host: their shapes follow the number of
+    # open values, and as jax ops each new shape would compile.
+    state = jax.tree.map(np.asarray, state)
+    more = solve(jnp.asarray(np.asarray(idx)[take]), k, max_outer - 1,
+                 jax.tree.map(lambda a: jnp.asarray(a[take]), state))
+    return jax.tree.map(lambda full, part: _set_rows(
+        full, open_, np.asarray(part)[:open_.size]), state, more)
 
   def finish(idx):
     result = _as_result(rounds(idx, k), atol)
@@ -497,10 +518,15 @@ def decodability(values: Array, *, num_candidates: int | None = None,
       if not open_.size:
         break
       k_retry = min(2 * k_retry, k_max)
-      again = _as_result(solve(idx[open_], k_retry, max_outer), atol)
-      result = Decodability(*(
-          full.at[open_].set(part) for full, part in zip(result, again)))
-    return result
+      # Padded to a power of two (repeating the last): few shapes compile.
+      take = np.concatenate([open_, np.full(
+          (1 << (open_.size - 1).bit_length()) - open_.size, open_[-1])])
+      again = _as_result(solve(jnp.asarray(np.asarray(idx)[take]), k_retry,
+                               max_outer), atol)
+      result = Decodability(*(_set_rows(np.asarray(full), open_,
+                                        np.asarray(part)[:open_.size])
+                              for full, part in zip(result, again)))
+    return Decodability(*map(jnp.asarray, result))
 
   total = indices.shape[0]
   if stream_size is None or stream_size >= total:
@@ -556,6 +582,14 @@ def _decodability(values, indices, state=None, *, num_candidates, pool_size,
   out = out._replace(step=jnp.broadcast_to(out.step[:, None],
                                            (blocks, chunk_size)))
   return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[:num], out)
+
+
+def _set_rows(full: np.ndarray, rows: np.ndarray,
+              part: np.ndarray) -> np.ndarray:
+  """A copy of ``full`` with ``full[rows] = part`` (host arrays)."""
+  full = np.array(full)
+  full[rows] = part
+  return full
 
 
 def _as_result(state: _Round, atol: float) -> Decodability:
