@@ -272,6 +272,75 @@ class RivalsTest(parameterized.TestCase):
     self.assertTrue(np.all(vals.cn >= np.linalg.norm(c, axis=1)))
 
 
+_SPLIT_VALUES = r"""
+import sys
+from unittest import mock
+import jax, jax.numpy as jnp, numpy as np
+from factstore_jax import sharding
+from factstore_jax.constructions import certificate as C
+assert len(jax.local_devices()) == 3
+rng = np.random.default_rng(0)
+p, d, m0 = 9000, 24, 6
+values = jnp.asarray(rng.normal(size=(p, d)).astype(np.float32))
+decoder = jnp.asarray(rng.normal(size=(d, m0 + 2)).astype(np.float32))
+codes = np.zeros((p, m0 + 2), np.float32)
+codes[:, :m0] = rng.normal(size=(p, m0))
+codes[[5, 4000], :m0] = 0.0
+codes[[5, 4000], [m0, m0 + 1]] = 1.0
+codes = jnp.asarray(codes)
+used = np.union1d(np.arange(0, p, 19), [5, 4000])   # 476: 3 calls, padded
+bound = lambda: C._value_bounds(values, decoder, codes, used, C.TOP_RIVALS,
+                                chunk=64)
+with mock.patch.object(sharding, 'local_mesh',
+                       lambda: sharding.batch_mesh(jax.local_devices()[:1])):
+  one = bound()
+split = bound()
+np.savez(sys.argv[1], **{f'one_{k}': np.asarray(v) for k, v in
+                         one._asdict().items()},
+         **{f'split_{k}': np.asarray(v) for k, v in split._asdict().items()})
+"""
+
+
+def test_value_cache_reuses_only_equal_inputs():
+  calls = []
+  compute = lambda: calls.append(1) or len(calls)
+  cache = C.ValueCache()
+  codes = np.arange(12.0, dtype=np.float32).reshape(4, 3)
+  used = np.array([0, 2])
+  assert cache.get((codes, used, 0.5), compute) == 1
+  # Equal inputs in new arrays (and as a jax array): reused.
+  assert cache.get((jnp.asarray(codes), used.copy(), 0.5), compute) == 1
+  assert cache.hits == 1
+  # Any change recomputes: an entry, the used values, the dtype, u.
+  changed = codes.copy()
+  changed[1, 1] += 1
+  assert cache.get((changed, used, 0.5), compute) == 2
+  assert cache.get((changed, np.array([0, 3]), 0.5), compute) == 3
+  assert cache.get((changed.astype(np.float64), np.array([0, 3]), 0.5),
+                   compute) == 4
+  assert cache.get((changed.astype(np.float64), np.array([0, 3]), 0.25),
+                   compute) == 5
+  assert cache.hits == 1 and len(calls) == 5
+
+
+def test_value_stage_split_over_devices_equals_one_device(tmp_path):
+  """The value stage runs one chunk per device; every row's rivals and
+  bounds are those of the one-device run, bitwise (3 CPU devices, a
+  subprocess: the device count is fixed when JAX starts)."""
+  import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  from conftest import ROOT, subprocess_env  # pylint: disable=import-outside-toplevel
+  out = tmp_path / 'split.npz'
+  proc = subprocess.run([sys.executable, '-c', _SPLIT_VALUES, str(out)],
+                        cwd=ROOT, env=subprocess_env(device_count=3),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = np.load(out)
+  for name in C._Values._fields:
+    np.testing.assert_array_equal(got[f'split_{name}'], got[f'one_{name}'],
+                                  err_msg=name)
+  assert got['one_rivals'].shape == (476, C.TOP_RIVALS)
+
+
 @pytest.mark.slow
 class LargeTest(absltest.TestCase):
 

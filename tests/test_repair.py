@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from factstore_jax import factsets as F
+from factstore_jax.constructions import certificate
 from factstore_jax.constructions import encoder_decoder as ed
 from factstore_jax.constructions import repair
 from factstore_jax.constructions import verify as verify_lib
@@ -84,10 +85,20 @@ class ConstructRepairTest(absltest.TestCase):
     def dense(*args, **kwargs):
       dense_calls.append(1)
       return real_dense(*args, **kwargs)
+    value_stages = []
+    real_values = certificate._value_bounds
+
+    def values(*args, **kwargs):
+      value_stages.append(1)
+      return real_values(*args, **kwargs)
     with mock.patch.object(ed, 'build_gadgets_streamed', broken), \
-        mock.patch.object(verify_lib, 'verify_structured_streamed', dense):
+        mock.patch.object(verify_lib, 'verify_structured_streamed', dense), \
+        mock.patch.object(certificate, '_value_bounds', values):
       c = ed.construct(0, fs, bucket_size=8)
     self.assertEqual(c.report.repaired_buckets, 1)
+    # Two certificates (before and after the refit), one value stage: the
+    # table did not change, so the second reused the first's.
+    self.assertEqual(value_stages, [1])
     self.assertEqual(c.report.check, 'certificate')
     self.assertEqual(dense_calls, [])
     self.assertEqual(c.report.accuracy, 1.0)

@@ -39,7 +39,7 @@ from absl import logging
 
 from factstore_jax.decodability import used_values
 from factstore_jax import storage
-from factstore_jax.constructions import gadgets
+from factstore_jax.constructions import certificate, gadgets
 from factstore_jax.errors import ConstructionError, InfeasibleFactSetError
 from factstore_jax.factsets import FactSet, validate_factset
 from factstore_jax.precision import full_precision
@@ -249,6 +249,7 @@ def construct(key: Array | int, factset: FactSet,
   targets = codes[mapping]
 
   repaired, retries, split = 0, 0, 0
+  value_cache = certificate.ValueCache()   # the table is fixed from here
   while True:
     with single_threaded_blas():
       parts = build_gadgets_streamed(
@@ -259,7 +260,8 @@ def construct(key: Array | int, factset: FactSet,
     model = prune_dead(assemble_jit(parts, decoder, config.activation))
     # A failed certificate names the facts to repair before any dense check.
     check, check_name, f32 = check_construction(
-        parts, model, factset, codes, progress, config.verify, fallback=False)
+        parts, model, factset, codes, progress, config.verify, fallback=False,
+        value_cache=value_cache)
     # NaN margins (a singular bucket) count as failing.
     if not float(check.storage.min_margin) > 0:
       bad = failing_buckets(parts, keys, targets, check.storage.margins)
@@ -272,7 +274,8 @@ def construct(key: Array | int, factset: FactSet,
       split += n_split
       model = prune_dead(assemble_jit(parts, decoder, config.activation))
       check, check_name, f32 = check_construction(
-          parts, model, factset, codes, progress, config.verify)
+          parts, model, factset, codes, progress, config.verify,
+          value_cache=value_cache)
     if float(check.storage.min_margin) > 0:
       break
     if retries >= config.max_retries:

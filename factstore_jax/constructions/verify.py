@@ -169,13 +169,15 @@ def _round_up(x: np.ndarray) -> np.ndarray:
 
 
 def certify_gadgets(parts: Gadgets, model: EncoderDecoder, factset, codes, *,
-                    assembled: EncoderDecoder | None = None, progress=None):
+                    assembled: EncoderDecoder | None = None, progress=None,
+                    value_cache: certificate.ValueCache | None = None):
   """The structured certificate of ``model`` as a :class:`Verification`.
 
   ``assembled`` is ``prune_dead(assemble_gadgets(parts, model.decoder))``
   (built here when omitted); ``model`` must equal it bitwise, else every
   margin is ``-inf``. Margins are lower bounds (rounded down to float32),
-  ``code_error`` an upper bound. Returns ``(Verification, Certificate)``.
+  ``code_error`` an upper bound. ``value_cache`` is passed to
+  :func:`certificate.certify`. Returns ``(Verification, Certificate)``.
   """
   keys, values, mapping = factset
   if assembled is None:
@@ -183,7 +185,7 @@ def certify_gadgets(parts: Gadgets, model: EncoderDecoder, factset, codes, *,
                                          model.activation))
   cert = certificate.certify(parts, model, assembled, keys, values, mapping,
                              codes, stream_size=STREAM_KEYS,
-                             progress=progress)
+                             progress=progress, value_cache=value_cache)
   report = storage._report(jnp.asarray(_round_down(cert.margins)),
                            jnp.asarray(_round_up(cert.output_norms)))
   return Verification(report, jnp.asarray(_round_up(
@@ -192,7 +194,8 @@ def certify_gadgets(parts: Gadgets, model: EncoderDecoder, factset, codes, *,
 
 def check_construction(parts: Gadgets, model: EncoderDecoder, factset, codes,
                        progress=None, method: str = 'certificate',
-                       fallback: bool = True):
+                       fallback: bool = True,
+                       value_cache: certificate.ValueCache | None = None):
   """Verification of every fact: ``(Verification, check name, float32 bound)``.
 
   The certificate (clipped gate) is tried first; if it cannot certify every
@@ -200,12 +203,14 @@ def check_construction(parts: Gadgets, model: EncoderDecoder, factset, codes,
   evaluation computes), unless ``fallback`` is False: then the failed
   certificate is returned (its margins are lower bounds, so the keys it
   fails include every key the dense check would fail), e.g. to repair the
-  buckets it names before paying for the dense check.
+  buckets it names before paying for the dense check. ``value_cache``
+  (:class:`certificate.ValueCache`) lets checks of rebuilt or repaired
+  buckets over the same table reuse the certificate's value stage.
   """
   if model.activation == 'clipped' and method == 'certificate':
     check, cert = certify_gadgets(
         parts, model, factset, codes, assembled=model,
-        progress=None if progress is None else
+        value_cache=value_cache, progress=None if progress is None else
         lambda done, total: progress('certify', done, total))
     if float(check.storage.min_margin) > 0:
       return check, 'certificate', cert.float32_bound
