@@ -301,6 +301,24 @@ np.savez(sys.argv[1], **{f'one_{k}': np.asarray(v) for k, v in
 """
 
 
+def test_sampled_encoding_in_chunks_equals_one_call(monkeypatch):
+  c = _built('tied')
+  x = np.asarray(_fs('tied').keys)[:37]
+  whole = np.asarray(C._encode(c.model, jnp.asarray(x)), np.float64)
+  hidden = c.model.w_up.shape[1] * 4
+  # 5 keys per call: 8 calls, the last padded with copies of the last key.
+  monkeypatch.setattr(C, 'ENCODE_BYTES', 3 * hidden * 5)
+  chunked = C._encode_rows(c.model, x)
+  assert chunked.shape == whole.shape == (37, c.model.decoder.shape[1])
+  np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
+  calls = []
+  real = C._encode
+  monkeypatch.setattr(C, '_encode', lambda m, z: calls.append(z.shape[0]) or
+                      real(m, z))
+  C._encode_rows(c.model, x)
+  assert calls == [5] * 8
+
+
 def test_value_cache_reuses_only_equal_inputs():
   calls = []
   compute = lambda: calls.append(1) or len(calls)

@@ -133,9 +133,19 @@ class StorageTest(parameterized.TestCase):
       self.assertLess(report.code_error, 0.05)   # a certified bound
     else:
       self.assertEqual(case, 'relu')   # the clipped gate is certified
-      np.testing.assert_allclose(float(dense.min_margin), report.min_margin,
-                                 rtol=1e-3, atol=1e-4)
-      # The relu ramps lose a little to cancellation in float32.
+      # The relu ramps lose a little to cancellation in float32, so the
+      # folded MLP and the factorised one the report's dense check runs
+      # round differently: their margins may differ by up to the measured
+      # output difference times the largest value difference (measured:
+      # outputs 3.2e-3 apart; margins 3e-4 apart under the tests' XLA
+      # settings, 7e-5 at XLA's default optimisation level).
+      dy = np.linalg.norm(np.asarray(c.model(fs.keys)) -
+                          np.asarray(c.model.as_mlp()(fs.keys)), axis=1)
+      vals = np.asarray(fs.values)
+      spread = 2 * np.linalg.norm(vals, axis=1).max()
+      self.assertLess(dy.max(), 1e-2)
+      self.assertLessEqual(abs(float(dense.min_margin) - report.min_margin),
+                           dy.max() * spread + 1e-6)
       self.assertLess(report.code_error, 1e-3)
     # The margin guarantee: every margin >= rho(VD) * |vd_f(i) - vd_j| > 0.
     self.assertGreater(report.rho_projected, 0.0)

@@ -313,6 +313,31 @@ class PruneTest(parameterized.TestCase):
     self.assertEqual(assembly.prune_dead(model).w_up.shape, (D, h - 2))
 
 
+class AssembleLiveTest(parameterized.TestCase):
+  """assemble_live builds only the live steps: bitwise the pruned assembly."""
+
+  @parameterized.parameters('clipped', 'relu')
+  def test_equals_the_pruned_assembly(self, activation):
+    fs = F.random_factset(jax.random.PRNGKey(4), 64, D)
+    targets = jax.random.normal(jax.random.PRNGKey(5), (64, 6))
+    parts = assembly.build_gadgets(jax.random.PRNGKey(6), fs.keys, targets,
+                                   bucket_size=8, activation=activation)
+    maps = np.asarray(parts.maps).copy()
+    maps[3] = maps[2]          # a whole dead cut
+    maps[5, 1] = maps[4, 1]    # one dead coordinate of a cut
+    maps[6, 2, :5] = maps[5, 2, :5]   # partly equal: stays live
+    decoder = jax.random.normal(jax.random.PRNGKey(7), (D, 6))
+    for p in (parts, parts._replace(maps=jnp.asarray(maps))):
+      want = assembly.prune_dead(assembly.assemble_gadgets(p, decoder,
+                                                           activation))
+      got = assembly.assemble_live(p, decoder, activation)
+      chex.assert_trees_all_equal(got, want)
+    k = parts.sign.shape[0]
+    n, m = maps.shape[:2]
+    self.assertEqual(got.w_up.shape, (D, (n * m - m - 1) * k))
+    self.assertEqual(got.window, k)
+
+
 class ConfigTest(parameterized.TestCase):
 
   @parameterized.parameters(({'fill': 0.0}, 'fill'), ({'fill': 1.5}, 'fill'),

@@ -678,7 +678,7 @@ def edit(construction: ed.Construction, factset: FactSet, changes, *,
   new_parts = assembly.Gadgets(buckets, maps, scale.astype(dtype),
                          bias.astype(dtype), sign.astype(dtype))
   decoder = construction.model.decoder
-  assemble = lambda p: assembly.prune_dead(assembly.assemble_jit(p, decoder, 'clipped'))
+  assemble = lambda p: assembly.assemble_live(p, decoder, 'clipped')
   model = assemble(new_parts)
 
   # Verify every fact from the lowest touched bucket upward: a moved step

@@ -463,7 +463,7 @@ def certify(parts, model, assembled, keys, values, mapping, codes, *,
   for _, rows, code, err, _ in buckets(only=in_sample):
     for r, c, e in zip(rows, code, err):
       exact_s[int(r)] = (c, e)
-  dense = np.asarray(_encode(model, jnp.asarray(keys_np[sample])), np.float64)
+  dense = _encode_rows(model, keys_np[sample])
   # The Euclidean norm of the deviation: a per-coordinate maximum applied to
   # every coordinate would cost a factor up to sqrt(m) more.
   sampled = max((float(np.linalg.norm(dense[i] - exact_s[int(r)][0]))
@@ -508,4 +508,23 @@ def certify(parts, model, assembled, keys, values, mapping, codes, *,
 @full_precision
 def _encode(model, x):
   return model.encode(x)
+
+
+# Bytes of hidden activations one call of the sampled dense encoding may
+# hold: the sample is encoded in chunks of as many keys (the hidden layer
+# grows with N: at 2^19 facts the whole sample at once took 1.3 GiB).
+ENCODE_BYTES = 128 * 2**20
+
+
+def _encode_rows(model, x: np.ndarray) -> np.ndarray:
+  """Dense float32 codes ``(S, m)`` (float64) of the keys ``x (S, d)``,
+  in chunks of a fixed size (the last padded; one compiled shape)."""
+  hidden = model.w_up.shape[1] * np.dtype(model.w_up.dtype).itemsize
+  size = int(max(1, min(len(x), ENCODE_BYTES // (3 * hidden))))
+  pad = -len(x) % size
+  xp = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
+  out = [np.asarray(_encode(model, jnp.asarray(xp[i:i + size])), np.float64)
+         for i in range(0, len(xp), size)]
+  return np.concatenate(out)[:len(x)] if out else np.zeros(
+      (0, model.decoder.shape[1]))
 

@@ -19,8 +19,8 @@ factorised encoder-decoder holds ``w_gate, b_gate, w_up (encoder)``,
 ``routing (h, m)`` and ``decoder (d, m)``; folded into a standard gated MLP
 (``w_down = routing @ decoder.T``) it holds ``w_gate, b_gate, w_up, w_down``.
 With ``n`` buckets and code dim ``m`` the clipped gate has ``h = n m`` hidden
-neurons (fewer after :func:`prune_dead` drops those whose up-weights are
-exactly zero): ``h (2d + 1 + m) + d m`` factorised, ``h (3d + 1)`` folded.
+neurons (fewer: :func:`assemble_live` leaves out those whose up-weights
+are exactly zero): ``h (2d + 1 + m) + d m`` factorised, ``h (3d + 1)`` folded.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from factstore_jax.factsets import FactSet, validate_factset
 from factstore_jax.precision import full_precision
 from factstore_jax.threads import single_threaded_blas
 from factstore_jax.mlp import EncoderDecoder, GatedMLP, GatedMLPModule, num_params
-from factstore_jax.constructions.assembly import Gadgets, assemble_jit, build_encoder, build_gadgets_streamed, max_map_norm, prune_dead
+from factstore_jax.constructions.assembly import Gadgets, assemble_jit, assemble_live, build_encoder, build_gadgets_streamed, max_map_norm
 from factstore_jax.constructions.codes import choose_code_dim, construction_decoder, patch_stragglers, raise_undecodable, rho_floor, value_codes
 from factstore_jax.constructions.config import ConstructionConfig, check_config, code_dims, resolve_bucket_size
 from factstore_jax.constructions.repair import failing_buckets, refit_buckets, split_unsolved
@@ -257,7 +257,7 @@ def construct(key: Array | int, factset: FactSet,
           activation=config.activation, slack=config.slack, fill=config.fill,
           stream_size=STREAM_BUCKETS, progress=None if progress is None
           else lambda done, total: progress('buckets', done, total))
-    model = prune_dead(assemble_jit(parts, decoder, config.activation))
+    model = assemble_live(parts, decoder, config.activation)
     # A failed certificate names the facts to repair before any dense check.
     check, check_name, f32 = check_construction(
         parts, model, factset, codes, progress, config.verify, fallback=False,
@@ -272,7 +272,7 @@ def construct(key: Array | int, factset: FactSet,
                                        activation=config.activation)
       repaired += len(bad)
       split += n_split
-      model = prune_dead(assemble_jit(parts, decoder, config.activation))
+      model = assemble_live(parts, decoder, config.activation)
       check, check_name, f32 = check_construction(
           parts, model, factset, codes, progress, config.verify,
           value_cache=value_cache)

@@ -17,7 +17,7 @@ from factstore_jax.constructions import certificate, gadgets
 from factstore_jax.factsets import FactSet
 from factstore_jax.precision import full_precision
 from factstore_jax.mlp import EncoderDecoder, get_activation
-from factstore_jax.constructions.assembly import Gadgets, assemble_jit, prune_dead
+from factstore_jax.constructions.assembly import Gadgets, assemble_live
 
 Array = jax.Array
 
@@ -181,8 +181,7 @@ def certify_gadgets(parts: Gadgets, model: EncoderDecoder, factset, codes, *,
   """
   keys, values, mapping = factset
   if assembled is None:
-    assembled = prune_dead(assemble_jit(parts, model.decoder,
-                                         model.activation))
+    assembled = assemble_live(parts, model.decoder, model.activation)
   cert = certificate.certify(parts, model, assembled, keys, values, mapping,
                              codes, stream_size=STREAM_KEYS,
                              progress=progress, value_cache=value_cache)
