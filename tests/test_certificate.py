@@ -319,6 +319,16 @@ def test_sampled_encoding_in_chunks_equals_one_call(monkeypatch):
   assert calls == [5] * 8
 
 
+@pytest.mark.parametrize('n', [1, 2, 5, 9])
+def test_telescoped_in_chunks_is_the_telescope(monkeypatch, n):
+  maps = jax.random.normal(jax.random.PRNGKey(n), (n, 3, 4))
+  monkeypatch.setattr(C, 'TELESCOPE_CHUNK', 3)   # chunks of 3, last overlaps
+  got = list(C._telescoped(maps))
+  assert [o for o, _ in got] == list(range(n))
+  np.testing.assert_array_equal(np.stack([t for _, t in got]),
+                                np.asarray(gadgets.telescope(maps)))
+
+
 def test_value_cache_reuses_only_equal_inputs():
   calls = []
   compute = lambda: calls.append(1) or len(calls)

@@ -217,7 +217,11 @@ def assemble_live(parts: Gadgets, decoder: Array,
                          jnp.asarray(coord, jnp.int32), activation=activation)
 
 
-def max_map_norm(maps: Array) -> float:
-  """``max_j ||M_j||_2`` of bucket maps ``(n, m, d)`` (largest singular value)."""
-  return float(np.max(np.linalg.norm(np.asarray(maps, np.float64), ord=2,
-                                     axis=(1, 2))))
+def max_map_norm(maps: Array, chunk: int = 256) -> float:
+  """``max_j ||M_j||_2`` of bucket maps ``(n, m, d)`` (largest singular
+  value), in float64, ``chunk`` maps at a time (a float64 copy of all the
+  maps would be twice their size: 4 GiB at 2^22 facts)."""
+  maps = np.asarray(maps)
+  return max((float(np.max(np.linalg.norm(
+      maps[i:i + chunk].astype(np.float64), ord=2, axis=(1, 2))))
+              for i in range(0, maps.shape[0], chunk)), default=0.0)

@@ -429,7 +429,6 @@ def certify(parts, model, assembled, keys, values, mapping, codes, *,
   m = d_np.shape[1]
   norms = (float(np.linalg.norm(d_np, 2)) * (1 + 1e-6),
            float(np.linalg.norm(d_np)) * (1 + 1e-6), m, d_np.shape[0])
-  tele = np.asarray(gadgets.telescope(parts.maps))           # stored w_up
 
   def buckets(only=None):
     """Per bucket: ``(o, rows, exact code, its rounding bound, |x| . A_o)``
@@ -437,9 +436,9 @@ def certify(parts, model, assembled, keys, values, mapping, codes, *,
     restricts the rows."""
     prefix, prefix_abs = np.zeros((m, dim)), np.zeros((m, dim))
     g64d, g64o = float(gamma(dim + 1, U64)), float(gamma(n + 1, U64))
-    for o in range(n):
-      prefix += tele[o]
-      prefix_abs += np.abs(tele[o])
+    for o, tele_o in _telescoped(parts.maps):   # the stored w_up
+      prefix += tele_o
+      prefix_abs += np.abs(tele_o)
       rows = index[o][valid[o]]
       if only is not None:
         rows = rows[only[rows]]
@@ -502,6 +501,39 @@ def certify(parts, model, assembled, keys, values, mapping, codes, *,
       steps_ok=steps_ok, identical=identical, step_slack=slack,
       float32_bound=kind, float32_worst_case=worst_max,
       float32_sampled=sampled, exact_code_error=exact_err)
+
+
+# Buckets per telescoped chunk the certificate holds at a time.
+TELESCOPE_CHUNK = 256
+
+
+@functools.partial(jax.jit, static_argnames=('size',))
+def _telescope_chunk(maps, start, *, size: int):
+  """Rows ``start .. start + size - 1`` of :func:`gadgets.telescope`, by
+  the same subtraction (``1 <= start <= n - size``)."""
+  rows = jax.lax.dynamic_slice_in_dim(maps, start, size)
+  return rows - jax.lax.dynamic_slice_in_dim(maps, start - 1, size)
+
+
+def _telescoped(maps):
+  """``(o, M_o - M_{o-1})`` for every bucket ``o`` (host float32 arrays,
+  bitwise :func:`gadgets.telescope`), computed ``TELESCOPE_CHUNK`` buckets
+  at a time: the whole ``(n, m, d)`` array is the size of the maps (2 GiB
+  at 2^22 facts)."""
+  n = maps.shape[0]
+  if n == 0:
+    return
+  yield 0, np.asarray(maps[0])
+  if n == 1:
+    return
+  size = min(TELESCOPE_CHUNK, n - 1)
+  for start in range(1, n, size):
+    # The last chunk ends at n (overlapping the one before): one shape,
+    # and no padded copy of the maps.
+    first = min(start, n - size)
+    chunk = np.asarray(_telescope_chunk(maps, first, size=size))
+    for o in range(start, min(start + size, n)):
+      yield o, chunk[o - first]
 
 
 @jax.jit
