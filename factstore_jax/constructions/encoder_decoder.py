@@ -246,14 +246,16 @@ def construct(key: Array | int, factset: FactSet,
     decoder, codes, rho = patch_stragglers(values, decoder, codes, rho,
                                            stragglers, tol=config.tol)
   code_dim = decoder.shape[1]
-  targets = codes[mapping]
+  # Each key's target code, (N, m): 2 GiB at 2^22 facts, so it is made
+  # where it is needed and not held through the certificate.
+  targets = lambda: codes[mapping]
 
   repaired, retries, split = 0, 0, 0
   value_cache = certificate.ValueCache()   # the table is fixed from here
   while True:
     with single_threaded_blas():
       parts = build_gadgets_streamed(
-          k_dir, keys, targets, bucket_size=bucket_size,
+          k_dir, keys, targets(), bucket_size=bucket_size,
           activation=config.activation, slack=config.slack, fill=config.fill,
           stream_size=STREAM_BUCKETS, progress=None if progress is None
           else lambda done, total: progress('buckets', done, total))
@@ -264,12 +266,14 @@ def construct(key: Array | int, factset: FactSet,
         value_cache=value_cache)
     # NaN margins (a singular bucket) count as failing.
     if not float(check.storage.min_margin) > 0:
-      bad = failing_buckets(parts, keys, targets, check.storage.margins)
+      wanted = targets()
+      bad = failing_buckets(parts, keys, wanted, check.storage.margins)
       logging.info('refitting %d bucket(s) in float64', len(bad))
-      parts = refit_buckets(parts, keys, targets, bad)
-      parts, n_split = split_unsolved(parts, keys, targets, bad,
+      parts = refit_buckets(parts, keys, wanted, bad)
+      parts, n_split = split_unsolved(parts, keys, wanted, bad,
                                        slack=config.slack,
                                        activation=config.activation)
+      del wanted
       repaired += len(bad)
       split += n_split
       model = assemble_live(parts, decoder, config.activation)
