@@ -437,7 +437,7 @@ def main_v2(options):
   table = ResultsTable(os.path.join(FLAGS.out_dir, 'rows.csv'), KEY_FIELDS)
   t0 = time.perf_counter()
   rows = run_sweep(configs, lambda g: compute(g, options), table,
-                   desc='v2 rows')
+                   desc='v2 rows', merge_only=FLAGS.merge_only)
   comparisons = v2_comparisons(rows, sizes)
   v2_plot(rows, comparisons, os.path.join(FLAGS.out_dir, 'rho_law_v2.png'))
   text, blob = v2_summary(rows, comparisons, sizes)
