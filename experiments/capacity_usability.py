@@ -872,12 +872,12 @@ def stats_summary(res) -> str:
             f"{_fmt(lo['params_per_fact']['mean'])} -> "
             f"{_fmt(hi['params_per_fact']['mean'])} (Δ "
             f"{_fmt(f['params_per_fact_diff']['mean'], '+.2f')} "
-            f"{_ci(f['params_per_fact_diff'])}: capacity raised "
+            f"{_ci(f['params_per_fact_diff'])}; capacity raised: "
             f"{f['capacity_raised']}), Jacobian median "
             f"{_fmt(lo['jacobian_median']['mean'], '.3g')} -> "
             f"{_fmt(hi['jacobian_median']['mean'], '.3g')}, recall "
             f"{f['recall_low_fill']['text']} -> "
-            f"{f['recall_high_fill']['text']} (recall lowered "
+            f"{f['recall_high_fill']['text']} (recall lowered: "
             f"{f['recall_lowered']}).")
         continue
       for m in METHODS:
@@ -960,7 +960,7 @@ def plot_stats(res, path):
     for e in es:
       axes[3].annotate(f"{e['fill']:g}", (nan(e['params_per_fact']['mean']),
                                           100 * nan(e['recall']['rate'])),
-                       fontsize=6)
+                       xytext=(3, 3), textcoords='offset points', fontsize=6)
   axes[0].axhline(0, color='k', lw=0.8)
   axes[0].set_ylabel('Δ W* params/fact, whitened − raw (95% t CI)')
   axes[1].axhline(1, color='k', lw=0.8)

@@ -241,15 +241,86 @@ def test_transformer_capacity_tiny(tmp_path):  # the same Transformer path
 @pytest.mark.slow  # ~70 s on 2 idle cores: GD and closed-form W* searches
 def test_capacity_usability_tiny(tmp_path):
   run('capacity_usability.py', tmp_path, '--dim=16', '--num_facts=32',
-      '--code_dims=16', '--bucket_sizes=8', '--gd_widths=8',
+      '--code_dims=16', '--bucket_sizes=8', '--gd_widths=8', '--fills=1.0',
       *TINY_TRANSFORMER)
   got = rows(tmp_path / 'rows.csv')
   assert {(r['method'], r['knob']) for r in got} == {
       ('encoder_decoder', 'W*'), ('encoder_decoder', '16/8'), ('gd', 'W*'),
-      ('gd', '8')}
+      ('gd', '8'), ('encoder_decoder', 'W*@fill=1.0')}
   text = (tmp_path / 'summary.md').read_text()
   assert '## Whitening at W*' in text
+  assert '## Bucket fill at W*' in text
   assert (tmp_path / 'tradeoff.png').stat().st_size > 0
+  assert (tmp_path / 'fill.png').stat().st_size > 0
+
+
+STATS_QUICK = ['--stats', '--quick', *TINY_TRANSFORMER]
+
+
+def test_capacity_usability_stats_quick(tmp_path):
+  run('capacity_usability.py', tmp_path, *STATS_QUICK)
+  got = rows(tmp_path / 'rows.csv')
+  n, contexts = 32, 16  # --quick's N; --stats_contexts' default
+  expected = {(seed, method, whitened, 'W*') for seed in ('0', '1')
+              for method in ('encoder_decoder', 'gd')
+              for whitened in ('False', 'True')}
+  expected |= {(seed, 'encoder_decoder', 'False', 'W*@fill=1.0')
+               for seed in ('0', '1')}
+  assert {(r['seed'], r['method'], r['whitened'], r['knob'])
+          for r in got} == expected
+  assert len(got) == len(expected)
+  for r in got:
+    assert (r['dim'], r['num_facts'], r['beta']) == ('16', str(n), '3.0')
+    hits, trials = int(r['recall_hits']), int(r['recall_trials'])
+    assert trials == n * contexts and 0 <= hits <= trials
+    assert float(r['recall']) == hits / trials
+  # Cheap N first, then seeds outer: seed 0's rows before seed 1's.
+  assert [r['seed'] for r in got] == ['0'] * 5 + ['1'] * 5
+  text = (tmp_path / 'summary.md').read_text()
+  assert '## Verdicts' in text
+  for claim in ('whitening raises capacity', 'whitening raises Lipschitz',
+                'whitening lowers recall',
+                'fuller buckets trade recall for capacity'):
+    assert any(f'**{claim}: {v}**' in text
+               for v in ('holds', 'does not hold', 'not resolved'))
+  assert 'Wilson' in text and f'/{2 * n * contexts} = ' in text
+  assert '## Recall resolution' in text and 'Produced by `python ' in text
+  summary = json.loads((tmp_path / 'summary.json').read_text())
+  assert [(c['beta'], c['num_facts']) for c in summary['cells']] == [(3.0, n)]
+  cell = summary['cells'][0]
+  for method in ('encoder_decoder', 'gd'):
+    w = cell['whitening'][method]
+    assert w['recall_raw']['trials'] == 2 * n * contexts
+    assert w['recall_raw']['low'] <= w['recall_raw']['rate'] <= (
+        w['recall_raw']['high'])
+  assert [e['fill'] for e in cell['fill']['fills']] == [0.95, 1.0]
+  assert summary['rows_done'] == summary['rows_expected'] == len(expected)
+  assert (tmp_path / 'stats.png').stat().st_size > 0
+  # A re-run computes nothing: the same rows, byte for byte.
+  before = (tmp_path / 'rows.csv').read_bytes()
+  run('capacity_usability.py', tmp_path, *STATS_QUICK)
+  assert (tmp_path / 'rows.csv').read_bytes() == before
+  # Other budgets on the same table are refused before any work.
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'experiments',
+                                    'capacity_usability.py'),
+       f'--out_dir={tmp_path}', *STATS_QUICK, '--steps=301'],
+      capture_output=True, text=True, env=subprocess_env(), timeout=600)
+  assert proc.returncode != 0 and '--steps' in proc.stderr
+  assert (tmp_path / 'rows.csv').read_bytes() == before
+
+
+@pytest.mark.parametrize('flag', ['--stats_contexts=0', '--stats_seeds=',
+                                  '--stats_betas=-1', '--stats_num_facts=1'])
+def test_capacity_usability_stats_bad_flag(tmp_path, flag):
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'experiments',
+                                    'capacity_usability.py'),
+       f'--out_dir={tmp_path / "out"}', '--stats', flag],
+      capture_output=True, text=True, env=subprocess_env(), timeout=600)
+  assert proc.returncode != 0
+  assert flag.split('=')[0] in proc.stderr
+  assert not (tmp_path / 'out').exists()  # refused before any work
 
 
 def test_every_script_imports_names_the_library_has():
