@@ -30,18 +30,28 @@ def assemble(direction: Array, maps: Array, scale: Array, bias: Array,
   ``h = n * m * k``; the up-weights of cut ``j`` are the telescoped
   differences ``M_j - M_{j-1}`` (:func:`gadgets.telescope`).
   """
-  n, m, d = maps.shape
-  k = scale.shape[1]
-  h = n * m * k
-  w_gate = jnp.broadcast_to(direction[:, None, None, None] *
-                            scale[None, :, None, :], (d, n, m, k))
-  b_gate = jnp.broadcast_to(bias[:, None, :], (n, m, k))
-  w_up = jnp.transpose(gadgets.telescope(maps), (2, 0, 1))[..., None] * sign
-  routing = jnp.broadcast_to(
-      jnp.eye(m, dtype=maps.dtype)[None, :, None, :], (n, m, k, m))
-  return EncoderDecoder(w_gate=w_gate.reshape(d, h), b_gate=b_gate.reshape(h),
-                        w_up=w_up.reshape(d, h), routing=routing.reshape(h, m),
-                        decoder=decoder, activation=activation, window=k)
+  n, m, _ = maps.shape
+  return _assemble_steps(direction, gadgets.telescope(maps), scale, bias,
+                         sign, decoder, jnp.repeat(jnp.arange(n), m),
+                         jnp.tile(jnp.arange(m), n), activation)
+
+
+def _assemble_steps(direction, tele, scale, bias, sign, decoder, cut, coord,
+                    activation: str) -> EncoderDecoder:
+  """The weights of the steps ``(cut (h',), coord (h',))`` of telescoped
+  maps ``tele (n, m, d)``, in that order: step ``(j, r)`` has the ``k``
+  gate columns ``direction * scale[j]``, biases ``bias[j]``, up-weights
+  ``tele[j, r] * sign`` and routes to coordinate ``r``."""
+  d, m, k = tele.shape[2], tele.shape[1], sign.shape[0]
+  h = cut.shape[0] * k
+  w_gate = direction[:, None, None] * scale[cut][None]            # (d, h', k)
+  w_up = jnp.transpose(tele[cut, coord], (1, 0))[..., None] * sign
+  routing = jnp.broadcast_to(jnp.eye(m, dtype=tele.dtype)[coord][:, None],
+                             (cut.shape[0], k, m))
+  return EncoderDecoder(w_gate=w_gate.reshape(d, h),
+                        b_gate=bias[cut].reshape(h), w_up=w_up.reshape(d, h),
+                        routing=routing.reshape(h, m), decoder=decoder,
+                        activation=activation, window=k)
 
 
 class Gadgets(NamedTuple):
@@ -181,21 +191,7 @@ def _live_steps(maps: Array, sign: Array) -> tuple[Array, Array]:
   return tele, live
 
 
-@functools.partial(jax.jit, static_argnames=('activation',))
-def _assemble_steps(direction, tele, scale, bias, sign, decoder, cut, coord,
-                    *, activation: str) -> EncoderDecoder:
-  """:func:`assemble`'s weights of the steps ``(cut (h',), coord (h',))``
-  only, in the same order and with the same products."""
-  d, m, k = tele.shape[2], tele.shape[1], sign.shape[0]
-  h = cut.shape[0] * k
-  w_gate = direction[:, None, None] * scale[cut][None]            # (d, h', k)
-  w_up = jnp.transpose(tele[cut, coord], (1, 0))[..., None] * sign
-  routing = jnp.broadcast_to(jnp.eye(m, dtype=tele.dtype)[coord][:, None],
-                             (cut.shape[0], k, m))
-  return EncoderDecoder(w_gate=w_gate.reshape(d, h),
-                        b_gate=bias[cut].reshape(h), w_up=w_up.reshape(d, h),
-                        routing=routing.reshape(h, m), decoder=decoder,
-                        activation=activation, window=k)
+_assemble_steps_jit = jax.jit(_assemble_steps, static_argnames=('activation',))
 
 
 def assemble_live(parts: Gadgets, decoder: Array,
@@ -206,15 +202,16 @@ def assemble_live(parts: Gadgets, decoder: Array,
   The dense layer of :func:`assemble` has ``n m k`` neurons; with patched
   code coordinates most are dead (at 2^22 facts, 8,632 cuts x 117
   coordinates: 8 GiB of weights before pruning against ~1 GiB after). Only
-  the live steps' columns are gathered, with the same products as
-  :func:`assemble`, so the result equals the pruned assembly bitwise.
+  the live steps go through :func:`assemble`'s step builder, so the result
+  equals the pruned assembly bitwise.
   """
   tele, live = _live_steps(parts.maps, parts.sign)
   cut, coord = np.nonzero(np.asarray(live))   # row-major: assemble's order
-  return _assemble_steps(parts.buckets.direction, tele, parts.scale,
-                         parts.bias, parts.sign, decoder,
-                         jnp.asarray(cut, jnp.int32),
-                         jnp.asarray(coord, jnp.int32), activation=activation)
+  return _assemble_steps_jit(parts.buckets.direction, tele, parts.scale,
+                             parts.bias, parts.sign, decoder,
+                             jnp.asarray(cut, jnp.int32),
+                             jnp.asarray(coord, jnp.int32),
+                             activation=activation)
 
 
 def max_map_norm(maps: Array, chunk: int = 256) -> float:
