@@ -495,10 +495,7 @@ def decodability(values: Array, *, num_candidates: int | None = None,
     open_ = np.flatnonzero(~np.asarray(state.done))
     if not open_.size:
       return state
-    # A power-of-two number of blocks: few distinct shapes to compile.
-    blocks = 1 << (-(-open_.size // chunk_size) - 1).bit_length()
-    take = np.concatenate([open_, np.full(blocks * chunk_size - open_.size,
-                                          open_[-1])])
+    take = _padded(open_, chunk_size)
     # Gathers and merges on the host: their shapes follow the number of
     # open values, and as jax ops each new shape would compile.
     state = jax.tree.map(np.asarray, state)
@@ -519,9 +516,7 @@ def decodability(values: Array, *, num_candidates: int | None = None,
       if not open_.size:
         break
       k_retry = min(2 * k_retry, k_max)
-      # Padded to a power of two (repeating the last): few shapes compile.
-      take = np.concatenate([open_, np.full(
-          (1 << (open_.size - 1).bit_length()) - open_.size, open_[-1])])
+      take = _padded(open_, 1)
       again = _as_result(solve(jnp.asarray(np.asarray(idx)[take]), k_retry,
                                max_outer), atol)
       result = Decodability(*(_set_rows(np.asarray(full), open_,
@@ -583,6 +578,14 @@ def _decodability(values, indices, state=None, *, num_candidates, pool_size,
   out = out._replace(step=jnp.broadcast_to(out.step[:, None],
                                            (blocks, chunk_size)))
   return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[:num], out)
+
+
+def _padded(rows: np.ndarray, multiple: int) -> np.ndarray:
+  """``rows`` padded (repeating the last) to a power of two times
+  ``multiple``: re-solves of a varying number of values compile few shapes."""
+  blocks = 1 << (-(-rows.size // multiple) - 1).bit_length()
+  return np.concatenate([rows, np.full(blocks * multiple - rows.size,
+                                       rows[-1])])
 
 
 def _set_rows(full: np.ndarray, rows: np.ndarray,

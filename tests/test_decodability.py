@@ -318,3 +318,31 @@ def test_open_values_go_on_in_blocks_of_their_own(monkeypatch):
   assert calls == [(False, 1), (True, 19)]
   for name in Decodability._fields:
     np.testing.assert_array_equal(getattr(compact, name), getattr(mixed, name))
+
+
+def test_open_values_are_resolved_with_a_larger_active_set(monkeypatch):
+  """Orthonormal values: every other value is in each optimum's support, so
+  an active set of 2 cannot close the gap; outside jit the open values are
+  re-solved with K doubled (padded to a power of two) until certified."""
+  dec = importlib.import_module('factstore_jax.decodability')
+  p = 12
+  values = jnp.eye(p)
+  ks = []
+  solver = dec._decodability
+
+  def spy(*args, **kwargs):
+    ks.append((kwargs['num_candidates'], int(args[1].shape[0])))
+    return solver(*args, **kwargs)
+
+  monkeypatch.setattr(dec, '_decodability', spy)
+  r = decodability(values, num_candidates=2, pool_size=4, tol=1e-4)
+  # rho_i = |e_i - mean_{j != i} e_j| / sqrt(2) for every value.
+  want = np.sqrt((1 + 1 / (p - 1)) / 2)
+  np.testing.assert_allclose(np.asarray(r.rho), want, atol=1e-4)
+  assert np.all(np.asarray(r.gap) <= 1e-4)
+  # The retries ran, with K doubled up to min(P - 1, d + 1), on
+  # power-of-two counts of values.
+  assert ks[0] == (2, p) and len(ks) > 1
+  assert [k for k, _ in ks[1:]] == [min(4 * 2**i, p - 1)
+                                    for i in range(len(ks) - 1)]
+  assert all(n == 16 for _, n in ks[1:])   # 12 open values, padded
