@@ -71,3 +71,38 @@ def test_v2_law_comparison_recovers_the_generating_laws():
   # <v2, v1> = 0.7 > |v2|^2 = 0.5: reading v2 back fails (-0.2).
   assert abs(out['hebb'] - 0.3) < 1e-9
   assert abs(out['hebb_all'] - (-0.2)) < 1e-9
+
+
+INFEASIBLE = textwrap.dedent('''
+    import json, sys
+    sys.path.insert(0, 'experiments')
+    import decodability_scaling as ds
+    from factstore_jax import training
+    from factstore_jax.capacity import methods
+    from factstore_jax.errors import InfeasibleFactSetError
+    ds.FLAGS(['ds', '--v2', '--quick'])
+    ds.apply_v2_defaults()
+    calls = []
+    def refuse(method, *args, **kwargs):
+      calls.append(method)
+      raise InfeasibleFactSetError([3])
+    methods.find_capacity = refuse
+    options = methods.MethodOptions(train=training.TrainConfig(max_steps=10))
+    row, = ds.compute([dict(geometry='spike_0', dim=16, num_facts=32,
+                            method='encoder_decoder', seed=0)], options)
+    print(json.dumps(dict(row, calls=calls)))
+''')
+
+
+def test_an_infeasible_fact_set_gives_a_row_without_w_star():
+  # The closed form refuses a set with a value certified undecodable: the
+  # row records rho and no W* (left out of every law) instead of ending
+  # the sweep.
+  proc = subprocess.run([sys.executable, '-c', INFEASIBLE], cwd=ROOT,
+                        env=subprocess_env(), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  row = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert row['calls'] == ['encoder_decoder']
+  assert row['width'] == row['num_params'] == row['params_per_fact'] == ''
+  assert 0 < row['rho_min'] <= 1 and row['seconds'] > 0
