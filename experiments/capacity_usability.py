@@ -925,18 +925,14 @@ def plot_stats(res, path):
     color, dx = ('C0', -0.12) if m == 'encoder_decoder' else ('C2', 0.12)
     label = 'closed form' if m == 'encoder_decoder' else 'GD'
     w = [c['whitening'][m] for c in cells]
-    d = [v['params_per_fact_diff'] for v in w]
-    mean = np.asarray([nan(v['mean']) for v in d])
-    err = np.asarray([[mean[j] - nan(v['low']), nan(v['high']) - mean[j]]
-                      for j, v in enumerate(d)]).T
-    axes[0].errorbar(x + dx, mean, yerr=err, fmt='o', color=color,
-                     capsize=3, label=label)
-    geo = [v['jacobian_ratio_geometric'] for v in w]
-    mean = np.asarray([nan(v['mean']) for v in geo])
-    err = np.asarray([[mean[j] - nan(v['low']), nan(v['high']) - mean[j]]
-                      for j, v in enumerate(geo)]).T
-    axes[1].errorbar(x + dx, mean, yerr=err, fmt='o', color=color,
-                     capsize=3, label=label)
+    for ax, name in ((axes[0], 'params_per_fact_diff'),
+                     (axes[1], 'jacobian_ratio_geometric')):
+      ivs = [v[name] for v in w]
+      mean = np.asarray([nan(v['mean']) for v in ivs])
+      err = np.asarray([[mean[j] - nan(v['low']), nan(v['high']) - mean[j]]
+                        for j, v in enumerate(ivs)]).T
+      ax.errorbar(x + dx, mean, yerr=err, fmt='o', color=color, capsize=3,
+                  label=label)
     for k, (arm, marker) in enumerate((('recall_raw', 'o'),
                                        ('recall_whitened', 'x'))):
       r = [v[arm] for v in w]
