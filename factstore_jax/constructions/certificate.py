@@ -252,7 +252,7 @@ class ValueCache:
     inputs = tuple(np.asarray(a) if not isinstance(a, float) else a
                    for a in inputs)
     if self._inputs is not None and len(inputs) == len(self._inputs) and all(
-        np.array_equal(a, b) and np.asarray(a).dtype == np.asarray(b).dtype
+        np.array_equal(a, b) and np.result_type(a) == np.result_type(b)
         for a, b in zip(inputs, self._inputs)):
       self.hits += 1
       return self._bounds
