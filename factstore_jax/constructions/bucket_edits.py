@@ -373,8 +373,10 @@ class _Plan:
       raise ConstructionError(
           f'no room for a step between buckets {j - 1} and {j} '
           f'(gap {gap:.3g}); rebuild with construct()')
-    self.step_start[j] = lo + self.slack * gap
-    self.step_width[j] = (1.0 - 2.0 * self.slack) * gap
+    # Edits place ramps by the configured slack alone (no rounding room):
+    # the certificate of the edited MLP checks every step.
+    self.step_start[j], self.step_width[j] = gadgets.ramp(
+        lo, hi, 0.0, 0.0, self.slack)
     self.regate.add(j)
     self.cut_gaps.append(gap)
 

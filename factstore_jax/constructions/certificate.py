@@ -136,11 +136,7 @@ def _projection_bound(direction: np.ndarray,
   """Nonzero coordinates of ``g`` and the factor ``c`` with
   ``|fl(x . fl(g s)) / s - <g, x>| <= c sum_k |x_k g_k|``."""
   g = np.asarray(direction, np.float64)
-  nz = np.flatnonzero(g)
-  mant = np.frexp(g[nz])[0]
-  u_w = 0.0 if np.all(np.abs(mant) == 0.5) else u   # powers of two: exact
-  c = u_w + float(gamma(max(len(nz), 1), u)) * (1 + u_w)
-  return nz, c
+  return np.flatnonzero(g), float(gadgets.projection_rounding(g, u))
 
 
 @jax.jit

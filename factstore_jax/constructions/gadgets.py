@@ -15,7 +15,10 @@ which is ``M_i x`` on every key of bucket ``i`` (``S_j = 1`` for ``j <= i``,
 
 Steps (``z = (t - a) / delta`` rises from 0 to 1 inside a gap; the ramp
 occupies the middle ``1 - 2 * slack`` of the gap, so float rounding of ``t``
-cannot move a key off a saturated value):
+cannot move a key off a saturated value; where the gap is so narrow that
+the rounding bound of the neighbouring keys' projections exceeds
+``slack * gap``, the ramp narrows to leave that bound flat on both sides, up
+to ``MAX_SLACK``, see :func:`ramp`):
 
 * ``clipped`` (default): ``S = clip(z, 0, 1)``, 1 neuron per cut and code
   coordinate; saturates exactly at 0 and 1.
@@ -71,6 +74,73 @@ def num_buckets(num_keys: int, bucket_size: int,
 
 
 SPARSE_SUPPORTS = (2, 8, 32)
+# A ramp keeps at least this fraction of its gap's width (1 - 2 * MAX_SLACK).
+MAX_SLACK = 0.45
+# A ramp leaves this many times the rounding bound of a nearby key's
+# projection flat between the key and the ramp (where the gap allows) ...
+ROOM_SAFETY = 2.0
+# ... for this many keys on each side of the cut.
+ROOM_NEIGHBOURS = 4
+
+
+def _xp(a):
+  """``jnp`` for jax arrays and tracers, ``numpy`` for host values."""
+  return jnp if isinstance(a, jax.Array) else np
+
+
+def projection_rounding(direction, u: float):
+  """Factor ``c`` with ``|fl(x . fl(g s)) / s - <g, x>| <= c sum_k |x_k g_k|``
+  for the dense evaluation of a gate column ``g s`` (unit roundoff ``u``).
+
+  ``c = u_w + gamma_k (1 + u_w)`` with ``k`` the nonzeros of ``direction
+  (d,)`` and ``u_w = 0`` when every nonzero is a power of two (``g s`` is
+  then exact), else ``u``. Works on host arrays (float64 arithmetic) and
+  inside ``jit``.
+  """
+  xp = _xp(direction)
+  g = direction
+  nnz = xp.maximum(xp.sum(g != 0), 1)
+  exact = xp.all((g == 0) | (xp.abs(xp.frexp(g)[0]) == 0.5))
+  u_w = xp.where(exact, 0.0, u)
+  k = nnz * u
+  return u_w + k / (1.0 - k) * (1.0 + u_w)
+
+
+def flat_room(keys, t, edge, direction):
+  """Flat width a ramp needs beside a cut's edge key.
+
+  Each nearby key's projection may move by its rounding bound ``c sum_k
+  |x_k g_k|`` (:func:`projection_rounding`) in the dense float32 MLP; the
+  ramp must stay ``ROOM_SAFETY`` times that away from it. ``keys (..., K,
+  d)`` and their projections ``t (..., K)`` on one side of cuts whose edge
+  projections are ``edge (...)``; ``direction (d,)``. Returns ``(...,)``:
+  the largest ``ROOM_SAFETY c sum|x g| - |t - edge|`` (at least 0).
+  """
+  xp = _xp(direction)
+  u = float(np.finfo(np.dtype(keys.dtype)).eps) / 2
+  reach = xp.abs(keys) @ xp.abs(direction)
+  need = ROOM_SAFETY * projection_rounding(direction, u) * reach - xp.abs(
+      t - edge[..., None])
+  return xp.maximum(xp.max(need, axis=-1), 0.0)
+
+
+def ramp(lo, hi, room_lo, room_hi, slack: float):
+  """``(start, width)`` of the ramps of steps in the gaps ``(lo, hi)``.
+
+  The ramp leaves ``max(slack, room / gap)`` of the gap flat on each side,
+  each capped at ``MAX_SLACK`` (unless ``slack`` is larger): with the rooms
+  of :func:`flat_room`, keys near the cut stay on saturated values in float32
+  wherever the gap allows. Where both rooms are below ``slack * gap`` this
+  is the middle ``1 - 2 slack`` of the gap. Arguments broadcast; host or
+  traced arrays.
+  """
+  xp = _xp(lo)
+  gap = xp.asarray(hi - lo)
+  wide = gap > 0
+  frac = lambda room: xp.maximum(slack, xp.minimum(
+      xp.where(wide, room, 0.0) / xp.where(wide, gap, 1.0), MAX_SLACK))
+  s_lo, s_hi = frac(room_lo), frac(room_hi)
+  return lo + s_lo * gap, (1.0 - s_lo - s_hi) * gap
 
 
 def directions(key: Array, dim: int, dtype=jnp.float32) -> list[Array]:
@@ -140,9 +210,15 @@ def make_buckets(key: Array, keys: Array, bucket_size: int, *,
 
   lo, hi = t[jnp.maximum(cuts - 1, 0)], t[cuts]
   gap = hi - lo
+  near = jnp.arange(ROOM_NEIGHBOURS)
+  below = jnp.clip(cuts[:, None] - 1 - near, 0, n_keys - 1)   # (n-1, K)
+  above = jnp.clip(cuts[:, None] + near, 0, n_keys - 1)
+  start, width = ramp(
+      lo, hi, flat_room(keys[order[below]], t[below], lo, direction),
+      flat_room(keys[order[above]], t[above], hi, direction), slack)
   one = jnp.ones((1,), keys.dtype)
-  step_start = jnp.concatenate([-one, lo + slack * gap])
-  step_width = jnp.concatenate([one, (1.0 - 2.0 * slack) * gap])
+  step_start = jnp.concatenate([-one, start])
+  step_width = jnp.concatenate([one, width])
   min_gap = jnp.min(gap) if n > 1 else jnp.array(jnp.inf, keys.dtype)
   return Buckets(direction, index, valid, step_start, step_width, min_gap)
 
@@ -167,8 +243,8 @@ def split_bucket(buckets: Buckets, keys, j: int, *,
   :func:`~factstore_jax.constructions.encoder_decoder.construct` splits a
   bucket whose keys admit no accurate exact map (nearly linearly dependent
   keys with inconsistent codes), since each half's solve is better
-  conditioned. The new cut gets a step in the middle ``1 - 2 * slack`` of
-  the gap, as :func:`make_buckets` places it; buckets after ``j`` move up by
+  conditioned. The new cut gets a step placed by :func:`ramp`, as
+  :func:`make_buckets` places it; buckets after ``j`` move up by
   one. ``keys (N, d)``; returns ``Buckets`` with ``n + 1`` buckets of the
   same size ``b``.
   """
@@ -185,6 +261,13 @@ def split_bucket(buckets: Buckets, keys, j: int, *,
   half_valid = np.arange(b)[None, :] < np.array([[cut], [rows.size - cut]])
   gap = t[cut] - t[cut - 1]
   dtype = np.asarray(buckets.step_start).dtype
+  g, keys = np.asarray(buckets.direction).astype(dtype), np.asarray(keys)
+  below = slice(max(0, cut - ROOM_NEIGHBOURS), cut)
+  above = slice(cut, cut + ROOM_NEIGHBOURS)
+  start, width = ramp(
+      t[cut - 1], t[cut],
+      flat_room(keys[rows[below]], t[below], np.asarray(t[cut - 1]), g),
+      flat_room(keys[rows[above]], t[above], np.asarray(t[cut]), g), slack)
   insert = lambda a, new, axis=0: np.concatenate(
       [a[:j], new, a[j + 1:]], axis=axis)
   step_start = np.asarray(buckets.step_start)
@@ -194,9 +277,9 @@ def split_bucket(buckets: Buckets, keys, j: int, *,
       index=jnp.asarray(insert(index, halves.astype(index.dtype))),
       valid=jnp.asarray(insert(valid, half_valid)),
       step_start=jnp.asarray(insert(step_start, np.array(
-          [step_start[j], t[cut - 1] + slack * gap], dtype))),
+          [step_start[j], start], dtype))),
       step_width=jnp.asarray(insert(step_width, np.array(
-          [step_width[j], (1.0 - 2.0 * slack) * gap], dtype))),
+          [step_width[j], width], dtype))),
       min_gap=jnp.minimum(buckets.min_gap, jnp.asarray(gap, dtype)))
 
 
