@@ -80,7 +80,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.stats
 from absl import app, flags
 
 from factstore_jax import (distributed, factsets, provenance, robustness,
@@ -556,21 +555,8 @@ def _nan_to_none(obj):
 
 
 def mean_interval(values) -> dict:
-  """Mean, std and Student-t interval of the mean of per-seed values.
-
-  ``std`` and the interval are ``nan`` below two values.
-  """
-  v = np.asarray(values, np.float64)
-  out = dict(n=int(v.size), mean=math.nan, std=math.nan, low=math.nan,
-             high=math.nan)
-  if v.size:
-    out['mean'] = float(v.mean())
-  if v.size >= 2:
-    sd = float(v.std(ddof=1))
-    half = float(scipy.stats.t.ppf(0.5 + CONFIDENCE / 2, v.size - 1)) * (
-        sd / math.sqrt(v.size))
-    out.update(std=sd, low=out['mean'] - half, high=out['mean'] + half)
-  return out
+  """:func:`stats.mean_interval` at this experiment's confidence."""
+  return stats.mean_interval(values, CONFIDENCE)
 
 
 def pooled_recall(rows) -> dict:

@@ -97,6 +97,28 @@ def format_ci(ci: BinomialCI, digits: int = 3) -> str:
           f'[{ci.low:.{digits}f}, {ci.high:.{digits}f}]')
 
 
+def mean_interval(values: Sequence[float], confidence: float = 0.95) -> dict:
+  """Mean, std and Student-t interval of the mean of independent values
+  (e.g. one per seed).
+
+  Returns ``dict(n, mean, std, low, high)``; ``mean`` is ``nan`` for no
+  values, ``std`` and the interval below two.
+  """
+  if not 0 < confidence < 1:
+    raise FactStoreError(f'confidence must be in (0, 1), got {confidence}')
+  v = np.asarray(values, np.float64).ravel()
+  out = dict(n=int(v.size), mean=math.nan, std=math.nan, low=math.nan,
+             high=math.nan)
+  if v.size:
+    out['mean'] = float(v.mean())
+  if v.size >= 2:
+    sd = float(v.std(ddof=1))
+    half = float(scipy.stats.t.ppf(0.5 + confidence / 2, v.size - 1)) * (
+        sd / math.sqrt(v.size))
+    out.update(std=sd, low=out['mean'] - half, high=out['mean'] + half)
+  return out
+
+
 # ---------------------------------------------------------------------------
 # Linear fits with bootstrap intervals.
 # ---------------------------------------------------------------------------

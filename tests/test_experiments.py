@@ -323,6 +323,38 @@ def test_capacity_usability_stats_bad_flag(tmp_path, flag):
   assert not (tmp_path / 'out').exists()  # refused before any work
 
 
+FACT_EDITING_TINY = ['--num_facts=48', '--num_objects=6', '--dim=48',
+                     '--fact_dim=32', '--mlp_width=24', '--mlp_steps=400',
+                     '--code_dim=16', '--base_steps=300', '--fractions=0.1',
+                     '--seeds=0,1', '--methods=swap,swap_constructed,memit']
+
+
+def test_fact_editing_tiny_two_seeds(tmp_path):
+  run('fact_editing.py', tmp_path, *FACT_EDITING_TINY)
+  got = rows(tmp_path / 'rows.csv')
+  assert sorted((r['seed'], r['method']) for r in got) == sorted(
+      (s, m) for s in ('0', '1') for m in ('swap', 'swap_constructed', 'memit'))
+  for r in got:
+    for field in ('efficacy', 'paraphrase', 'paraphrase_mixed',
+                  'specificity', 'score', 'base_mixed_accuracy'):
+      assert 0.0 <= float(r[field]) <= 1.0, (field, r[field])
+    assert float(r['ppl_ratio']) > 0
+  constructed = [r for r in got if r['method'] == 'swap_constructed']
+  assert all('encoder_decoder' in r['config'] for r in constructed)
+  # The constructed swap's grid covers every calibration quantile.
+  grid = rows(tmp_path / 'grid.csv')
+  quantiles = {json.loads(r['config'])['quantile'] for r in grid
+               if r['method'] == 'swap_constructed'}
+  from factstore_jax.transformer.editing import harness  # pylint: disable=import-outside-toplevel
+  assert quantiles == set(harness.CONSTRUCTED_QUANTILES)
+  text = (tmp_path / 'summary.md').read_text()
+  assert 'mixed paraphrase' in text and '## Per seed' in text
+  # Two seeds: every summary cell carries a t-interval.
+  line = next(l for l in text.splitlines() if l.startswith('| swap | 10%'))
+  assert line.count('[') >= 5 and '| 2 |' in line
+  assert (tmp_path / 'editing.png').stat().st_size > 0
+
+
 def test_every_script_imports_names_the_library_has():
   # Scripts are not imported by the suite (their absl flags would clash), so
   # a renamed or moved library function breaks them silently (it broke

@@ -159,3 +159,18 @@ def test_compare_linear_laws_reports_a_tie_without_signal():
   assert 'not distinguishable from' in stats.law_verdict(comp)
   with pytest.raises(FactStoreError, match='at least one predictor'):
     stats.compare_linear_laws({}, y)
+
+
+def test_mean_interval_is_the_t_interval():
+  values = [0.91, 0.95, 0.97, 0.93]
+  got = stats.mean_interval(values, 0.9)
+  want = scipy.stats.t.interval(0.9, 3, loc=np.mean(values),
+                                scale=scipy.stats.sem(values))
+  assert got['n'] == 4 and got['mean'] == pytest.approx(np.mean(values))
+  assert got['std'] == pytest.approx(np.std(values, ddof=1))
+  assert (got['low'], got['high']) == pytest.approx(want)
+  one = stats.mean_interval([2.0])
+  assert one['mean'] == 2.0 and np.isnan(one['low']) and np.isnan(one['std'])
+  assert np.isnan(stats.mean_interval([])['mean'])
+  with pytest.raises(FactStoreError, match='confidence'):
+    stats.mean_interval(values, 1.0)

@@ -67,8 +67,25 @@ HELDOUT_TEMPLATES = (
     'everyone knows that S was penned by O',
     'the book S , a novel written by O',
 )
-SUBJECT, OBJECT = 'S', 'O'
-_PAD, _S_SLOT, _O_SLOT = -1, -2, -3
+# Templates with a *distractor* subject ``D`` (another fact's subject) before
+# the real one. The base model also trains on MIXED_TRAIN_TEMPLATES, so its
+# attention learns to prefer the later subject, but only mostly: at the cue of
+# a held-out MIXED_TEMPLATE the fact MLP sees a mixture of the two subjects,
+# not the subject's embedding. Paraphrase on these measures whether an edit
+# generalises beyond the exact keys it was made for (on the plain held-out
+# templates attention delivers the subject to ~1e-3).
+MIXED_TRAIN_TEMPLATES = (
+    'the book D , the book S was written by O',
+    'everyone knows that D , the novel S was penned by O',
+)
+MIXED_TEMPLATES = (
+    'according to the library , D , the book S was written by O',
+    'the novel D , the novel S was penned by O',
+    'D , everyone knows that S was written by O',
+)
+SUBJECT, OBJECT, DISTRACTOR = 'S', 'O', 'D'
+_PAD, _S_SLOT, _O_SLOT, _D_SLOT = -1, -2, -3, -4
+_SLOTS = {SUBJECT: _S_SLOT, OBJECT: _O_SLOT, DISTRACTOR: _D_SLOT}
 
 _SYLLABLES = ('ka', 'lo', 'mi', 'ren', 'tas', 'vor', 'el', 'dun', 'shi', 'bra',
               'qui', 'zet', 'om', 'fa', 'lir', 'gon', 'ye', 'pa', 'nor', 'xu')
@@ -100,9 +117,12 @@ class Relation:
     fact_dim: subjects and objects use coordinates ``[0, fact_dim)``, words
       the rest.
     objects_of: ``(N,)`` int32 object index (in ``[0, M)``) of each subject.
-    train_templates, heldout_templates: ``(K, T)`` int32 token ids of each
-      template, with ``S``/``O`` slots as ``-2``/``-3`` and right padding
-      ``-1``.
+    train_templates, heldout_templates, mixed_train_templates,
+      mixed_templates: ``(K, T)`` int32 token ids of each template, with
+      ``S``/``O``/``D`` slots as ``-2``/``-3``/``-4`` and right padding
+      ``-1``. The base model trains on ``train_templates`` and
+      ``mixed_train_templates`` (with a distractor subject ``D``);
+      ``mixed_templates`` are held-out templates with a distractor.
   """
   words: tuple[str, ...]
   subjects: tuple[str, ...]
@@ -112,6 +132,8 @@ class Relation:
   objects_of: Array
   train_templates: Array
   heldout_templates: Array
+  mixed_train_templates: Array
+  mixed_templates: Array
 
   @property
   def num_facts(self) -> int:
@@ -139,9 +161,7 @@ def _encode(templates, index: dict[str, int], length: int) -> np.ndarray:
   out = np.full((len(templates), length), _PAD, np.int32)
   for row, text in enumerate(templates):
     tokens = text.split()
-    out[row, :len(tokens)] = [
-        _S_SLOT if t == SUBJECT else _O_SLOT if t == OBJECT else index[t]
-        for t in tokens]
+    out[row, :len(tokens)] = [_SLOTS.get(t, index.get(t)) for t in tokens]
   return out
 
 
@@ -149,6 +169,8 @@ def make_relation(key: Array, num_facts: int = 1024, num_objects: int = 64,
                   dim: int = 128, fact_dim: int = 80, *,
                   train_templates=TRAIN_TEMPLATES,
                   heldout_templates=HELDOUT_TEMPLATES,
+                  mixed_train_templates=MIXED_TRAIN_TEMPLATES,
+                  mixed_templates=MIXED_TEMPLATES,
                   dtype=jnp.float32) -> Relation:
   """A random relation: ``num_facts`` subjects onto ``num_objects`` objects.
 
@@ -161,7 +183,8 @@ def make_relation(key: Array, num_facts: int = 1024, num_objects: int = 64,
         f'need 1 <= num_objects <= num_facts, got {num_objects}, {num_facts}')
   if not 0 < fact_dim < dim:
     raise FactStoreError(f'need 0 < fact_dim < dim, got {fact_dim}, {dim}')
-  texts = tuple(train_templates) + tuple(heldout_templates)
+  seen = tuple(train_templates) + tuple(mixed_train_templates)
+  texts = seen + tuple(heldout_templates) + tuple(mixed_templates)
   if not train_templates or not heldout_templates:
     raise FactStoreError('need at least one training and one held-out template')
   for text in texts:
@@ -170,15 +193,34 @@ def make_relation(key: Array, num_facts: int = 1024, num_objects: int = 64,
         tokens[-1] != OBJECT or len(tokens) < 3:
       raise FactStoreError(f'template {text!r} needs one {SUBJECT}, a cue '
                            f'word and end in one {OBJECT}')
+  for text in tuple(train_templates) + tuple(heldout_templates):
+    if DISTRACTOR in text.split():
+      raise FactStoreError(f'held-out template {text!r} holds a distractor '
+                           f'{DISTRACTOR} (put it in mixed_templates)')
+  for text in texts:
+    tokens = text.split()
+    if DISTRACTOR in tokens and (tokens.count(DISTRACTOR) != 1 or
+                                 tokens.index(DISTRACTOR) > tokens.index(SUBJECT)):
+      raise FactStoreError(f'template {text!r}: a distractor {DISTRACTOR} '
+                           f'must come once, before {SUBJECT}')
+  for text in tuple(mixed_train_templates) + tuple(mixed_templates):
+    if DISTRACTOR not in text.split():
+      raise FactStoreError(f'mixed template {text!r} needs a distractor '
+                           f'{DISTRACTOR}')
+  if any(DISTRACTOR in t.split() for t in texts) and num_facts < 2:
+    raise FactStoreError('mixed templates need at least 2 facts (the '
+                         'distractor is another fact\'s subject)')
   words = tuple(dict.fromkeys(
-      t for text in texts for t in text.split() if t not in (SUBJECT, OBJECT)))
-  unseen = set(t for text in heldout_templates for t in text.split()) - set(
-      t for text in train_templates for t in text.split())
+      t for text in texts for t in text.split() if t not in _SLOTS))
+  unseen = set(t for text in tuple(heldout_templates) + tuple(mixed_templates)
+               for t in text.split()) - set(_SLOTS) - set(
+      t for text in seen for t in text.split())
   if unseen:
     raise FactStoreError(
         f'held-out templates use words no training template has: {unseen}')
   index = {w: i for i, w in enumerate(words)}
   length = max(len(t.split()) for t in texts)
+  encode = lambda ts: jnp.asarray(_encode(ts, index, length))
   k_words, k_facts, k_map = jax.random.split(key, 3)
   word_dim = dim - fact_dim
   word_rows = factsets.sample_sphere(k_words, len(words), word_dim, dtype=dtype)
@@ -194,8 +236,10 @@ def make_relation(key: Array, num_facts: int = 1024, num_objects: int = 64,
       objects=tuple(generated_names(seed + 1, num_objects, syllables=2)),
       embeddings=embeddings, fact_dim=fact_dim,
       objects_of=factsets.many_to_one_map(k_map, num_facts, num_objects),
-      train_templates=jnp.asarray(_encode(train_templates, index, length)),
-      heldout_templates=jnp.asarray(_encode(heldout_templates, index, length)))
+      train_templates=encode(train_templates),
+      heldout_templates=encode(heldout_templates),
+      mixed_train_templates=encode(mixed_train_templates),
+      mixed_templates=encode(mixed_templates))
 
 
 def render(relation: Relation, tokens: Array) -> str:
@@ -219,13 +263,19 @@ def fill(relation: Relation, templates: Array, facts: Array,
          template_ids: Array, objects_of: Array | None = None) -> Sequences:
   """Writes fact ``facts[b]`` in template ``template_ids[b]`` (traceable).
 
-  ``objects_of (N,)`` overrides the relation's map (edited facts).
+  ``objects_of (N,)`` overrides the relation's map (edited facts). A
+  distractor slot gets the subject of fact ``(f + 1 + (37 t) mod (N - 1))
+  mod N`` for fact ``f`` in template ``t``: another fact, fixed per pair.
   """
   objects_of = relation.objects_of if objects_of is None else objects_of
   rows = templates[template_ids]                        # (B, T)
+  n = relation.num_facts
   subject = relation.subject_ids()[facts]
+  other = (facts + 1 + (37 * template_ids) % max(n - 1, 1)) % n
+  distractor = relation.subject_ids()[other]
   obj = relation.object_ids()[objects_of[facts]]
   tokens = jnp.where(rows == _S_SLOT, subject[:, None], rows)
+  tokens = jnp.where(rows == _D_SLOT, distractor[:, None], tokens)
   tokens = jnp.where(rows == _O_SLOT, obj[:, None], tokens)
   valid = rows != _PAD
   targets = tokens[:, 1:]
@@ -383,14 +433,17 @@ def train_base(model: Transformer, key: Array, relation: Relation,
                progress: bool = False) -> TrainReport:
   """Trains the base model in place with next-token loss on training templates.
 
-  Each step fills ``batch_size`` random (fact, training template) pairs; the
-  evaluation accuracy is object accuracy on a fresh batch.
+  Each step fills ``batch_size`` random (fact, template) pairs, the templates
+  drawn from the training and the mixed training templates; the evaluation
+  accuracy is object accuracy on a fresh batch.
   """
-  k = relation.train_templates.shape[0]
+  templates = jnp.concatenate([relation.train_templates,
+                               relation.mixed_train_templates])
+  k = templates.shape[0]
 
   def sample(key, size):
     k_f, k_t = jax.random.split(key)
-    return fill(relation, relation.train_templates,
+    return fill(relation, templates,
                 jax.random.randint(k_f, (size,), 0, relation.num_facts),
                 jax.random.randint(k_t, (size,), 0, k))
 
