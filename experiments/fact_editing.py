@@ -66,9 +66,9 @@ flags.DEFINE_float('max_ppl_ratio', 1.05,
                    'Model selection: the best score among configurations '
                    'whose word-perplexity ratio is at most this (among all '
                    'if none is).')
-flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds: each one its own relation, base '
-                  'model and edit sets; the summary gives Student-t '
-                  'intervals over them.')
+flags.DEFINE_list('seeds', ['0', '1', '2'],
+                  'Seeds: each one its own relation, base model and edit '
+                  'sets; the summary gives Student-t intervals over them.')
 flags.DEFINE_string('out_dir', 'experiments/results/fact_editing',
                     'Output folder.')
 distributed.define_flags()
