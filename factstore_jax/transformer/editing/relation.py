@@ -195,12 +195,14 @@ def make_relation(key: Array, num_facts: int = 1024, num_objects: int = 64,
                            f'word and end in one {OBJECT}')
   for text in tuple(train_templates) + tuple(heldout_templates):
     if DISTRACTOR in text.split():
-      raise FactStoreError(f'held-out template {text!r} holds a distractor '
-                           f'{DISTRACTOR} (put it in mixed_templates)')
+      raise FactStoreError(
+          f'template {text!r} holds a distractor {DISTRACTOR}: put it in '
+          'mixed_train_templates or mixed_templates')
   for text in texts:
     tokens = text.split()
-    if DISTRACTOR in tokens and (tokens.count(DISTRACTOR) != 1 or
-                                 tokens.index(DISTRACTOR) > tokens.index(SUBJECT)):
+    if DISTRACTOR in tokens and (
+        tokens.count(DISTRACTOR) != 1 or
+        tokens.index(DISTRACTOR) > tokens.index(SUBJECT)):
       raise FactStoreError(f'template {text!r}: a distractor {DISTRACTOR} '
                            f'must come once, before {SUBJECT}')
   for text in tuple(mixed_train_templates) + tuple(mixed_templates):
