@@ -4,8 +4,8 @@ editing").
 
 Base, per seed: the synthetic relation of
 :mod:`factstore_jax.transformer.editing.relation` (``--num_facts`` books onto
-``--num_objects`` authors; 8 training, 2 mixed training, 4 held-out and 3
-mixed held-out templates, "mixed" ones with a distractor subject), a GD fact
+``--num_objects`` authors; 8 training, 4 held-out and 3 mixed held-out
+templates, the mixed ones with a distractor subject), a GD fact
 MLP of width ``--mlp_width`` (calibrated) in the block, attention trained
 with next-token loss over every token.
 
@@ -219,7 +219,7 @@ def summary(rows) -> str:
       f'd = {FLAGS.dim} (fact coordinates {FLAGS.fact_dim}), seeds '
       f'{", ".join(map(str, seeds))}; base: GD fact MLP width '
       f'{FLAGS.mlp_width}, attention trained {FLAGS.base_steps} steps with '
-      'next-token loss on the training and mixed training templates. Best of '
+      'next-token loss on the training templates. Best of '
       'grid on validation edits (score, among configurations with ppl ratio '
       f'<= {FLAGS.max_ppl_ratio}), reported on test edits. Base object '
       f'accuracy over seeds: {span("base_train_accuracy")} (training '

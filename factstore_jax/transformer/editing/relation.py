@@ -67,13 +67,16 @@ HELDOUT_TEMPLATES = (
     'everyone knows that S was penned by O',
     'the book S , a novel written by O',
 )
-# Templates with a *distractor* subject ``D`` (another fact's subject) before
-# the real one. The base model also trains on MIXED_TRAIN_TEMPLATES, so its
-# attention learns to prefer the later subject, but only mostly: at the cue of
-# a held-out MIXED_TEMPLATE the fact MLP sees a mixture of the two subjects,
-# not the subject's embedding. Paraphrase on these measures whether an edit
-# generalises beyond the exact keys it was made for (on the plain held-out
-# templates attention delivers the subject to ~1e-3).
+# Held-out templates with a *distractor* subject ``D`` (another fact's
+# subject) before the real one. Attention, trained on one subject per
+# sentence, delivers a mixture of the two to the fact MLP (a median 0.7 away
+# from the subject's embedding in a small model), so paraphrase on these
+# measures whether an edit generalises beyond the exact keys it was made for
+# (on the plain held-out templates attention delivers the subject to ~1e-3).
+# Training on distractor templates too (``mixed_train_templates``, e.g.
+# MIXED_TRAIN_TEMPLATES) did not teach attention to prefer the later subject
+# in 2,000 steps (held-out mixed accuracy ~0.5 either way), so the default
+# base model trains on none.
 MIXED_TRAIN_TEMPLATES = (
     'the book D , the book S was written by O',
     'everyone knows that D , the novel S was penned by O',
@@ -121,8 +124,9 @@ class Relation:
       mixed_templates: ``(K, T)`` int32 token ids of each template, with
       ``S``/``O``/``D`` slots as ``-2``/``-3``/``-4`` and right padding
       ``-1``. The base model trains on ``train_templates`` and
-      ``mixed_train_templates`` (with a distractor subject ``D``);
-      ``mixed_templates`` are held-out templates with a distractor.
+      ``mixed_train_templates`` (with a distractor subject ``D``; none by
+      default); ``mixed_templates`` are held-out templates with a
+      distractor.
   """
   words: tuple[str, ...]
   subjects: tuple[str, ...]
@@ -169,7 +173,7 @@ def make_relation(key: Array, num_facts: int = 1024, num_objects: int = 64,
                   dim: int = 128, fact_dim: int = 80, *,
                   train_templates=TRAIN_TEMPLATES,
                   heldout_templates=HELDOUT_TEMPLATES,
-                  mixed_train_templates=MIXED_TRAIN_TEMPLATES,
+                  mixed_train_templates=(),
                   mixed_templates=MIXED_TEMPLATES,
                   dtype=jnp.float32) -> Relation:
   """A random relation: ``num_facts`` subjects onto ``num_objects`` objects.
@@ -352,6 +356,19 @@ def calibrate(mlp, factset: FactSet, gap: float = FACT_GAP,
   c = gap / at
   return mlp.replace(w_down=mlp.w_down * c,
                      b_down=None if mlp.b_down is None else mlp.b_down * c)
+
+
+def fact_outputs_only(mlp, relation: Relation) -> GatedMLP:
+  """``mlp`` as a gated MLP whose output's word coordinates are zero.
+
+  The logits of subjects and objects read only the fact coordinates, so the
+  facts ``mlp`` stores keep their logits; the word tokens' logits get no
+  contribution from the MLP at any position.
+  """
+  mlp = as_gated(mlp)
+  mask = relation.fact_mask().astype(mlp.w_down.dtype)
+  return mlp.replace(w_down=mlp.w_down * mask,
+                     b_down=None if mlp.b_down is None else mlp.b_down * mask)
 
 
 class FactSlot(nnx.Module):
