@@ -161,7 +161,7 @@ RESULTS = {
         'fact_editing',
         'Swapping the fact MLP edits facts at scale; ROME, MEMIT and '
         'AlphaEdit fall off with the number of edits',
-        cpu_time='621 s (2 shared cores)',
+        cpu_time='1,359 s (3 seeds, 2 cores)',
         figures=(('editing.png', 'plot', None),)),
 }
 
