@@ -201,11 +201,9 @@ def plot(rows, path):
   save_figure(fig, path)
 
 
-def _ci(rs, field, digits=4) -> str:
-  v = stats.mean_interval([r[field] for r in rs])
-  if v['n'] < 2:
-    return f'{v["mean"]:.{digits}f}'
-  return f'{v["mean"]:.{digits}f} [{v["low"]:.{digits}f}, {v["high"]:.{digits}f}]'
+def _ci(rs, field) -> str:
+  return stats.format_mean_interval(
+      stats.mean_interval([r[field] for r in rs]))
 
 
 def summary(rows) -> str:

@@ -119,6 +119,15 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95) -> dict:
   return out
 
 
+def format_mean_interval(m: dict, digits: int = 4) -> str:
+  """``'mean [low, high]'`` of a :func:`mean_interval` (the mean alone
+  below two values), e.g. ``'0.9306 [0.8208, 1.0405]'``."""
+  if m['n'] < 2:
+    return f"{m['mean']:.{digits}f}"
+  return (f"{m['mean']:.{digits}f} [{m['low']:.{digits}f}, "
+          f"{m['high']:.{digits}f}]")
+
+
 # ---------------------------------------------------------------------------
 # Linear fits with bootstrap intervals.
 # ---------------------------------------------------------------------------

@@ -174,3 +174,10 @@ def test_mean_interval_is_the_t_interval():
   assert np.isnan(stats.mean_interval([])['mean'])
   with pytest.raises(FactStoreError, match='confidence'):
     stats.mean_interval(values, 1.0)
+
+
+def test_format_mean_interval():
+  m = stats.mean_interval([0.91, 0.95, 0.97, 0.93])
+  assert stats.format_mean_interval(m) == (
+      f"{m['mean']:.4f} [{m['low']:.4f}, {m['high']:.4f}]")
+  assert stats.format_mean_interval(stats.mean_interval([0.5]), 2) == '0.50'

@@ -16,8 +16,8 @@ which is ``M_i x`` on every key of bucket ``i`` (``S_j = 1`` for ``j <= i``,
 Steps (``z = (t - a) / delta`` rises from 0 to 1 inside a gap; the ramp
 occupies the middle ``1 - 2 * slack`` of the gap, so float rounding of ``t``
 cannot move a key off a saturated value; where the gap is so narrow that
-the rounding bound of the neighbouring keys' projections exceeds
-``slack * gap``, the ramp narrows to leave that bound flat on both sides, up
+the rounding bound of the nearby keys' projections exceeds ``slack * gap``
+on a side, the ramp narrows on that side to leave twice that bound flat, up
 to ``MAX_SLACK``, see :func:`ramp`):
 
 * ``clipped`` (default): ``S = clip(z, 0, 1)``, 1 neuron per cut and code

@@ -353,9 +353,14 @@ def calibrate(mlp, factset: FactSet, gap: float = FACT_GAP,
     raise FactStoreError(
         f'the {quantile} quantile of the logit gap is {at:.3g} <= 0 (the MLP '
         'misdecodes those facts); cannot calibrate it')
-  c = gap / at
-  return mlp.replace(w_down=mlp.w_down * c,
-                     b_down=None if mlp.b_down is None else mlp.b_down * c)
+  return _scaled_outputs(mlp, gap / at)
+
+
+def _scaled_outputs(mlp: GatedMLP, scale) -> GatedMLP:
+  """``mlp`` with its output multiplied by ``scale`` (a number or ``(d,)``)."""
+  return mlp.replace(
+      w_down=mlp.w_down * scale,
+      b_down=None if mlp.b_down is None else mlp.b_down * scale)
 
 
 def fact_outputs_only(mlp, relation: Relation) -> GatedMLP:
@@ -366,9 +371,7 @@ def fact_outputs_only(mlp, relation: Relation) -> GatedMLP:
   contribution from the MLP at any position.
   """
   mlp = as_gated(mlp)
-  mask = relation.fact_mask().astype(mlp.w_down.dtype)
-  return mlp.replace(w_down=mlp.w_down * mask,
-                     b_down=None if mlp.b_down is None else mlp.b_down * mask)
+  return _scaled_outputs(mlp, relation.fact_mask().astype(mlp.w_down.dtype))
 
 
 class FactSlot(nnx.Module):
