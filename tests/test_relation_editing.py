@@ -264,6 +264,53 @@ def test_swap_stores_the_edits_and_leaves_the_model_alone(method, config,
                                                    nnx.state(model)))
 
 
+def _drawn_mlp(ctx, k):
+  """The constructed swap's draw ``k`` (before calibration)."""
+  fs = R.fact_factset(ctx.relation, harness.edited_map(ctx.relation,
+                                                       ctx.edits))
+  key = ctx.key if k == 0 else jax.random.fold_in(ctx.key, k)
+  return methods.build_mlp('encoder_decoder', key, fs, F).mlp
+
+
+@pytest.mark.parametrize('heldout_ratios, kept', [
+    ((1.5, 1.01, 0.9), 1),     # the first within DRAW_PPL_RATIO
+    ((1.5, 1.3, 2.0), 1),      # none within: the quietest
+    ((0.99, 5.0, 5.0), 0),
+])
+def test_constructed_swap_keeps_a_quiet_draw(monkeypatch, heldout_ratios,
+                                             kept):
+  model, _ = trained()
+  ctx = context()
+  assert ctx.heldout_ppl == pytest.approx(
+      harness.word_perplexity(model, ctx.relation, heldout=True))
+  calls = []
+
+  def fake_ppl(m, relation, heldout=False):
+    assert heldout
+    calls.append(R.fact_mlp(m))
+    return heldout_ratios[len(calls) - 1] * ctx.heldout_ppl
+
+  monkeypatch.setattr(harness, 'word_perplexity', fake_ppl)
+  edited = harness.apply_edit('swap_constructed', model, ctx,
+                              builder='encoder_decoder', width=F, draws=3)
+  stop = next((i for i, r in enumerate(heldout_ratios)
+               if r <= harness.DRAW_PPL_RATIO), len(heldout_ratios) - 1)
+  assert len(calls) == stop + 1
+  got = R.fact_mlp(edited)
+  chex.assert_trees_all_equal(got, calls[kept])
+  # Draw k is the construction with fold_in(key, k), calibrated.
+  fs = R.fact_factset(ctx.relation, harness.edited_map(ctx.relation,
+                                                       ctx.edits))
+  chex.assert_trees_all_close(got, R.calibrate(_drawn_mlp(ctx, kept), fs))
+
+
+def test_constructed_swap_rejects_no_draws():
+  model, _ = trained()
+  with pytest.raises(FactStoreError, match='draws must be >= 1'):
+    harness.apply_edit('swap_constructed', model, context(),
+                       builder='encoder_decoder', width=F, draws=0)
+
+
 @pytest.mark.parametrize('method, config', [
     ('rome', dict(ridge=1e-6)),
     ('memit', dict(lam=1e-2)),
