@@ -355,6 +355,11 @@ def test_best_of_grid_prefers_configs_within_the_ppl_limit(monkeypatch):
   assert best.config == dict(i=1)
   best, _ = harness.best_of_grid('memit', None, None, 1.0, grid[:1])
   assert best.config == dict(i=1)   # none within the limit: best of all
+  # Equal scores: the lower ratio wins, also below 1.
+  table.update({5: scores(0.90, 0.7), 6: scores(0.90, 0.95)})
+  best, _ = harness.best_of_grid('memit', None, None, 1.0,
+                                 [dict(i=i) for i in (2, 6, 5, 3)])
+  assert best.config == dict(i=5)
 
 
 def test_fact_outputs_only_keeps_fact_logits_and_silences_words():

@@ -388,9 +388,10 @@ def best_of_grid(method: str, model: Transformer, ctx: Context,
                  ) -> tuple[Trial, list[Trial]]:
   """Every configuration on ``ctx``'s edits and the best one: the highest
   score among those whose perplexity ratio is ``<= max_ppl_ratio`` (if none
-  is, among all), ties broken by the ratio closest to 1."""
+  is, among all), ties broken by the lower ratio (a ratio below 1: the edited
+  model predicts the words better than the base)."""
   trials = [run_trial(method, model, ctx, base_ppl, c) for c in grid]
   ok = [t for t in trials if t.scores.ppl_ratio <= max_ppl_ratio] or trials
   best = max(ok, key=lambda t: (t.scores.score,
-                                -abs(np.log(t.scores.ppl_ratio))))
+                                -t.scores.ppl_ratio))
   return best, trials
