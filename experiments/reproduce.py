@@ -161,8 +161,31 @@ RESULTS = {
         'fact_editing',
         'Swapping the fact MLP edits facts at scale; ROME, MEMIT and '
         'AlphaEdit fall off with the number of edits',
-        cpu_time='1,359 s (3 seeds, 2 cores)',
+        cpu_time='1,359 s (3 seeds, 2 cores); the constructed swap with its '
+        'draws 1,244 s on one core',
         figures=(('editing.png', 'plot', None),)),
+    'fact_editing_n4096': Result(
+        'fact_editing',
+        'The MLP swaps at N = 4,096 (10% of facts edited)',
+        args=('--fractions=0.1', '--methods=swap,swap_constructed,memit',
+              '--num_facts=4096', '--mlp_width=256',
+              '--out_dir=experiments/results/fact_editing_n4096'),
+        cpu_time='about 22 min a seed on 2 cores (stop 48); the constructed '
+        'swap with its draws about 30 min a seed on one core'),
+    'decodability_scaling_v2': Result(
+        'decodability_scaling',
+        'The rho law over rho_min 0.6 -> 0.005 and N = 256-2,048 (d = 64, 3 '
+        'seeds), closed form and GD, R^2 with bootstrap intervals',
+        args=('--v2',),
+        cpu_time='not finished: 202 of 336 rows, 9,422 s of row time; the '
+        'rest needs roughly 5-6 h more on one core (resumable)'),
+    'capacity_usability_stats': Result(
+        'capacity_usability',
+        'Capacity vs usability over 5 seeds x beta {1.5, 3, 5} x N {512, '
+        '2,048}, with t and Wilson intervals',
+        args=('--stats',),
+        cpu_time='not finished: 98 of 180 rows, 2,355 s of row time; the '
+        'rest needs roughly 4.5 h more on one core (resumable)'),
 }
 
 
