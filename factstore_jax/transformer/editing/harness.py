@@ -67,8 +67,8 @@ CONSTRUCTED_QUANTILES = (0.5, 0.2, 0.1, 0.05, 0.02, 0.0)
 # subject feed the MLP a *scaled* subject embedding c * s (median c ~0.4 at
 # N = 1,024), off every key; there the closed form's output is another
 # fact's code at full size, and how much that costs the words depends on the
-# draw (held-out word perplexity 0.6x to 10^7x the base's over 8 draws of one
-# edit set). A draw is kept once its held-out perplexity ratio is at most
+# draw (held-out word perplexity 1.01x to 2e7x the base's over 8 draws of
+# one edit set). A draw is kept once its held-out perplexity ratio is at most
 # DRAW_PPL_RATIO; the training templates, on which ppl_ratio is reported,
 # are not used.
 CONSTRUCTED_DRAWS = 8
@@ -291,7 +291,7 @@ def _swap(model, ctx: Context, *, builder: str, width: int,
       return edited
     ratio = (word_perplexity(edited, ctx.relation, heldout=True)
              / ctx.heldout_ppl)
-    if ratio < best_ratio or best is None:
+    if best is None or ratio < best_ratio:
       best, best_ratio = edited, ratio
     if ratio <= DRAW_PPL_RATIO:
       break
