@@ -177,15 +177,15 @@ RESULTS = {
         'The rho law over rho_min 0.6 -> 0.005 and N = 256-2,048 (d = 64, 3 '
         'seeds), closed form and GD, R^2 with bootstrap intervals',
         args=('--v2',),
-        cpu_time='not finished: 202 of 336 rows, 9,422 s of row time; the '
-        'rest needs roughly 5-6 h more on one core (resumable)'),
+        cpu_time='not finished: 225 of 336 rows, 11,703 s of row time; the '
+        'rest needs roughly 5.5-6.5 h more on one core (resumable)'),
     'capacity_usability_stats': Result(
         'capacity_usability',
         'Capacity vs usability over 5 seeds x beta {1.5, 3, 5} x N {512, '
         '2,048}, with t and Wilson intervals',
         args=('--stats',),
-        cpu_time='not finished: 98 of 180 rows, 2,355 s of row time; the '
-        'rest needs roughly 4.5 h more on one core (resumable)'),
+        cpu_time='not finished: 105 of 180 rows, 3,786 s of row time; the '
+        'rest needs roughly 3.5 h more on one core (resumable)'),
 }
 
 
