@@ -28,16 +28,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import jax
 import numpy as np
 from absl import app, flags
-from tqdm import tqdm
 
 from factstore_jax import capacity, distributed, factsets, provenance, training
 from factstore_jax.capacity import methods
+from factstore_jax.capacity.rounds import RoundLog
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.sweep import ResultsTable, run_sweep
 
@@ -125,7 +124,7 @@ def compute(group: list[dict], options: methods.MethodOptions) -> list[dict]:
     setups = [round_setup(m) for m in code_dims]
     found = methods.find_capacity(
         method, keys, fss, options=options, rel_tol=FLAGS.rel_tol,
-        on_round=log_round(f'{method} {geometry} d={dim} N={n}', seeds, t0,
+        on_round=log_round(f'{method} {geometry} d={dim} N={n}', seeds,
                            cell, setups),
         known=None if method == 'encoder_decoder' else load_rounds(
             cell, seeds, setups),
@@ -173,40 +172,15 @@ def load_rounds(cell: list, seeds: list[int],
                 setups: list[dict]) -> list[dict[int, float]]:
   """``{width: accuracy}`` per seed from ``rounds.jsonl`` (the seed's setup).
   """
-  known = {s: {} for s in seeds}
-  setup_of = dict(zip(seeds, setups))
-  path = os.path.join(FLAGS.out_dir, ROUNDS)
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          r = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a kill
-          continue
-        if (r['cell'] == cell and r['seed'] in known
-            and r['setup'] == setup_of[r['seed']]):
-          known[r['seed']][int(r['width'])] = float(r['accuracy'])
-  return [known[s] for s in seeds]
+  return RoundLog(os.path.join(FLAGS.out_dir, ROUNDS)).known(
+      cell, seeds, setups)
 
 
-def log_round(name: str, seeds: list[int], t0: float, cell: list,
-              setups: list[dict]):
+def log_round(name: str, seeds: list[int], cell: list, setups: list[dict]):
   """Prints each search round (a cell's GD rounds can take an hour) and
-  appends it to ``rounds.jsonl``."""
-  def log(members, widths, accs):
-    tried = ', '.join(f'seed {seeds[m]} width {w}: {a:.4f}'
-                      for m, w, a in zip(members, widths, accs))
-    tqdm.write(f'{name} [{time.perf_counter() - t0:.0f} s] {tried}',
-               file=sys.stderr)
-    lines = ''.join(json.dumps(dict(cell=cell, seed=seeds[m], width=int(w),
-                                    accuracy=float(a), setup=setups[m],
-                                    device=jax.devices()[0].device_kind))
-                    + '\n' for m, w, a in zip(members, widths, accs))
-    with open(os.path.join(FLAGS.out_dir, ROUNDS), 'a') as f:
-      f.write(lines)
-      f.flush()
-      os.fsync(f.fileno())
-  return log
+  appends it, with its seconds, to ``rounds.jsonl``."""
+  return RoundLog(os.path.join(FLAGS.out_dir, ROUNDS)).recorder(
+      cell, seeds, setups, name=name)
 
 
 def slopes(rows, geometry, dim, method, largest: int | None = None):

@@ -68,6 +68,7 @@ from absl import app, flags, logging
 from factstore_jax import (capacity, distributed, factsets, provenance,
                            stats, training)
 from factstore_jax.capacity import methods
+from factstore_jax.capacity.rounds import RoundLog
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.decodability import decodability
 from factstore_jax.errors import InfeasibleFactSetError
@@ -131,6 +132,7 @@ def apply_v2_defaults() -> None:
       FLAGS[name].value = value
 
 KEY_FIELDS = ('geometry', 'dim', 'num_facts', 'method', 'seed')
+ROUNDS = 'rounds.jsonl'  # GD search rounds (factstore_jax.capacity.rounds)
 def pca(x: np.ndarray, dim: int) -> np.ndarray:
   """Top-``dim`` principal components of the centred rows (scale kept)."""
   x = x - x.mean(axis=0)
@@ -208,10 +210,23 @@ def compute(group, options):
     t0 = time.perf_counter()
     fs = make_factset(c['geometry'], c['seed'], c['num_facts'])
     rho = np.asarray(decodability(fs.values).rho)
+    # GD searches journal their rounds (rounds.jsonl; the closed form's
+    # constructions are cheap and not replayable): a killed row resumes
+    # where it stopped, and its seconds include the journaled rounds'.
+    earlier, replay = 0.0, {}
+    if c['method'] != 'encoder_decoder':
+      journal = RoundLog(os.path.join(FLAGS.out_dir, ROUNDS))
+      cell = [c['geometry'], c['dim'], c['num_facts'], c['method']]
+      seeds, setups = [c['seed']], [dict(max_steps=FLAGS.max_steps)]
+      earlier = journal.seconds(cell, seeds, setups)[0]
+      replay = dict(known=journal.known(cell, seeds, setups),
+                    on_round=journal.recorder(
+                        cell, seeds, setups,
+                        name=' '.join(str(x) for x in cell)))
     try:
       cap = methods.find_capacity(
           c['method'], [jax.random.key(1000 + c['seed'])], [fs],
-          options=options, rel_tol=FLAGS.rel_tol)[0]
+          options=options, rel_tol=FLAGS.rel_tol, **replay)[0]
     except InfeasibleFactSetError as e:
       # A value the solver certifies undecodable (rho <= 0 within its tol):
       # no closed form stores the set, so the row has no W* (rows without
@@ -227,7 +242,7 @@ def compute(group, options):
                          if cap.num_params else ''),
         hebbian_margin=hebbian_margin(fs.values, fs.mapping),
         rel_tol=FLAGS.rel_tol, max_steps=FLAGS.max_steps,
-        seconds=time.perf_counter() - t0))
+        seconds=time.perf_counter() - t0 + earlier))
   return out
 
 

@@ -106,3 +106,83 @@ def test_an_infeasible_fact_set_gives_a_row_without_w_star():
   assert row['calls'] == ['encoder_decoder']
   assert row['width'] == row['num_params'] == row['params_per_fact'] == ''
   assert 0 < row['rho_min'] <= 1 and row['seconds'] > 0
+
+
+DEFAULTS = textwrap.dedent('''
+    import json, sys
+    import numpy as np
+    sys.path.insert(0, 'experiments')
+    import decodability_scaling as ds
+    from factstore_jax.decodability import decodability
+    ds.FLAGS(['ds', '--v2'])
+    ds.apply_v2_defaults()
+    rho = {g: float(np.min(decodability(
+        ds.make_factset(g, 0, 256).values).rho))
+           for g in ('spike_0', 'flat_0.2')}
+    cost = {f'{m}@{n}': ds.v2_row_cost(dict(method=m, num_facts=n))
+            for m in ('encoder_decoder', 'gd') for n in (256, 2048)}
+    print(json.dumps(dict(geometries=ds.geometries(), rho=rho, cost=cost,
+                          extended=ds.V2_EXTENDED, seeds=ds.FLAGS.seeds,
+                          rel_tol=ds.FLAGS.rel_tol, dim=ds.FLAGS.dim)))
+''')
+
+
+def test_v2_default_grid_spans_the_rho_range_and_deals_gd_as_dearer():
+  proc = subprocess.run([sys.executable, '-c', DEFAULTS], cwd=ROOT,
+                        env=subprocess_env(), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert len(out['geometries']) == 8
+  assert {'spike_0', 'flat_0.2'} <= set(out['geometries'])
+  assert not set(out['geometries']) & set(out['extended'])
+  assert out['seeds'] == ['0', '1', '2'] and out['rel_tol'] <= 0.02
+  assert out['dim'] == 64
+  # Isotropic values at one end, a flat cap at the other (seed 0, N = 256:
+  # 0.035; down to 0.014 over the grid's seeds and sizes).
+  assert out['rho']['spike_0'] > 0.5
+  assert out['rho']['flat_0.2'] < 0.05
+  cost = out['cost']
+  assert 0 < cost['encoder_decoder@256'] <= cost['gd@256'] < cost['gd@2048']
+  assert cost['gd@2048'] > 5 * cost['encoder_decoder@2048']
+
+
+RESUME = textwrap.dedent('''
+    import json, sys
+    sys.path.insert(0, 'experiments')
+    import decodability_scaling as ds
+    from factstore_jax import training
+    from factstore_jax.capacity import methods
+    ds.FLAGS(['ds', '--quick', '--max_steps=1000', '--out_dir=' + sys.argv[1]])
+    ds.apply_v2_defaults()
+    trained = []
+    real = methods.evaluate_batched
+    def counting(method, keys, fss, widths, **kwargs):
+      trained.extend(widths)
+      return real(method, keys, fss, widths, **kwargs)
+    methods.evaluate_batched = counting
+    options = methods.MethodOptions(train=training.TrainConfig(
+        max_steps=ds.FLAGS.max_steps))
+    config = dict(geometry='spike_0', dim=16, num_facts=16, method='gd',
+                  seed=0)
+    first, = ds.compute([config], options)
+    n_first = len(trained)
+    # rows.csv lost, rounds.jsonl kept: the search replays every round.
+    again, = ds.compute([config], options)
+    print(json.dumps(dict(first=first, again=again, n_first=n_first,
+                          n_again=len(trained) - n_first)))
+''')
+
+
+def test_a_gd_row_replays_its_journaled_rounds(tmp_path):
+  proc = subprocess.run([sys.executable, '-c', RESUME, str(tmp_path)],
+                        cwd=ROOT, env=subprocess_env(), capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out['n_first'] >= 2 and out['n_again'] == 0
+  assert out['again']['width'] == out['first']['width'] != ''
+  lines = [json.loads(x) for x in open(tmp_path / 'rounds.jsonl')]
+  assert len(lines) == out['n_first']
+  # The replayed row's seconds include the journaled rounds'.
+  assert out['again']['seconds'] >= sum(x['seconds'] for x in lines)

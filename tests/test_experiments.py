@@ -132,7 +132,7 @@ def test_capacity_rounds_replay_only_the_same_setup(tmp_path, monkeypatch):
     capacity_scaling.FLAGS(['capacity_scaling', f'--out_dir={tmp_path}'])
     setups = [capacity_scaling.round_setup(8), capacity_scaling.round_setup(4)]
     assert [s['code_dim'] for s in setups] == [8, 4]
-    capacity_scaling.log_round('test', [3, 4], 0.0, cell, setups)(
+    capacity_scaling.log_round('test', [3, 4], cell, setups)(
         [0, 1, 0], [10, 10, 20], [0.5, 0.25, 1.0])
     load = capacity_scaling.load_rounds
     assert load(cell, [3, 4], setups) == [{10: 0.5, 20: 1.0}, {10: 0.25}]

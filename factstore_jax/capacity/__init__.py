@@ -5,6 +5,8 @@
 * :mod:`factstore_jax.capacity.methods` — every method's width knob,
   parameter count and batched storage evaluation, and
   :func:`find_capacity`, the search run over fact sets and seeds.
+* :mod:`factstore_jax.capacity.rounds` — :class:`RoundLog`, a journal of
+  search rounds, so a killed search resumes without training again.
 """
 
 from factstore_jax.capacity.search import (Fit, WidthSearch, fit_n_log_n,
@@ -15,3 +17,4 @@ from factstore_jax.capacity.methods import (METHODS, Built, Capacity,
                                             MethodOptions, build_mlp,
                                             evaluate_batched, find_capacity,
                                             smallest_mlp, width_params)
+from factstore_jax.capacity.rounds import RoundLog
