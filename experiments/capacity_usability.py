@@ -59,8 +59,20 @@ queries per row. Writes to ``experiments/results/capacity_usability_stats``
   (Wilson half-widths at the pooled query counts); and a verdict per claim
   (holds / does not hold / not resolved, from the intervals).
 * ``stats.png``: the paired effects per (beta, N) and the fill rows.
+* ``rounds.jsonl``: every width GD's W* searches trained
+  (:class:`factstore_jax.capacity.RoundLog`); a row killed mid-search
+  resumes from it, and its ``seconds`` include the journaled rounds'.
 
   python experiments/capacity_usability.py --stats
+
+A GD row at N = 2048 takes about 500-850 s on one core of the 2-core
+development CPU; there, run the grid as two local ``jax.distributed``
+processes, one per core (each (N, seed, beta) setup stays on one process;
+``docs/distributed.md``)::
+
+  for i in 0 1; do taskset -c $i python experiments/capacity_usability.py \
+      --stats --coordinator_address=127.0.0.1:12356 --num_processes=2 \
+      --process_id=$i & done; wait
 
 ``--stats --quick`` runs a tiny grid for the tests (d = 16, N = 32, seeds 0
 and 1, beta 3, fill 1.0, tiny budgets; flags given explicitly win) into
@@ -85,6 +97,7 @@ from absl import app, flags
 from factstore_jax import (distributed, factsets, provenance, robustness,
                            stats, storage)
 from factstore_jax.capacity import methods
+from factstore_jax.capacity.rounds import RoundLog
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.constructions import gadgets
 from factstore_jax.errors import ConstructionError
@@ -135,6 +148,7 @@ distributed.define_flags()
 FLAGS = flags.FLAGS
 
 KEY_FIELDS = ('method', 'whitened', 'knob')
+ROUNDS = 'rounds.jsonl'  # --stats: GD W* search rounds (capacity.RoundLog)
 
 
 @functools.lru_cache(maxsize=None)
@@ -169,8 +183,11 @@ def setup():
 FILL = 'W*@fill='
 
 
-def build(method, whitened, knob, t, whiten, seed):
-  """``(Built on the space it was made for, MLP over the original space)``."""
+def build(method, whitened, knob, t, whiten, seed, replay=None):
+  """``(Built on the space it was made for, MLP over the original space)``.
+
+  ``replay``: ``known`` / ``on_round`` for a W* search (a rounds journal).
+  """
   fs = t.mlp_factset
   if whitened:
     fs = factsets.FactSet(fs.keys @ whiten, fs.values @ whiten, fs.mapping)
@@ -181,7 +198,7 @@ def build(method, whitened, knob, t, whiten, seed):
     knob = 'W*'
   if knob == 'W*':
     built, _ = methods.smallest_mlp(method, key, fs, options=options,
-                                    rel_tol=FLAGS.rel_tol)
+                                    rel_tol=FLAGS.rel_tol, **(replay or {}))
   elif method == 'encoder_decoder':
     code_dim, bucket = (int(v) for v in knob.split('/'))
     options = methods.MethodOptions(bucket_size=bucket)
@@ -203,14 +220,23 @@ def compute_one(c) -> dict:
 
 
 def measure(c, t, whiten, model, floor, seed, num_facts, start,
-            contexts_per_fact=None) -> dict:
+            contexts_per_fact=None, journal=None) -> dict:
   """Builds ``c``'s MLP on setup ``(t, whiten, model)`` and measures it.
 
   With ``contexts_per_fact`` the recall is counted (``recall_hits`` of
   ``recall_trials`` queries); without, it is ``tc.recall``'s rate.
+  ``journal``: ``(RoundLog, cell, setup)`` for a GD W* search, which then
+  resumes from the journaled widths; the row's seconds include theirs.
   """
+  replay = None
+  if journal is not None:
+    log, cell, setup_ = journal
+    start -= log.seconds(cell, [seed], [setup_])[0]
+    replay = dict(known=log.known(cell, [seed], [setup_]),
+                  on_round=log.recorder(cell, [seed], [setup_]))
   try:
-    built, mlp = build(c['method'], c['whitened'], c['knob'], t, whiten, seed)
+    built, mlp = build(c['method'], c['whitened'], c['knob'], t, whiten, seed,
+                       replay)
   except ConstructionError as e:
     return dict(error=str(e)[:120], seconds=time.perf_counter() - start)
   fs = t.mlp_factset
@@ -516,12 +542,21 @@ def stats_configs(grid: Grid) -> list[dict]:
   return out
 
 
-def compute_stats_row(c, contexts: int) -> dict:
-  """One --stats row: its setup (cached) and :func:`measure` with counts."""
+def compute_stats_row(c, contexts: int, journal_path: str) -> dict:
+  """One --stats row: its setup (cached) and :func:`measure` with counts.
+
+  GD's W* searches journal their widths to ``journal_path``."""
   t, whiten, model, floor, setup_seconds = setup_for(
       c['seed'], c['beta'], c['num_facts'])
+  journal = None
+  if c['method'] != 'encoder_decoder' and c['knob'] == 'W*':
+    # GD's W* search (minutes at N = 2,048) journals its widths.
+    journal = (RoundLog(journal_path),
+               [c['dim'], c['num_facts'], c['seed'], c['beta'], c['method'],
+                c['whitened']], dict(mlp_steps=FLAGS.mlp_steps))
   row = measure(c, t, whiten, model, floor, c['seed'], c['num_facts'],
-                time.perf_counter(), contexts_per_fact=contexts)
+                time.perf_counter(), contexts_per_fact=contexts,
+                journal=journal)
   return dict(row, setup_seconds=setup_seconds, contexts_per_fact=contexts,
               **{name: getattr(FLAGS, name) for name in BUDGET_FLAGS})
 
@@ -979,7 +1014,9 @@ def main_stats():
   configs = stats_configs(grid)
   check_budgets(table, configs, grid)
   rows = run_sweep(configs,
-                   lambda g: [compute_stats_row(c, grid.contexts) for c in g],
+                   lambda g: [compute_stats_row(
+                       c, grid.contexts, os.path.join(out_dir, ROUNDS))
+                              for c in g],
                    table, desc='stats rows', merge_only=FLAGS.merge_only,
                    affinity=lambda c: (c['num_facts'], c['seed'], c['beta']))
   if not distributed.is_main_process():

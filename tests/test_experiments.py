@@ -296,6 +296,17 @@ def test_capacity_usability_stats_quick(tmp_path):
   assert [e['fill'] for e in cell['fill']['fills']] == [0.95, 1.0]
   assert summary['rows_done'] == summary['rows_expected'] == len(expected)
   assert (tmp_path / 'stats.png').stat().st_size > 0
+  # GD's W* searches journal their widths (a killed row resumes from them);
+  # each GD row's seconds cover its journaled rounds.
+  journal = [json.loads(x) for x in open(tmp_path / 'rounds.jsonl')]
+  assert {(j['cell'][2], j['cell'][4], j['cell'][5]) for j in journal} == {
+      (seed, 'gd', w) for seed in (0, 1) for w in (False, True)}
+  for r in got:
+    if r['method'] == 'gd':
+      spent = sum(j['seconds'] for j in journal
+                  if j['cell'] == [16, n, int(r['seed']), 3.0, 'gd',
+                                   r['whitened'] == 'True'])
+      assert 0 < spent <= float(r['seconds'])
   # A re-run computes nothing: the same rows, byte for byte.
   before = (tmp_path / 'rows.csv').read_bytes()
   run('capacity_usability.py', tmp_path, *STATS_QUICK)

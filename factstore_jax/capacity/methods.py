@@ -435,7 +435,10 @@ def build_mlp(method: str, key, factset: FactSet, width: int, *,
 
 def smallest_mlp(method: str, key, factset: FactSet, *,
                  options: MethodOptions = MethodOptions(),
-                 rel_tol: float = 0.0, max_width: int | None = None
+                 rel_tol: float = 0.0, max_width: int | None = None,
+                 known: Sequence[Mapping[int, float]] | None = None,
+                 on_round: Callable[[list[int], list[int], list[float]],
+                                    None] | None = None
                  ) -> tuple[Built, Capacity]:
   """The MLP at ``method``'s ``W*`` on ``factset`` (one seed), built.
 
@@ -443,12 +446,16 @@ def smallest_mlp(method: str, key, factset: FactSet, *,
   the unmasked rebuild misses a fact (GD noise between the masked search
   run and the rebuild), the width grows by one until it stores every fact,
   up to the largest width the search tested (check ``Built.accuracy``).
+  ``known`` and ``on_round`` go to :func:`find_capacity` (e.g. a
+  :class:`~factstore_jax.capacity.rounds.RoundLog`'s, to resume a killed
+  search).
 
   Raises:
     ConstructionError: no width up to ``max_width`` stores the fact set.
   """
   cap = find_capacity(method, [key], [factset], options=options,
-                      rel_tol=rel_tol, max_width=max_width)[0]
+                      rel_tol=rel_tol, max_width=max_width, known=known,
+                      on_round=on_round)[0]
   if cap.width is None:
     raise ConstructionError(
         f'{method}: no width up to the search maximum stores all '
