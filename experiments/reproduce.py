@@ -174,11 +174,13 @@ RESULTS = {
         'swap with its draws about 30 min a seed on one core'),
     'decodability_scaling_v2': Result(
         'decodability_scaling',
-        'The rho law over rho_min 0.6 -> 0.005 and N = 256-2,048 (d = 64, 3 '
-        'seeds), closed form and GD, R^2 with bootstrap intervals',
+        'The rho law over rho_min 0.6 -> 0.014 (8 geometries) and N = '
+        '256-2,048 (d = 64, 3 seeds), closed form and GD, R^2 with '
+        'bootstrap intervals',
         args=('--v2',),
-        cpu_time='not finished: 225 of 336 rows, 11,703 s of row time; the '
-        'rest needs roughly 5.5-6.5 h more on one core (resumable)'),
+        cpu_time='not finished: 177 of 192 rows, 20,390 s of one-core row '
+        'time; the whole grid about 30,000 s, i.e. about 4.2 h on 2 cores '
+        '(two processes; resumable, GD searches journaled)'),
     'capacity_usability_stats': Result(
         'capacity_usability',
         'Capacity vs usability over 5 seeds x beta {1.5, 3, 5} x N {512, '
