@@ -178,7 +178,7 @@ RESULTS = {
         '256-2,048 (d = 64, 3 seeds), closed form and GD, R^2 with '
         'bootstrap intervals',
         args=('--v2',),
-        cpu_time='not finished: 177 of 192 rows, 20,390 s of one-core row '
+        cpu_time='not finished: 183 of 192 rows, 22,811 s of one-core row '
         'time; the whole grid about 30,000 s, i.e. about 4.2 h on 2 cores '
         '(two processes; resumable, GD searches journaled)'),
     'capacity_usability_stats': Result(
