@@ -231,9 +231,8 @@ def measure(c, t, whiten, model, floor, seed, num_facts, start,
   replay = None
   if journal is not None:
     log, cell, setup_ = journal
-    start -= log.seconds(cell, [seed], [setup_])[0]
-    replay = dict(known=log.known(cell, [seed], [setup_]),
-                  on_round=log.recorder(cell, [seed], [setup_]))
+    replay, (earlier,) = log.resume(cell, [seed], [setup_])
+    start -= earlier
   try:
     built, mlp = build(c['method'], c['whitened'], c['knob'], t, whiten, seed,
                        replay)

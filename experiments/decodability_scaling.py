@@ -215,14 +215,11 @@ def compute(group, options):
     # where it stopped, and its seconds include the journaled rounds'.
     earlier, replay = 0.0, {}
     if c['method'] != 'encoder_decoder':
-      journal = RoundLog(os.path.join(FLAGS.out_dir, ROUNDS))
       cell = [c['geometry'], c['dim'], c['num_facts'], c['method']]
-      seeds, setups = [c['seed']], [dict(max_steps=FLAGS.max_steps)]
-      earlier = journal.seconds(cell, seeds, setups)[0]
-      replay = dict(known=journal.known(cell, seeds, setups),
-                    on_round=journal.recorder(
-                        cell, seeds, setups,
-                        name=' '.join(str(x) for x in cell)))
+      journal = RoundLog(os.path.join(FLAGS.out_dir, ROUNDS))
+      replay, (earlier,) = journal.resume(
+          cell, [c['seed']], [dict(max_steps=FLAGS.max_steps)],
+          name=' '.join(str(x) for x in cell))
     try:
       cap = methods.find_capacity(
           c['method'], [jax.random.key(1000 + c['seed'])], [fs],

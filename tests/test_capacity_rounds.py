@@ -40,6 +40,20 @@ def test_known_and_seconds_per_seed_and_setup(tmp_path):
   assert log.known(CELL, [3], setups[:1]) == [{10: 0.5, 20: 1.0}]
 
 
+def test_resume_gives_known_seconds_and_a_recorder(tmp_path):
+  log = RoundLog(tmp_path / 'rounds.jsonl')
+  setups = [dict(max_steps=100), dict(max_steps=100)]
+  log.recorder(CELL, [3, 4], setups)([0, 1, 0], [10, 10, 20],
+                                     [0.5, 0.25, 1.0])
+  kwargs, seconds = log.resume(CELL, [3, 4], setups)
+  assert kwargs['known'] == [{10: 0.5, 20: 1.0}, {10: 0.25}]
+  assert seconds == log.seconds(CELL, [3, 4], setups)
+  lines = [json.loads(x) for x in open(log.path)]
+  assert seconds[0] == pytest.approx(2 * lines[0]['seconds'])
+  kwargs['on_round']([1], [30], [1.0])
+  assert log.known(CELL, [4], setups[1:]) == [{10: 0.25, 30: 1.0}]
+
+
 def test_one_setup_per_seed_is_required(tmp_path):
   log = RoundLog(tmp_path / 'rounds.jsonl')
   with pytest.raises(ValueError, match='one setup per seed'):

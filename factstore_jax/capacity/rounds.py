@@ -69,6 +69,18 @@ class RoundLog:
       if r.get('seed') in want and r.get('setup') == want[r['seed']]:
         yield r
 
+  def _read(self, cell, seeds, setups):
+    """``(known, seconds)`` per seed in one pass over the file."""
+    known = {s: {} for s in seeds}
+    seen, seconds = set(), {s: 0.0 for s in seeds}
+    for r in self._select(cell, seeds, setups):
+      width = int(r['width'])
+      known[r['seed']][width] = float(r['accuracy'])
+      if (r['seed'], width) not in seen:
+        seen.add((r['seed'], width))
+        seconds[r['seed']] += float(r.get('seconds', 0.0))
+    return [known[s] for s in seeds], [seconds[s] for s in seeds]
+
   def known(self, cell: Sequence[Any], seeds: Sequence[int],
             setups: Sequence[dict]) -> list[dict[int, float]]:
     """``{width: accuracy}`` per seed, from the lines of that seed's setup.
@@ -81,21 +93,29 @@ class RoundLog:
     Returns:
       One dict per seed (empty where nothing was logged).
     """
-    out = {s: {} for s in seeds}
-    for r in self._select(cell, seeds, setups):
-      out[r['seed']][int(r['width'])] = float(r['accuracy'])
-    return [out[s] for s in seeds]
+    return self._read(cell, seeds, setups)[0]
 
   def seconds(self, cell: Sequence[Any], seeds: Sequence[int],
               setups: Sequence[dict]) -> list[float]:
     """Summed seconds of each seed's logged rounds (a width logged twice,
     by two runs that both trained it, counts once: its first line)."""
-    seen, out = set(), {s: 0.0 for s in seeds}
-    for r in self._select(cell, seeds, setups):
-      if (r['seed'], int(r['width'])) not in seen:
-        seen.add((r['seed'], int(r['width'])))
-        out[r['seed']] += float(r.get('seconds', 0.0))
-    return [out[s] for s in seeds]
+    return self._read(cell, seeds, setups)[1]
+
+  def resume(self, cell: Sequence[Any], seeds: Sequence[int],
+             setups: Sequence[dict], *, name: str | None = None
+             ) -> tuple[dict, list[float]]:
+    """What a search needs to resume, from one read of the file.
+
+    Returns:
+      ``(kwargs, seconds)``: ``kwargs`` holds ``known`` (:meth:`known`) and
+      ``on_round`` (:meth:`recorder`, with ``name``) for
+      :func:`~factstore_jax.capacity.methods.find_capacity` or
+      ``smallest_mlp``; ``seconds`` is :meth:`seconds`, per seed.
+    """
+    known, seconds = self._read(cell, seeds, setups)
+    return (dict(known=known,
+                 on_round=self.recorder(cell, seeds, setups, name=name)),
+            seconds)
 
   def recorder(self, cell: Sequence[Any], seeds: Sequence[int],
                setups: Sequence[dict], *, name: str | None = None
