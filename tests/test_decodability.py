@@ -310,12 +310,15 @@ def test_open_values_go_on_in_blocks_of_their_own(monkeypatch):
   # A small pool leaves many values open after the first round (84 of 512).
   opts = dict(chunk_size=8, num_candidates=8, pool_size=32)
   mixed = decodability(values, **opts)
-  assert calls == [(False, 20)]
+  # (Values still open after every round are re-solved from scratch with a
+  # tighter tolerance: the same calls after either path.)
+  retries = calls[1:]
+  assert calls[0] == (False, 20) and all(c == (False, 20) for c in retries)
   calls.clear()
   monkeypatch.setattr(dec, '_COMPACT_MIN_BLOCKS', 16)
   compact = decodability(values, **opts)
   # First round on all 64 blocks, then the open values from their state.
-  assert calls == [(False, 1), (True, 19)]
+  assert calls == [(False, 1), (True, 19)] + retries
   for name in Decodability._fields:
     np.testing.assert_array_equal(getattr(compact, name), getattr(mixed, name))
 

@@ -151,9 +151,15 @@ def choose_code_dim(key: Array, values: Array, mapping, config:
                  floor, time.perf_counter() - t0)
     if fixed or len(stragglers) <= budget:
       break
+  if len(stragglers) and m >= dim:
+    # Re-solved on their own (host retries): values whose first solve
+    # stalled above rho = 0 get their codes; the rest are refused.
+    again = refuse_undecodable(decoders.project_values(values, decoder),
+                               stragglers, tol=config.tol)
+    codes = codes.at[stragglers].set(again.separators.astype(codes.dtype))
+    rho = rho.at[stragglers].set(again.rho.astype(rho.dtype))
+    stragglers = stragglers[:0]
   if len(stragglers):
-    if m >= dim:
-      raise InfeasibleFactSetError(stragglers)
     if len(stragglers) > budget:
       raise_undecodable(m, stragglers)
     logging.info('code_dim %d: %d used value(s) to patch', m, len(stragglers))
@@ -181,10 +187,7 @@ def patch_stragglers(values: Array, decoder: Array, codes: Array, rho: Array,
     space.
   """
   stragglers = np.asarray(stragglers, np.int64)
-  full = decodability(values, tol=tol, indices=stragglers)
-  bad = stragglers[np.asarray(full.rho) <= 0]
-  if len(bad):
-    raise InfeasibleFactSetError(bad)
+  full = refuse_undecodable(values, stragglers, tol=tol)
   s = len(stragglers)
   decoder = jnp.concatenate([decoder, full.separators.T.astype(decoder.dtype)],
                             axis=1)
@@ -193,6 +196,55 @@ def patch_stragglers(values: Array, decoder: Array, codes: Array, rho: Array,
   codes = jnp.concatenate([codes.at[stragglers].set(0), extra], axis=1)
   rho = rho.at[stragglers].set(full.rho.astype(rho.dtype))
   return decoder, codes, rho
+
+
+def refuse_undecodable(values: Array, candidates, *, tol: float = 1e-3,
+                       labels=None):
+  """Full-space decodability of ``candidates``; raises unless all are
+  decodable.
+
+  The one place a construction refuses a fact set: only a value whose
+  certificate is closed (gap or dual bound within ``tol``, so its ``rho``
+  is at most ``tol``) is named undecodable. A value whose solve ends with
+  ``rho <= 0`` but an open certificate is not known to be undecodable (an
+  earlier solver stalled there on decodable values), so it raises
+  :class:`ConstructionError` with its bounds instead.
+
+  Args:
+    values: ``(P, d)`` value table the codes separate.
+    candidates: ``(S,)`` used values to re-solve (against all of ``values``).
+    tol: certificate tolerance.
+    labels: optional ``S`` names for the messages (default the indices).
+
+  Returns:
+    :class:`~factstore_jax.decodability.Decodability` of the ``S``
+    candidates (every ``rho > 0``).
+
+  Raises:
+    InfeasibleFactSetError: naming the candidates certified undecodable.
+    ConstructionError: some candidate's certificate stays open at
+      ``rho <= 0``.
+  """
+  candidates = np.asarray(candidates, np.int64)
+  labels = candidates.tolist() if labels is None else list(labels)
+  full = decodability(values, tol=tol, indices=candidates)
+  rho, dual = np.asarray(full.rho), np.asarray(full.dual_bound)
+  bad = rho <= 0
+  open_ = np.flatnonzero(bad & ~settled(full, tol))
+  if open_.size:
+    shown = [(labels[i], round(float(rho[i]), 6), round(float(dual[i]), 6))
+             for i in open_[:10]]
+    raise ConstructionError(
+        f'{open_.size} used value(s) have uncertified decodability (rho '
+        f'lower bound <= 0 < upper bound; (value, lower, upper): {shown}); '
+        f'a smaller tol may resolve them')
+  if bad.any():
+    raise InfeasibleFactSetError(
+        candidates[bad],
+        None if labels == candidates.tolist() else
+        f'{int(bad.sum())} used value(s) are not decodable (rho <= 0): '
+        f'{[labels[i] for i in np.flatnonzero(bad)[:20]]}')
+  return full
 
 
 def raise_undecodable(code_dim: int, bad: np.ndarray, which: str | None = None):

@@ -40,13 +40,14 @@ from absl import logging
 from factstore_jax.decodability import used_values
 from factstore_jax import storage
 from factstore_jax.constructions import certificate, gadgets
-from factstore_jax.errors import ConstructionError, InfeasibleFactSetError
+from factstore_jax.errors import ConstructionError
 from factstore_jax.factsets import FactSet, validate_factset
 from factstore_jax.precision import full_precision
 from factstore_jax.threads import single_threaded_blas
 from factstore_jax.mlp import EncoderDecoder, GatedMLP, GatedMLPModule, num_params
 from factstore_jax.constructions.assembly import Gadgets, assemble_jit, assemble_live, build_encoder, build_gadgets_streamed, max_map_norm
-from factstore_jax.constructions.codes import choose_code_dim, construction_decoder, patch_stragglers, raise_undecodable, rho_floor, value_codes
+from factstore_jax.constructions import decoders
+from factstore_jax.constructions.codes import choose_code_dim, construction_decoder, patch_stragglers, raise_undecodable, refuse_undecodable, rho_floor, value_codes
 from factstore_jax.constructions.config import ConstructionConfig, check_config, code_dims, resolve_bucket_size
 from factstore_jax.constructions.repair import failing_buckets, refit_buckets, split_unsolved
 from factstore_jax.constructions.verify import bucket_of_key, check_construction
@@ -415,10 +416,19 @@ def construct_batched(key: Array | int, factsets: FactSet,
   if len(bad):
     pairs = [(int(b), int(v)) for b, v in bad]
     if m >= dim:
-      raise InfeasibleFactSetError(
-          [v for _, v in pairs],
-          f'{len(pairs)} used (member, value) pairs are not decodable '
-          f'(rho <= 0): {pairs[:20]}')
+      # The batched solve runs under vmap, without the host re-solves of
+      # stalled certificates: each member's values are re-solved on their
+      # own, and refused only if certified undecodable.
+      for b in np.unique(bad[:, 0]):
+        vals = bad[bad[:, 0] == b, 1]
+        decoder = construction_decoder(member_keys[b], dim, m, values.dtype)
+        refuse_undecodable(decoders.project_values(values[b], decoder), vals,
+                           tol=config.tol,
+                           labels=[(int(b), int(v)) for v in vals])
+      raise ConstructionError(
+          f'the batched solve left {len(pairs)} used (member, value) pairs '
+          f'with rho <= 0 that are decodable on their own: {pairs[:20]}; '
+          'construct these members one at a time')
     raise_undecodable(m, bad[:, 1], f'(member, value) pairs {pairs[:20]}')
   code_dim = min(m, dim)
 
