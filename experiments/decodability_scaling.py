@@ -100,7 +100,9 @@ flags.DEFINE_list('num_facts_list', ['256', '512', '1024', '2048'],
 # Version of the rho solver behind a row's rho columns (and, for the closed
 # form, its W*): 2 re-solves values whose certificate stalled at rho <= 0
 # (version 1, rows without the column, reported rho_min < 0 for spiked sets
-# of unit values, which are all strictly decodable).
+# of unit values, which are all strictly decodable). Rows of 2 written
+# before commit "decodability retries: 10x more Frank-Wolfe steps" re-solved
+# at tighter tol only; both give certified bounds.
 RHO_SOLVER = 2
 
 V2_GEOMETRIES = ['spike_0', 'power_law_2', 'spike_30', 'spike_100',
@@ -139,6 +141,28 @@ def apply_v2_defaults() -> None:
 
 KEY_FIELDS = ('geometry', 'dim', 'num_facts', 'method', 'seed')
 ROUNDS = 'rounds.jsonl'  # GD search rounds (factstore_jax.capacity.rounds)
+RHO_COLUMNS = ('rho_min', 'rho_mean', 'inv_rho2')
+
+
+def refresh_rho(rows, table=None):
+  """Rows whose rho columns predate ``RHO_SOLVER`` take them from a row of
+  the same fact set (geometry, d, N, seed: the same values) computed with
+  it; GD's W* does not depend on the solver, so its rows need no rerun.
+  ``table`` (process 0) gets the new columns too. Returns the rows (new
+  dicts) and how many changed."""
+  fact_set = lambda r: (r['geometry'], r['dim'], r['num_facts'], r['seed'])
+  fresh = {fact_set(r): r for r in rows
+           if (r.get('rho_solver') or 0) >= RHO_SOLVER}
+  out, changed = [], 0
+  for r in rows:
+    src = fresh.get(fact_set(r))
+    if (r.get('rho_solver') or 0) < RHO_SOLVER and src is not None:
+      new = {c: src[c] for c in RHO_COLUMNS + ('rho_solver',)}
+      if table is not None:
+        table.update(r, new)
+      r, changed = {**r, **new}, changed + 1
+    out.append(r)
+  return out, changed
 def pca(x: np.ndarray, dim: int) -> np.ndarray:
   """Top-``dim`` principal components of the centred rows (scale kept)."""
   x = x - x.mean(axis=0)
@@ -492,6 +516,13 @@ def main_v2(options):
   rows = run_sweep(configs, lambda g: compute(g, options), table,
                    desc='v2 rows', merge_only=FLAGS.merge_only,
                    cost=v2_row_cost)
+  if jax.process_index() == 0:
+    table.reload()  # process 0 merged the shards into the file
+  rows, changed = refresh_rho(
+      rows, table if jax.process_index() == 0 else None)
+  if changed:
+    logging.info('%d rows took rho columns from solver %d rows', changed,
+                 RHO_SOLVER)
   comparisons = v2_comparisons(rows, sizes)
   v2_plot(rows, comparisons, os.path.join(FLAGS.out_dir, 'rho_law_v2.png'))
   text, blob = v2_summary(rows, comparisons, sizes)

@@ -196,6 +196,27 @@ class ResultsTable:
     self._header, self._rows = header, rows
     self._index[key] = len(rows) - 1
 
+  def update(self, config: Mapping[str, Any],
+             values: Mapping[str, Any]) -> None:
+    """Sets ``values``' columns of the row with ``config``'s key and
+    rewrites the file atomically (new columns join the header).
+
+    Raises:
+      FactStoreError: no such row, or ``values`` names a key field.
+    """
+    i = self._index.get(self.key(config))
+    if i is None:
+      raise FactStoreError(f'{self.path}: no row with key {self.key(config)}')
+    keys = [k for k in values if k in self.key_fields]
+    if keys:
+      raise FactStoreError(f'update cannot change key field(s) {keys}')
+    text = {name: format_value(value) for name, value in values.items()}
+    header = self._header + [c for c in text if c not in self._header]
+    rows = list(self._rows)
+    rows[i] = {**rows[i], **text}
+    self._write(header, rows)
+    self._header, self._rows = header, rows
+
   def _replace(self, header: list[str], rows: list[dict[str, str]]) -> None:
     """Rewrites the file with ``rows`` (canonical text) and adopts them."""
     index = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 from absl.testing import absltest, parameterized
 import jax
 import jax.numpy as jnp
@@ -63,6 +65,31 @@ class CodesTest(parameterized.TestCase):
     codes, rho = K.value_codes(values, DROP_Z)
     with self.assertRaises(InfeasibleFactSetError):
       K.patch_stragglers(values, DROP_Z, codes, rho, [4])
+
+  def test_refuse_undecodable_names_only_certified_values(self):
+    values = jnp.concatenate([VALUES, jnp.zeros((1, 3))])   # the origin
+    with self.assertRaisesRegex(InfeasibleFactSetError,
+                                r'1 used value\(s\) .*: \[4\]') as cm:
+      K.refuse_undecodable(values, [0, 4])
+    self.assertEqual(cm.exception.undecodable, [4])
+    with self.assertRaisesRegex(InfeasibleFactSetError, r"\[\(3, 4\)\]"):
+      K.refuse_undecodable(values, [4], labels=[(3, 4)])
+    full = K.refuse_undecodable(VALUES, [2, 0])    # all decodable: no raise
+    self.assertTrue(np.all(np.asarray(full.rho) > 0))
+    np.testing.assert_allclose(full.rho, np.asarray(decodability(VALUES).rho)[[2, 0]],
+                               atol=1e-6)
+
+  def test_refuse_undecodable_open_certificate_is_not_infeasible(self):
+    # A solve ending at rho <= 0 with a dual bound far above tol (a stalled
+    # certificate) does not show the value undecodable.
+    stalled = decodability(VALUES, indices=[2])._replace(
+        rho=jnp.array([-0.01]), dual_bound=jnp.array([0.05]),
+        gap=jnp.array([0.06]))
+    with mock.patch.object(K, 'decodability', return_value=stalled):
+      with self.assertRaisesRegex(ConstructionError,
+                                  r'uncertified decodability .*\(2, -0\.01, '
+                                  r'0\.05\)'):
+        K.refuse_undecodable(VALUES, [2])
 
   def test_rho_floor_and_budget(self):
     config = ConstructionConfig(min_rho=0.05, patch=0.1)

@@ -28,6 +28,7 @@ from factstore_jax import mlp as M
 from factstore_jax import storage
 from factstore_jax.constructions import encoder_decoder as ed
 from factstore_jax.constructions import assembly
+from factstore_jax.constructions import codes as codes_lib
 from factstore_jax.constructions import config as config_lib
 from factstore_jax.constructions import verify as verify_lib
 from factstore_jax.constructions import gadgets
@@ -457,6 +458,49 @@ class InfeasibleTest(parameterized.TestCase):
     self.assertEqual(info.value.undecodable, [2])
     self.assertIsInstance(info.value, FactStoreError)
     self.assertIsInstance(info.value, ValueError)
+
+  def test_batched_midpoint_member_raises(self):
+    fs = _midpoint_factset()
+    stacked = F.stack_factsets([_midpoint_factset(use_midpoint=False), fs])
+    with pytest.raises(InfeasibleFactSetError,
+                       match=r'\[\(1, 2\)\]') as info:
+      ed.construct_batched(0, stacked, code_dim=D)
+    self.assertEqual(info.value.undecodable, [2])
+
+  def test_a_stalled_certificate_is_re_solved_not_refused(self):
+    # The first solve reports a used value at rho < 0 (as a stalled
+    # certificate would); it is decodable, so construct re-solves it,
+    # takes the new code and stores every fact instead of refusing.
+    fs = F.random_factset(jax.random.PRNGKey(300), N, D, tied=False)
+    v = int(fs.mapping[0])
+    solve = codes_lib.value_codes
+
+    def stalled(values, decoder, **kw):
+      out = solve(values, decoder, **kw)
+      if out is None or kw.get('indices') is not None:
+        return out
+      codes, rho = out
+      return codes.at[v].set(0.0), rho.at[v].set(-0.01)
+
+    with mock.patch.object(codes_lib, 'value_codes', stalled):
+      c = ed.construct(0, fs, code_dim=D)
+    self.assertEqual(c.report.accuracy, 1.0)
+    self.assertGreater(float(c.rho[v]), 0.0)
+    dense = _dense_eval(c.model.as_mlp(), fs)
+    self.assertEqual(float(dense.accuracy), 1.0)
+    self.assertGreater(float(dense.min_margin), 0.0)
+
+  def test_batched_stall_on_a_decodable_value_is_a_construction_error(self):
+    fs = F.random_factset(jax.random.PRNGKey(300), N, D, tied=False)
+    stacked = F.stack_factsets([fs, fs])
+    rho = ed._batched_rho
+
+    def stalled(*args, **kw):
+      return rho(*args, **kw).at[1, int(fs.mapping[0])].set(-0.01)
+
+    with mock.patch.object(ed, '_batched_rho', stalled):
+      with pytest.raises(ConstructionError, match='decodable on their own'):
+        ed.construct_batched(0, stacked, code_dim=D)
 
   def test_unused_midpoint_is_fine(self):
     # Only the values the map uses need to be decodable.

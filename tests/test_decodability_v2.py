@@ -186,3 +186,40 @@ def test_a_gd_row_replays_its_journaled_rounds(tmp_path):
   assert len(lines) == out['n_first']
   # The replayed row's seconds include the journaled rounds'.
   assert out['again']['seconds'] >= sum(x['seconds'] for x in lines)
+
+
+REFRESH = textwrap.dedent('''
+    import json, sys
+    sys.path.insert(0, 'experiments')
+    import decodability_scaling as ds
+    from factstore_jax.sweep import ResultsTable
+    old = dict(rho_min=-0.05, rho_mean=0.2, inv_rho2=1e24)
+    new = dict(rho_min=0.02, rho_mean=0.3, inv_rho2=2500.0,
+               rho_solver=ds.RHO_SOLVER)
+    base = dict(geometry='spike_300', dim=64, num_facts=256)
+    rows = [dict(base, method='gd', seed=0, width=9, **old),
+            dict(base, method='encoder_decoder', seed=0, width=30, **new),
+            dict(base, method='gd', seed=1, width=8, **old)]  # no fresh row
+    table = ResultsTable(sys.argv[1], ds.KEY_FIELDS)
+    for r in rows:
+      table.append(r)
+    out, changed = ds.refresh_rho(rows, table)
+    print(json.dumps(dict(changed=changed, out=out,
+                          file=ResultsTable(sys.argv[1],
+                                            ds.KEY_FIELDS).rows())))
+''')
+
+
+def test_stale_rho_columns_are_taken_from_the_same_fact_sets_fresh_row(
+    tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-c', REFRESH, str(tmp_path / 'rows.csv')], cwd=ROOT,
+      env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert got['changed'] == 1
+  for rows in (got['out'], got['file']):
+    gd0, ed, gd1 = rows
+    assert (gd0['rho_min'], gd0['inv_rho2'], gd0['width']) == (0.02, 2500.0, 9)
+    assert gd0['rho_solver'] == ed['rho_solver'] >= 2
+    assert gd1['rho_min'] == -0.05 and gd1.get('rho_solver') is None

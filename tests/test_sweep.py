@@ -94,6 +94,24 @@ def test_table_append_is_atomic(tmp_path, monkeypatch):
       0, 1, 2, 3]
 
 
+def test_table_update_rewrites_one_row(tmp_path):
+  path = tmp_path / 'r.csv'
+  table = sweep.ResultsTable(path, ('n', 'seed'))
+  for seed in range(3):
+    table.append({'n': 4, 'seed': seed, 'acc': seed / 10})
+  table.update({'n': 4, 'seed': 1, 'other': 'x'}, {'acc': 0.9, 'note': 'y'})
+  assert table.columns == ['n', 'seed', 'acc', 'note']
+  for t in (table, sweep.ResultsTable(path, ('n', 'seed'))):
+    assert [r['acc'] for r in t.rows()] == [0.0, 0.9, 0.2]
+    assert [r['note'] for r in t.rows()] == [None, 'y', None]
+  with pytest.raises(FactStoreError, match='no row with key'):
+    table.update({'n': 4, 'seed': 7}, {'acc': 1.0})
+  with pytest.raises(FactStoreError, match=r"key field\(s\) \['seed'\]"):
+    table.update({'n': 4, 'seed': 0}, {'seed': 5})
+  assert [r['seed'] for r in sweep.ResultsTable(path, ('n', 'seed')).rows()
+          ] == [0, 1, 2]
+
+
 def test_table_errors(tmp_path):
   with pytest.raises(FactStoreError, match='key_fields is empty'):
     sweep.ResultsTable(tmp_path / 'a.csv', ())

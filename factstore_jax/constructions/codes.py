@@ -241,8 +241,9 @@ def refuse_undecodable(values: Array, candidates, *, tol: float = 1e-3,
   if bad.any():
     raise InfeasibleFactSetError(
         candidates[bad],
-        None if labels == candidates.tolist() else
-        f'{int(bad.sum())} used value(s) are not decodable (rho <= 0): '
+        f'fact set is infeasible: {int(bad.sum())} used value(s) are not '
+        f'decodable (certified rho <= tol = {tol:g}; rho <= 0: not strict '
+        f'vertices of the value hull): '
         f'{[labels[i] for i in np.flatnonzero(bad)[:20]]}')
   return full
 
