@@ -38,6 +38,9 @@ def test_known_and_seconds_per_seed_and_setup(tmp_path):
   assert got[0] == pytest.approx(2 * lines[0]['seconds'])
   assert got[1] == pytest.approx(lines[1]['seconds'])
   assert log.known(CELL, [3], setups[:1]) == [{10: 0.5, 20: 1.0}]
+  # The next round after the cut line starts on a line of its own.
+  record([1], [40], [1.0])
+  assert log.known(CELL, [4], setups[1:]) == [{10: 0.25, 40: 1.0}]
 
 
 def test_resume_gives_known_seconds_and_a_recorder(tmp_path):

@@ -147,8 +147,11 @@ class RoundLog:
       folder = os.path.dirname(self.path)
       if folder:
         os.makedirs(folder, exist_ok=True)
-      with open(self.path, 'a') as f:
-        f.write(lines)
+      with open(self.path, 'a+b') as f:
+        # A line cut by a kill has no newline: start on a fresh line, or
+        # the first new line would join the cut one and be lost with it.
+        cut = f.tell() > 0 and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b'\n'
+        f.write((('\n' if cut else '') + lines).encode())
         f.flush()
         os.fsync(f.fileno())
     return record
