@@ -174,13 +174,13 @@ RESULTS = {
         'swap with its draws about 30 min a seed on one core'),
     'decodability_scaling_v2': Result(
         'decodability_scaling',
-        'The rho law over rho_min 0.6 -> 0.014 (8 geometries) and N = '
+        'The rho law over rho_min 0.6 -> 0.005 (8 geometries) and N = '
         '256-2,048 (d = 64, 3 seeds), closed form and GD, R^2 with '
         'bootstrap intervals',
         args=('--v2',),
-        cpu_time='not finished: 183 of 192 rows, 22,811 s of one-core row '
-        'time; the whole grid about 30,000 s, i.e. about 4.2 h on 2 cores '
-        '(two processes; resumable, GD searches journaled)'),
+        cpu_time='27,524 s of one-core row time (GD at N = 2,048: 64%), '
+        'about 3.8 h on 2 cores as two processes (resumable, GD searches '
+        'journaled)'),
     'capacity_usability_stats': Result(
         'capacity_usability',
         'Capacity vs usability over 5 seeds x beta {1.5, 3, 5} x N {512, '
