@@ -404,7 +404,10 @@ def decodability(values: Array, *, num_candidates: int | None = None,
       a value whose dual bound reaches ``tol`` is settled too (``rho_i`` is
       in ``[0, tol]``; its ``rho`` may stay negative and it is reported not
       decodable): a value with ``0 < rho_i <= tol`` may be reported either
-      way, so lower ``tol`` to resolve smaller ``rho``.
+      way, so lower ``tol`` to resolve smaller ``rho``. Outside ``jit``, a
+      value still open at ``rho <= atol`` after the ``K`` doublings is
+      re-solved at 10x and 100x tighter ``tol`` with 10x and 100x
+      ``max_inner`` (``TIGHTEN_RETRIES``), keeping its best bounds.
     rel_tol: also accept a gap up to ``rel_tol * dual_bound`` (the
       certificate is then ``rho_i >= (1 - rel_tol) dual_bound_i``): the
       separators are within that fraction of optimal, which is all a
@@ -513,14 +516,13 @@ def decodability(values: Array, *, num_candidates: int | None = None,
     # first with K (and the pool) doubled, since the support can hold up to
     # d + 1 competitors (e.g. all P - 1 for orthonormal values); then, at
     # the largest K, with a 10x tighter tolerance and 10x more Frank-Wolfe
-    # steps per refresh each retry. Frank-
-    # Wolfe stopped at tol can leave a full active set whose weights never
-    # reach zero, so no slot frees for the violating competitors and the
-    # certificate stalls far from tol (measured: rho -0.038 with gap 0.067
-    # on a spiked P = 2,048, d = 64 table whose rho is 0.026). These
-    # retries (each a new compile) are for values whose sign is unknown,
-    # rho <= atol < dual bound. Every attempt gives valid bounds, so each
-    # value keeps its best of both.
+    # steps per refresh each retry. Frank-Wolfe stopped at tol can leave a
+    # full active set whose weights never reach zero, so no slot frees for
+    # the violating competitors and the certificate stalls far from tol
+    # (measured: rho -0.038 with gap 0.067 on a spiked P = 2,048, d = 64
+    # table whose rho is 0.026). These retries (each a new compile) are for
+    # values whose sign is unknown, rho <= atol < dual bound. Every attempt
+    # gives valid bounds, so each value keeps its best of both.
     attempts = [(min(2 ** n * k, k_max), tol, max_inner)
                 for n in range(1, 32) if 2 ** (n - 1) * k < k_max]
     attempts += [(max(k, k_max), tol * 10.0 ** -n, max_inner * 10 ** n)
