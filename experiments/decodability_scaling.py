@@ -23,7 +23,7 @@ anisotropy). For example, the MiniLM token embeddings (30,522 x 384)::
 
 ``--v2``: the rho law over a wide rho range and several N. The default
 grid has 8 geometries whose min rho runs from about 0.6 (isotropic) to
-about 0.02: spikes of strength beta in {0, 30, 100, 300}, power-law spectra
+0.01-0.03 at N = 256 and to 0.005 at N = 2,048 (measured): spikes of strength beta in {0, 30, 100, 300}, power-law spectra
 of exponent 2 and 4, and *flat clusters* (``flat_<eps>``: 16 centres on the
 sphere, each value its centre plus Gaussian noise of norm ~eps in a random
 3-dim subspace of that cluster, projected to the sphere; interior points of
@@ -32,7 +32,8 @@ a flat cap have rho -> 0 as eps -> 0) at eps 0.5 and 0.2; N in {256, 512,
 defaults take these v2 values). ``V2_EXTENDED`` lists six more (spike 10,
 power laws 1 and 6, ``flat_0.05``, two whitened sets); pass them to
 ``--v2_geometries`` for the 14-geometry grid, which does not fit 3 hours
-on 2 cores (GD at N = 2048). Each row also records the Hebbian decoding
+on 2 cores (GD at N = 2048); the 8-geometry default does not either
+(27,524 one-core seconds, about 3.8 h on 2 cores). Each row also records the Hebbian decoding
 margin ``gamma_H = min_i (|v_i|^2 - max_{j != i} <v_i, v_j>) / max_j
 |v_j|^2`` over the used values (the margin of reading value ``i`` off the
 output ``v_i`` by ``argmax_j <v_i, v_j>``). ``summary.md`` /
@@ -94,17 +95,9 @@ flags.DEFINE_bool('v2', False, 'The wide-rho, several-N grid (see the '
 flags.DEFINE_list('num_facts_list', ['256', '512', '1024', '2048'],
                   'v2: the sizes N = P.')
 # The default v2 grid: 8 geometries whose min rho spans about 0.6 -> 0.02
-# at every N (three families). The six of V2_EXTENDED were also run at
+# at N = 256 and 0.6 -> 0.005 at N = 2048 (three families). The six of V2_EXTENDED were also run at
 # N <= 1024 (their rows stay in rows.csv); together they do not fit the
 # 3-hour budget on a 2-core CPU at N = 2048 (see the results README).
-# Version of the rho solver behind a row's rho columns (and, for the closed
-# form, its W*): 2 re-solves values whose certificate stalled at rho <= 0
-# (version 1, rows without the column, reported rho_min < 0 for spiked sets
-# of unit values, which are all strictly decodable). Rows of 2 written
-# before commit "decodability retries: 10x more Frank-Wolfe steps" re-solved
-# at tighter tol only; both give certified bounds.
-RHO_SOLVER = 2
-
 V2_GEOMETRIES = ['spike_0', 'power_law_2', 'spike_30', 'spike_100',
                  'power_law_4', 'spike_300', 'flat_0.5', 'flat_0.2']
 V2_EXTENDED = ['spike_10', 'power_law_1', 'power_law_6', 'flat_0.05',
@@ -140,6 +133,13 @@ def apply_v2_defaults() -> None:
       FLAGS[name].value = value
 
 KEY_FIELDS = ('geometry', 'dim', 'num_facts', 'method', 'seed')
+# Version of the rho solver behind a row's rho columns (and, for the closed
+# form, its W*): 2 re-solves values whose certificate stalled at rho <= 0
+# (version 1, rows without the column, reported rho_min < 0 for spiked sets
+# of unit values, which are all strictly decodable). Rows of 2 written
+# before commit "decodability retries: 10x more Frank-Wolfe steps" re-solved
+# at tighter tol only; both give certified bounds.
+RHO_SOLVER = 2
 ROUNDS = 'rounds.jsonl'  # GD search rounds (factstore_jax.capacity.rounds)
 RHO_COLUMNS = ('rho_min', 'rho_mean', 'inv_rho2')
 
@@ -163,6 +163,8 @@ def refresh_rho(rows, table=None):
       r, changed = {**r, **new}, changed + 1
     out.append(r)
   return out, changed
+
+
 def pca(x: np.ndarray, dim: int) -> np.ndarray:
   """Top-``dim`` principal components of the centred rows (scale kept)."""
   x = x - x.mean(axis=0)
