@@ -186,8 +186,9 @@ RESULTS = {
         'Capacity vs usability over 5 seeds x beta {1.5, 3, 5} x N {512, '
         '2,048}, with t and Wilson intervals',
         args=('--stats',),
-        cpu_time='not finished: 105 of 180 rows, 3,786 s of row time; the '
-        'rest needs roughly 3.5 h more on one core (resumable)'),
+        cpu_time='not finished: 131 of 180 rows, 7,229 s of row time; the '
+        'rest (N = 2,048, seeds 2-4) roughly 1.5 h more on 2 cores '
+        '(resumable)'),
 }
 
 
