@@ -184,12 +184,7 @@ class ResultsTable:
     key = self.key(row)
     if key in self._index:
       raise FactStoreError(f'{self.path}: a row with key {key} exists')
-    text = {}
-    for name, value in row.items():
-      if not isinstance(name, str):
-        raise FactStoreError(f'column names must be str; got {name!r}')
-      text[name] = format_value(value)
-    header = self._header + [c for c in text if c not in self._header]
+    text, header = self._as_text(row)
     rows = self._rows + [text]
     self._write(header, rows)
     # Only after the file is written does the table change.
@@ -210,12 +205,21 @@ class ResultsTable:
     keys = [k for k in values if k in self.key_fields]
     if keys:
       raise FactStoreError(f'update cannot change key field(s) {keys}')
-    text = {name: format_value(value) for name, value in values.items()}
-    header = self._header + [c for c in text if c not in self._header]
+    text, header = self._as_text(values)
     rows = list(self._rows)
     rows[i] = {**rows[i], **text}
     self._write(header, rows)
     self._header, self._rows = header, rows
+
+  def _as_text(self, values: Mapping[str, Any]
+               ) -> tuple[dict[str, str], list[str]]:
+    """``values`` as canonical text, and the header with their new columns."""
+    text = {}
+    for name, value in values.items():
+      if not isinstance(name, str):
+        raise FactStoreError(f'column names must be str; got {name!r}')
+      text[name] = format_value(value)
+    return text, self._header + [c for c in text if c not in self._header]
 
   def _replace(self, header: list[str], rows: list[dict[str, str]]) -> None:
     """Rewrites the file with ``rows`` (canonical text) and adopts them."""
