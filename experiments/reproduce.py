@@ -186,9 +186,9 @@ RESULTS = {
         'Capacity vs usability over 5 seeds x beta {1.5, 3, 5} x N {512, '
         '2,048}, with t and Wilson intervals',
         args=('--stats',),
-        cpu_time='not finished: 131 of 180 rows, 7,229 s of row time; the '
-        'rest (N = 2,048, seeds 2-4) roughly 1.5 h more on 2 cores '
-        '(resumable)'),
+        cpu_time='17,580 s of one-core row and setup time (GD at N = '
+        '2,048: 77%), about 2.4 h on 2 cores as two processes (summed over '
+        'partial runs; resumable, GD searches journaled)'),
 }
 
 
