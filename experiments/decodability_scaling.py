@@ -23,20 +23,22 @@ anisotropy). For example, the MiniLM token embeddings (30,522 x 384)::
 
 ``--v2``: the rho law over a wide rho range and several N. The default
 grid has 8 geometries whose min rho runs from about 0.6 (isotropic) to
-0.01-0.03 at N = 256 and to 0.005 at N = 2,048 (measured): spikes of strength beta in {0, 30, 100, 300}, power-law spectra
-of exponent 2 and 4, and *flat clusters* (``flat_<eps>``: 16 centres on the
-sphere, each value its centre plus Gaussian noise of norm ~eps in a random
-3-dim subspace of that cluster, projected to the sphere; interior points of
-a flat cap have rho -> 0 as eps -> 0) at eps 0.5 and 0.2; N in {256, 512,
+0.01-0.03 at N = 256 and to 0.005 at N = 2,048 (measured): spikes of
+strength beta in {0, 30, 100, 300}, power-law spectra of exponent 2 and 4,
+and *flat clusters* (``flat_<eps>``: 16 centres on the sphere, each value
+its centre plus Gaussian noise of norm ~eps in a random 3-dim subspace of
+that cluster, projected to the sphere; interior points of a flat cap have
+rho -> 0 as eps -> 0) at eps 0.5 and 0.2; N in {256, 512,
 1024, 2048} at d = 64, seeds 0-2, ``rel_tol`` 0.02 (flags left at their
 defaults take these v2 values). ``V2_EXTENDED`` lists six more (spike 10,
 power laws 1 and 6, ``flat_0.05``, two whitened sets); pass them to
 ``--v2_geometries`` for the 14-geometry grid, which does not fit 3 hours
 on 2 cores (GD at N = 2048); the 8-geometry default does not either
-(27,524 one-core seconds, about 3.8 h on 2 cores). Each row also records the Hebbian decoding
-margin ``gamma_H = min_i (|v_i|^2 - max_{j != i} <v_i, v_j>) / max_j
-|v_j|^2`` over the used values (the margin of reading value ``i`` off the
-output ``v_i`` by ``argmax_j <v_i, v_j>``). ``summary.md`` /
+(27,524 one-core seconds, about 3.8 h on 2 cores). Each row also records
+the Hebbian decoding margin
+``gamma_H = min_i (|v_i|^2 - max_{j != i} <v_i, v_j>) / max_j |v_j|^2``
+over the used values (the margin of reading value ``i`` off the output
+``v_i`` by ``argmax_j <v_i, v_j>``). ``summary.md`` /
 ``summary.json`` compare, per method, the linear laws ``W*/N = a x + c``
 for ``x`` in {1/rho^2, log(1/rho), 1/gamma_H} (rows with gamma_H <= 0
 dropped from that law), pooled over N and per N, with R^2 and paired
@@ -95,9 +97,10 @@ flags.DEFINE_bool('v2', False, 'The wide-rho, several-N grid (see the '
 flags.DEFINE_list('num_facts_list', ['256', '512', '1024', '2048'],
                   'v2: the sizes N = P.')
 # The default v2 grid: 8 geometries whose min rho spans about 0.6 -> 0.02
-# at N = 256 and 0.6 -> 0.005 at N = 2048 (three families). The six of V2_EXTENDED were also run at
-# N <= 1024 (their rows stay in rows.csv); together they do not fit the
-# 3-hour budget on a 2-core CPU at N = 2048 (see the results README).
+# at N = 256 and 0.6 -> 0.005 at N = 2048 (three families). The six of
+# V2_EXTENDED were also run at N <= 1024 (their rows stay in rows.csv);
+# together they do not fit the 3-hour budget on a 2-core CPU at N = 2048
+# (see the results README).
 V2_GEOMETRIES = ['spike_0', 'power_law_2', 'spike_30', 'spike_100',
                  'power_law_4', 'spike_300', 'flat_0.5', 'flat_0.2']
 V2_EXTENDED = ['spike_10', 'power_law_1', 'power_law_6', 'flat_0.05',
