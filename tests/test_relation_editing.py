@@ -340,26 +340,110 @@ def test_apply_edit_unknown_method():
     harness.apply_edit('lobotomy', model, context())
 
 
-def test_best_of_grid_prefers_configs_within_the_ppl_limit(monkeypatch):
+def _edits_ctx(num_edits):
+  """A stand-in context: ``best_of_grid`` reads only its edit count."""
+  edits = harness.Edits(np.arange(num_edits), np.zeros(num_edits, int))
+  return harness.Context(None, edits,
+                         *[None] * (len(harness.Context._fields) - 2))
+
+
+def _fake_trials(monkeypatch, table):
   def scores(score, ratio):
     return harness.EditScores(score, score, score, score, ratio, score)
-  table = {1: scores(0.99, 1.30), 2: scores(0.90, 1.01), 3: scores(0.90, 1.002),
-           4: scores(0.50, 1.00)}
   monkeypatch.setattr(harness, 'run_trial', lambda m, model, ctx, ppl, c:
-                      harness.Trial(m, c, table[c['i']], 0.0))
-  grid = [dict(i=i) for i in table]
-  best, trials = harness.best_of_grid('memit', None, None, 1.0, grid)
+                      harness.Trial(m, c, scores(*table[c['i']]), 0.0))
+  return [dict(i=i) for i in table]
+
+
+def test_best_of_grid_prefers_configs_within_the_ppl_limit(monkeypatch):
+  # target_score=None: the highest score within the limit.
+  table = {1: (0.99, 1.30), 2: (0.90, 1.01), 3: (0.90, 1.002), 4: (0.50, 1.00)}
+  grid = _fake_trials(monkeypatch, table)
+  ctx = _edits_ctx(400)
+  best, trials = harness.best_of_grid('memit', None, ctx, 1.0, grid,
+                                      target_score=None)
   assert best.config == dict(i=3) and len(trials) == 4
-  best, _ = harness.best_of_grid('memit', None, None, 1.0, grid,
-                                 max_ppl_ratio=2.0)
+  assert [t.config for t in trials] == grid
+  best, _ = harness.best_of_grid('memit', None, ctx, 1.0, grid,
+                                 max_ppl_ratio=2.0, target_score=None)
   assert best.config == dict(i=1)
-  best, _ = harness.best_of_grid('memit', None, None, 1.0, grid[:1])
+  best, _ = harness.best_of_grid('memit', None, ctx, 1.0, grid[:1],
+                                 target_score=None)
   assert best.config == dict(i=1)   # none within the limit: best of all
   # Equal scores: the lower ratio wins, also below 1.
-  table.update({5: scores(0.90, 0.7), 6: scores(0.90, 0.95)})
-  best, _ = harness.best_of_grid('memit', None, None, 1.0,
-                                 [dict(i=i) for i in (2, 6, 5, 3)])
+  table.update({5: (0.90, 0.7), 6: (0.90, 0.95)})
+  best, _ = harness.best_of_grid('memit', None, ctx, 1.0,
+                                 [dict(i=i) for i in (2, 6, 5, 3)],
+                                 target_score=None)
   assert best.config == dict(i=5)
+  # No score reaches the bar: the default target changes nothing.
+  best, _ = harness.best_of_grid('memit', None, ctx, 1.0, grid)
+  assert best.config == dict(i=3)
+
+
+def test_best_of_grid_takes_the_quietest_config_that_reaches_the_target(
+    monkeypatch):
+  # 400 edits: bar = 0.95 + 2 sqrt(0.95 * 0.05 / 400) = 0.9718.
+  assert harness.score_bar(0.95, 400) == pytest.approx(0.97180, abs=1e-5)
+  table = {1: (0.999, 0.95), 2: (0.98, 0.75), 3: (0.96, 0.60),
+           4: (0.999, 0.50), 5: (0.98, 0.75)}
+  grid = _fake_trials(monkeypatch, table)
+  best, _ = harness.best_of_grid('swap', None, _edits_ctx(400), 1.0, grid[:4])
+  assert best.config == dict(i=4)
+  # 3 is quietest but under the bar; 4 is out of the ppl limit.
+  best, _ = harness.best_of_grid('swap', None, _edits_ctx(400), 1.0,
+                                 grid[:3], max_ppl_ratio=0.9)
+  assert best.config == dict(i=2)
+  best, _ = harness.best_of_grid('swap', None, _edits_ctx(400), 1.0,
+                                 [grid[i] for i in (1, 4, 0)])
+  assert best.config == dict(i=2)   # equal ratio: the first reaching it
+  # Few edits: the bar (> 1 for 10 edits) is out of reach, so the highest
+  # score wins, ties to the lower ratio.
+  assert harness.score_bar(0.95, 10) > 1.0
+  best, _ = harness.best_of_grid('swap', None, _edits_ctx(10), 1.0, grid[:4])
+  assert best.config == dict(i=4)
+  best, _ = harness.best_of_grid('swap', None, _edits_ctx(10), 1.0, grid[:3])
+  assert best.config == dict(i=1)
+
+
+@pytest.mark.parametrize('target, edits, match', [
+    (0.0, 10, 'target_score must be in'), (1.0, 10, 'target_score must be in'),
+    (0.9, 0, 'num_edits must be >= 1')])
+def test_score_bar_errors(monkeypatch, target, edits, match):
+  monkeypatch.setattr(harness, 'run_trial', lambda *a: pytest.fail('ran'))
+  with pytest.raises(FactStoreError, match=match):
+    harness.score_bar(target, edits)
+  if edits:   # best_of_grid raises before running any configuration
+    with pytest.raises(FactStoreError, match=match):
+      harness.best_of_grid('swap', None, _edits_ctx(edits), 1.0, [{}],
+                           target_score=target)
+
+
+def test_constructed_swap_builds_each_draw_once_per_edit_set(monkeypatch):
+  model, opts = trained()
+  rel = small_relation()
+  edits = harness.draw_edits(np.random.default_rng(2), rel, np.arange(0, N, 9))
+  builds = []
+  build = methods.build_mlp
+
+  def counting_build(*args, **kwargs):
+    builds.append(args[0])
+    return build(*args, **kwargs)
+
+  monkeypatch.setattr(methods, 'build_mlp', counting_build)
+  config = dict(builder='encoder_decoder', width=F, draws=2, options=opts)
+  ctx = harness.make_context(model, jax.random.key(6), rel, edits)
+  for q in (0.2, 0.1):
+    harness.apply_edit('swap_constructed', model, ctx, quantile=q, **config)
+  memo = harness.apply_edit('swap_constructed', model, ctx, quantile=0.05,
+                            **config)
+  assert len(builds) == len(ctx.builds) <= 2 and builds
+  fresh = harness.apply_edit(
+      'swap_constructed', model,
+      harness.make_context(model, jax.random.key(6), rel, edits),
+      quantile=0.05, **config)
+  chex.assert_trees_all_close(R.fact_mlp(memo), R.fact_mlp(fresh))
+  assert len(builds) > len(ctx.builds)   # the fresh context built again
 
 
 def test_fact_outputs_only_keeps_fact_logits_and_silences_words():
