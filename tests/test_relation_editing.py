@@ -272,29 +272,31 @@ def _drawn_mlp(ctx, k):
   return methods.build_mlp('encoder_decoder', key, fs, F).mlp
 
 
-@pytest.mark.parametrize('heldout_ratios, kept', [
-    ((1.5, 1.01, 0.9), 1),     # the first within DRAW_PPL_RATIO
-    ((1.5, 1.3, 2.0), 1),      # none within: the quietest
-    ((0.99, 5.0, 5.0), 0),
+@pytest.mark.parametrize('quality, kept', [
+    (((1.5, 1.0), (1.01, 1.0), (0.9, 1.0)), 1),   # first within both limits
+    (((1.5, 1.0), (1.3, 1.0), (2.0, 1.0)), 1),    # none within: the quietest
+    (((0.99, 1.0), (5.0, 1.0), (5.0, 1.0)), 0),
+    # Quiet but recalling too little loses to a louder draw that recalls.
+    (((0.9, 0.5), (1.3, 0.99), (1.1, 0.985)), 2),
+    (((0.9, 0.5), (0.8, 0.9), (1.0, 0.7)), 1),    # none recalls: the most
+    (((1.0, 0.97), (1.01, 0.99), (0.5, 1.0)), 1),
 ])
-def test_constructed_swap_keeps_a_quiet_draw(monkeypatch, heldout_ratios,
-                                             kept):
+def test_constructed_swap_keeps_a_quiet_draw(monkeypatch, quality, kept):
   model, _ = trained()
   ctx = context()
-  assert ctx.heldout_ppl == pytest.approx(
-      harness.word_perplexity(model, ctx.relation, heldout=True))
   calls = []
 
-  def fake_ppl(m, relation, heldout=False):
-    assert heldout
+  def fake_quality(m, c):
+    assert c is ctx
     calls.append(R.fact_mlp(m))
-    return heldout_ratios[len(calls) - 1] * ctx.heldout_ppl
+    return quality[len(calls) - 1]
 
-  monkeypatch.setattr(harness, 'word_perplexity', fake_ppl)
+  monkeypatch.setattr(harness, 'draw_quality', fake_quality)
   edited = harness.apply_edit('swap_constructed', model, ctx,
                               builder='encoder_decoder', width=F, draws=3)
-  stop = next((i for i, r in enumerate(heldout_ratios)
-               if r <= harness.DRAW_PPL_RATIO), len(heldout_ratios) - 1)
+  stop = next((i for i, (r, a) in enumerate(quality)
+               if r <= harness.DRAW_PPL_RATIO and a >= harness.DRAW_RECALL),
+              len(quality) - 1)
   assert len(calls) == stop + 1
   got = R.fact_mlp(edited)
   chex.assert_trees_all_equal(got, calls[kept])
@@ -302,6 +304,27 @@ def test_constructed_swap_keeps_a_quiet_draw(monkeypatch, heldout_ratios,
   fs = R.fact_factset(ctx.relation, harness.edited_map(ctx.relation,
                                                        ctx.edits))
   chex.assert_trees_all_close(got, R.calibrate(_drawn_mlp(ctx, kept), fs))
+
+
+def test_draw_quality_reads_only_unedited_facts_in_heldout_templates():
+  model, _ = trained()
+  ctx = context()
+  assert ctx.heldout_ppl == pytest.approx(
+      harness.word_perplexity(model, ctx.relation, heldout=True))
+  ratio, recall = harness.draw_quality(model, ctx)
+  assert ratio == pytest.approx(1.0)
+  rel = ctx.relation
+  unedited = np.setdiff1d(np.arange(N), ctx.edits.facts)
+  want = R.evaluate(model, R.all_sequences(rel, rel.heldout_templates,
+                                           unedited)).correct.mean()
+  assert recall == pytest.approx(float(want)) and recall > 0.9
+  # The edited facts' new objects take no part: a model swapped to store the
+  # edits scores the unedited facts as the base does.
+  swapped = harness.apply_edit('swap', model, ctx, builder='gd', width=48,
+                               options=trained()[1])
+  got = R.evaluate(swapped, R.all_sequences(rel, rel.heldout_templates,
+                                            unedited)).correct.mean()
+  assert harness.draw_quality(swapped, ctx)[1] == pytest.approx(float(got))
 
 
 def test_constructed_swap_rejects_no_draws():
