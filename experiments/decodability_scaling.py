@@ -30,11 +30,14 @@ its centre plus Gaussian noise of norm ~eps in a random 3-dim subspace of
 that cluster, projected to the sphere; interior points of a flat cap have
 rho -> 0 as eps -> 0) at eps 0.5 and 0.2; N in {256, 512,
 1024, 2048} at d = 64, seeds 0-2, ``rel_tol`` 0.02 (flags left at their
-defaults take these v2 values). ``V2_EXTENDED`` lists six more (spike 10,
-power laws 1 and 6, ``flat_0.05``, two whitened sets); pass them to
-``--v2_geometries`` for the 14-geometry grid, which does not fit 3 hours
-on 2 cores (GD at N = 2048); the 8-geometry default does not either
-(27,524 one-core seconds, about 3.8 h on 2 cores). Each row also records
+defaults take these v2 values). GD runs on 5 of the 8
+(``--v2_gd_geometries``: spikes 0 and 300, power laws 2 and 4, ``flat_0.2``;
+min rho 0.57 -> 0.007 at N = 2,048), the closed form on all 8: 18,050
+one-core seconds, about 2.5 h on 2 cores (the rows' ``seconds`` summed).
+The full grid, GD on all 8 (pass ``--v2_gd_geometries`` the 8 names; the
+checked-in summary), takes 27,524 s, about 3.8 h. ``V2_EXTENDED`` lists six
+more (spike 10, power laws 1 and 6, ``flat_0.05``, two whitened sets); pass
+them to ``--v2_geometries`` for the 14-geometry grid. Each row also records
 the Hebbian decoding margin
 ``gamma_H = min_i (|v_i|^2 - max_{j != i} <v_i, v_j>) / max_j |v_j|^2``
 over the used values (the margin of reading value ``i`` off the output
@@ -45,7 +48,7 @@ dropped from that law), pooled over N and per N, with R^2 and paired
 bootstrap intervals (:func:`factstore_jax.stats.compare_linear_laws`,
 numpy seed 0), and state which law the data support. ``--quick`` is a
 small v2 grid (d = 16). Rows are resumable. GD at N = 2048 dominates
-(about 450 s a row on one core), so on a 2-core CPU run the default grid
+(735 s a row on one core, mean of 24 rows), so on a 2-core CPU run the grid
 as two local ``jax.distributed`` processes, one per core (rows are dealt
 by :func:`v2_row_cost`; ``docs/distributed.md``)::
 
@@ -108,6 +111,17 @@ V2_EXTENDED = ['spike_10', 'power_law_1', 'power_law_6', 'flat_0.05',
 flags.DEFINE_list('v2_geometries', V2_GEOMETRIES,
                   'v2: geometries (the extended set: add '
                   + ','.join(V2_EXTENDED) + ').')
+# The default grid's GD share: one or two geometries of each family, min rho
+# 0.57 -> 0.007 at N = 2048. GD at N = 2048 is 64% of the 8-geometry grid's
+# 27,524 one-core seconds (about 3.8 h on 2 cores); with these 5, 18,050 s
+# (about 2.5 h), summing the rows' seconds (results README).
+V2_GD_GEOMETRIES = ['spike_0', 'power_law_2', 'power_law_4', 'spike_300',
+                    'flat_0.2']
+flags.DEFINE_list('v2_gd_geometries', V2_GD_GEOMETRIES,
+                  'v2: the geometries every method other than the closed '
+                  'form runs on (each one also in --v2_geometries; the '
+                  'closed form runs on all of those). The full grid: the '
+                  'same list as --v2_geometries.')
 flags.DEFINE_bool('quick', False, 'v2 on a small grid (d = 16, N in {32, '
                   '64}, 3 geometries, seeds 0-1, 300 GD steps, rel_tol 0.3).')
 flags.DEFINE_integer('num_boot', 2000, 'v2: bootstrap resamples.')
@@ -118,6 +132,7 @@ V2_DEFAULTS = dict(dim=64, seeds=['0', '1', '2'], rel_tol=0.02,
 QUICK = dict(dim=16, seeds=['0', '1'], rel_tol=0.3, max_steps=300,
              num_facts_list=['32', '64'],
              v2_geometries=['spike_0', 'power_law_4', 'flat_0.2'],
+             v2_gd_geometries=['spike_0', 'power_law_4', 'flat_0.2'],
              out_dir='experiments/results/decodability_scaling_v2_quick')
 LAWS = ('inv_rho2', 'log_inv_rho', 'inv_hebbian')
 LAW_LABELS = {'inv_rho2': '1/ρ²', 'log_inv_rho': 'log(1/ρ)',
@@ -442,7 +457,9 @@ def v2_summary(rows, comparisons, sizes) -> tuple[str, dict]:
       '# decodability_scaling v2: the ρ law over a wide ρ range and many N',
       '', f'd = {FLAGS.dim}; N = {sizes}; seeds {FLAGS.seeds}; rel_tol '
       f'{FLAGS.rel_tol}; GD max_steps {FLAGS.max_steps}; methods '
-      f'{FLAGS.methods}; commit `{commit}`; command `{command}`.', '',
+      f'{FLAGS.methods}; geometries {geometries()} (methods other than '
+      f'the closed form: {list(FLAGS.v2_gd_geometries)}); commit '
+      f'`{commit}`; command `{command}`.', '',
       f'Measured min ρ over the rows: {min(rho):.4f} to {max(rho):.4f}. '
       'Laws W*/N = a x + c, x in {1/ρ², log(1/ρ), 1/γ_H} (γ_H: Hebbian '
       'decoding margin); R² with 95% percentile bootstrap intervals '
@@ -510,12 +527,28 @@ def v2_row_cost(config) -> float:
   return (30.0 + 1e-4 * config['num_facts'] ** 2) * FLAGS.max_steps / 1e4
 
 
+def v2_configs() -> list[dict]:
+  """The v2 rows to compute: the closed form on every geometry, the other
+  methods on ``--v2_gd_geometries``.
+
+  Raises:
+    ValueError: a ``--v2_gd_geometries`` entry is not in ``--v2_geometries``.
+  """
+  extra = sorted(set(FLAGS.v2_gd_geometries) - set(geometries()))
+  if extra:
+    raise ValueError(f'--v2_gd_geometries {extra} are not in '
+                     f'--v2_geometries {geometries()}')
+  return [dict(geometry=g, dim=FLAGS.dim, num_facts=int(n), method=m,
+               seed=int(s))
+          for n in FLAGS.num_facts_list for g in geometries()
+          for m in FLAGS.methods
+          if m == 'encoder_decoder' or g in FLAGS.v2_gd_geometries
+          for s in FLAGS.seeds]
+
+
 def main_v2(options):
   sizes = [int(n) for n in FLAGS.num_facts_list]
-  configs = [dict(geometry=g, dim=FLAGS.dim, num_facts=n, method=m,
-                  seed=int(s))
-             for n in sizes for g in geometries() for m in FLAGS.methods
-             for s in FLAGS.seeds]
+  configs = v2_configs()
   table = ResultsTable(os.path.join(FLAGS.out_dir, 'rows.csv'), KEY_FIELDS)
   t0 = time.perf_counter()
   rows = run_sweep(configs, lambda g: compute(g, options), table,

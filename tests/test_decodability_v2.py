@@ -121,9 +121,20 @@ DEFAULTS = textwrap.dedent('''
            for g in ('spike_0', 'flat_0.2')}
     cost = {f'{m}@{n}': ds.v2_row_cost(dict(method=m, num_facts=n))
             for m in ('encoder_decoder', 'gd') for n in (256, 2048)}
+    configs = ds.v2_configs()
+    by_method = {m: sorted({c['geometry'] for c in configs
+                            if c['method'] == m}) for m in ds.FLAGS.methods}
+    ds.FLAGS.v2_gd_geometries = ['spike_0', 'flat_0.05']
+    try:
+      ds.v2_configs()
+      error = None
+    except ValueError as e:
+      error = str(e)
     print(json.dumps(dict(geometries=ds.geometries(), rho=rho, cost=cost,
                           extended=ds.V2_EXTENDED, seeds=ds.FLAGS.seeds,
-                          rel_tol=ds.FLAGS.rel_tol, dim=ds.FLAGS.dim)))
+                          rel_tol=ds.FLAGS.rel_tol, dim=ds.FLAGS.dim,
+                          num_configs=len(configs), by_method=by_method,
+                          error=error)))
 ''')
 
 
@@ -138,6 +149,14 @@ def test_v2_default_grid_spans_the_rho_range_and_deals_gd_as_dearer():
   assert not set(out['geometries']) & set(out['extended'])
   assert out['seeds'] == ['0', '1', '2'] and out['rel_tol'] <= 0.02
   assert out['dim'] == 64
+  # GD (the dear rows) runs on a subset spanning the same rho range; the
+  # closed form on all 8: 4 sizes x 3 seeds x (8 + 5) geometries.
+  assert out['by_method']['encoder_decoder'] == sorted(out['geometries'])
+  gd = out['by_method']['gd']
+  assert len(gd) == 5 and set(gd) < set(out['geometries'])
+  assert out['num_configs'] == 4 * 3 * (8 + 5)
+  assert {'spike_0', 'flat_0.2'} <= set(gd)   # both ends of the rho range
+  assert "--v2_gd_geometries ['flat_0.05'] are not in" in out['error']
   # Isotropic values at one end, a flat cap at the other (seed 0, N = 256:
   # 0.035; down to 0.014 over the grid's seeds and sizes).
   assert out['rho']['spike_0'] > 0.5
