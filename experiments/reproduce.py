@@ -177,10 +177,12 @@ RESULTS = {
         'The rho law over rho_min 0.6 -> 0.005 (8 geometries) and N = '
         '256-2,048 (d = 64, 3 seeds), closed form and GD, R^2 with '
         'bootstrap intervals',
-        args=('--v2',),
+        args=('--v2', '--v2_gd_geometries=spike_0,power_law_2,spike_30,'
+              'spike_100,power_law_4,spike_300,flat_0.5,flat_0.2'),
         cpu_time='27,524 s of one-core row time (GD at N = 2,048: 64%), '
-        'about 3.8 h on 2 cores as two processes (resumable, GD searches '
-        'journaled)'),
+        'about 3.8 h on 2 cores as two processes (the full grid; the '
+        'default --v2, GD on 5 geometries: 18,050 s, the busier of 2 '
+        'processes 2.75 h; resumable, GD searches journaled)'),
     'capacity_usability_stats': Result(
         'capacity_usability',
         'Capacity vs usability over 5 seeds x beta {1.5, 3, 5} x N {512, '
