@@ -67,7 +67,7 @@ flags.DEFINE_list('methods', list(harness.METHODS), 'Editing methods.')
 flags.DEFINE_float('max_ppl_ratio', 1.05,
                    'Model selection: only configurations whose word-'
                    'perplexity ratio is at most this (all if none is).')
-flags.DEFINE_float('target_score', 0.95,
+flags.DEFINE_float('target_score', harness.TARGET_SCORE,
                    'Model selection: among those, the lowest ppl ratio whose '
                    'score is at least this plus two binomial standard errors '
                    'of the edit count (harness.score_bar); if none is, the '
