@@ -162,7 +162,7 @@ RESULTS = {
         'Swapping the fact MLP edits facts at scale; ROME, MEMIT and '
         'AlphaEdit fall off with the number of edits',
         cpu_time='1,359 s (3 seeds, 2 cores); the constructed swap with its '
-        'draws 1,244 s on one core',
+        'draws 1,207 s on one core (stop 53)',
         figures=(('editing.png', 'plot', None),)),
     'fact_editing_n4096': Result(
         'fact_editing',
@@ -171,7 +171,8 @@ RESULTS = {
               '--num_facts=4096', '--mlp_width=256',
               '--out_dir=experiments/results/fact_editing_n4096'),
         cpu_time='about 22 min a seed on 2 cores (stop 48); the constructed '
-        'swap with its draws about 30 min a seed on one core'),
+        'swap with its draws about 29-39 min a seed on one core (stop 53, '
+        'base model included)'),
     'decodability_scaling_v2': Result(
         'decodability_scaling',
         'The rho law over rho_min 0.6 -> 0.005 (8 geometries) and N = '
