@@ -323,8 +323,9 @@ def test_draw_quality_reads_only_unedited_facts_in_heldout_templates():
   want = R.evaluate(model, R.all_sequences(rel, rel.heldout_templates,
                                            unedited)).correct.mean()
   assert recall == pytest.approx(float(want)) and recall > 0.9
-  # The edited facts' new objects take no part: a model swapped to store the
-  # edits scores the unedited facts as the base does.
+  # The edited facts are left out: a model swapped to store the edits no
+  # longer gives their old objects, yet its recall is its accuracy on the
+  # unedited facts alone.
   swapped = harness.apply_edit('swap', model, ctx, builder='gd', width=48,
                                options=trained()[1])
   got = R.evaluate(swapped, R.all_sequences(rel, rel.heldout_templates,
