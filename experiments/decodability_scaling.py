@@ -33,7 +33,8 @@ rho -> 0 as eps -> 0) at eps 0.5 and 0.2; N in {256, 512,
 defaults take these v2 values). GD runs on 5 of the 8
 (``--v2_gd_geometries``: spikes 0 and 300, power laws 2 and 4, ``flat_0.2``;
 min rho 0.57 -> 0.007 at N = 2,048), the closed form on all 8: 18,050
-one-core seconds, about 2.5 h on 2 cores (the rows' ``seconds`` summed).
+one-core seconds; dealt over two processes, the busier sums 9,904 s,
+about 2.75 h (the rows' ``seconds``, results README).
 The full grid, GD on all 8 (pass ``--v2_gd_geometries`` the 8 names; the
 checked-in summary), takes 27,524 s, about 3.8 h. ``V2_EXTENDED`` lists six
 more (spike 10, power laws 1 and 6, ``flat_0.05``, two whitened sets); pass
@@ -113,8 +114,9 @@ flags.DEFINE_list('v2_geometries', V2_GEOMETRIES,
                   + ','.join(V2_EXTENDED) + ').')
 # The default grid's GD share: one or two geometries of each family, min rho
 # 0.57 -> 0.007 at N = 2048. GD at N = 2048 is 64% of the 8-geometry grid's
-# 27,524 one-core seconds (about 3.8 h on 2 cores); with these 5, 18,050 s
-# (about 2.5 h), summing the rows' seconds (results README).
+# 27,524 one-core seconds (about 3.8 h on 2 cores); with these 5, 18,050 s,
+# the busier of 2 processes 9,904 s (2.75 h): the rows' seconds (results
+# README).
 V2_GD_GEOMETRIES = ['spike_0', 'power_law_2', 'power_law_4', 'spike_300',
                     'flat_0.2']
 flags.DEFINE_list('v2_gd_geometries', V2_GD_GEOMETRIES,
