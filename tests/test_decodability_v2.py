@@ -119,8 +119,17 @@ DEFAULTS = textwrap.dedent('''
     rho = {g: float(np.min(decodability(
         ds.make_factset(g, 0, 256).values).rho))
            for g in ('spike_0', 'flat_0.2')}
-    cost = {f'{m}@{n}': ds.v2_row_cost(dict(method=m, num_facts=n))
+    def cost_of(m, n, geometry='spike_0'):
+      return ds.v2_row_cost(dict(geometry=geometry, dim=64, num_facts=n,
+                                 method=m, seed=0))
+    cost = {f'{m}@{n}': cost_of(m, n)
             for m in ('encoder_decoder', 'gd') for n in (256, 2048)}
+    # A row the checked-in results lack (geometry not run): the formula.
+    cost.update({f'{m}@{n}/formula': cost_of(m, n, 'no_such_geometry')
+                 for m in ('encoder_decoder', 'gd') for n in (256, 2048)})
+    reference = ds.reference_table().get(dict(
+        geometry='spike_0', dim=64, num_facts=2048, method='gd', seed=0))
+    cost['reference'] = reference['seconds']
     configs = ds.v2_configs()
     by_method = {m: sorted({c['geometry'] for c in configs
                             if c['method'] == m}) for m in ds.FLAGS.methods}
@@ -150,11 +159,11 @@ def test_v2_default_grid_spans_the_rho_range_and_deals_gd_as_dearer():
   assert out['seeds'] == ['0', '1', '2'] and out['rel_tol'] <= 0.02
   assert out['dim'] == 64
   # GD (the dear rows) runs on a subset spanning the same rho range; the
-  # closed form on all 8: 4 sizes x 3 seeds x (8 + 5) geometries.
+  # closed form on all 8: 4 sizes x 3 seeds x (8 + 4) geometries.
   assert out['by_method']['encoder_decoder'] == sorted(out['geometries'])
   gd = out['by_method']['gd']
-  assert len(gd) == 5 and set(gd) < set(out['geometries'])
-  assert out['num_configs'] == 4 * 3 * (8 + 5)
+  assert len(gd) == 4 and set(gd) < set(out['geometries'])
+  assert out['num_configs'] == 4 * 3 * (8 + 4)
   assert {'spike_0', 'flat_0.2'} <= set(gd)   # both ends of the rho range
   assert "--v2_gd_geometries ['flat_0.05'] are not in" in out['error']
   # Isotropic values at one end, a flat cap at the other (seed 0, N = 256:
@@ -162,8 +171,14 @@ def test_v2_default_grid_spans_the_rho_range_and_deals_gd_as_dearer():
   assert out['rho']['spike_0'] > 0.5
   assert out['rho']['flat_0.2'] < 0.05
   cost = out['cost']
-  assert 0 < cost['encoder_decoder@256'] <= cost['gd@256'] < cost['gd@2048']
-  assert cost['gd@2048'] > 5 * cost['encoder_decoder@2048']
+  # A checked-in row costs the seconds it took; others the formula.
+  assert cost['gd@2048'] == cost['reference'] > 0
+  for kind in ('', '/formula'):
+    assert 0 < cost[f'encoder_decoder@256{kind}'] < cost[f'gd@2048{kind}']
+    assert cost[f'encoder_decoder@256{kind}'] <= cost[
+        f'encoder_decoder@2048{kind}']
+    assert cost[f'gd@256{kind}'] < cost[f'gd@2048{kind}']
+    assert cost[f'gd@2048{kind}'] > 5 * cost[f'encoder_decoder@2048{kind}']
 
 
 RESUME = textwrap.dedent('''
