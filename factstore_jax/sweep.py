@@ -4,7 +4,9 @@
   file atomically, so a killed process never leaves a half-written table.
 * :func:`run_sweep` computes the configs the table does not hold yet, in
   groups, appending each finished row at once, with a progress bar. Re-running
-  a killed sweep skips what it finished.
+  a killed sweep skips what it finished. Between groups it releases JAX's
+  compiled programs before the process runs out of memory maps
+  (:func:`release_compiled`).
 * Under ``jax.distributed`` (:mod:`factstore_jax.distributed`) every process
   runs the same :func:`run_sweep` call: the pending groups are dealt out over
   the processes, each appends its rows to its own shard file
@@ -25,6 +27,7 @@ Typical use::
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import math
 import numbers
@@ -35,6 +38,7 @@ from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from tqdm.auto import tqdm
 
 from factstore_jax import distributed
@@ -473,6 +477,61 @@ def deal(affinities: Sequence[Hashable], num_processes: int,
 # ---------------------------------------------------------------------------
 
 
+# Linux gives a process at most vm.max_map_count memory maps (65,530 by
+# default). Every program XLA:CPU compiles, and JAX keeps in its caches,
+# holds some: a closed-form W* search at N = 1,024 adds 1,300-4,000, so a
+# sweep of such rows passes the limit after about 20-40 of them; the next
+# compilation then fails ("LLVM compilation error: Cannot allocate memory")
+# and the process dies. Between groups run_sweep drops JAX's caches once the
+# process holds this fraction of its limit.
+MAP_FRACTION = 0.5
+
+
+def memory_maps() -> tuple[int, int] | None:
+  """``(maps this process holds, the system's limit)``, or ``None`` where
+  the system does not say (not Linux)."""
+  try:
+    with open('/proc/sys/vm/max_map_count') as f:
+      limit = int(f.read())
+    with open('/proc/self/maps', 'rb') as f:
+      count = sum(1 for _ in f)
+  except (OSError, ValueError):
+    return None
+  return count, limit
+
+
+def release_compiled(fraction: float = MAP_FRACTION) -> bool:
+  """Drops JAX's compiled programs if the process nears its map limit.
+
+  A long sweep compiles thousands of programs (shapes that change from row
+  to row); JAX keeps them all, and each holds memory maps. Called between
+  groups by :func:`run_sweep`; later calls recompile what they need.
+
+  Args:
+    fraction: clear once the process holds at least this fraction of
+      ``vm.max_map_count`` maps (in ``(0, 1]``).
+
+  Returns:
+    Whether the caches were cleared (never where :func:`memory_maps` is
+    ``None``).
+
+  Raises:
+    FactStoreError: ``fraction`` outside ``(0, 1]``.
+  """
+  if not 0 < fraction <= 1:
+    raise FactStoreError(f'fraction must be in (0, 1]; got {fraction!r}')
+  usage = memory_maps()
+  if usage is None or usage[0] < fraction * usage[1]:
+    return False
+  jax.clear_caches()
+  gc.collect()
+  after = memory_maps()
+  logging.info('released compiled programs: %d memory maps of %d allowed, '
+               '%s after', usage[0], usage[1],
+               after[0] if after else 'unknown')
+  return True
+
+
 def run_sweep(configs: Sequence[Mapping[str, Any]],
               compute: Callable[[list[dict[str, Any]]],
                                 Sequence[Mapping[str, Any]]],
@@ -491,6 +550,9 @@ def run_sweep(configs: Sequence[Mapping[str, Any]],
   at once, one atomic write per row. If ``compute`` raises, the rows
   finished before stay on disk and the exception propagates; running again
   computes only the rest.
+  After each group, a process that holds half its memory-map limit drops
+  JAX's compiled programs (:func:`release_compiled`): a long sweep of
+  changing shapes would otherwise die in compilation.
 
   Under ``jax.distributed`` with several processes, every process makes
   this same call (same configs, same ``batch_size``; checked). The
@@ -603,6 +665,7 @@ def _compute_groups(groups, compute, table: ResultsTable, *, total: int,
       for row in _merge(group, results):
         table.append(row)
         bar.update(1)
+      release_compiled()
 
 
 def _run_distributed(configs, compute, table: ResultsTable, batch_size: int,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -243,3 +245,68 @@ def test_run_sweep_errors(tmp_path):
     run(CONFIGS[:1], lambda group: [{'seed': 7}])
   assert len(table) == 0  # no bad result reached the file
   assert not (tmp_path / 'r.csv').exists()
+
+
+# ---------------------------------------------------------------------------
+# Releasing compiled programs (the memory-map limit).
+# ---------------------------------------------------------------------------
+
+
+def _cached_program():
+  f = jax.jit(lambda x: x + 1)
+  f(jnp.ones(3))
+  assert f._cache_size() == 1
+  return f
+
+
+def test_release_compiled_clears_jax_caches_past_the_fraction(monkeypatch):
+  f = _cached_program()
+  monkeypatch.setattr(sweep, 'memory_maps', lambda: (30_000, 65_530))
+  assert not sweep.release_compiled()          # 46% < 50%: kept
+  assert f._cache_size() == 1
+  assert sweep.release_compiled(0.4)           # 46% >= 40%: cleared
+  assert f._cache_size() == 0
+  f = _cached_program()
+  monkeypatch.setattr(sweep, 'memory_maps', lambda: (40_000, 65_530))
+  assert sweep.release_compiled()
+  assert f._cache_size() == 0
+  # Where the system does not say (not Linux) nothing is cleared.
+  f = _cached_program()
+  monkeypatch.setattr(sweep, 'memory_maps', lambda: None)
+  assert not sweep.release_compiled(1e-9)
+  assert f._cache_size() == 1
+
+
+@pytest.mark.parametrize('fraction', [0, -0.5, 1.5, float('nan')])
+def test_release_compiled_rejects_a_bad_fraction(fraction):
+  with pytest.raises(FactStoreError, match=r'fraction must be in \(0, 1\]'):
+    sweep.release_compiled(fraction)
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'),
+                    reason='memory maps are read from /proc (Linux)')
+def test_release_compiled_gives_back_memory_maps():
+  # Compiled programs hold memory maps; clearing the caches returns them.
+  fns = [jax.jit(lambda x, k=k: x * k) for k in range(40)]
+  before = sweep.memory_maps()
+  for n, f in enumerate(fns):
+    f(jnp.ones(n + 1))
+  grown = sweep.memory_maps()
+  assert before[1] == grown[1] > 0
+  assert grown[0] > before[0] + 40
+  assert sweep.release_compiled(1e-9)
+  assert sweep.memory_maps()[0] < grown[0] - 40
+
+
+def test_run_sweep_releases_compiled_programs_after_each_group(
+    tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(sweep, 'release_compiled',
+                      lambda: calls.append(len(table)) or False)
+  table = sweep.ResultsTable(tmp_path / 'r.csv', 'n')
+  sweep.run_sweep([{'n': n} for n in range(5)],
+                  lambda g: [{'sq': c['n'] ** 2} for c in g], table,
+                  batch_size=2, progress=False)
+  # After each of the 3 groups, with its rows already on disk.
+  assert calls == [2, 4, 5]
+  assert [r['sq'] for r in table.rows()] == [0, 1, 4, 9, 16]
