@@ -35,7 +35,7 @@ defaults take these v2 values). GD runs on 4 of the 8
 min rho 0.61 -> 0.024 at N = 256 and 0.57 -> 0.005 at N = 2,048), the
 closed form on all 8: 144 rows, 15,153 one-core seconds (the checked-in
 rows' ``seconds``); dealt over two processes by :func:`v2_row_cost`, each
-sums 7,577 s, about 2.1 h (results README).
+sums 7,577 s, about 2.1 h; one timed run took 1.99 h (results README).
 The full grid, GD on all 8 (pass ``--v2_gd_geometries`` the 8 names; the
 checked-in summary), takes 27,524 s, about 3.8 h. ``V2_EXTENDED`` lists six
 more (spike 10, power laws 1 and 6, ``flat_0.05``, two whitened sets); pass

@@ -182,8 +182,10 @@ RESULTS = {
               'spike_100,power_law_4,spike_300,flat_0.5,flat_0.2'),
         cpu_time='27,524 s of one-core row time (GD at N = 2,048: 64%), '
         'about 3.8 h on 2 cores as two processes (the full grid; the '
-        'default --v2, GD on 5 geometries: 18,050 s, the busier of 2 '
-        'processes 2.75 h; resumable, GD searches journaled)'),
+        'default --v2, GD on 4 geometries: 15,153 s, 7,577 s on each of '
+        '2 processes; one timed default run: 7,158 s, 1.99 h, '
+        'results/decodability_scaling_v2_default; resumable, GD searches '
+        'journaled)'),
     'capacity_usability_stats': Result(
         'capacity_usability',
         'Capacity vs usability over 5 seeds x beta {1.5, 3, 5} x N {512, '
