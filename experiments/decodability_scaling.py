@@ -536,10 +536,11 @@ def v2_row_cost(config) -> float:
   budget) costs what it took there: row costs vary 5x within one
   (method, N) cell, so the per-cell formula below deals the default grid's
   two processes 8,001 s and 7,153 s of those rows' seconds, their own
-  seconds 7,577 s each. Other rows: the closed form about ``110 N / 2048`` s, a GD search
-  about ``30 + 700 (N / 2048)^2.3`` s at 10,000 steps (the cross-entropy
-  over the N values dominates): fits to the means of the checked-in rows
-  per N (closed form 12-107 s, GD 8-735 s at N = 256-2,048).
+  seconds 7,577 s each. Other rows: the closed form about ``110 N / 2048``
+  s, a GD search about ``30 + 700 (N / 2048)^2.3`` s at 10,000 steps (the
+  cross-entropy over the N values dominates): fits to the means of the
+  checked-in rows per N (closed form 12-107 s, GD 8-735 s at
+  N = 256-2,048).
   """
   row = reference_table().get(config)
   if row is not None and row.get('seconds') is not None and (
