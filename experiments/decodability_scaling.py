@@ -81,7 +81,7 @@ from factstore_jax.capacity.rounds import RoundLog
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.decodability import decodability
 from factstore_jax.errors import InfeasibleFactSetError
-from factstore_jax.sweep import ResultsTable, run_sweep
+from factstore_jax.sweep import ResultsTable, recorded_seconds, run_sweep
 
 flags.DEFINE_integer('dim', 64, 'Embedding dimension d.')
 flags.DEFINE_integer('num_facts', 512, 'N = P.')
@@ -174,16 +174,17 @@ def refresh_rho(rows, table=None):
   fact_set = lambda r: (r['geometry'], r['dim'], r['num_facts'], r['seed'])
   fresh = {fact_set(r): r for r in rows
            if (r.get('rho_solver') or 0) >= RHO_SOLVER}
-  out, changed = [], 0
+  out, changes = [], []
   for r in rows:
     src = fresh.get(fact_set(r))
     if (r.get('rho_solver') or 0) < RHO_SOLVER and src is not None:
       new = {c: src[c] for c in RHO_COLUMNS + ('rho_solver',)}
-      if table is not None:
-        table.update(r, new)
-      r, changed = {**r, **new}, changed + 1
+      changes.append((r, new))
+      r = {**r, **new}
     out.append(r)
-  return out, changed
+  if table is not None:
+    table.update(changes)  # one rewrite of the file
+  return out, len(changes)
 
 
 def pca(x: np.ndarray, dim: int) -> np.ndarray:
@@ -542,11 +543,11 @@ def v2_row_cost(config) -> float:
   checked-in rows per N (closed form 12-107 s, GD 8-735 s at
   N = 256-2,048).
   """
-  row = reference_table().get(config)
-  if row is not None and row.get('seconds') is not None and (
-      config['method'] == 'encoder_decoder' or
-      row.get('max_steps') == FLAGS.max_steps):
-    return float(row['seconds'])
+  seconds = recorded_seconds(
+      reference_table(), config, None if config['method'] == 'encoder_decoder'
+      else dict(max_steps=FLAGS.max_steps))
+  if seconds is not None:
+    return seconds
   n = config['num_facts']
   if config['method'] == 'encoder_decoder':
     return 110.0 * n / 2048

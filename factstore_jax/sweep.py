@@ -34,7 +34,7 @@ import numbers
 import os
 import re
 import zlib
-from typing import Any, Callable, Hashable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -195,23 +195,34 @@ class ResultsTable:
     self._header, self._rows = header, rows
     self._index[key] = len(rows) - 1
 
-  def update(self, config: Mapping[str, Any],
-             values: Mapping[str, Any]) -> None:
-    """Sets ``values``' columns of the row with ``config``'s key and
-    rewrites the file atomically (new columns join the header).
+  def update(self, changes: Iterable[tuple[Mapping[str, Any],
+                                            Mapping[str, Any]]]) -> None:
+    """Sets columns of existing rows and rewrites the file once, atomically.
+
+    Args:
+      changes: ``(config, values)`` pairs: ``values``' columns are set in the
+        row with ``config``'s key (new columns join the header; later pairs
+        win on the same row and column).
 
     Raises:
-      FactStoreError: no such row, or ``values`` names a key field.
+      FactStoreError: a pair names no row, or its ``values`` names a key
+        field. Every pair is checked before anything is written, so on any
+        error the file and this table are left as they were.
     """
-    i = self._index.get(self.key(config))
-    if i is None:
-      raise FactStoreError(f'{self.path}: no row with key {self.key(config)}')
-    keys = [k for k in values if k in self.key_fields]
-    if keys:
-      raise FactStoreError(f'update cannot change key field(s) {keys}')
-    text, header = self._as_text(values)
-    rows = list(self._rows)
-    rows[i] = {**rows[i], **text}
+    header, rows = self._header, list(self._rows)
+    for config, values in changes:
+      i = self._index.get(self.key(config))
+      if i is None:
+        raise FactStoreError(
+            f'{self.path}: no row with key {self.key(config)}')
+      keys = [k for k in values if k in self.key_fields]
+      if keys:
+        raise FactStoreError(f'update cannot change key field(s) {keys}')
+      text, _ = self._as_text(values)
+      header = header + [c for c in text if c not in header]
+      rows[i] = {**rows[i], **text}
+    if rows == self._rows and header == self._header:
+      return
     self._write(header, rows)
     self._header, self._rows = header, rows
 
@@ -271,6 +282,32 @@ class ResultsTable:
 # ---------------------------------------------------------------------------
 # Per-process shard files.
 # ---------------------------------------------------------------------------
+
+
+def recorded_seconds(table: ResultsTable, config: Mapping[str, Any],
+                     match: Mapping[str, Any] | None = None) -> float | None:
+  """The ``seconds`` column of ``config``'s row in ``table``, or ``None``.
+
+  For a :func:`run_sweep` ``cost`` that deals rows by what they took in
+  earlier results (e.g. the checked-in rows of a default grid): ``None``
+  where ``table`` has no row with ``config``'s key, the row has no
+  ``seconds``, or it differs from ``match`` in any of its columns (a row
+  computed under another budget).
+
+  Args:
+    table: the earlier rows.
+    config: the row's config (its key fields at least).
+    match: ``{column: value}`` the earlier row must have.
+
+  Returns:
+    Seconds, or ``None``.
+  """
+  row = table.get(config)
+  if row is None or row.get('seconds') is None:
+    return None
+  if any(row.get(k) != v for k, v in (match or {}).items()):
+    return None
+  return float(row['seconds'])
 
 
 def shard_path(path: str | os.PathLike, process_id: int) -> str:

@@ -96,22 +96,55 @@ def test_table_append_is_atomic(tmp_path, monkeypatch):
       0, 1, 2, 3]
 
 
-def test_table_update_rewrites_one_row(tmp_path):
+def test_table_update_rewrites_the_named_rows_once(tmp_path, monkeypatch):
   path = tmp_path / 'r.csv'
   table = sweep.ResultsTable(path, ('n', 'seed'))
   for seed in range(3):
     table.append({'n': 4, 'seed': seed, 'acc': seed / 10})
-  table.update({'n': 4, 'seed': 1, 'other': 'x'}, {'acc': 0.9, 'note': 'y'})
+  writes = []
+  write = table._write
+  monkeypatch.setattr(table, '_write',
+                      lambda *a: (writes.append(1), write(*a)))
+  table.update([({'n': 4, 'seed': 1, 'other': 'x'}, {'acc': 0.9, 'note': 'y'}),
+                ({'n': 4, 'seed': 2}, {'acc': 0.7}),
+                ({'n': 4, 'seed': 2}, {'note': 'z'})])
+  assert len(writes) == 1  # one rewrite for the three changes
   assert table.columns == ['n', 'seed', 'acc', 'note']
   for t in (table, sweep.ResultsTable(path, ('n', 'seed'))):
-    assert [r['acc'] for r in t.rows()] == [0.0, 0.9, 0.2]
-    assert [r['note'] for r in t.rows()] == [None, 'y', None]
+    assert [r['acc'] for r in t.rows()] == [0.0, 0.9, 0.7]
+    assert [r['note'] for r in t.rows()] == [None, 'y', 'z']
+  table.update([])  # nothing to change: nothing written
+  table.update([({'n': 4, 'seed': 0}, {'acc': 0.0})])  # same value
+  assert len(writes) == 1
+  before = path.read_bytes()
+  # A bad pair anywhere in the batch: nothing written, the table unchanged.
   with pytest.raises(FactStoreError, match='no row with key'):
-    table.update({'n': 4, 'seed': 7}, {'acc': 1.0})
+    table.update([({'n': 4, 'seed': 0}, {'acc': 0.5}),
+                  ({'n': 4, 'seed': 7}, {'acc': 1.0})])
   with pytest.raises(FactStoreError, match=r"key field\(s\) \['seed'\]"):
-    table.update({'n': 4, 'seed': 0}, {'seed': 5})
+    table.update([({'n': 4, 'seed': 0}, {'acc': 0.5}),
+                  ({'n': 4, 'seed': 0}, {'seed': 5})])
+  assert path.read_bytes() == before and len(writes) == 1
+  assert [r['acc'] for r in table.rows()] == [0.0, 0.9, 0.7]
   assert [r['seed'] for r in sweep.ResultsTable(path, ('n', 'seed')).rows()
           ] == [0, 1, 2]
+
+
+def test_recorded_seconds_of_a_matching_row_else_none(tmp_path):
+  table = sweep.ResultsTable(tmp_path / 'r.csv', ('n', 'seed'))
+  table.append({'n': 4, 'seed': 0, 'steps': 100, 'seconds': 12.5})
+  table.append({'n': 4, 'seed': 1, 'steps': 100})  # no seconds
+  assert sweep.recorded_seconds(table, {'n': 4, 'seed': 0, 'x': 1}) == 12.5
+  assert sweep.recorded_seconds(table, {'n': 4, 'seed': 0},
+                                {'steps': 100}) == 12.5
+  assert sweep.recorded_seconds(table, {'n': 4, 'seed': 0},
+                                {'steps': 200}) is None  # another budget
+  assert sweep.recorded_seconds(table, {'n': 4, 'seed': 0},
+                                {'other': 1}) is None    # column absent
+  assert sweep.recorded_seconds(table, {'n': 4, 'seed': 1}) is None
+  assert sweep.recorded_seconds(table, {'n': 8, 'seed': 0}) is None
+  empty = sweep.ResultsTable(tmp_path / 'absent.csv', ('n', 'seed'))
+  assert sweep.recorded_seconds(empty, {'n': 4, 'seed': 0}) is None
 
 
 def test_table_errors(tmp_path):
