@@ -103,9 +103,7 @@ def base(seed: int):
                                learning_rate=FLAGS.base_lr)
   report = rel_lib.train_base(model, jax.random.key(seed + 3), relation,
                               config, progress=True)
-  facts = np.arange(relation.num_facts)
-  scores = {name: rel_lib.evaluate(model, rel_lib.all_sequences(
-      relation, templates, facts))
+  scores = {name: harness.evaluate_all_facts(model, relation, templates)
             for name, templates in (('train', relation.train_templates),
                                     ('heldout', relation.heldout_templates),
                                     ('mixed', relation.mixed_templates))}

@@ -118,14 +118,22 @@ class EditScores(NamedTuple):
   paraphrase_mixed: float   # held-out templates with a distractor subject
 
 
+def evaluate_all_facts(model: Transformer, relation: rel_lib.Relation,
+                       templates: Array) -> rel_lib.Scores:
+  """``model`` on every fact, each with its own (unedited) object, in each
+  of the ``K`` templates (e.g. ``relation.heldout_templates``); the scores
+  are fact-major, ``(N * K,)``."""
+  return rel_lib.evaluate(model, rel_lib.all_sequences(
+      relation, templates, np.arange(relation.num_facts)))
+
+
 def word_perplexity(model: Transformer, relation: rel_lib.Relation,
                     heldout: bool = False) -> float:
   """Perplexity of the word (non-fact) tokens over every fact and training
   template (``heldout``: every held-out template)."""
-  templates = (relation.heldout_templates if heldout
-               else relation.train_templates)
-  return rel_lib.evaluate(model, rel_lib.all_sequences(
-      relation, templates, np.arange(relation.num_facts))).word_perplexity
+  return evaluate_all_facts(
+      model, relation, relation.heldout_templates if heldout
+      else relation.train_templates).word_perplexity
 
 
 def harmonic_mean(*xs: float) -> float:
@@ -287,8 +295,8 @@ def draw_quality(model: Transformer, ctx: Context) -> tuple[float, float]:
   a swapped ``model``: every fact in every held-out template with its *old*
   object, so the edited facts (whose rows are dropped) take no part."""
   n = ctx.relation.num_facts
-  held = rel_lib.evaluate(model, rel_lib.all_sequences(
-      ctx.relation, ctx.relation.heldout_templates, np.arange(n)))
+  held = evaluate_all_facts(model, ctx.relation,
+                            ctx.relation.heldout_templates)
   unedited = np.ones(n, bool)
   unedited[ctx.edits.facts] = False
   recall = (float(held.correct.reshape(n, -1)[unedited].mean())
