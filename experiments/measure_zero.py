@@ -55,6 +55,16 @@ the command). ``--quick`` runs a small grid (the test's).
 
   python experiments/measure_zero.py                    # default grid
   python experiments/measure_zero.py --quick --out_dir=/tmp/mz
+  python experiments/measure_zero.py --merge_only       # report only
+
+The trials are independent: on the 2-core development CPU run the default
+grid as two local ``jax.distributed`` processes, one per core
+(``docs/distributed.md``; ``--merge_only`` reports what has finished and
+computes nothing)::
+
+  for i in 0 1; do taskset -c $i python experiments/measure_zero.py \
+      --coordinator_address=127.0.0.1:12357 --num_processes=2 \
+      --process_id=$i & done; wait
 """
 
 from __future__ import annotations
@@ -73,7 +83,7 @@ import scipy.optimize
 from absl import app, flags
 
 import factstore_jax
-from factstore_jax import stats, storage
+from factstore_jax import distributed, stats, storage
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.decodability import decodability, used_values
 from factstore_jax.errors import (ConstructionError, FactStoreError,
@@ -505,8 +515,7 @@ def define_flags():
                     '1e-6}, seed 0) for tests.')
   flags.DEFINE_string('out_dir', 'experiments/results/measure_zero',
                       'Output folder.')
-  flags.DEFINE_bool('summarize_only', False, 'Report the finished trials of '
-                    'the grid (rows.csv) and compute nothing.')
+  distributed.define_flags()  # --merge_only: report the finished trials
 
 
 def grid() -> tuple[int, int, list[float], list[int], list[str]]:
@@ -526,16 +535,16 @@ def main(argv):
   # Seed-major order: a run stopped early has every cell, with fewer seeds.
   configs = [dict(family=f, dim=dim, num_facts=n, epsilon=e, seed=s)
              for s in seeds for f in families for e in epsilons]
+  distributed.initialize_from_flags()
   table = ResultsTable(os.path.join(FLAGS.out_dir, 'rows.csv'), KEY_FIELDS)
-  if FLAGS.summarize_only:
-    rows = [table.get(c) for c in configs if table.is_done(c)]
-    if not rows:
-      raise FactStoreError(f'no finished trial of the grid in {table.path}')
-  else:
-    compute = lambda group: [run_trial(c['family'], c['dim'],
-                                       c['num_facts'], c['epsilon'],
-                                       c['seed']) for c in group]
-    rows = run_sweep(configs, compute, table, desc='trials')
+  compute = lambda group: [run_trial(c['family'], c['dim'], c['num_facts'],
+                                     c['epsilon'], c['seed']) for c in group]
+  rows = run_sweep(configs, compute, table, desc='trials',
+                   merge_only=FLAGS.merge_only)
+  if not distributed.is_main_process():
+    return
+  if not rows:
+    raise FactStoreError(f'no finished trial of the grid in {table.path}')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   config = dict(dim=dim, num_facts=n, epsilons=epsilons, seeds=seeds,
                 families=families, commit=commit_of(root),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 
 import jax
@@ -73,6 +74,13 @@ def subprocess_env(device_count: int | None = None) -> dict[str, str]:
     flags.append(f'--xla_force_host_platform_device_count={device_count}')
   env['XLA_FLAGS'] = ' '.join(flags)
   return env
+
+
+def free_address() -> str:
+  """``127.0.0.1:<port>`` with a port free now, for a test's coordinator."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return f'127.0.0.1:{s.getsockname()[1]}'
 
 
 def pytest_addoption(parser):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import subprocess_env
+from conftest import free_address, subprocess_env
 
 from factstore_jax import distributed, sweep
 from factstore_jax.errors import FactStoreError
@@ -347,12 +346,6 @@ GRID = ['--dims=16', '--alphas=0.125', '--seeds=0',
         '--rel_tol=0.5']
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 _STARTED = []
 
 
@@ -378,7 +371,7 @@ def _start(out_dir, *flags):
 
 
 def _start_two(out_dir, *flags):
-  address = f'127.0.0.1:{_free_port()}'
+  address = free_address()
   return [_start(out_dir, f'--coordinator_address={address}',
                  '--num_processes=2', f'--process_id={i}', *flags)
           for i in (0, 1)]
@@ -455,7 +448,7 @@ def test_a_killed_process_loses_no_finished_row(tmp_path):
 
 
 def test_unreachable_coordinator_is_one_clean_line(tmp_path):
-  address = f'127.0.0.1:{_free_port()}'  # nothing listens there
+  address = free_address()  # nothing listens there
   start = time.monotonic()
   proc = _start(tmp_path, f'--coordinator_address={address}',
                 '--num_processes=2', '--process_id=1',

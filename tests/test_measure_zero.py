@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import subprocess_env
+from conftest import free_address, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'experiments'))
@@ -82,16 +82,38 @@ def test_make_trial_rejects_bad_input():
     mz.make_trial('low_rank_keys', 8, 16, 0.0, 0)
 
 
-def test_quick_grid_never_silently_wrong(tmp_path):
-  env = subprocess_env()
-  proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'experiments', 'measure_zero.py'),
-       '--quick', f'--out_dir={tmp_path}'],
-      capture_output=True, text=True, env=env, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  with open(tmp_path / 'rows.csv') as f:
-    rows = list(csv.DictReader(f))
+def _script(*flags):
+  return [sys.executable, os.path.join(ROOT, 'experiments', 'measure_zero.py'),
+          *flags]
+
+
+def _read(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def test_quick_grid_never_silently_wrong_on_two_processes(tmp_path):
+  # The grid's trials dealt over two jax.distributed processes, as the
+  # default grid runs on a 2-core CPU; process 0 merges and reports.
+  address = free_address()
+  procs = [subprocess.Popen(
+      _script('--quick', f'--out_dir={tmp_path}',
+              f'--coordinator_address={address}', '--num_processes=2',
+              f'--process_id={i}'),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=subprocess_env()) for i in (0, 1)]
+  for proc in procs:
+    try:
+      _, err = proc.communicate(timeout=600)
+    finally:
+      proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+  rows = _read(tmp_path / 'rows.csv')
   assert len(rows) == len(mz.FAMILIES) * 2
+  shards = [_read(tmp_path / f'rows.p{i}.csv') for i in (0, 1)]
+  assert [len(s) for s in shards] == [len(rows) // 2] * 2
+  assert sorted(json.dumps(r, sort_keys=True) for s in shards for r in s) == (
+      sorted(json.dumps(r, sort_keys=True) for r in rows))
   outcomes = [r['outcome'] for r in rows]
   assert 'silently_wrong' not in outcomes and 'crash' not in outcomes
   for r in rows:
@@ -122,6 +144,18 @@ def test_quick_grid_never_silently_wrong(tmp_path):
   assert 'Silently wrong MLPs: 0 of 12' in (tmp_path / 'summary.md'
                                             ).read_text()
   assert (tmp_path / 'success_vs_eps.png').stat().st_size > 0
+  # --merge_only reports the finished trials again and computes nothing.
+  report = (tmp_path / 'summary.json').read_text()
+  (tmp_path / 'summary.json').unlink()
+  proc = subprocess.run(_script('--quick', f'--out_dir={tmp_path}',
+                                '--merge_only'),
+                        capture_output=True, text=True, env=subprocess_env(),
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert _read(tmp_path / 'rows.csv') == rows
+  again = json.loads((tmp_path / 'summary.json').read_text())
+  assert again['cells'] == json.loads(report)['cells']
+  assert again['config']['command'].endswith('--merge_only')
 
 
 @pytest.mark.slow
@@ -141,3 +175,13 @@ def test_near_duplicate_keys_store_in_exact_arithmetic():
   assert float(dense.accuracy) == 1.0 and float(dense.min_margin) > 0
   # The same MLP in float64 must store the facts too.
   assert mz._dense_f64(c.model, keys, values, np.asarray(mapping)) > 0  # pylint: disable=protected-access
+
+
+def test_merge_only_without_finished_trials_is_an_error(tmp_path):
+  proc = subprocess.run(_script('--quick', f'--out_dir={tmp_path}',
+                                '--merge_only'),
+                        capture_output=True, text=True, env=subprocess_env(),
+                        timeout=300)
+  assert proc.returncode != 0
+  assert 'no finished trial of the grid' in proc.stderr, proc.stderr[-2000:]
+  assert not (tmp_path / 'summary.json').exists()
