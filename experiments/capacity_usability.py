@@ -65,9 +65,10 @@ queries per row. Writes to ``experiments/results/capacity_usability_stats``
 
   python experiments/capacity_usability.py --stats
 
-A GD row at N = 2048 takes about 500-850 s on one core of the 2-core
+A GD row at N = 2048 takes about 200-950 s on one core of the 2-core
 development CPU; there, run the grid as two local ``jax.distributed``
-processes, one per core (each (N, seed, beta) setup stays on one process;
+processes, one per core (each (N, seed, beta) setup stays on one process,
+setups dealt by the checked-in rows' seconds, :func:`stats_row_cost`;
 ``docs/distributed.md``)::
 
   for i in 0 1; do taskset -c $i python experiments/capacity_usability.py \
@@ -102,7 +103,8 @@ from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.constructions import gadgets
 from factstore_jax.errors import ConstructionError
 from factstore_jax.mlp import fold_linear
-from factstore_jax.sweep import ResultsTable, format_value, run_sweep
+from factstore_jax.sweep import (ResultsTable, format_value, recorded_seconds,
+                                 run_sweep)
 from factstore_jax.transformer import data, train
 
 import transformer_common as tc  # experiments/transformer_common.py
@@ -539,6 +541,45 @@ def stats_configs(grid: Grid) -> list[dict]:
         out += [dict(base, method='encoder_decoder', whitened=False,
                      knob=fill_knob(f)) for f in grid.fills]
   return out
+
+
+# The checked-in --stats rows: their seconds deal a rerun's setups over
+# processes (stats_row_cost).
+STATS_REFERENCE_ROWS = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), 'results',
+    'capacity_usability_stats', 'rows.csv')
+
+
+@functools.cache
+def stats_reference() -> ResultsTable:
+  """The rows of :data:`STATS_REFERENCE_ROWS` (read once; empty if absent)."""
+  return ResultsTable(STATS_REFERENCE_ROWS, STATS_KEY_FIELDS)
+
+
+def stats_row_cost(config) -> float:
+  """Estimated one-core seconds of a --stats row, to deal setups over
+  processes (it changes only which process computes a setup).
+
+  A row of the checked-in grid (:data:`STATS_REFERENCE_ROWS`, same key,
+  budgets and contexts) costs what it took there. Otherwise the closed form
+  about ``42 N / 2048`` s and GD's W* about ``450 (N / 2048)^2.3`` s at
+  10,000 steps: the means of the checked-in rows (closed form 8.9 and 42.2
+  s, GD 18.1 and 451 s at N = 512 and 2,048; GD's cross-entropy over the N
+  values dominates). Dealt by count, the default grid's two processes get
+  9,045 s and 8,105 s of the checked-in rows' seconds; by this cost, 8,568
+  s and 8,582 s (each setup's attention training, about 11 s at N = 512
+  and 18 s at 2,048, not counted).
+  """
+  budgets = {name: getattr(FLAGS, name) for name in BUDGET_FLAGS}
+  seconds = recorded_seconds(stats_reference(), config,
+                             dict(budgets,
+                                  contexts_per_fact=FLAGS.stats_contexts))
+  if seconds is not None:
+    return seconds
+  n = config['num_facts'] / 2048
+  if config['method'] == 'encoder_decoder':
+    return 42.0 * n
+  return 450.0 * n ** 2.3 * FLAGS.mlp_steps / 1e4
 
 
 def compute_stats_row(c, contexts: int, journal_path: str) -> dict:
@@ -1017,7 +1058,8 @@ def main_stats():
                        c, grid.contexts, os.path.join(out_dir, ROUNDS))
                               for c in g],
                    table, desc='stats rows', merge_only=FLAGS.merge_only,
-                   affinity=lambda c: (c['num_facts'], c['seed'], c['beta']))
+                   affinity=lambda c: (c['num_facts'], c['seed'], c['beta']),
+                   cost=stats_row_cost)
   if not distributed.is_main_process():
     return
   res = stats_results(rows, grid)

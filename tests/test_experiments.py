@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -319,6 +320,60 @@ def test_capacity_usability_stats_quick(tmp_path):
       capture_output=True, text=True, env=subprocess_env(), timeout=600)
   assert proc.returncode != 0 and '--steps' in proc.stderr
   assert (tmp_path / 'rows.csv').read_bytes() == before
+
+
+STATS_COST = textwrap.dedent('''
+    import json, sys
+    sys.path.insert(0, 'experiments')
+    import capacity_usability as cu
+    from factstore_jax.sweep import deal, recorded_seconds
+    cu.FLAGS(['cu', '--stats'] + sys.argv[1:])
+    configs = cu.stats_configs(cu.stats_grid())
+    seconds = [recorded_seconds(cu.stats_reference(), c) for c in configs]
+    costs = [cu.stats_row_cost(c) for c in configs]
+    affinity = [(c['num_facts'], c['seed'], c['beta']) for c in configs]
+    loads = {}
+    for name, owners in (('count', deal(affinity, 2)),
+                         ('cost', deal(affinity, 2, costs))):
+      load = [0.0, 0.0]
+      for s, p in zip(seconds, owners):
+        load[p] += s or 0.0
+      loads[name] = load
+    print(json.dumps(dict(configs=configs, seconds=seconds, costs=costs,
+                          loads=loads)))
+''')
+
+
+def _stats_costs(*flags):
+  proc = subprocess.run([sys.executable, '-c', STATS_COST, *flags], cwd=ROOT,
+                        env=subprocess_env(), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_capacity_usability_stats_deals_setups_by_their_checked_in_seconds():
+  got = _stats_costs()
+  assert len(got['configs']) == 180
+  # Every default row has a checked-in row, and costs what it took there.
+  assert None not in got['seconds'] and got['costs'] == got['seconds']
+  # Dealt by those costs, the busier process gets less than by count, and
+  # the two are within 1% of each other.
+  count, cost = got['loads']['count'], got['loads']['cost']
+  assert max(cost) < max(count)
+  assert max(cost) / min(cost) < 1.01 < max(count) / min(count)
+  # Under another budget the checked-in rows are not used (every row
+  # records its budgets), nor where they lack the row (another N): the
+  # formula, GD's scaled by its step budget.
+  for flags in (['--mlp_steps=5000'],
+                ['--mlp_steps=5000', '--stats_num_facts=1024']):
+    got = _stats_costs(*flags)
+    for c, cost in zip(got['configs'], got['costs']):
+      n = c['num_facts'] / 2048
+      want = (42.0 * n if c['method'] == 'encoder_decoder'
+              else 450.0 * n ** 2.3 * 0.5)
+      assert cost == pytest.approx(want)
+  assert {c['num_facts'] for c in got['configs']} == {1024}
 
 
 @pytest.mark.parametrize('flag', ['--stats_contexts=0', '--stats_seeds=',
