@@ -193,9 +193,9 @@ RESULTS = {
         args=('--stats',),
         cpu_time='17,580 s of one-core row and setup time (GD at N = '
         '2,048: 77%), about 2.4 h on 2 cores as two processes (summed over '
-        'partial runs; resumable, GD searches journaled); a timed run at '
-        'stop 55 ran 1.35x slower and projects to about 3.6 h '
-        '(results/capacity_usability_stats_timed, in progress)'),
+        'partial runs; resumable, GD searches journaled); one timed run '
+        'from an empty folder: 11,103 s (3.08 h) in three segments at '
+        '1.35x-0.94x those seconds (results/capacity_usability_stats_timed)'),
 }
 
 
