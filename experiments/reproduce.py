@@ -155,8 +155,8 @@ RESULTS = {
         'measure_zero',
         'The construction stores every feasible fact set but a measure-zero '
         'set, and refuses (never silently misstores) near degenerate ones',
-        cpu_time='102.5 min of trial time (840 trials, resumed over '
-        'sessions)'),
+        cpu_time='368 s on 2 cores as two processes, from an empty folder '
+        '(840 trials, 11.5 min of trial time)'),
     'fact_editing': Result(
         'fact_editing',
         'Swapping the fact MLP edits facts at scale; ROME, MEMIT and '

@@ -159,20 +159,23 @@ def test_quick_grid_never_silently_wrong_on_two_processes(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     'construct stores near-duplicate keys (gap ~1e-6, a few float32 ulps) '
     'only through float32 rounding: the returned MLP passes the dense '
-    'float32 check (margin 0.35) but the same weights evaluated in float64 '
-    'misstore (min margin -0.99); measure_zero default grid, '
-    'near_duplicate_keys eps=1e-6 seeds 0, 2, 6, 10, 14 and '
-    'many_to_one_gaps eps=1e-6 seed 1'))
+    'float32 check (margin 0.40) but the same weights evaluated in float64 '
+    'misstore (min margin -1.26); measure_zero default grid, '
+    'near_duplicate_keys eps=1e-6 seeds 1, 2, 10 and many_to_one_gaps '
+    'eps=1e-6 seeds 1, 10'))
 def test_near_duplicate_keys_store_in_exact_arithmetic():
   from factstore_jax import construct, storage  # pylint: disable=g-import-not-at-top
-  trial = mz.make_trial('near_duplicate_keys', 16, 64, 1e-6, seed=0)
+  seed = 1   # run_trial's key is its seed
+  trial = mz.make_trial('near_duplicate_keys', 16, 64, 1e-6, seed=seed)
   keys, values, mapping = trial.factset
-  c = construct(0, trial.factset)
+  c = construct(seed, trial.factset)
   dense = storage.evaluate_mlp(c.model.as_mlp(), trial.factset)
-  assert float(dense.accuracy) == 1.0 and float(dense.min_margin) > 0
+  if not (float(dense.accuracy) == 1.0 and float(dense.min_margin) > 0):
+    # Not an AssertionError, so the xfail above does not absorb it.
+    pytest.fail(f'the float32 storage the reproducer needs is gone: {dense}')
   # The same MLP in float64 must store the facts too.
   assert mz._dense_f64(c.model, keys, values, np.asarray(mapping)) > 0  # pylint: disable=protected-access
 
