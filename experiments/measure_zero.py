@@ -71,8 +71,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from typing import NamedTuple
 
@@ -83,7 +81,7 @@ import scipy.optimize
 from absl import app, flags
 
 import factstore_jax
-from factstore_jax import distributed, stats, storage
+from factstore_jax import distributed, provenance, stats, storage
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.decodability import decodability, used_values
 from factstore_jax.errors import (ConstructionError, FactStoreError,
@@ -408,18 +406,6 @@ def plot(all_stats, path):
   save_figure(fig, path)
 
 
-def commit_of(path: str) -> str:
-  try:
-    out = subprocess.run(['git', '-C', path, 'rev-parse', 'HEAD'],
-                         capture_output=True, text=True, check=True).stdout
-    dirty = subprocess.run(['git', '-C', path, 'status', '--porcelain',
-                            '--untracked-files=no'], capture_output=True,
-                           text=True, check=True).stdout
-    return out.strip() + ('+dirty' if dirty.strip() else '')
-  except (OSError, subprocess.CalledProcessError):
-    return 'unknown'
-
-
 def summarize(rows, config: dict) -> tuple[str, dict]:
   all_stats = [cell_stats(sel) for sel in cells(rows).values()]
   total = {o: sum(s['counts'][o] for s in all_stats) for o in OUTCOMES}
@@ -545,11 +531,10 @@ def main(argv):
     return
   if not rows:
     raise FactStoreError(f'no finished trial of the grid in {table.path}')
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   config = dict(dim=dim, num_facts=n, epsilons=epsilons, seeds=seeds,
-                families=families, commit=commit_of(root),
-                command=' '.join(['python', 'experiments/measure_zero.py'] +
-                                 sys.argv[1:]),
+                families=families,
+                commit=provenance.library_commit() or 'unknown',
+                command=provenance.command_line(),
                 backend=jax.default_backend(),
                 seconds_total=float(sum(r['seconds'] for r in rows)))
   text, blob = summarize(rows, config)
