@@ -136,13 +136,13 @@ RESULTS = {
         'transformer_recall',
         'A fact MLP plugged into a 1-layer Transformer is recalled '
         '(schedule a: 100%; schedule b trains around it)',
-        cpu_time='about 9 min (sum of row seconds: 538 s)',
+        cpu_time='3 min 0 s on one core (stop 56; sum of row seconds: 180 s)',
         figures=(('recall.png', 'plot', None),)),
     'transformer_capacity': Result(
         'transformer_capacity',
         'Inside the Transformer the smallest usable MLP is about the '
         'standalone W*',
-        cpu_time='about 14 min (sum of row seconds: 848 s)',
+        cpu_time='6 min 39 s on one core (stop 56; sum of row seconds: 400 s)',
         figures=(('capacity.png', 'plot', None),)),
     'capacity_usability': Result(
         'capacity_usability',
