@@ -148,7 +148,8 @@ RESULTS = {
         'capacity_usability',
         'Capacity vs usability: fuller buckets and whitening trade '
         'parameters for Jacobian norm and recall',
-        cpu_time='about 19 min (sum of row seconds: 1,117 s)',
+        cpu_time='6 min 32 s on one core (stop 56; sum of row seconds: '
+        '393 s)',
         figures=(('tradeoff.png', 'plot', lambda rows: (_floor(rows),)),
                  ('fill.png', 'plot_fill', None))),
     'measure_zero': Result(
