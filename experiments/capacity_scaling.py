@@ -333,10 +333,20 @@ def closed_form_section(rows) -> list[str]:
         f'| {geometry} | {dim} | {n} | {fact:.1f} / {folded:.1f} | '
         f'{bits / fact:.3f} / {bits / folded:.3f} | {margin:.3g} | '
         f'{_mean(here, "patched_values"):.1f} | '
-        f'{_mean(here, "max_map_norm"):.3g} | {was:.1f} ({was / fact:.2f}x) | '
-        f'{per_fact("hebbian_data"):.1f} | {per_fact("hebbian_ridge"):.1f} | '
-        f'{gd:.1f} ({fact / gd:.1f}x) |')
+        f'{_mean(here, "max_map_norm"):.3g} | '
+        f'{_cell(was, f"{was / fact:.2f}x")} | '
+        f'{_cell(per_fact("hebbian_data"))} | '
+        f'{_cell(per_fact("hebbian_ridge"))} | '
+        f'{_cell(gd, f"{fact / gd:.1f}x")} |')
   return lines
+
+
+def _cell(per_fact: float, ratio: str | None = None) -> str:
+  """A params/fact table cell (with a ratio), or '—' where a method has no
+  rows for the cell (e.g. no ``WINDOWED`` file in the folder)."""
+  if not np.isfinite(per_fact):
+    return '—'
+  return f'{per_fact:.1f}' + (f' ({ratio})' if ratio else '')
 
 
 def gap_row(rows, geometry: str, dim: int) -> str:

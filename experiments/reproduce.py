@@ -87,8 +87,8 @@ RESULTS = {
         'The closed form needs W* ~ N like GD (matching log-log slopes), '
         'below the NTK and Hebbian baselines (default grid: d = 64, '
         'N <= 512)',
-        cpu_time='16 min 44 s (quiet, 96c186f); encoder_decoder_gd rerun '
-        '10.6 min',
+        cpu_time='21 min 35 s on one core from an empty folder (stop 56, '
+        'ffb16f7)',
         figures=(('scaling.png', 'plot', None),)),
     'capacity_scaling_n2048': Result(
         'capacity_scaling',
