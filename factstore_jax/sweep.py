@@ -218,23 +218,25 @@ class ResultsTable:
       keys = [k for k in values if k in self.key_fields]
       if keys:
         raise FactStoreError(f'update cannot change key field(s) {keys}')
-      text, _ = self._as_text(values)
-      header = header + [c for c in text if c not in header]
+      text, header = self._as_text(values, header)
       rows[i] = {**rows[i], **text}
     if rows == self._rows and header == self._header:
       return
     self._write(header, rows)
     self._header, self._rows = header, rows
 
-  def _as_text(self, values: Mapping[str, Any]
+  def _as_text(self, values: Mapping[str, Any],
+               header: list[str] | None = None
                ) -> tuple[dict[str, str], list[str]]:
-    """``values`` as canonical text, and the header with their new columns."""
+    """``values`` as canonical text, and ``header`` (default: the file's)
+    with their new columns."""
+    header = self._header if header is None else header
     text = {}
     for name, value in values.items():
       if not isinstance(name, str):
         raise FactStoreError(f'column names must be str; got {name!r}')
       text[name] = format_value(value)
-    return text, self._header + [c for c in text if c not in self._header]
+    return text, header + [c for c in text if c not in header]
 
   def _replace(self, header: list[str], rows: list[dict[str, str]]) -> None:
     """Rewrites the file with ``rows`` (canonical text) and adopts them."""
