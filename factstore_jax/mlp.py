@@ -189,6 +189,43 @@ def hidden_mask(hidden_dim: int, width: int | Array, dtype=jnp.float32) -> Array
   return (jnp.arange(hidden_dim) < width).astype(dtype)
 
 
+def first_units(model, width: int):
+  """``model`` cut to its first ``width`` hidden units.
+
+  The model that a run masked by ``hidden_mask(h, width)`` trained, at its
+  own width (masked units are zero and get no gradient, so nothing else
+  changes).
+
+  Args:
+    model: a :class:`GatedMLP` or :class:`EncoderDecoder` of hidden width h.
+    width: a Python int in ``[1, h]``.
+
+  Returns:
+    The same kind of model with hidden width ``width``.
+
+  Raises:
+    FactStoreError: another kind of model, ``width`` out of range, or not a
+      multiple of an EncoderDecoder's routing ``window``.
+  """
+  if not isinstance(model, (GatedMLP, EncoderDecoder)):
+    raise FactStoreError(f'model must be a GatedMLP or EncoderDecoder, got '
+                         f'{type(model).__name__}')
+  h = model.w_gate.shape[-1]
+  if not 1 <= int(width) <= h:
+    raise FactStoreError(f'width must be in [1, {h}], got {width}')
+  w = int(width)
+  if isinstance(model, EncoderDecoder):
+    if w % model.window:
+      raise FactStoreError(f'width {w} is not a multiple of the routing '
+                           f'window {model.window}')
+    return model.replace(w_gate=model.w_gate[:, :w], b_gate=model.b_gate[:w],
+                         w_up=model.w_up[:, :w], routing=model.routing[:w])
+  cut = lambda b: None if b is None else b[:w]
+  return model.replace(w_gate=model.w_gate[:, :w], w_up=model.w_up[:, :w],
+                       w_down=model.w_down[:w], b_gate=cut(model.b_gate),
+                       b_up=cut(model.b_up))
+
+
 def init_mlp(key: Array, dim: int, hidden_dim: int, *,
              out_dim: int | None = None, width: int | Array | None = None,
              activation: str = 'identity', gate_bias: bool = False,

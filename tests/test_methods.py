@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from factstore_jax import factsets, sharding, training
+from factstore_jax import factsets, sharding, storage, training
+from factstore_jax import mlp as mlp_lib
 from factstore_jax.capacity import methods
 from factstore_jax.constructions.encoder_decoder import (construct,
                                                          construction_decoder)
@@ -85,7 +86,8 @@ def test_encoder_decoder_gd_code_dim(sets, monkeypatch):
   # Default: the closed form's choice for each fact set and its key; an
   # explicit code dim (one for all, or one per fact set) is used as given.
   used = []
-  def fake(method, keys, fss, widths, *, options, code_dims):
+  def fake(method, keys, fss, widths, *, options, code_dims, keep_models):
+    assert not keep_models
     used.append(list(code_dims))
     return np.asarray([float(w >= 5) for w in widths])
   monkeypatch.setattr(methods, 'evaluate_batched', fake)
@@ -182,6 +184,68 @@ def test_chunked_gd_members_equal_vmapped(sets, monkeypatch):
   assert used[-1][0] is None
 
 
+@pytest.mark.parametrize('method', ['gd', 'encoder_decoder_gd'])
+def test_kept_models_are_the_runs_at_their_widths(sets, method):
+  # Vmapped members padded to the widest (3 and 8 -> 8): each kept model is
+  # its member's run cut to its own width, and stores what the run stored.
+  keys = [jax.random.key(5), jax.random.key(6)]
+  code_dims = None if method == 'gd' else [8, 8]
+  accs, models = methods.evaluate_batched(method, keys, sets, [3, 8],
+                                          options=FAST, code_dims=code_dims,
+                                          keep_models=True)
+  np.testing.assert_array_equal(
+      accs, methods.evaluate_batched(method, keys, sets, [3, 8],
+                                     options=FAST, code_dims=code_dims))
+  for acc, model, fs, width in zip(accs, models, sets, [3, 8]):
+    assert model.w_gate.shape == (16, width)
+    assert float(storage.evaluate_fn(model, fs).accuracy) == acc
+  assert accs[1] == 1.0 and accs[0] < 1.0
+  assert isinstance(models[0], mlp_lib.EncoderDecoder if code_dims
+                    else mlp_lib.GatedMLP)
+
+
+def test_smallest_mlp_keeps_the_search_model(sets, monkeypatch):
+  # GD's W* model is the search's own run: nothing is trained again.
+  key, fs = jax.random.key(10), sets[0]
+  rebuilt, build_mlp = [], methods.build_mlp
+  def spy(method, key, factset, width, **kwargs):
+    rebuilt.append(width)
+    return build_mlp(method, key, factset, width, **kwargs)
+  monkeypatch.setattr(methods, 'build_mlp', spy)
+  built, cap = methods.smallest_mlp('gd', key, fs, options=FAST)
+  assert rebuilt == []
+  assert built.mlp.w_gate.shape == (16, cap.width)
+  assert (built.accuracy, built.num_params) == (1.0, cap.num_params)
+  assert built.min_margin > 0
+  assert cap.model is built.mlp
+  # It is the model a fresh training at W* gives (up to GD's rounding).
+  again = build_mlp('gd', key, fs, cap.width, options=FAST)
+  np.testing.assert_allclose(built.mlp(fs.keys), again.mlp(fs.keys),
+                             atol=1e-3)
+  # W* taken from `known`: no run to keep, so it is built at W*.
+  replayed, cap2 = methods.smallest_mlp('gd', key, fs, options=FAST,
+                                        known=[cap.tested])
+  assert rebuilt == [cap.width] and cap2.model is None
+  assert cap2.width == cap.width and replayed.accuracy == 1.0
+
+
+def test_smallest_mlp_repairs_a_kept_model_that_misses(sets, monkeypatch):
+  # The kept model fails its re-certification (as GD noise could make it):
+  # the width grows by one and that MLP is built.
+  key, fs = jax.random.key(10), sets[0]
+  evaluate_fn, calls = storage.evaluate_fn, []
+  def first_misses(fn, factset):
+    report = evaluate_fn(fn, factset)
+    calls.append(report)
+    return report._replace(accuracy=0.5) if len(calls) == 1 else report
+  monkeypatch.setattr(storage, 'evaluate_fn', first_misses)
+  built, cap = methods.smallest_mlp('gd', key, fs, options=FAST)
+  assert len(calls) == 2 and cap.width < max(cap.tested)
+  assert built.mlp.w_gate.shape == (16, cap.width + 1)
+  assert built.accuracy == 1.0
+  assert built.num_params == methods.width_params('gd', 16, cap.width + 1)
+
+
 def test_baselines_search_up_to_64d():
   # Hebbian ridge plateaus below 1.0 here (d = 16, N = 160): the search
   # grows to the default maximum, 64 d (GD's is 8 d). It starts above 32 d,
@@ -218,3 +282,10 @@ def test_errors(sets):
   for bad in (0, True, 1.5):
     with pytest.raises(FactStoreError, match='chunk_size'):
       methods.MethodOptions(chunk_size=bad)
+  for method in ('hebbian_ridge', 'encoder_decoder'):
+    with pytest.raises(FactStoreError, match='keep_models is for the GD'):
+      methods.find_capacity(method, [jax.random.key(0)], sets[:1],
+                            keep_models=True)
+  with pytest.raises(FactStoreError, match='keep_models is for the GD'):
+    methods.evaluate_batched('ntk', [jax.random.key(0)], sets[:1], [8],
+                             keep_models=True)

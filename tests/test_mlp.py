@@ -209,6 +209,53 @@ class GradTest(chex.TestCase):
       np.testing.assert_allclose(float(ad), float(fd), rtol=1e-5, atol=1e-6)
 
 
+class FirstUnitsTest(chex.TestCase):
+
+  def test_gated_mlp_equals_the_masked_model(self):
+    # A model drawn at H for width 5 (units >= 5 zero) and cut to 5 units
+    # is the same function, with its biases cut too (b_down kept).
+    params = _params(biases=(True, True, True))
+    mask = M.hidden_mask(H, 5)
+    masked = params.replace(w_gate=params.w_gate * mask,
+                            w_up=params.w_up * mask,
+                            w_down=params.w_down * mask[:, None],
+                            b_gate=params.b_gate * mask,
+                            b_up=params.b_up * mask)
+    cut = M.first_units(masked, 5)
+    chex.assert_shape([cut.w_gate, cut.w_up], (D, 5))
+    chex.assert_shape(cut.w_down, (5, D_OUT))
+    chex.assert_shape([cut.b_gate, cut.b_up], (5,))
+    np.testing.assert_array_equal(cut.b_down, params.b_down)
+    x = jax.random.normal(jax.random.PRNGKey(1), (BATCH, D))
+    np.testing.assert_allclose(cut(x), masked(x), rtol=1e-6, atol=1e-6)
+    no_bias = M.first_units(_params(biases=(False, False, False)), 3)
+    self.assertIsNone(no_bias.b_gate)
+    chex.assert_shape(no_bias.w_down, (3, D_OUT))
+
+  def test_encoder_decoder(self):
+    ed = M.EncoderDecoder(
+        w_gate=jnp.ones((D, H)), b_gate=jnp.zeros((H,)), w_up=jnp.ones((D, H)),
+        routing=jnp.ones((H, 3)), decoder=jnp.ones((D, 3)),
+        activation='identity')
+    cut = M.first_units(ed, 4)
+    chex.assert_shape([cut.w_gate, cut.w_up], (D, 4))
+    chex.assert_shape(cut.routing, (4, 3))
+    np.testing.assert_array_equal(cut.decoder, ed.decoder)
+
+  def test_errors(self):
+    for bad in (0, H + 1):
+      with pytest.raises(FactStoreError, match=r'width must be in \[1, 16\]'):
+        M.first_units(_params(), bad)
+    with pytest.raises(FactStoreError, match='GatedMLP or EncoderDecoder'):
+      M.first_units({'w_gate': jnp.ones((D, H))}, 2)
+    windowed = M.EncoderDecoder(
+        w_gate=jnp.ones((D, H)), b_gate=jnp.zeros((H,)), w_up=jnp.ones((D, H)),
+        routing=jnp.ones((H, 3)), decoder=jnp.ones((D, 3)), window=2)
+    chex.assert_shape(M.first_units(windowed, 4).routing, (4, 3))
+    with pytest.raises(FactStoreError, match='routing window 2'):
+      M.first_units(windowed, 5)
+
+
 class ActivationTest(parameterized.TestCase):
 
   @parameterized.parameters('relu', 'clipped', 'silu', 'identity')

@@ -13,11 +13,13 @@ method                  knob            parameters (every array as built)
 ======================  ==============  ==========================================
 
 Batched methods train or build every member of a round in one ``vmap``-ed
-program (widths masked up to the round's largest, rounded up to a multiple
-of 8 for GD, whose cost grows with it, and to a power of two for the cheap
-baselines, so few shapes compile), sharded over devices by
-:func:`factstore_jax.sharding.map_batched`. The closed form runs member by member
-(its repair step is host-level).
+program (widths masked up to the round's largest: exactly that for GD,
+whose cost grows with it, a power of two for the cheap baselines, so few
+shapes compile), sharded over devices by
+:func:`factstore_jax.sharding.map_batched`. The closed form runs member by
+member (its repair step is host-level). A GD search can keep the model it
+trained at ``W*`` (``keep_models``), so :func:`smallest_mlp` returns it
+without training it again.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from factstore_jax import mlp as mlp_lib
 from factstore_jax import sharding, storage, training
 from factstore_jax.capacity import search as capacity
 from factstore_jax.baselines import hebbian, ntk
@@ -79,6 +82,9 @@ class Capacity(NamedTuple):
   code_dim: int | None   # encoder_decoder_gd's fixed code dim
   # The closed form's ConstructionReport at W* (as a dict), else None.
   report: dict | None = None
+  # The model the search trained at W* (GD methods with keep_models; None
+  # when W* came from ``known``).
+  model: object | None = None
 
 
 def width_params(method: str, dim: int, width: int, *,
@@ -112,18 +118,24 @@ def _check_method(method):
 # map_batched caches their compiled programs.
 
 
-def _gd_member(item, *, hidden, config):
+def _trained(result, keep):
+  """A GD member's output: its accuracy, with ``keep`` also its model."""
+  return (result.accuracy, result.params) if keep else result.accuracy
+
+
+def _gd_member(item, *, hidden, config, keep=False):
   key, fs, width = item
-  return training.train_mlp(key, fs, hidden, width=width, config=config).accuracy
+  return _trained(
+      training.train_mlp(key, fs, hidden, width=width, config=config), keep)
 
 
-def _ed_gd_member(item, *, hidden, code_dim, config):
+def _ed_gd_member(item, *, hidden, code_dim, config, keep=False):
   key, fs, width = item
   decoder = construction_decoder(key, fs.keys.shape[-1], code_dim,
                                  fs.keys.dtype)
-  return training.train_encoder_decoder(
+  return _trained(training.train_encoder_decoder(
       key, fs, hidden, code_dim, width=width, config=config,
-      decoder=decoder).accuracy
+      decoder=decoder), keep)
 
 
 def _mlp_accuracy(mlp, fs):
@@ -145,7 +157,8 @@ def _hebbian_member(item, *, hidden, readout, ridge):
 def evaluate_batched(method: str, keys: Sequence, factsets: Sequence[FactSet],
                      widths: Sequence[int], *,
                      options: MethodOptions = MethodOptions(),
-                     code_dims: Sequence[int] | None = None) -> np.ndarray:
+                     code_dims: Sequence[int] | None = None,
+                     keep_models: bool = False):
   """Storage accuracy of each member ``(keys[j], factsets[j], widths[j])``.
 
   All fact sets must share shapes. One compiled, sharded program per round
@@ -154,16 +167,23 @@ def evaluate_batched(method: str, keys: Sequence, factsets: Sequence[FactSet],
   ``encoder_decoder_gd`` needs ``code_dims`` (one per member; one program
   per distinct code dim); member ``j`` trains with the decoder
   ``construction_decoder(keys[j], d, code_dims[j])``.
+
+  Returns:
+    ``accuracies (B,)``; with ``keep_models`` (GD methods only)
+    ``(accuracies, models)``, ``models[j]`` member ``j``'s trained model at
+    its width (:func:`~factstore_jax.mlp.first_units` of the padded run).
   """
   if method == 'encoder_decoder_gd':
     if code_dims is None or len(code_dims) != len(widths):
       raise FactStoreError('encoder_decoder_gd needs one code dim per member')
   elif code_dims is not None:
     raise FactStoreError(f'code_dims is for encoder_decoder_gd, not {method!r}')
+  if keep_models and method not in _GD_METHODS:
+    raise FactStoreError(f'keep_models is for the GD methods, not {method!r}')
 
   def by(labels):
     """One evaluation per distinct label, its members only."""
-    accs = np.empty(len(labels))
+    accs, models = np.empty(len(labels)), [None] * len(labels)
     for label in sorted(set(labels)):
       same = [j for j, x in enumerate(labels) if x == label]
       args = dict(keys=[keys[j] for j in same],
@@ -171,8 +191,14 @@ def evaluate_batched(method: str, keys: Sequence, factsets: Sequence[FactSet],
                   widths=[widths[j] for j in same],
                   code_dims=None if code_dims is None else
                   [code_dims[j] for j in same])
-      accs[same] = evaluate_batched(method, **args, options=options)
-    return accs
+      out = evaluate_batched(method, **args, options=options,
+                             keep_models=keep_models)
+      if keep_models:
+        out, kept = out
+        for j, model in zip(same, kept):
+          models[j] = model
+      accs[same] = out
+    return (accs, models) if keep_models else accs
 
   if code_dims is not None and len(set(code_dims)) > 1:
     return by(code_dims)
@@ -194,10 +220,11 @@ def evaluate_batched(method: str, keys: Sequence, factsets: Sequence[FactSet],
   inputs = (jnp.stack(list(keys)), stack_factsets(list(factsets)),
             jnp.asarray(widths, jnp.int32))
   if method == 'gd':
-    fn, static = _gd_member, dict(hidden=hidden, config=options.train)
+    fn, static = _gd_member, dict(hidden=hidden, config=options.train,
+                                  keep=keep_models)
   elif method == 'encoder_decoder_gd':
     fn, static = _ed_gd_member, dict(hidden=hidden, code_dim=code_dims[0],
-                                     config=options.train)
+                                     config=options.train, keep=keep_models)
   elif method == 'ntk':
     fn, static = _ntk_member, dict(hidden=hidden, degree=options.degree)
   elif method in ('hebbian_ridge', 'hebbian_data'):
@@ -209,9 +236,16 @@ def evaluate_batched(method: str, keys: Sequence, factsets: Sequence[FactSet],
   # Ridge / data-dependent fits are batched LAPACK calls: on CPU, one BLAS
   # thread each (see factstore_jax.threads); map_batched blocks inside.
   with single_threaded_blas():
-    return np.asarray(sharding.map_batched(
+    out = sharding.map_batched(
         fn, inputs, static_kwargs=static,
-        chunk_size=options.chunk_size if method in _GD_METHODS else None))
+        chunk_size=options.chunk_size if method in _GD_METHODS else None)
+  if not keep_models:
+    return np.asarray(out)
+  accs, stacked = out
+  return np.asarray(accs), [
+      mlp_lib.first_units(jax.tree.map(lambda a, j=j: jnp.asarray(a[j]),
+                                       stacked), w)
+      for j, w in enumerate(widths)]
 
 
 def closed_form_config(options: MethodOptions,
@@ -241,8 +275,8 @@ def find_capacity(method: str, keys: Sequence, factsets: Sequence[FactSet], *,
                   on_round: Callable[[list[int], list[int], list[float]],
                                      None] | None = None,
                   known: Sequence[Mapping[int, float]] | None = None,
-                  code_dim: int | Sequence[int] | None = None
-                  ) -> list[Capacity]:
+                  code_dim: int | Sequence[int] | None = None,
+                  keep_models: bool = False) -> list[Capacity]:
   """``W*`` of ``method`` on each fact set (one search each, in lockstep).
 
   Args:
@@ -268,6 +302,9 @@ def find_capacity(method: str, keys: Sequence, factsets: Sequence[FactSet], *,
       fact set and its key). Fact set ``j`` trains with the decoder the
       construction draws for ``keys[j]`` at that code dim, which
       :func:`gd_code_dim` certifies (a code dim given here is not checked).
+    keep_models: GD methods only: keep each search's smallest passing model
+      as ``Capacity.model``, so the model at ``W*`` need not be trained
+      again (:func:`smallest_mlp`).
 
   Returns:
     One :class:`Capacity` per fact set.
@@ -290,6 +327,8 @@ def find_capacity(method: str, keys: Sequence, factsets: Sequence[FactSet], *,
     raise FactStoreError('known accuracies are for the batched methods; the '
                          'closed form also needs each width\'s parameters')
   code_dims = _check_code_dims(method, code_dim, len(factsets), dim)
+  if keep_models and method not in _GD_METHODS:
+    raise FactStoreError(f'keep_models is for the GD methods, not {method!r}')
   if method == 'encoder_decoder':
     return [_closed_form_capacity(
         k, fs, options, max_width or dim, start or min(16, dim), rel_tol,
@@ -305,6 +344,8 @@ def find_capacity(method: str, keys: Sequence, factsets: Sequence[FactSet], *,
     # Guess: GD-like methods need about 8 parameters per fact.
     start = int(np.clip(8 * n / (3 * dim), 1, max_width))
 
+  kept = [{} for _ in factsets]  # member -> {smallest passing width: model}
+
   def evaluate(members, widths):
     accs = [None if known is None else known[m].get(w)
             for m, w in zip(members, widths)]
@@ -314,9 +355,16 @@ def find_capacity(method: str, keys: Sequence, factsets: Sequence[FactSet], *,
           method, [keys[members[j]] for j in todo],
           [factsets[members[j]] for j in todo], [widths[j] for j in todo],
           options=options, code_dims=None if code_dims is None else
-          [code_dims[members[j]] for j in todo])
-      for j, a in zip(todo, fresh):
+          [code_dims[members[j]] for j in todo], keep_models=keep_models)
+      models = [None] * len(todo)
+      if keep_models:
+        fresh, models = fresh
+      for j, a, model in zip(todo, fresh, models):
         accs[j] = float(a)
+        m, w = members[j], widths[j]
+        if model is not None and a >= threshold and w < min(kept[m],
+                                                            default=w + 1):
+          kept[m] = {w: model}
       report([members[j] for j in todo], [widths[j] for j in todo],
              [accs[j] for j in todo])
     return np.asarray(accs, np.float64)
@@ -328,7 +376,8 @@ def find_capacity(method: str, keys: Sequence, factsets: Sequence[FactSet], *,
   return [Capacity(method, r.width,
                    None if r.width is None else width_params(
                        method, dim, r.width, code_dim=m),
-                   r.tested, r.rounds, m) for r, m in zip(found, code_dims)]
+                   r.tested, r.rounds, m, model=k.get(r.width))
+          for r, m, k in zip(found, code_dims, kept)]
 
 
 def _check_code_dims(method, code_dim, num_sets, dim) -> list[int] | None:
@@ -442,11 +491,14 @@ def smallest_mlp(method: str, key, factset: FactSet, *,
                  ) -> tuple[Built, Capacity]:
   """The MLP at ``method``'s ``W*`` on ``factset`` (one seed), built.
 
-  Searches with :func:`find_capacity`, then builds at the found width. If
-  the unmasked rebuild misses a fact (GD noise between the masked search
-  run and the rebuild), the width grows by one until it stores every fact,
-  up to the largest width the search tested (check ``Built.accuracy``).
-  ``known`` and ``on_round`` go to :func:`find_capacity` (e.g. a
+  Searches with :func:`find_capacity`. A GD method's search keeps the model
+  it trained at ``W*`` (``keep_models``), re-certified here on ``factset``;
+  otherwise (the closed form, a ``W*`` taken from ``known``) the MLP is
+  built at the found width. If that model misses a fact (GD noise between
+  the search's evaluation and this one), the width grows by one, rebuilt,
+  until it stores every fact, up to the largest width the search tested
+  (check ``Built.accuracy``). ``known`` and ``on_round`` go to
+  :func:`find_capacity` (e.g. a
   :class:`~factstore_jax.capacity.rounds.RoundLog`'s, to resume a killed
   search).
 
@@ -455,13 +507,21 @@ def smallest_mlp(method: str, key, factset: FactSet, *,
   """
   cap = find_capacity(method, [key], [factset], options=options,
                       rel_tol=rel_tol, max_width=max_width, known=known,
-                      on_round=on_round)[0]
+                      on_round=on_round,
+                      keep_models=method in _GD_METHODS)[0]
   if cap.width is None:
     raise ConstructionError(
         f'{method}: no width up to the search maximum stores all '
         f'{factset.keys.shape[0]} facts')
   width = cap.width
   top = max(cap.tested)
+  if cap.model is not None:
+    report = storage.evaluate_fn(cap.model, factset)
+    kept = Built(cap.model, cap.num_params, float(report.accuracy),
+                 float(report.min_margin))
+    if kept.accuracy >= 1.0 or width >= top:
+      return kept, cap
+    width += 1
   while True:
     built = build_mlp(method, key, factset, width, options=options,
                       code_dim=cap.code_dim)
