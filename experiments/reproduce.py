@@ -5,6 +5,7 @@
   python experiments/reproduce.py NAME -- --seeds=0   # extra flags for the script
   python experiments/reproduce.py --plot_only         # redraw every figure
   python experiments/reproduce.py NAME --plot_only    # redraw NAME's figures
+  python experiments/reproduce.py --stale             # what changed since each
 
 Experiments are discovered by listing ``experiments/*.py`` (every script with
 an ``app.run`` entry point), so a new script appears here without an edit;
@@ -17,6 +18,11 @@ line and runs with its default flags.
 ``--plot_only`` reads ``rows.csv`` of the result's folder and writes the
 figures next to it (or under ``--plot_dir``), so the checked-in figures are
 exactly what it produces; ``tests/test_docs.py`` redraws one and compares.
+
+``--stale`` lists, for each result, the library commit that made its rows
+(:func:`recorded_commit`) and the files of the library, the script and the
+experiment modules it imports that changed since (:func:`staleness`): a
+result with changed files may no longer be what today's code gives.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib
+import json
 import os
+import re
 import subprocess
 import sys
 from typing import Callable
@@ -38,6 +46,9 @@ flags.DEFINE_bool('list', False, 'Print every experiment and exit.')
 flags.DEFINE_bool('plot_only', False,
                   'Redraw the figures from the checked-in rows.csv files '
                   'instead of running anything.')
+flags.DEFINE_bool('stale', False,
+                  'Print, for each result, its recorded library commit and '
+                  'the library / script files changed since, and exit.')
 flags.DEFINE_string('plot_dir', None,
                     'With --plot_only: write figures to PLOT_DIR/<result>/ '
                     'instead of the results folders.')
@@ -270,11 +281,120 @@ def plot_only(name: str, result: Result) -> list[str]:
   return paths
 
 
+_FOOTER = re.compile(r'library at commit `([0-9a-f]{7,40})(\+dirty)?`')
+
+
+def _git(root: str, *args: str) -> str:
+  return subprocess.run(['git', '-C', root, *args], capture_output=True,
+                        text=True, check=True).stdout.strip()
+
+
+def recorded_commit(out_dir: str, root: str = ROOT
+                    ) -> tuple[str | None, bool, str]:
+  """The library commit that made ``out_dir``'s rows.
+
+  In order: the last ``library at commit `...``` footer of ``summary.md``
+  (:func:`factstore_jax.provenance.footer`), ``summary.json``'s
+  ``"commit"`` (or its ``"config"``'s), else the commit that last checked in ``rows.csv`` (the
+  library that made the rows may be older).
+
+  Returns:
+    ``(commit or None, dirty, where it was found)``.
+  """
+  summary = os.path.join(out_dir, 'summary.md')
+  if os.path.exists(summary):
+    with open(summary) as f:
+      found = _FOOTER.findall(f.read())
+    if found:
+      return found[-1][0], bool(found[-1][1]), 'summary.md footer'
+  summary = os.path.join(out_dir, 'summary.json')
+  if os.path.exists(summary):
+    with open(summary) as f:
+      data = json.load(f)
+    commit = data.get('commit') or data.get('config', {}).get('commit')
+    if isinstance(commit, str) and commit:
+      return commit.split('+')[0], commit.endswith('+dirty'), 'summary.json'
+  rows = os.path.join(out_dir, 'rows.csv')
+  if os.path.exists(rows):
+    commit = _git(root, 'log', '-1', '--format=%H', '--', rows)
+    if commit:
+      return commit, False, 'rows.csv checked in'
+  return None, False, 'nothing recorded'
+
+
+def sources(script: str, root: str = ROOT) -> list[str]:
+  """What a result of ``script`` depends on: the library, the script and
+  the experiment modules it imports (transitively), relative to ``root``."""
+  here = os.path.join(root, 'experiments')
+  todo, seen = [script], []
+  while todo:
+    name = todo.pop()
+    if name in seen:
+      continue
+    seen.append(name)
+    with open(os.path.join(here, name + '.py')) as f:
+      tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+               else [node.module] if isinstance(node, ast.ImportFrom)
+               and node.module and not node.level else [])
+      todo += [n for n in names
+               if os.path.exists(os.path.join(here, n + '.py'))]
+  return ['factstore_jax'] + sorted(f'experiments/{n}.py' for n in seen)
+
+
+def staleness(name: str, result: Result, root: str = ROOT) -> dict:
+  """``result``'s recorded commit and what of its sources changed since.
+
+  Returns:
+    dict with ``name``, ``commit``, ``dirty``, ``found_in`` (see
+    :func:`recorded_commit`), ``commits`` (commits since that touch the
+    sources) and ``changed`` (the source files that differ between that
+    commit and the working tree; ``[]``: current).
+  """
+  out_dir = result.out_dir(name)
+  if root != ROOT:
+    out_dir = os.path.join(root, os.path.relpath(out_dir, ROOT))
+  commit, dirty, found_in = recorded_commit(out_dir, root)
+  out = dict(name=name, commit=commit, dirty=dirty, found_in=found_in,
+             commits=None, changed=None)
+  if commit is None:
+    return out
+  paths = sources(result.script, root)
+  out['commits'] = int(_git(root, 'rev-list', '--count', f'{commit}..HEAD',
+                            '--', *paths))
+  changed = _git(root, 'diff', '--name-only', commit, '--', *paths)
+  out['changed'] = changed.splitlines() if changed else []
+  return out
+
+
+def print_stale(entries: dict[str, Result]) -> None:
+  for name, r in entries.items():
+    if not os.path.isdir(r.out_dir(name)):
+      continue
+    s = staleness(name, r)
+    if s['commit'] is None:
+      print(f'{name}: no recorded commit')
+      continue
+    head = f"{name}: {s['commit'][:9]}{'+dirty' if s['dirty'] else ''}"
+    if not s['changed']:
+      print(f"{head}: current ({s['found_in']})")
+      continue
+    shown = ', '.join(s['changed'][:6])
+    more = len(s['changed']) - 6
+    print(f"{head} ({s['found_in']}): {len(s['changed'])} files changed, "
+          f"{s['commits']} commits since: {shown}"
+          + (f' and {more} more' if more > 0 else ''))
+
+
 def main(argv):
   names, extra = argv[1:2], argv[2:]
   entries = catalogue()
   if FLAGS.list:
     print_list(entries)
+    return
+  if FLAGS.stale:
+    print_stale(entries)
     return
   if not names:
     if not FLAGS.plot_only:

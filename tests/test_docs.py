@@ -4,12 +4,14 @@
   file in order, in one fresh interpreter, from an empty folder);
 * the README keeps the Quickstart contract and its length budget;
 * the API reference names every module of the package;
-* ``experiments/reproduce.py --list`` names every experiment script, and
-  ``--plot_only`` redraws a checked-in figure from the checked-in CSV.
+* ``experiments/reproduce.py --list`` names every experiment script,
+  ``--plot_only`` redraws a checked-in figure from the checked-in CSV, and
+  ``--stale`` names the sources changed since a result's recorded commit.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import pkgutil
@@ -132,3 +134,73 @@ def test_plot_only_redraws_the_checked_in_figure(tmp_path):
       ROOT / 'experiments' / 'results' / 'construction_sweep' / name)
   assert new.shape == old.shape
   assert float(np.abs(new - old).mean()) <= 1e-3
+
+
+_STALENESS = '''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import reproduce as r
+print(json.dumps(r.staleness('x', r.Result('s', 'claim'), root=sys.argv[2])))
+'''
+
+
+def test_stale_names_the_sources_changed_since_the_recorded_commit(tmp_path):
+  def git(*args):
+    return subprocess.run(['git', '-C', str(tmp_path), *args], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+  def write(path, text):
+    (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / path).write_text(text)
+
+  def stale():
+    proc = subprocess.run(
+        [sys.executable, '-c', _STALENESS, str(ROOT / 'experiments'),
+         str(tmp_path)], capture_output=True, text=True, timeout=120,
+        check=True)
+    return json.loads(proc.stdout.splitlines()[-1])
+
+  git('init', '-q')
+  git('config', 'user.email', 't@t')
+  git('config', 'user.name', 't')
+  write('factstore_jax/a.py', 'A = 1\n')
+  write('experiments/s.py', 'import h\nfrom absl import app\n')
+  write('experiments/h.py', 'H = 1\n')
+  write('experiments/other.py', 'O = 1\n')
+  git('add', '.')
+  git('commit', '-qm', 'c1')
+  made = git('rev-parse', 'HEAD')
+  results = pathlib.Path('experiments/results/x')
+  # Nothing recorded yet.
+  assert stale()['commit'] is None
+  write(results / 'rows.csv', 'a\n1\n')
+  write(results / 'summary.md', f'Produced by `python experiments/s.py` with '
+        f'the library at commit `{made}`.\n')
+  git('add', '.')
+  git('commit', '-qm', 'c2: results')
+  s = stale()
+  assert (s['commit'], s['dirty'], s['found_in']) == (made, False,
+                                                     'summary.md footer')
+  assert (s['changed'], s['commits']) == ([], 0)
+  # A module the script does not import changes: still current.
+  write('experiments/other.py', 'O = 2\n')
+  git('commit', '-qam', 'c3')
+  assert stale()['changed'] == []
+  # A helper it imports changes (committed), then the library (not yet).
+  write('experiments/h.py', 'H = 2\n')
+  git('commit', '-qam', 'c4')
+  write('factstore_jax/a.py', 'A = 2\n')
+  s = stale()
+  assert (s['changed'], s['commits']) == (
+      ['experiments/h.py', 'factstore_jax/a.py'], 1)
+  # Fallbacks: summary.json's commit (dirty), then the rows' commit.
+  (tmp_path / results / 'summary.md').unlink()
+  write(results / 'summary.json',
+        json.dumps({'config': {'commit': made + '+dirty'}}))
+  assert [stale()[k] for k in ('commit', 'dirty', 'found_in')] == [
+      made, True, 'summary.json']
+  (tmp_path / results / 'summary.json').unlink()
+  s = stale()
+  assert (s['found_in'], s['commit']) == ('rows.csv checked in',
+                                          git('log', '-1', '--format=%H',
+                                              '--', str(results / 'rows.csv')))
