@@ -52,18 +52,24 @@ class FactMLPs(NamedTuple):
 
 
 def build_pair(method: str, t: Task, seed: int, width: int,
-               options: methods.MethodOptions) -> FactMLPs:
-  """MLPs for the facts and the swap map at ``width`` (grown until both store)."""
+               options: methods.MethodOptions,
+               built: methods.Built | None = None) -> FactMLPs:
+  """MLPs for the facts and the swap map at ``width`` (grown until both store).
+
+  ``built``: the facts' MLP at ``width`` if already made (e.g. by
+  ``smallest_mlp``), used instead of building it again.
+  """
   start = time.perf_counter()
   key = jax.random.key(100 + seed)
   while True:
-    built = methods.build_mlp(method, key, t.mlp_factset, width,
-                              options=options)
+    if built is None:
+      built = methods.build_mlp(method, key, t.mlp_factset, width,
+                                options=options)
     alt = methods.build_mlp(method, key, t.alt_factset, width,
                             options=options)
     if min(built.accuracy, alt.accuracy) >= 1.0:
       return FactMLPs(built, alt, width, time.perf_counter() - start)
-    width = max(width + 1, int(width * 1.1))
+    width, built = max(width + 1, int(width * 1.1)), None
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,10 +79,13 @@ def wstar_pair(method: str, dim: int, num_facts: int, seed: int,
   start = time.perf_counter()
   t = task(dim, num_facts, seed, num_junk)
   options = mlp_options(max_steps)
-  _, cap = methods.smallest_mlp(method, jax.random.key(100 + seed),
-                                t.mlp_factset, options=options,
-                                rel_tol=rel_tol)
-  pair = build_pair(method, t, seed, cap.width, options)
+  built, cap = methods.smallest_mlp(method, jax.random.key(100 + seed),
+                                    t.mlp_factset, options=options,
+                                    rel_tol=rel_tol)
+  # smallest_mlp's MLP is at W* unless it had to grow the width.
+  at_wstar = built.num_params == cap.num_params
+  pair = build_pair(method, t, seed, cap.width, options,
+                    built if at_wstar else None)
   return pair._replace(seconds=time.perf_counter() - start)
 
 

@@ -218,10 +218,13 @@ def test_smallest_mlp_keeps_the_search_model(sets, monkeypatch):
   assert (built.accuracy, built.num_params) == (1.0, cap.num_params)
   assert built.min_margin > 0
   assert cap.model is built.mlp
-  # It is the model a fresh training at W* gives (up to GD's rounding).
+  # It is the model a fresh training at W* gives, up to GD's rounding (here
+  # 5e-4 of outputs up to 91; over 10,000 steps at N = 2,048 the two runs
+  # drift further apart: benchmarks/smallest_mlp.py).
   again = build_mlp('gd', key, fs, cap.width, options=FAST)
+  scale = float(np.abs(again.mlp(fs.keys)).max())
   np.testing.assert_allclose(built.mlp(fs.keys), again.mlp(fs.keys),
-                             atol=1e-3)
+                             atol=1e-4 * scale)
   # W* taken from `known`: no run to keep, so it is built at W*.
   replayed, cap2 = methods.smallest_mlp('gd', key, fs, options=FAST,
                                         known=[cap.tested])
