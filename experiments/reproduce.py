@@ -147,13 +147,13 @@ RESULTS = {
         'transformer_recall',
         'A fact MLP plugged into a 1-layer Transformer is recalled '
         '(schedule a: 100%; schedule b trains around it)',
-        cpu_time='3 min 0 s on one core (stop 56; sum of row seconds: 180 s)',
+        cpu_time='2 min 58 s on one core (stop 57; sum of row seconds: 174 s)',
         figures=(('recall.png', 'plot', None),)),
     'transformer_capacity': Result(
         'transformer_capacity',
         'Inside the Transformer the smallest usable MLP is about the '
         'standalone W*',
-        cpu_time='6 min 39 s on one core (stop 56; sum of row seconds: 400 s)',
+        cpu_time='7 min 2 s on one core (stop 57; sum of row seconds: 415 s)',
         figures=(('capacity.png', 'plot', None),)),
     'capacity_usability': Result(
         'capacity_usability',
@@ -207,7 +207,9 @@ RESULTS = {
         '2,048: 77%), about 2.4 h on 2 cores as two processes (summed over '
         'partial runs; resumable, GD searches journaled); one timed run '
         'from an empty folder: 11,103 s (3.08 h) in three segments at '
-        '1.35x-0.94x those seconds (results/capacity_usability_stats_timed)'),
+        '1.35x-0.94x those seconds (results/capacity_usability_stats_timed); '
+        'the same rows without the W* retraining smallest_mlp dropped at '
+        'stop 57: 8,852 s (2.46 h) on the busier process (projected)'),
 }
 
 
