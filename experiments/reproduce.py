@@ -159,8 +159,8 @@ RESULTS = {
         'capacity_usability',
         'Capacity vs usability: fuller buckets and whitening trade '
         'parameters for Jacobian norm and recall',
-        cpu_time='6 min 32 s on one core (stop 56; sum of row seconds: '
-        '393 s)',
+        cpu_time='5 min 52 s on one core (stop 57; sum of row seconds: '
+        '343 s)',
         figures=(('tradeoff.png', 'plot', lambda rows: (_floor(rows),)),
                  ('fill.png', 'plot_fill', None))),
     'measure_zero': Result(
