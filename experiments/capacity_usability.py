@@ -568,7 +568,10 @@ def stats_row_cost(config) -> float:
   values dominates). Dealt by count, the default grid's two processes get
   9,045 s and 8,105 s of the checked-in rows' seconds; by this cost, 8,568
   s and 8,582 s (each setup's attention training, about 11 s at N = 512
-  and 18 s at 2,048, not counted).
+  and 18 s at 2,048, not counted). The checked-in GD rows include a second
+  training at W* that ``smallest_mlp`` no longer runs (about 19% of the
+  timed run's row seconds); every setup has the same mix of rows, so the
+  dealing hardly moves.
   """
   budgets = {name: getattr(FLAGS, name) for name in BUDGET_FLAGS}
   seconds = recorded_seconds(stats_reference(), config,
