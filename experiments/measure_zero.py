@@ -533,7 +533,7 @@ def main(argv):
     raise FactStoreError(f'no finished trial of the grid in {table.path}')
   config = dict(dim=dim, num_facts=n, epsilons=epsilons, seeds=seeds,
                 families=families,
-                commit=provenance.library_commit() or 'unknown',
+                commit=provenance.run_commit() or 'unknown',
                 command=provenance.command_line(),
                 backend=jax.default_backend(),
                 seconds_total=float(sum(r['seconds'] for r in rows)))

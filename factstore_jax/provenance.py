@@ -61,10 +61,27 @@ def command_line(argv: Sequence[str] | None = None) -> str:
   return ' '.join(shlex.quote(a) for a in ['python', script, *argv[1:]])
 
 
+# The library's commit when this module was first imported: experiment
+# scripts import it at their start, so a long run records the code it ran
+# even if commits land while it runs (the working tree's HEAD at the end
+# would name a later commit).
+_RUN_COMMIT = library_commit()
+
+
+def run_commit() -> str | None:
+  """:func:`library_commit` as it was when this module was first imported
+  (a script's start), the code a run that imported it executes."""
+  return _RUN_COMMIT
+
+
 def footer(argv: Sequence[str] | None = None,
            root: str | os.PathLike | None = None) -> str:
-  """A Markdown paragraph naming the command and the library commit."""
-  commit = library_commit(root)
+  """A Markdown paragraph naming the command and the library commit.
+
+  The commit is :func:`run_commit` (the library at import), or with
+  ``root`` that checkout's :func:`library_commit` now.
+  """
+  commit = run_commit() if root is None else library_commit(root)
   where = f'commit `{commit}`' if commit else 'an unknown commit (no git)'
   return (f'\nProduced by `{command_line(argv)}` with the library at '
           f'{where}.\n')
