@@ -65,8 +65,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import subprocess
-import sys
 import time
 
 import jax
@@ -438,24 +436,9 @@ def v2_plot(rows, comparisons, path):
   save_figure(fig, path)
 
 
-def _commit() -> str:
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  try:
-    head = subprocess.run(['git', '-C', root, 'rev-parse', 'HEAD'],
-                          capture_output=True, text=True,
-                          check=True).stdout.strip()
-    dirty = subprocess.run(['git', '-C', root, 'status', '--porcelain',
-                            '--untracked-files=no'], capture_output=True,
-                           text=True, check=True).stdout.strip()
-    return head + ('+dirty' if dirty else '')
-  except (OSError, subprocess.CalledProcessError):
-    return 'unknown'
-
-
 def v2_summary(rows, comparisons, sizes) -> tuple[str, dict]:
-  command = ' '.join(['python', 'experiments/decodability_scaling.py'] +
-                     sys.argv[1:])
-  commit = _commit()
+  command = provenance.command_line()
+  commit = provenance.run_commit() or 'unknown'
   rho = [r['rho_min'] for r in rows]
   lines = [
       '# decodability_scaling v2: the ρ law over a wide ρ range and many N',

@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from factstore_jax import capacity, factsets, training
+from factstore_jax import capacity, factsets, provenance, training
 from factstore_jax.capacity import methods
 from factstore_jax.atomic import write_text
 from factstore_jax.errors import FactStoreError
@@ -104,21 +104,12 @@ def _mean_ci(x: np.ndarray, seed: int = 0, num_boot: int = 2000):
                                 np.percentile(means, [2.5, 97.5]))
 
 
-def _commit() -> str:
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  try:
-    return subprocess.run(['git', '-C', root, 'rev-parse', 'HEAD'],
-                          capture_output=True, text=True,
-                          check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return 'unknown'
-
-
 def summarize(rows, sizes, budgets) -> tuple[str, dict]:
-  command = ' '.join(['python', 'experiments/gpu_scale.py'] + sys.argv[1:])
+  command = provenance.command_line()
   blob = dict(dim=FLAGS.dim, sizes=sizes, budgets=budgets,
               seeds=list(FLAGS.seeds), rel_tol=FLAGS.rel_tol,
-              commit=_commit(), command=command, cells={}, ratios={},
+              commit=provenance.run_commit() or 'unknown',
+              command=command, cells={}, ratios={},
               slopes={})
   lines = ['# gpu_scale: GD and encoder-decoder GD at scale', '',
            f'd = {FLAGS.dim}; N = {sizes}; step budgets {budgets}; seeds '

@@ -63,13 +63,16 @@ def compute_one(c) -> dict:
   alone, cap = methods.smallest_mlp(method, key, t.mlp_factset,
                                     options=options, rel_tol=FLAGS.rel_tol)
   found = {}
+  # smallest_mlp's MLP is at W* unless it had to grow the width.
+  made = {cap.width: alone} if alone.num_params == cap.num_params else {}
 
   def evaluate(widths):
     accs = []
     for w in widths:
       try:
-        built = methods.build_mlp(method, key, t.mlp_factset, w,
-                                  options=options, code_dim=cap.code_dim)
+        built = made.get(w) or methods.build_mlp(
+            method, key, t.mlp_factset, w, options=options,
+            code_dim=cap.code_dim)
       except ConstructionError:
         accs.append(0.0)
         continue
