@@ -153,7 +153,8 @@ RESULTS = {
         'transformer_capacity',
         'Inside the Transformer the smallest usable MLP is about the '
         'standalone W*',
-        cpu_time='7 min 2 s on one core (stop 57; sum of row seconds: 415 s)',
+        cpu_time='7 min 2-21 s on one core (stop 57, twice: rows identical '
+        'but for seconds, 415 and 434 s)',
         figures=(('capacity.png', 'plot', None),)),
     'capacity_usability': Result(
         'capacity_usability',
