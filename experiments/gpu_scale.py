@@ -6,7 +6,8 @@ seed, one *independent* width search per seed
 (:func:`factstore_jax.methods.find_capacity` on that seed's fact set alone,
 ``rel_tol`` 0.02) finds W*. Rows are appended to ``rows.csv`` (resumable,
 one per search). ``summary.md`` / ``summary.json`` give W*/N per cell (mean,
-std and a 95% percentile bootstrap interval of the mean over seeds), the
+std and a 95% Student-t interval of the mean over seeds,
+:func:`factstore_jax.stats.mean_interval`), the
 ED-GD / GD ratio per N and budget, the log-log slope between the sizes, the
 commit and the command. With ``--rho_law`` the script then runs the v2 rho
 law at the same d (``experiments/decodability_scaling.py --v2 --dim=...``)
@@ -35,7 +36,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from factstore_jax import capacity, factsets, provenance, training
+from factstore_jax import capacity, factsets, provenance, stats, training
 from factstore_jax.capacity import methods
 from factstore_jax.atomic import write_text
 from factstore_jax.errors import FactStoreError
@@ -94,16 +95,6 @@ def search(config: dict) -> dict:
       seconds=time.perf_counter() - t0)
 
 
-def _mean_ci(x: np.ndarray, seed: int = 0, num_boot: int = 2000):
-  """Mean and a 95% percentile bootstrap interval of the mean."""
-  if x.size < 2:
-    return float(x.mean()), (float('nan'), float('nan'))
-  rng = np.random.default_rng(seed)
-  means = x[rng.integers(0, x.size, (num_boot, x.size))].mean(axis=1)
-  return float(x.mean()), tuple(float(v) for v in
-                                np.percentile(means, [2.5, 97.5]))
-
-
 def summarize(rows, sizes, budgets) -> tuple[str, dict]:
   command = provenance.command_line()
   blob = dict(dim=FLAGS.dim, sizes=sizes, budgets=budgets,
@@ -115,9 +106,8 @@ def summarize(rows, sizes, budgets) -> tuple[str, dict]:
            f'd = {FLAGS.dim}; N = {sizes}; step budgets {budgets}; seeds '
            f'{FLAGS.seeds} (independent searches); rel_tol {FLAGS.rel_tol}; '
            f'commit `{blob["commit"]}`; command `{command}`.', '',
-           '| method | N | max_steps | W*/N mean | 95% CI (bootstrap over '
-           'seeds) | std | found | device |', '|---|---|---|---|---|---|---|'
-           '---|']
+           '| method | N | max_steps | W*/N mean | 95% CI (t over seeds) | '
+           'std | found | device |', '|---|---|---|---|---|---|---|---|']
   means = {}
   for method in FLAGS.methods:
     for n in sizes:
@@ -129,9 +119,12 @@ def summarize(rows, sizes, budgets) -> tuple[str, dict]:
         if not sel:
           continue
         if ppf.size:
-          mean, ci = _mean_ci(ppf)
-          means[(method, n, b)] = mean
-          cell = f'{mean:.3f} | [{ci[0]:.3f}, {ci[1]:.3f}] | {ppf.std():.3f}'
+          m = stats.mean_interval(ppf)
+          means[(method, n, b)] = mean = m['mean']
+          ci = None if ppf.size < 2 else (m['low'], m['high'])
+          cell = (f'{mean:.3f} | - | -' if ci is None else
+                  f'{mean:.3f} | [{ci[0]:.3f}, {ci[1]:.3f}] | '
+                  f'{m["std"]:.3f}')
         else:
           cell, ci = '- | - | -', None
         blob['cells'][f'{method}/{n}/{b}'] = dict(
