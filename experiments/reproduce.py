@@ -83,11 +83,12 @@ class Result:
   key_fields: tuple[str, ...] | None = None
   figures: tuple[tuple[str, str, Callable | None], ...] = ()
 
-  def out_dir(self, name: str) -> str:
+  def out_dir(self, name: str, root: str = ROOT) -> str:
+    """The results folder of result ``name`` in the checkout ``root``."""
     for a in self.args:
       if a.startswith('--out_dir='):
-        return os.path.join(ROOT, a.split('=', 1)[1])
-    return os.path.join(HERE, 'results', name)
+        return os.path.join(root, a.split('=', 1)[1])
+    return os.path.join(root, 'experiments', 'results', name)
 
 
 _FULL_GRID = ('--dims=64,128', '--alphas=0.03125,0.0625,0.125,0.25,0.5')
@@ -298,8 +299,8 @@ def recorded_commit(out_dir: str, root: str = ROOT
 
   In order: the last ``library at commit `...``` footer of ``summary.md``
   (:func:`factstore_jax.provenance.footer`), ``summary.json``'s
-  ``"commit"`` (or its ``"config"``'s), else the commit that last checked in ``rows.csv`` (the
-  library that made the rows may be older).
+  ``"commit"`` (or its ``"config"``'s), else the commit that last checked
+  in ``rows.csv`` (the library that made the rows may be older).
 
   Returns:
     ``(commit or None, dirty, where it was found)``.
@@ -355,10 +356,7 @@ def staleness(name: str, result: Result, root: str = ROOT) -> dict:
     sources) and ``changed`` (the source files that differ between that
     commit and the working tree; ``[]``: current).
   """
-  out_dir = result.out_dir(name)
-  if root != ROOT:
-    out_dir = os.path.join(root, os.path.relpath(out_dir, ROOT))
-  commit, dirty, found_in = recorded_commit(out_dir, root)
+  commit, dirty, found_in = recorded_commit(result.out_dir(name, root), root)
   out = dict(name=name, commit=commit, dirty=dirty, found_in=found_in,
              commits=None, changed=None)
   if commit is None:

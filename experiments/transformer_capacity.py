@@ -63,8 +63,7 @@ def compute_one(c) -> dict:
   alone, cap = methods.smallest_mlp(method, key, t.mlp_factset,
                                     options=options, rel_tol=FLAGS.rel_tol)
   found = {}
-  # smallest_mlp's MLP is at W* unless it had to grow the width.
-  made = {cap.width: alone} if alone.num_params == cap.num_params else {}
+  made = {cap.width: tc.at_wstar(alone, cap)}
 
   def evaluate(widths):
     accs = []

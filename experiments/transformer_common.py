@@ -72,6 +72,13 @@ def build_pair(method: str, t: Task, seed: int, width: int,
     width, built = max(width + 1, int(width * 1.1)), None
 
 
+def at_wstar(built: methods.Built, cap: methods.Capacity
+             ) -> methods.Built | None:
+  """``smallest_mlp``'s MLP if it is at ``cap``'s W* (None if it had to grow
+  the width), to use instead of building W* again."""
+  return built if built.num_params == cap.num_params else None
+
+
 @functools.lru_cache(maxsize=None)
 def wstar_pair(method: str, dim: int, num_facts: int, seed: int,
                num_junk: int, rel_tol: float, max_steps: int) -> FactMLPs:
@@ -82,10 +89,8 @@ def wstar_pair(method: str, dim: int, num_facts: int, seed: int,
   built, cap = methods.smallest_mlp(method, jax.random.key(100 + seed),
                                     t.mlp_factset, options=options,
                                     rel_tol=rel_tol)
-  # smallest_mlp's MLP is at W* unless it had to grow the width.
-  at_wstar = built.num_params == cap.num_params
   pair = build_pair(method, t, seed, cap.width, options,
-                    built if at_wstar else None)
+                    at_wstar(built, cap))
   return pair._replace(seconds=time.perf_counter() - start)
 
 
