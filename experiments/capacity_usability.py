@@ -104,7 +104,7 @@ from factstore_jax.constructions import gadgets
 from factstore_jax.errors import ConstructionError
 from factstore_jax.mlp import fold_linear
 from factstore_jax.sweep import (ResultsTable, format_value, recorded_seconds,
-                                 run_sweep)
+                                 reference_rows, run_sweep)
 from factstore_jax.transformer import data, train
 
 import transformer_common as tc  # experiments/transformer_common.py
@@ -550,12 +550,6 @@ STATS_REFERENCE_ROWS = os.path.join(
     'capacity_usability_stats', 'rows.csv')
 
 
-@functools.cache
-def stats_reference() -> ResultsTable:
-  """The rows of :data:`STATS_REFERENCE_ROWS` (read once; empty if absent)."""
-  return ResultsTable(STATS_REFERENCE_ROWS, STATS_KEY_FIELDS)
-
-
 def stats_row_cost(config) -> float:
   """Estimated one-core seconds of a --stats row, to deal setups over
   processes (it changes only which process computes a setup).
@@ -574,9 +568,9 @@ def stats_row_cost(config) -> float:
   dealing hardly moves.
   """
   budgets = {name: getattr(FLAGS, name) for name in BUDGET_FLAGS}
-  seconds = recorded_seconds(stats_reference(), config,
-                             dict(budgets,
-                                  contexts_per_fact=FLAGS.stats_contexts))
+  seconds = recorded_seconds(
+      reference_rows(STATS_REFERENCE_ROWS, STATS_KEY_FIELDS), config,
+      dict(budgets, contexts_per_fact=FLAGS.stats_contexts))
   if seconds is not None:
     return seconds
   n = config['num_facts'] / 2048

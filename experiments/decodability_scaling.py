@@ -62,7 +62,6 @@ by :func:`v2_row_cost`; ``docs/distributed.md``)::
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -79,7 +78,8 @@ from factstore_jax.capacity.rounds import RoundLog
 from factstore_jax.atomic import save_figure, write_text
 from factstore_jax.decodability import decodability
 from factstore_jax.errors import InfeasibleFactSetError
-from factstore_jax.sweep import ResultsTable, recorded_seconds, run_sweep
+from factstore_jax.sweep import (ResultsTable, recorded_seconds,
+                                 reference_rows, run_sweep)
 
 flags.DEFINE_integer('dim', 64, 'Embedding dimension d.')
 flags.DEFINE_integer('num_facts', 512, 'N = P.')
@@ -506,12 +506,6 @@ REFERENCE_ROWS = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                               'results', 'decodability_scaling_v2', 'rows.csv')
 
 
-@functools.cache
-def reference_table() -> ResultsTable:
-  """The rows of :data:`REFERENCE_ROWS` (read once; empty if absent)."""
-  return ResultsTable(REFERENCE_ROWS, KEY_FIELDS)
-
-
 def v2_row_cost(config) -> float:
   """Estimated one-core seconds of a v2 row, to deal rows over processes.
 
@@ -526,9 +520,10 @@ def v2_row_cost(config) -> float:
   checked-in rows per N (closed form 12-107 s, GD 8-735 s at
   N = 256-2,048).
   """
-  seconds = recorded_seconds(
-      reference_table(), config, None if config['method'] == 'encoder_decoder'
-      else dict(max_steps=FLAGS.max_steps))
+  match = (None if config['method'] == 'encoder_decoder'
+           else dict(max_steps=FLAGS.max_steps))
+  seconds = recorded_seconds(reference_rows(REFERENCE_ROWS, KEY_FIELDS),
+                             config, match)
   if seconds is not None:
     return seconds
   n = config['num_facts']

@@ -27,6 +27,7 @@ Typical use::
 from __future__ import annotations
 
 import csv
+import functools
 import gc
 import json
 import math
@@ -284,6 +285,24 @@ class ResultsTable:
 # ---------------------------------------------------------------------------
 # Per-process shard files.
 # ---------------------------------------------------------------------------
+
+
+@functools.cache
+def reference_rows(path: str, key_fields: tuple[str, ...]) -> ResultsTable:
+  """The rows of a checked-in ``rows.csv``, read once per process.
+
+  For a :func:`run_sweep` ``cost`` (with :func:`recorded_seconds`) that looks
+  rows up many times: the file is parsed on the first call only. Do not
+  append to the table returned.
+
+  Args:
+    path: the CSV file (an empty table if it does not exist).
+    key_fields: the columns that identify a row.
+
+  Returns:
+    The :class:`ResultsTable`, the same object for the same arguments.
+  """
+  return ResultsTable(path, key_fields)
 
 
 def recorded_seconds(table: ResultsTable, config: Mapping[str, Any],

@@ -127,8 +127,8 @@ DEFAULTS = textwrap.dedent('''
     # A row the checked-in results lack (geometry not run): the formula.
     cost.update({f'{m}@{n}/formula': cost_of(m, n, 'no_such_geometry')
                  for m in ('encoder_decoder', 'gd') for n in (256, 2048)})
-    reference = ds.reference_table().get(dict(
-        geometry='spike_0', dim=64, num_facts=2048, method='gd', seed=0))
+    reference = ds.reference_rows(ds.REFERENCE_ROWS, ds.KEY_FIELDS).get(
+        dict(geometry='spike_0', dim=64, num_facts=2048, method='gd', seed=0))
     cost['reference'] = reference['seconds']
     configs = ds.v2_configs()
     by_method = {m: sorted({c['geometry'] for c in configs

@@ -326,10 +326,11 @@ STATS_COST = textwrap.dedent('''
     import json, sys
     sys.path.insert(0, 'experiments')
     import capacity_usability as cu
-    from factstore_jax.sweep import deal, recorded_seconds
+    from factstore_jax.sweep import deal, recorded_seconds, reference_rows
     cu.FLAGS(['cu', '--stats'] + sys.argv[1:])
     configs = cu.stats_configs(cu.stats_grid())
-    seconds = [recorded_seconds(cu.stats_reference(), c) for c in configs]
+    seconds = [recorded_seconds(
+        reference_rows(cu.STATS_REFERENCE_ROWS, cu.STATS_KEY_FIELDS), c) for c in configs]
     costs = [cu.stats_row_cost(c) for c in configs]
     affinity = [(c['num_facts'], c['seed'], c['beta']) for c in configs]
     loads = {}

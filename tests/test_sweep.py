@@ -147,6 +147,17 @@ def test_recorded_seconds_of_a_matching_row_else_none(tmp_path):
   assert sweep.recorded_seconds(empty, {'n': 4, 'seed': 0}) is None
 
 
+def test_reference_rows_reads_a_file_once(tmp_path):
+  path = str(tmp_path / 'r.csv')
+  sweep.ResultsTable(path, ('n',)).append({'n': 4, 'seconds': 3.0})
+  first = sweep.reference_rows(path, ('n',))
+  assert first.get({'n': 4})['seconds'] == 3.0
+  sweep.ResultsTable(path, ('n',)).append({'n': 8, 'seconds': 5.0})
+  again = sweep.reference_rows(path, ('n',))
+  assert again is first and len(again) == 1  # not read a second time
+  assert len(sweep.reference_rows(str(tmp_path / 'absent.csv'), ('n',))) == 0
+
+
 def test_table_errors(tmp_path):
   with pytest.raises(FactStoreError, match='key_fields is empty'):
     sweep.ResultsTable(tmp_path / 'a.csv', ())
